@@ -36,7 +36,10 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$here/requirements.txt"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here"
+# pipefail keeps pip's exit status; the filter only hides a harmless index warning.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$here/requirements.txt" 2>&1 \
+  | { grep -v "^WARNING: Location" >&2 || true; }
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here" 2>&1 \
+  | { grep -v "^WARNING: Location" >&2 || true; }
 echo "$want" > "$stamp"
 echo "bootstrap: ready ($venv)" >&2

@@ -1,0 +1,1 @@
+"""Kernel MPTCP: host configuration, socket options, path-manager netlink."""

@@ -1,0 +1,83 @@
+"""Pin a host's MPTCP sysctls, limits and endpoints through netlink."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyroute2 import MPTCP, IPRoute
+
+from testbed.model import HostSettings
+from testbed.netns import read_sysctl, run_in_netns, write_sysctl
+
+FLAG_BITS = {"signal": 0x1, "subflow": 0x2, "backup": 0x4, "fullmesh": 0x8}
+# Recorded with every run in addition to the MPTCP ones: they shape SYN timing.
+RECORDED_TCP_SYSCTLS = [
+    "net.ipv4.tcp_syn_retries",
+    "net.ipv4.tcp_syn_linear_timeouts",
+    "net.ipv4.tcp_congestion_control",
+    "net.ipv4.tcp_no_metrics_save",
+]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addr: str
+    ifname: str
+    flags: tuple[str, ...]
+    id: int
+
+
+def apply_settings(pid: int, settings: HostSettings) -> None:
+    # Each run must start from the same state: without metrics saving off, a
+    # host would reuse RTT/cwnd learned in the previous repetition.
+    write_sysctl(pid, {**settings.sysctls(), "net.ipv4.tcp_no_metrics_save": 1})
+
+
+def set_limits(pid: int, subflows: int, add_addr_accepted: int) -> None:
+    def apply() -> None:
+        with MPTCP() as m:
+            m.limits("set", subflows=subflows, add_addr_accepted=add_addr_accepted)
+
+    run_in_netns(pid, apply)
+
+
+def add_endpoints(pid: int, endpoints: list[Endpoint]) -> None:
+    def apply() -> None:
+        with IPRoute() as ipr, MPTCP() as m:
+            for ep in endpoints:
+                flags = 0
+                for f in ep.flags:
+                    flags |= FLAG_BITS[f]
+                ifidx = ipr.link_lookup(ifname=ep.ifname)[0]
+                # pyroute2 encodes IF_IDX as raw bytes ("hex"), hence the packing.
+                m.endpoint("add", addr=ep.addr, id=ep.id, flags=flags,
+                           if_idx=ifidx.to_bytes(4, "little", signed=True))
+
+    run_in_netns(pid, apply)
+
+
+def snapshot(pid: int) -> dict:
+    """Everything MPTCP-relevant about a host, for the run's manifest."""
+    names = [f"net.mptcp.{k}" for k in HostSettings.model_fields if k != "congestion_control"]
+    names += ["net.mptcp.available_schedulers", "net.mptcp.available_path_managers"]
+    values = {}
+    for name in names + RECORDED_TCP_SYSCTLS:
+        try:
+            values.update(read_sysctl(pid, [name]))
+        except FileNotFoundError:
+            values[name] = None  # sysctl absent on this kernel: recorded as such
+
+    def pm() -> dict:
+        with MPTCP() as m:
+            limits = dict(m.limits("show")[0]["attrs"])
+            eps = []
+            for e in m.endpoint("show"):
+                a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
+                eps.append({"id": a.get("MPTCP_PM_ADDR_ATTR_ID"),
+                            "addr": a.get("MPTCP_PM_ADDR_ATTR_ADDR4"),
+                            "flags": [n for n, b in FLAG_BITS.items()
+                                      if a.get("MPTCP_PM_ADDR_ATTR_FLAGS", 0) & b]})
+        return {"subflows": limits.get("MPTCP_PM_ATTR_SUBFLOWS"),
+                "add_addr_accepted": limits.get("MPTCP_PM_ATTR_RCV_ADD_ADDRS"),
+                "endpoints": eps}
+
+    return {"sysctls": values, **run_in_netns(pid, pm)}

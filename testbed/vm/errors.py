@@ -1,0 +1,6 @@
+"""The one error type of the VM tooling: a user-fixable problem, one line."""
+from __future__ import annotations
+
+
+class VmError(Exception):
+    """Printed as a single line by the invoke tasks (no traceback)."""
