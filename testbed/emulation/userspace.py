@@ -1,0 +1,185 @@
+"""The user-space backend: our own forwarder process on every emulated link.
+
+Works on any kernel with AF_PACKET (no sch_netem needed). Per link: HTB + pfifo
+on both egress ports for rate and bottleneck queue (shaping.py), and one
+forwarder process (forwarder.py) moving frames between the ports through
+per-direction delay lines with loss. Parameters change live over a control
+socket; every change is acknowledged with the forwarder's own timestamp.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.emulation import register, shaping
+from testbed.emulation.base import Backend, Direction, EmulatedLink
+from testbed.errors import TestbedError
+from testbed.model import LinkParams
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 10.0
+CTL_TIMEOUT_S = 5.0
+SHAPING_FIELDS = ("rate_mbit", "queue_pkts", "queue_bdp")
+
+
+class ForwarderHandle:
+    """The parent's side of one forwarder: process and control socket."""
+
+    def __init__(self, link: EmulatedLink, seed: int | None = None):
+        self.link = link
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ctl = parent
+        self.lock = threading.Lock()
+        self.last_stats: dict[str, Any] = {}
+        config = {"up": link.up.model_dump(mode="json"), "down": link.down.model_dump(mode="json")}
+        argv = [sys.executable, "-m", "testbed.emulation.forwarder",
+                "--netns", f"/proc/{link.pid}/ns/net",
+                "--port-a", link.port_a, "--port-b", link.port_b,
+                "--ctl-fd", str(child.fileno()), "--mtu", str(link.mtu),
+                "--config", json.dumps(config)]
+        if seed is not None:
+            argv += ["--seed", str(seed)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        try:
+            self.proc = subprocess.Popen(argv, pass_fds=[child.fileno()], env=env,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.ctl.settimeout(START_TIMEOUT_S)
+        try:
+            hello = json.loads(self.ctl.recv(65536) or b"{}")
+        except (socket.timeout, json.JSONDecodeError):
+            hello = {"ready": False, "error": "no answer from the forwarder"}
+        if not hello.get("ready"):
+            self.kill()
+            raise TestbedError(f"link {link.name!r}: user-space forwarder failed to start: "
+                               f"{hello.get('error', 'exited')}")
+        self.ctl.settimeout(CTL_TIMEOUT_S)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            if self.proc.poll() is not None:
+                raise TestbedError(f"link {self.link.name!r}: forwarder exited "
+                                   f"(status {self.proc.returncode})")
+            try:
+                self.ctl.send(json.dumps(msg).encode())
+                reply = json.loads(self.ctl.recv(1 << 20))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise TestbedError(f"link {self.link.name!r}: forwarder control channel: {exc}") from None
+        if not reply.get("ok"):
+            raise TestbedError(f"link {self.link.name!r}: forwarder refused {msg.get('op')}: "
+                               f"{reply.get('error')}")
+        if "stats" in reply:
+            self.last_stats = reply["stats"]
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request({"op": "stop"})
+            except TestbedError:
+                pass
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # by our own Popen handle, never by name
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.ctl.close()
+
+
+class UserspaceBackend(Backend):
+    name = "userspace"
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self._handles: dict[int, ForwarderHandle] = {}  # id(link) -> handle
+        self._names: dict[int, str] = {}
+        self._final_stats: dict[str, Any] = {}
+
+    @classmethod
+    def check(cls) -> str | None:
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            s.close()
+        except PermissionError:
+            return "AF_PACKET sockets need root (CAP_NET_RAW): run as root"
+        except OSError as exc:
+            return f"AF_PACKET unavailable ({exc.strerror}): enable CONFIG_PACKET or use backend 'netem'"
+        return None
+
+    def _handle(self, link: EmulatedLink) -> ForwarderHandle:
+        h = self._handles.get(id(link))
+        if h is None:
+            raise TestbedError(f"link {link.name!r} is not running on the userspace backend")
+        return h
+
+    def start(self, link: EmulatedLink) -> None:
+        for d in ("up", "down"):
+            shaping.install(link, d)  # type: ignore[arg-type]
+        seed = None if self.seed is None else self.seed + len(self._handles)
+        self._handles[id(link)] = ForwarderHandle(link, seed)
+        self._names[id(link)] = link.name
+        link.state["forwarder_pid"] = self._handles[id(link)].pid
+
+    def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
+        """Apply at once; returns after the forwarder acknowledged (its apply time in
+        link.state['applied'][direction])."""
+        old = link.params(direction)
+        reply = self._handle(link).request({"op": "set", "dir": direction,
+                                            "params": params.model_dump(mode="json")})
+        link.state.setdefault("applied", {})[direction] = reply["t"]
+        if any(getattr(old, f) != getattr(params, f) for f in SHAPING_FIELDS):
+            shaping.change(link, direction, params)
+
+    def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> None:
+        reply = self._handle(link).request({"op": "blackhole", "dir": direction, "on": on})
+        link.state.setdefault("applied", {})[direction] = reply["t"]
+
+    def stats(self, link: EmulatedLink) -> dict[str, Any]:
+        """Counters of the link's forwarder: per direction rx/tx/drops per cause,
+        lateness, and the process's CPU seconds."""
+        if id(link) not in self._handles:
+            return self._final_stats.get(link.name, {})
+        return self._handle(link).request({"op": "stats"})["stats"]
+
+    def stop(self, link: EmulatedLink) -> None:
+        h = self._handles.pop(id(link), None)
+        if h is not None:
+            h.stop()
+            self._final_stats[link.name] = h.last_stats
+
+    def pids(self) -> list[int]:
+        return [h.pid for h in self._handles.values()]
+
+    def describe(self) -> dict[str, Any]:
+        counters = dict(self._final_stats)
+        for key, h in self._handles.items():
+            try:
+                counters[self._names[key]] = h.request({"op": "stats"})["stats"]
+            except TestbedError as exc:
+                counters[self._names[key]] = {"error": str(exc)}
+        return {"backend": self.name, "forwarder": "python AF_PACKET deadline queues",
+                "python": sys.version.split()[0], "counters": counters}
+
+
+register(UserspaceBackend)
