@@ -39,7 +39,8 @@ fi
 # pipefail keeps pip's exit status; the filter only hides a harmless index warning.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$here/requirements.txt" 2>&1 \
   | { grep -v "^WARNING: Location" >&2 || true; }
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here" 2>&1 \
+# (the editable install's build backend warns loudly about nothing we control)
+PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here" 2>&1 \
   | { grep -v "^WARNING: Location" >&2 || true; }
 echo "$want" > "$stamp"
 echo "bootstrap: ready ($venv)" >&2

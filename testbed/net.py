@@ -56,6 +56,8 @@ class Path:
 
 
 class Testbed:
+    __test__ = False  # not a pytest class despite the name
+
     def __init__(self, topology: TopologySpec, backend: str = "auto",
                  client: HostSettings | None = None, server: HostSettings | None = None,
                  run_id: str | None = None):

@@ -1,0 +1,200 @@
+"""invoke tasks: the testbed's command line. Run them through ./tb (bootstraps first).
+
+    ./tb doctor                 can experiments run here?
+    ./tb demo                   two-path MPTCP demo: per-path and aggregate goodput
+    ./tb shell two-path         start a topology and open Mininet's CLI
+    ./tb clean                  remove leftovers of crashed runs (by recorded PID only)
+    ./tb test                   the test suite (what CI runs)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _fail(msg: str) -> Exit:
+    return Exit(f"error: {msg}", code=2)
+
+
+def _guard(fn):
+    """Run fn, turning user errors into a one-line message and exit status 2."""
+    from pydantic import ValidationError
+
+    from testbed.errors import TestbedError, format_validation_error
+
+    try:
+        return fn()
+    except TestbedError as exc:
+        raise _fail(str(exc)) from None
+    except ValidationError as exc:
+        raise _fail(format_validation_error("invalid input", exc)) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted; everything created was removed", code=130) from None
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise _fail("this task needs root (network namespaces, tc, nftables)")
+
+
+def _topology(name: str, sets: list[str]):
+    from testbed.overrides import parse_assignments
+    from testbed.topology import load
+
+    return load(name, **parse_assignments(sets))
+
+
+@task
+def doctor(c):
+    """Check kernel MPTCP, sysctls, link-emulation backends, tools and offloads."""
+    from testbed import doctor as d
+
+    checks = d.run_checks()
+    print(d.render(checks))
+    if not d.healthy(checks):
+        raise Exit("doctor: experiments cannot run here (see FAIL lines)", code=1)
+    print("doctor: experiments can run here")
+
+
+@task
+def clean(c):
+    """End the processes of crashed runs (recorded PIDs only; their namespaces go with them)."""
+    _need_root()
+    from testbed.state import clean_stale
+
+    cleaned = clean_stale()
+    print(f"clean: removed {len(cleaned)} crashed run(s)" + (f": {', '.join(cleaned)}" if cleaned else ""))
+
+
+@task
+def topologies(c):
+    """List the known topologies."""
+    from testbed.topology import available
+
+    for name, desc in sorted(available().items()):
+        print(f"{name:<22} {desc}")
+
+
+@task(iterable=["set_"], help={"set_": "topology parameter or field, e.g. --set rate_mbit=10"})
+def shell(c, topology="two-path", backend="auto", set_=None):
+    """Start TOPOLOGY and open Mininet's CLI (nodes: c, s, r, x<i>)."""
+    _need_root()
+    from mininet.cli import CLI
+
+    from testbed.net import Testbed
+
+    def run():
+        with Testbed(_topology(topology, set_ or []), backend=backend) as tb:
+            print(f"client c -> server s at {tb.server_addr}; paths: "
+                  + ", ".join(f"{p.name} ({p.addr.client})" for p in tb.paths))
+            CLI(tb.net)
+
+    _guard(run)
+
+
+@task(iterable=["set_"], help={"set_": "topology override, e.g. --set wifi_delay_ms=0",
+                                "out": "write the result as JSON into this directory"})
+def demo(c, topology="two-path", backend="auto", seconds=8.0, set_=None, out=None):
+    """Real two-path MPTCP transfer: per-path and aggregate goodput."""
+    _need_root()
+    from testbed.bulk import bulk_transfer
+    from testbed.net import Testbed
+
+    def run():
+        topo = _topology(topology, set_ or [])
+        with Testbed(topo, backend=backend) as tb:
+            result = bulk_transfer(tb, seconds=float(seconds), warmup=min(2.0, float(seconds) / 3))
+            rates = {p.name: p.spec.direction("up").rate_mbit for p in tb.paths}
+            print(f"topology {topo.name}, backend {tb.backend.name}, cc cubic, {len(tb.paths)} paths")
+            for name, mbit in result.path_goodput_mbit.items():
+                print(f"  path {name:<8} {mbit:7.2f} Mbit/s on the wire (configured {rates[name]})")
+            total = sum(r or 0 for r in rates.values())
+            print(f"  aggregate goodput {result.goodput_mbit:7.2f} Mbit/s"
+                  + (f" = {result.goodput_mbit / total:.2f} x sum of rates" if total else "")
+                  + f"; extra subflows: {result.subflows}")
+            if out:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                doc = {"result": result.__dict__, "testbed": tb.describe()}
+                (Path(out) / "demo.json").write_text(json.dumps(doc, indent=2, default=str))
+                print(f"  written {Path(out) / 'demo.json'}")
+
+    _guard(run)
+
+
+@task(help={"quick": "skip slow and VM tests", "k": "pytest -k expression",
+            "vm": "also run the VM tests (default: only in CI or with MPTB_VM_TESTS=1)"})
+def test(c, quick=False, k=None, vm=False):
+    """Run the test suite (integration tests need root)."""
+    args = [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests")]
+    marks = []
+    if quick:
+        marks.append("not slow")
+    run_vm = vm or os.environ.get("CI") == "true" or os.environ.get("MPTB_VM_TESTS") == "1"
+    if quick or not run_vm:
+        marks.append("not vm")
+    if marks:
+        args += ["-m", " and ".join(marks)]
+    if k:
+        args += ["-k", k]
+    rc = os.spawnv(os.P_WAIT, args[0], args)
+    if rc != 0:
+        raise Exit(code=rc)
+
+
+@task
+def harness(c, repeats=5):
+    """Benchmark: build + start + stop time of two-path and an 8-path topology."""
+    _need_root()
+    from testbed.net import Testbed
+    from testbed.topology import load
+
+    def measure(topo) -> list[float]:
+        times = []
+        for _ in range(int(repeats)):
+            t0 = time.perf_counter()
+            with Testbed(topo):
+                pass
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def run():
+        print(f"{'topology':<12} {'median s':>9} {'max s':>7} {'target s':>9}  verdict")
+        for name, topo, target in [("two-path", load("two-path"), 1.0),
+                                   ("8-path", load("n-path", n=8), 3.0)]:
+            ts = sorted(measure(topo))
+            med = ts[len(ts) // 2]
+            print(f"{name:<12} {med:9.3f} {ts[-1]:7.3f} {target:9.1f}  "
+                  f"{'meets target' if med <= target else 'MISSES target'}")
+
+    _guard(run)
+
+
+ns = Collection(doctor, clean, topologies, shell, demo, test)
+bench = Collection("bench", harness)
+ns.add_collection(bench)
+
+
+def _mount(module: str, name: str, into: Collection = ns) -> None:
+    """Mount a task collection from a module that may not be installed yet."""
+    try:
+        mod = __import__(module, fromlist=["ns"])
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return
+        raise
+    if into is bench:
+        for t in mod.ns.tasks.values():
+            bench.add_task(t)
+    else:
+        into.add_collection(mod.ns, name)
+
+
+_mount("testbed.bench.tasks", "bench", into=bench)
+_mount("testbed.vm.tasks", "vm")

@@ -1,0 +1,25 @@
+"""`--set key=value` command-line overrides, values parsed as TOML literals."""
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from testbed.errors import TestbedError
+
+
+def parse_value(text: str) -> Any:
+    """'10' -> 10, '2.5' -> 2.5, 'true' -> True, '[1, 2]' -> [1, 2], else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TestbedError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = parse_value(value.strip())
+    return out

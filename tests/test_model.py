@@ -1,0 +1,91 @@
+"""The topology model rejects bad input with one line naming the field."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import assert_one_line_error, run_tb
+from testbed.errors import TestbedError
+from testbed.model import LinkParams, PathSpec
+from testbed.topology import from_dict, load
+
+
+def two_paths(**over):
+    paths = [{"name": "wifi", "rate_mbit": 20, "delay_ms": 10}, {"name": "lte", "rate_mbit": 10}]
+    paths[0].update(over)
+    return {"name": "t", "paths": paths}
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"delay_ms": -1}, "paths.0.delay_ms"),
+    ({"loss_pct": 101}, "paths.0.loss_pct"),
+    ({"rate_mbit": 0}, "paths.0.rate_mbit"),
+    ({"name": "Wi Fi"}, "paths.0.name"),
+    ({"colour": "red"}, "paths.0.colour"),
+    ({"mtu": 100}, "paths.0.mtu"),
+])
+def test_invalid_path_fields_name_the_field(over, field):
+    with pytest.raises(TestbedError) as err:
+        from_dict(two_paths(**over))
+    msg = str(err.value)
+    assert field in msg and "\n" not in msg
+
+
+def test_unknown_key_is_reported_as_such():
+    with pytest.raises(TestbedError, match=r"paths\.0\.colour: unknown key"):
+        from_dict(two_paths(colour="red"))
+
+
+def test_path_count_bounds():
+    with pytest.raises(TestbedError, match="paths: .*at least 1"):
+        from_dict({"name": "t", "paths": []})
+    with pytest.raises(TestbedError, match="paths: .*at most 8"):
+        load("n-path", n=9)
+    assert len(load("n-path", n=8).paths) == 8
+
+
+def test_unknown_topology_lists_known_ones():
+    with pytest.raises(TestbedError, match=r"unknown topology 'nope' \(known: .*two-path"):
+        load("nope")
+
+
+def test_malformed_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[paths]\nname = 'x'\n")
+    with pytest.raises(TestbedError, match="malformed TOML"):
+        load(str(bad))
+
+
+def test_toml_topology_and_direction_overrides():
+    topo = load("wifi-lte-multihomed")
+    lte = topo.path("lte")
+    assert lte.direction("up").rate_mbit == 10 and lte.direction("down").rate_mbit == 20
+    assert lte.rtt_ms() == 60
+
+
+def test_duplicate_names_and_bad_default_path():
+    data = two_paths()
+    data["paths"][1]["name"] = "wifi"
+    with pytest.raises(TestbedError, match="unique"):
+        from_dict(data)
+    with pytest.raises(TestbedError, match="default_path"):
+        from_dict({**two_paths(), "default_path": "dsl"})
+
+
+def test_queue_defaults_to_one_bdp_with_a_floor():
+    p = PathSpec(name="w", rate_mbit=100, delay_ms=20)  # BDP = 100 Mbit * 40 ms = 333 pkts
+    assert p.direction("up").queue_limit_pkts(p.rtt_ms()) == 333
+    assert LinkParams(rate_mbit=1).queue_limit_pkts(1.0) == 20
+    with pytest.raises(ValueError):
+        LinkParams(queue_pkts=10, queue_bdp=2)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("args, needle", [
+    (["demo", "--topology", "nope"], "unknown topology 'nope'"),
+    (["demo", "--set", "wifi_delay_ms=-5"], "paths.0.delay_ms"),
+    (["demo", "--topology", "n-path", "--set", "n=9"], "paths"),
+    (["demo", "--set", "novalue"], "key=value"),
+    (["demo", "--set", "paths=3"], "topology 'two-path'"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, needle):
+    assert_one_line_error(run_tb(*args), needle)
