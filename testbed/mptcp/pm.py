@@ -1,0 +1,361 @@
+"""MPTCP path-manager generic netlink ("mptcp_pm"): event listener and the
+userspace-PM commands (announce, remove, subflow create/destroy, set flags).
+
+pyroute2 0.9 ships only the endpoint/limits commands, so we declare the message
+layouts here as genlmsg subclasses. pyroute2 0.9 keeps per-thread state (event
+loop, even a per-thread socket), and a netlink socket belongs to the namespace
+of the thread that created it; so every socket here is created, used and closed
+in one thread that has joined the target namespace first (run_in_netns for
+commands; the listener's own reader thread for events).
+
+Attribute numbering, checked against Documentation/netlink/specs/mptcp_pm.yaml
+and the generated include/uapi/linux/mptcp_pm.h of Linux 6.18 (self-check in
+`_check_numbering` below runs at import):
+  commands  add-addr 1, del-addr 2, get-addr 3, flush-addrs 4, set-limits 5,
+            get-limits 6, set-flags 7, announce 8, remove 9, subflow-create 10,
+            subflow-destroy 11
+  attr      addr 1 (nest), rcv-add-addrs 2, subflows 3, token 4 (u32),
+            loc-id 5 (u8), addr-remote 6 (nest)
+  address   family 1 (u16), id 2 (u8), addr4 3, addr6 4, port 5 (u16, host
+            order), flags 6 (u32), if-idx 7 (s32)
+  events    created 1, established 2, closed 3, announced 6, removed 7,
+            sub-established 10, sub-closed 11, sub-priority 13,
+            listener-created 15, listener-closed 16
+  event attr token 1, family 2, loc-id 3, rem-id 4, saddr4 5, saddr6 6,
+            daddr4 7, daddr6 8, sport 9 (be16), dport 10 (be16), backup 11,
+            error 12, flags 13 (u16), timeout 14, if-idx 15, reset-reason 16,
+            reset-flags 17, server-side 18
+"""
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import GenericNetlinkSocket
+
+from testbed.errors import TestbedError
+from testbed.netns import ns_path, run_in_netns, setns_current_thread
+
+FAMILY = "mptcp_pm"
+EVENTS_GROUP = "mptcp_pm_events"
+NETLINK_GENERIC, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 16, 270, 1
+VERSION = 1
+
+CMD = {"add_addr": 1, "del_addr": 2, "get_addr": 3, "flush_addrs": 4, "set_limits": 5,
+       "get_limits": 6, "set_flags": 7, "announce": 8, "remove": 9,
+       "subflow_create": 10, "subflow_destroy": 11}
+EVENTS = {1: "created", 2: "established", 3: "closed", 6: "announced", 7: "removed",
+          10: "sub_established", 11: "sub_closed", 13: "sub_priority",
+          15: "listener_created", 16: "listener_closed"}
+ADDR_FLAGS = {"signal": 1, "subflow": 2, "backup": 4, "fullmesh": 8, "implicit": 16}
+
+
+class pm_cmd_msg(genlmsg):
+    """Command messages (MPTCP_PM_ATTR_* space)."""
+
+    prefix = "MPTCP_PM_ATTR_"
+    nla_map = (
+        ("MPTCP_PM_ATTR_UNSPEC", "none"),
+        ("MPTCP_PM_ATTR_ADDR", "pm_addr"),
+        ("MPTCP_PM_ATTR_RCV_ADD_ADDRS", "uint32"),
+        ("MPTCP_PM_ATTR_SUBFLOWS", "uint32"),
+        ("MPTCP_PM_ATTR_TOKEN", "uint32"),
+        ("MPTCP_PM_ATTR_LOC_ID", "uint8"),
+        ("MPTCP_PM_ATTR_ADDR_REMOTE", "pm_addr"),
+    )
+
+    class pm_addr(nla):
+        prefix = "MPTCP_PM_ADDR_ATTR_"
+        nla_map = (
+            ("MPTCP_PM_ADDR_ATTR_UNSPEC", "none"),
+            ("MPTCP_PM_ADDR_ATTR_FAMILY", "uint16"),
+            ("MPTCP_PM_ADDR_ATTR_ID", "uint8"),
+            ("MPTCP_PM_ADDR_ATTR_ADDR4", "ip4addr"),
+            ("MPTCP_PM_ADDR_ATTR_ADDR6", "ip6addr"),
+            ("MPTCP_PM_ADDR_ATTR_PORT", "uint16"),
+            ("MPTCP_PM_ADDR_ATTR_FLAGS", "uint32"),
+            ("MPTCP_PM_ADDR_ATTR_IF_IDX", "int32"),
+        )
+
+
+class pm_event_msg(genlmsg):
+    """Multicast events (enum mptcp_event_attr space); cmd = event type."""
+
+    prefix = "MPTCP_ATTR_"
+    nla_map = (
+        ("MPTCP_ATTR_UNSPEC", "none"),
+        ("MPTCP_ATTR_TOKEN", "uint32"),
+        ("MPTCP_ATTR_FAMILY", "uint16"),
+        ("MPTCP_ATTR_LOC_ID", "uint8"),
+        ("MPTCP_ATTR_REM_ID", "uint8"),
+        ("MPTCP_ATTR_SADDR4", "ip4addr"),
+        ("MPTCP_ATTR_SADDR6", "ip6addr"),
+        ("MPTCP_ATTR_DADDR4", "ip4addr"),
+        ("MPTCP_ATTR_DADDR6", "ip6addr"),
+        ("MPTCP_ATTR_SPORT", "be16"),
+        ("MPTCP_ATTR_DPORT", "be16"),
+        ("MPTCP_ATTR_BACKUP", "uint8"),
+        ("MPTCP_ATTR_ERROR", "uint8"),
+        ("MPTCP_ATTR_FLAGS", "uint16"),
+        ("MPTCP_ATTR_TIMEOUT", "uint32"),
+        ("MPTCP_ATTR_IF_IDX", "int32"),
+        ("MPTCP_ATTR_RESET_REASON", "uint32"),
+        ("MPTCP_ATTR_RESET_FLAGS", "uint32"),
+        ("MPTCP_ATTR_SERVER_SIDE", "uint8"),
+    )
+
+
+def _check_numbering() -> None:
+    """Pure-python self-check: our tables against the numbers read in the spec."""
+    ev = {n: i for i, (n, _) in enumerate(pm_event_msg.nla_map)}
+    assert (ev["MPTCP_ATTR_TOKEN"], ev["MPTCP_ATTR_SADDR4"], ev["MPTCP_ATTR_SPORT"],
+            ev["MPTCP_ATTR_IF_IDX"], ev["MPTCP_ATTR_SERVER_SIDE"]) == (1, 5, 9, 15, 18)
+    at = {n: i for i, (n, _) in enumerate(pm_cmd_msg.nla_map)}
+    assert (at["MPTCP_PM_ATTR_TOKEN"], at["MPTCP_PM_ATTR_LOC_ID"],
+            at["MPTCP_PM_ATTR_ADDR_REMOTE"]) == (4, 5, 6)
+    ad = {n: i for i, (n, _) in enumerate(pm_cmd_msg.pm_addr.nla_map)}
+    assert (ad["MPTCP_PM_ADDR_ATTR_ADDR4"], ad["MPTCP_PM_ADDR_ATTR_PORT"],
+            ad["MPTCP_PM_ADDR_ATTR_IF_IDX"]) == (3, 5, 7)
+    assert (CMD["set_flags"], CMD["announce"], CMD["subflow_create"]) == (7, 8, 10)
+    assert EVENTS[10] == "sub_established" and EVENTS[15] == "listener_created"
+
+
+_check_numbering()
+
+
+class PMError(TestbedError):
+    """A path-manager command the kernel refused; `errno` is the kernel's code."""
+
+    def __init__(self, command: str, errno_: int, hint: str = ""):
+        self.command, self.errno = command, errno_
+        name = {107: "ENOTCONN", 22: "EINVAL", 2: "ENOENT", 17: "EEXIST",
+                95: "EOPNOTSUPP", 1: "EPERM", 99: "EADDRNOTAVAIL"}.get(errno_, "")
+        msg = f"mptcp_pm {command} failed: errno {errno_}{' ' + name if name else ''}"
+        super().__init__(msg + (f" ({hint})" if hint else ""))
+
+
+_HINTS = {107: "connection not fully established yet: wait for the 'established' event",
+          22: "bad arguments, or the namespace does not use path_manager=userspace",
+          2: "unknown token or subflow"}
+
+
+# ---- events --------------------------------------------------------------------
+@dataclass
+class PMEvent:
+    t_ns: int  # time.monotonic_ns() when the reader thread received it
+    type: str
+    token: int | None
+    attrs: dict[str, Any] = field(default_factory=dict)  # remaining attributes, lower case
+
+
+def decode_event(msg: pm_event_msg, t_ns: int) -> PMEvent:
+    attrs: dict[str, Any] = {}
+    for name, value in msg["attrs"]:
+        attrs[name[len("MPTCP_ATTR_"):].lower()] = value
+    token = attrs.pop("token", None)
+    return PMEvent(t_ns, EVENTS.get(msg["cmd"], f"event{msg['cmd']}"), token, attrs)
+
+
+def _parse(data: bytes, family_id: int, t_ns: int) -> list[PMEvent]:
+    """Split a netlink datagram into messages and decode the mptcp_pm ones."""
+    out, off = [], 0
+    while off + 16 <= len(data):
+        length, mtype = struct.unpack_from("=IH", data, off)
+        if length < 16:
+            break
+        if mtype == family_id:
+            msg = pm_event_msg(data[off:off + length])
+            msg.decode()
+            out.append(decode_event(msg, t_ns))
+        off += (length + 3) & ~3
+    return out
+
+
+class PMEventListener:
+    """Collect MPTCP PM events of one namespace (by pid), timestamped on arrival.
+
+        with PMEventListener(tb.client.pid) as lst: ...; lst.events()
+    """
+
+    def __init__(self, pid: int, poll_s: float = 0.05):
+        self.pid, self.poll_s = pid, poll_s
+        self._events: list[PMEvent] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "PMEventListener":
+        self._thread = threading.Thread(target=self._run, name=f"pm-events-{self.pid}", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise TestbedError(f"PM event listener in pid {self.pid}: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        try:
+            setns_current_thread(ns_path(self.pid))
+            # pyroute2 resolves the family and group ids; the events are then read
+            # from a plain netlink socket: pyroute2's get() may keep already-read
+            # messages in its own queue, where select() cannot see them, so events
+            # would surface late (measured: seconds, or never for the last one).
+            with GenericNetlinkSocket() as gs:
+                gs.bind(FAMILY, pm_event_msg)
+                family_id, group = gs.prid, gs.mcast_groups[EVENTS_GROUP]
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                # select() first so stop() is noticed within poll_s.
+                if not select.select([sock], [], [], self.poll_s)[0]:
+                    continue
+                data = sock.recv(1 << 16)
+                t = time.monotonic_ns()
+                for ev in _parse(data, family_id, t):
+                    with self._lock:
+                        self._events.append(ev)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def events(self) -> list[PMEvent]:
+        with self._lock:
+            return list(self._events)
+
+    def wait_for(self, type_: str, timeout: float, token: int | None = None) -> PMEvent | None:
+        """First event of that type (and token) seen so far, waiting up to timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events():
+                if ev.type == type_ and (token is None or ev.token == token):
+                    return ev
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+
+    def __enter__(self) -> "PMEventListener":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- userspace PM commands -----------------------------------------------------
+def _addr(addr: str, id: int | None = None, port: int | None = None, flags: int | None = None,
+          if_idx: int | None = None) -> dict:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    attrs: list[tuple[str, Any]] = [("MPTCP_PM_ADDR_ATTR_FAMILY", family),
+                                    ("MPTCP_PM_ADDR_ATTR_ADDR6" if family == socket.AF_INET6
+                                     else "MPTCP_PM_ADDR_ATTR_ADDR4", addr)]
+    if id is not None:
+        attrs.append(("MPTCP_PM_ADDR_ATTR_ID", id))
+    if port is not None:
+        attrs.append(("MPTCP_PM_ADDR_ATTR_PORT", port))
+    if flags is not None:
+        attrs.append(("MPTCP_PM_ADDR_ATTR_FLAGS", flags))
+    if if_idx is not None:
+        attrs.append(("MPTCP_PM_ADDR_ATTR_IF_IDX", if_idx))
+    return {"attrs": attrs}
+
+
+def _request(pid: int, command: str, attrs: list[tuple[str, Any]]) -> None:
+    msg = pm_cmd_msg()
+    msg["cmd"] = CMD[command]
+    msg["version"] = VERSION
+    msg["attrs"] = attrs
+
+    def send() -> None:
+        with GenericNetlinkSocket() as sock:
+            sock.bind(FAMILY, pm_cmd_msg)
+            tuple(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
+
+    try:
+        run_in_netns(pid, send)
+    except NetlinkError as exc:
+        raise PMError(command, exc.code, _HINTS.get(exc.code, "")) from None
+
+
+class UserspacePM:
+    """Userspace path-manager commands for the namespace of `pid` (a host whose
+    net.mptcp.path_manager is "userspace"). Each call is one netlink request;
+    a refusal raises PMError with the kernel's errno."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def subflow_create(self, token: int, local_addr: str, local_id: int, remote_addr: str,
+                       remote_port: int, if_idx: int | None = None) -> None:
+        self._check_token(token)
+        _request(self.pid, "subflow_create", [
+            ("MPTCP_PM_ATTR_TOKEN", token),
+            ("MPTCP_PM_ATTR_ADDR", _addr(local_addr, id=local_id, if_idx=if_idx)),
+            ("MPTCP_PM_ATTR_ADDR_REMOTE", _addr(remote_addr, port=remote_port)),
+        ])
+
+    def subflow_destroy(self, token: int, local_addr: str, local_port: int,
+                        remote_addr: str, remote_port: int) -> None:
+        """Close the subflow with exactly these four tuple values (RST + MP_RST-less close)."""
+        self._check_token(token)
+        _request(self.pid, "subflow_destroy", [
+            ("MPTCP_PM_ATTR_TOKEN", token),
+            ("MPTCP_PM_ATTR_ADDR", _addr(local_addr, port=local_port)),
+            ("MPTCP_PM_ATTR_ADDR_REMOTE", _addr(remote_addr, port=remote_port)),
+        ])
+
+    def announce(self, token: int, addr: str, id: int, port: int | None = None,
+                 if_idx: int | None = None) -> None:
+        """Send ADD_ADDR for a local address with this id on the connection."""
+        self._check_token(token)
+        _request(self.pid, "announce", [
+            ("MPTCP_PM_ATTR_TOKEN", token),
+            ("MPTCP_PM_ATTR_ADDR", _addr(addr, id=id, port=port, flags=ADDR_FLAGS["signal"],
+                                         if_idx=if_idx)),
+        ])
+
+    def remove(self, token: int, local_id: int) -> None:
+        """Send RM_ADDR for a previously announced local id."""
+        self._check_token(token)
+        _request(self.pid, "remove", [("MPTCP_PM_ATTR_TOKEN", token),
+                                      ("MPTCP_PM_ATTR_LOC_ID", local_id)])
+
+    def set_flags(self, token: int, local_addr: str, local_port: int, remote_addr: str,
+                  remote_port: int, backup: bool) -> None:
+        """Mark one subflow backup / not backup: the kernel sends MP_PRIO."""
+        self._check_token(token)
+        _request(self.pid, "set_flags", [
+            ("MPTCP_PM_ATTR_TOKEN", token),
+            ("MPTCP_PM_ATTR_ADDR", _addr(local_addr, port=local_port,
+                                         flags=ADDR_FLAGS["backup"] if backup else 0)),
+            ("MPTCP_PM_ATTR_ADDR_REMOTE", _addr(remote_addr, port=remote_port)),
+        ])
+
+    @staticmethod
+    def _check_token(token: int) -> None:
+        if not isinstance(token, int) or not 0 < token < 2 ** 32:
+            raise TestbedError(f"mptcp_pm: token must be a non-zero u32, got {token!r}")
+
+
+__all__ = ["PMEvent", "PMEventListener", "UserspacePM", "PMError", "decode_event",
+           "pm_cmd_msg", "pm_event_msg", "EVENTS", "CMD"]
