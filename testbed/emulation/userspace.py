@@ -20,6 +20,7 @@ from typing import Any
 
 from testbed.emulation import register, shaping
 from testbed.emulation.base import Backend, Direction, EmulatedLink
+from testbed.emulation.events import NetnsWorker
 from testbed.errors import TestbedError
 from testbed.model import LinkParams
 
@@ -139,6 +140,13 @@ class UserspaceBackend(Backend):
         seed = None if self.seed is None else self.seed + len(self._handles)
         self._handles[id(link)] = ForwarderHandle(link, seed)
         self._names[id(link)] = link.name
+        # A netlink socket kept open in the emulator's namespace: a timed rate
+        # change is then one netlink round trip (~0.3 ms), not a thread + socket.
+        nl = NetnsWorker(link.pid, link.name)
+        link.state["nl"] = nl
+        ports = {d: link.egress_port(d) for d in ("up", "down")}  # type: ignore[arg-type]
+        link.state["ifindex"] = nl.call(
+            lambda ipr: {d: ipr.link_lookup(ifname=p)[0] for d, p in ports.items()})
         link.state["forwarder_pid"] = self._handles[id(link)].pid
 
     def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
@@ -149,7 +157,24 @@ class UserspaceBackend(Backend):
                                             "params": params.model_dump(mode="json")})
         link.state.setdefault("applied", {})[direction] = reply["t"]
         if any(getattr(old, f) != getattr(params, f) for f in SHAPING_FIELDS):
+            self._change_shaping(link, direction, params)
+
+    @staticmethod
+    def _change_shaping(link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
+        """shaping.change() over the link's open netlink socket (same messages)."""
+        nl = link.state.get("nl")
+        if nl is None:
             shaping.change(link, direction, params)
+            return
+        idx = link.state["ifindex"][direction]
+        htb = shaping._htb_args(params, link.mtu)
+        limit = shaping.queue_limit(link, params)
+
+        def apply(ipr: Any) -> None:
+            ipr.tc("change-class", "htb", index=idx, handle="1:10", parent="1:", **htb)
+            ipr.tc("change", "pfifo", index=idx, handle="10:", parent="1:10", limit=limit)
+
+        nl.call(apply)
 
     def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> None:
         reply = self._handle(link).request({"op": "blackhole", "dir": direction, "on": on})
@@ -163,6 +188,9 @@ class UserspaceBackend(Backend):
         return self._handle(link).request({"op": "stats"})["stats"]
 
     def stop(self, link: EmulatedLink) -> None:
+        nl = link.state.pop("nl", None)
+        if nl is not None:
+            nl.close()
         h = self._handles.pop(id(link), None)
         if h is not None:
             h.stop()
