@@ -148,6 +148,51 @@ def test(c, quick=False, k=None, vm=False):
         raise Exit(code=rc)
 
 
+@task(iterable=["set_"], help={
+    "scenario": "scenario TOML file (see docs/scenarios.md)",
+    "reps": "override the number of repetitions",
+    "out": "results directory (default: results/)",
+    "set_": "override a scenario key, e.g. --set params.seconds=5 (repeatable)",
+    "retry_failed": "rerun runs stored as failed",
+    "no_progress": "no progress bar"})
+def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no_progress=False):
+    """Run a scenario: grid x repetitions, resumable; results in OUT/<experiment>/<run-id>/."""
+    _need_root()
+    from testbed import scenario as sc
+    from testbed.overrides import parse_assignments
+    from testbed.runner import sweep
+
+    def go():
+        s = sc.load(scenario, parse_assignments(set_ or []), int(reps) if reps is not None else None)
+        summary = sweep(s, Path(out), retry_failed=retry_failed, progress=not no_progress)
+        print(f"{s.experiment}: {summary.line()} -> {Path(out) / s.experiment}")
+        if summary.done.get("failed"):
+            raise Exit(f"error: {summary.done['failed']} run(s) failed (see `./tb results.ls {out}`)", code=1)
+
+    _guard(go)
+
+
+@task(name="ls")
+def results_ls(c, out="results"):
+    """List stored runs with their status (and the reason of failed/invalid ones)."""
+    from testbed.results import list_runs
+
+    def go():
+        if not Path(out).is_dir():
+            raise _fail(f"no results directory {out}")
+        frame = list_runs(Path(out))
+        if frame.empty:
+            print(f"no runs in {out}")
+            return
+        counts = frame.groupby(["experiment", "status"]).size().unstack(fill_value=0)
+        print(counts.to_string())
+        bad = frame[frame.status != "complete"]
+        for row in bad.itertuples():
+            print(f"{row.experiment}/{row.run_id}: {row.status}: {row.reason}")
+
+    _guard(go)
+
+
 @task
 def harness(c, repeats=5):
     """Benchmark: build + start + stop time of two-path and an 8-path topology."""
@@ -176,7 +221,8 @@ def harness(c, repeats=5):
     _guard(run)
 
 
-ns = Collection(doctor, clean, topologies, shell, demo, test)
+ns = Collection(doctor, clean, topologies, shell, demo, test, run)
+ns.add_collection(Collection("results", results_ls))
 bench = Collection("bench", harness)
 ns.add_collection(bench)
 

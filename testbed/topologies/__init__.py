@@ -13,15 +13,28 @@ class TwoPath(Topology):
     description = "WiFi-like + LTE-like paths from a client to a server behind a router"
 
     def spec(self, rate_mbit: float = 20, wifi_delay_ms: float = 10,
-             lte_delay_ms: float = 40, **over: Any) -> TopologySpec:
+             lte_delay_ms: float = 40, rates: list[float] | None = None,
+             delays: list[float] | None = None, lte_backup: bool = False,
+             **over: Any) -> TopologySpec:
+        """`rates`/`delays` = [wifi, lte] override the per-path values (sweepable pairs)."""
+        wifi_rate, lte_rate = _pair("rates", rates, (rate_mbit, rate_mbit))
+        wifi_delay, lte_delay = _pair("delays", delays, (wifi_delay_ms, lte_delay_ms))
         return TopologySpec(
             name=self.name, description=self.description,
             paths=[
-                {"name": "wifi", "rate_mbit": rate_mbit, "delay_ms": wifi_delay_ms},
-                {"name": "lte", "rate_mbit": rate_mbit, "delay_ms": lte_delay_ms},
+                {"name": "wifi", "rate_mbit": wifi_rate, "delay_ms": wifi_delay},
+                {"name": "lte", "rate_mbit": lte_rate, "delay_ms": lte_delay, "backup": lte_backup},
             ],
             **over,
         )
+
+
+def _pair(name: str, value: list[float] | None, default: tuple[float, float]) -> tuple[float, float]:
+    if value is None:
+        return default
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TypeError(f"{name} must be a list of two numbers [wifi, lte], got {value!r}")
+    return value[0], value[1]
 
 
 @register

@@ -1,0 +1,1 @@
+"""Experiment types (one module each, registered by name) and shipped scenarios (*.toml)."""

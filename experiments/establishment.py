@@ -1,0 +1,71 @@
+"""Establishment: how fast (and whether) a connection comes up when the
+initial (default-route) path is healthy, lossy, blackholed, slow, or behind a
+middlebox that drops MPTCP SYNs — for plain TCP, kernel MPTCP and the RobE
+strategies (testbed.robe), always against an unmodified kernel MPTCP server.
+
+Metrics (per trial, from testbed.robe.trial): setup_s (connect() to
+established), ttfb_s (first response byte of a request/response exchange),
+multipath_s (second subflow established), outcome (mptcp / fallback / failed),
+syns_sent, rsts_sent, extra_handshakes, winner_path.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from testbed import faults
+from testbed.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.scenario import EventSpec
+
+Condition = Literal["healthy", "lossy10", "lossy30", "lossy50", "blackhole",
+                    "slow_default", "mptcp_drop"]
+Strategy = Literal["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
+
+
+class Params(ExperimentParams):
+    scenario: Condition = "healthy"
+    strategy: Strategy = "mptcp"
+    timeout_s: float = Field(10, gt=0, le=300, description="give up after this long")
+    slow_delay_ms: float = Field(100, ge=0, description="slow_default: one-way delay of the default path")
+    warmup_trials: int = Field(3, ge=0, le=50, description="ips: trials that build path history first")
+
+
+def apply_condition(tb, condition: str, slow_delay_ms: float) -> None:
+    """Degrade the default path (the one the kernel's first SYN takes)."""
+    default = tb.topology.default.name
+    if condition.startswith("lossy"):
+        tb.update_link(default, None, loss_pct=float(condition.removeprefix("lossy")))
+    elif condition == "blackhole":
+        faults.apply(tb, EventSpec(at_s=0, action="blackhole", path=default))
+    elif condition == "slow_default":
+        tb.update_link(default, None, delay_ms=slow_delay_ms)
+    elif condition == "mptcp_drop":
+        faults.apply(tb, EventSpec(at_s=0, action="mptcp_drop", path=default))
+
+
+@register
+class Establishment(Experiment):
+    name = "establishment"
+    description = "connection setup over a healthy/lossy/blackholed/slow/filtered default path"
+    Params = Params
+
+    def run(self, ctx: RunContext) -> RunOutput:
+        from testbed.robe.trial import run_establishment_trial
+
+        p: Params = ctx.params
+        tb = ctx.tb
+        # A slow path is slow in IPS's history too; a broken or lossy one broke
+        # after the history was built (WiFi associated, Internet gone).
+        if p.scenario == "slow_default":
+            apply_condition(tb, p.scenario, p.slow_delay_ms)
+        if "ips" in p.strategy and p.warmup_trials:
+            for _ in range(p.warmup_trials):
+                run_establishment_trial(tb, p.strategy, {"timeout_s": p.timeout_s,
+                                                         "history_dir": str(ctx.raw_dir)})
+        if p.scenario != "slow_default":
+            apply_condition(tb, p.scenario, p.slow_delay_ms)
+        ctx.record("fault", "network", f"condition:{p.scenario}", path=tb.topology.default.name)
+        metrics = run_establishment_trial(tb, p.strategy, {"timeout_s": p.timeout_s,
+                                                           "history_dir": str(ctx.raw_dir)})
+        return RunOutput(metrics=dict(metrics))

@@ -1,0 +1,71 @@
+"""Throughput: one bulk MPTCP (or TCP) transfer over 1..N paths.
+
+Metrics: aggregate goodput, efficiency = goodput / sum of configured rates
+(kernel simult_flows bound: >= 0.9 for equal paths), each path's share of the
+bytes on the wire, transfer time against the ideal size*8 / sum of rates.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from testbed import workload
+from testbed.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+
+
+class Params(ExperimentParams):
+    seconds: float = Field(10, gt=1, le=600)
+    direction: Literal["up", "down"] = "up"
+    protocol: Literal["mptcp", "tcp"] = "mptcp"
+    tool: Literal["app", "iperf3"] = "app"
+
+
+def configured_rates(tb, direction: str) -> dict[str, float]:
+    rates = {p.name: p.spec.direction(direction).rate_mbit or 0.0 for p in tb.paths}
+    bottleneck = tb.topology.bottleneck
+    if bottleneck is not None and bottleneck.rate_mbit:
+        # A shared bottleneck caps the sum; spread it in proportion for the share metric.
+        total = sum(rates.values()) or 1.0
+        cap = min(total, bottleneck.rate_mbit)
+        rates = {k: v * cap / total for k, v in rates.items()}
+    return rates
+
+
+@register
+class Throughput(Experiment):
+    name = "throughput"
+    description = "bulk transfer over 1..N paths: goodput, efficiency, per-path share"
+    Params = Params
+
+    def run(self, ctx: RunContext) -> RunOutput:
+        p: Params = ctx.params
+        tb = ctx.tb
+        cc = tb.settings["client"].congestion_control
+        if p.tool == "app":
+            load = workload.get("app", mode="bulk", seconds=p.seconds, direction=p.direction,
+                                protocol=p.protocol, cc=cc)
+        else:
+            load = workload.get("iperf3", seconds=p.seconds, reverse=p.direction == "down",
+                                protocol=p.protocol, cc=cc)
+        before = tb.interface_bytes()
+        result = load.run(tb, ctx.raw_dir, ctx.t0_ns, timeout_s=p.seconds + 30)
+        after = tb.interface_bytes()
+        key = "tx_bytes" if p.direction == "up" else "rx_bytes"
+        wire = {n: after[n][key] - before[n][key] for n in before}
+        total_wire = sum(wire.values()) or 1
+        rates = configured_rates(tb, p.direction)
+        sum_rates = sum(rates.values())
+        m = dict(result.metrics)
+        goodput = m.get("goodput_mbit") or 0.0
+        m.update({
+            "sum_rates_mbit": sum_rates,
+            "best_path_mbit": max(rates.values()),
+            "efficiency": goodput / sum_rates if sum_rates else None,
+            "paths": len(tb.paths),
+            "cc": cc,
+            **{f"share.{n}": b / total_wire for n, b in wire.items()},
+        })
+        if m.get("bytes") and sum_rates:
+            m["ideal_transfer_s"] = m["bytes"] * 8 / (sum_rates * 1e6)
+        return RunOutput(metrics=m, tables=result.tables)
