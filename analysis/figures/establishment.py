@@ -1,0 +1,227 @@
+"""Establishment: setup time, multipath availability and outcome per strategy × scenario.
+
+Data: complete runs of `establishment` (baseline: tcp, mptcp) and
+`robe_establishment` (all strategies), pooled per (scenario, strategy) — both run
+the same scenarios against the same unmodified kernel server.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from analysis import Results
+from analysis.figures import (OUTCOME_COLORS, OUTCOMES, STRATEGIES, Figure, Section, grid, order,
+                              setup_style, strategy_color, strategy_dash)
+from analysis.stats import ecdf, share, summarize
+
+EXPERIMENTS = ("establishment", "robe_establishment")
+SCENARIOS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
+SYN_TIMES_S = [1, 2, 3]  # SYN+MP_CAPABLE retransmissions; plain TCP from 3 s (mptcp-linux.md)
+
+
+def seconds_label(x: float, _pos: object = None) -> str:
+    """Log-axis tick labels people read at a glance: 10 ms, 1 s, 30 s."""
+    if x <= 0:
+        return ""
+    if x < 1:
+        return f"{x * 1000:g} ms"
+    return f"{x:g} s"
+
+
+def _log_time_axis(ax, lo: float, hi: float) -> None:
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(seconds_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelrotation=35)
+
+
+def data(res: Results) -> pd.DataFrame:
+    runs = res.of(*EXPERIMENTS)
+    need = {"param.scenario", "param.strategy"}
+    if runs.empty or not need <= set(runs.columns):
+        return runs.iloc[0:0]
+    return runs[runs["param.scenario"].notna() & runs["param.strategy"].notna()]
+
+
+def _limits(df: pd.DataFrame, cols: list[str]) -> tuple[float, float]:
+    vals = pd.concat([pd.to_numeric(df[c], errors="coerce") for c in cols if c in df]).dropna()
+    vals = vals[vals > 0]
+    if vals.empty:
+        return 1e-3, 10.0
+    timeout = pd.to_numeric(df.get("param.timeout_s", pd.Series(dtype=float)), errors="coerce").max()
+    hi = max(vals.max(), timeout if np.isfinite(timeout) else 0)
+    return 10 ** np.floor(np.log10(vals.min() * 0.8)), hi * 1.5
+
+
+def _strategy_legend(fig, strategies: list[str], extra: list = ()) -> None:
+    handles = [Line2D([], [], color=strategy_color(s), ls=strategy_dash(s), lw=2.2, label=s)
+               for s in strategies]
+    fig.legend(handles=[*handles, *extra], loc="outside right upper", title="strategy")
+
+
+def setup_ecdf(df: pd.DataFrame) -> Figure:
+    scenarios = order(df["param.scenario"], SCENARIOS)
+    strategies = order(df["param.strategy"], STRATEGIES)
+    fig, axes = grid(len(scenarios), max_cols=4, panel=(3.3, 2.6))
+    lo, hi = _limits(df, ["metric.setup_s"])
+    for ax, sc in zip(axes, scenarios):
+        d = df[df["param.scenario"] == sc]
+        for i, st in enumerate(strategies):
+            g = d[d["param.strategy"] == st]
+            if g.empty:
+                continue
+            x, y = ecdf(g["metric.setup_s"], n_total=len(g))
+            # extend each step curve to the right edge so a plateau < 1 reads as "never"
+            xs = np.concatenate([[lo], x, [hi]])
+            ys = np.concatenate([[0.0], y, [y[-1] if len(y) else 0.0]])
+            # earlier strategies drawn thicker: coinciding curves still show both colours
+            ax.step(xs, ys, where="post", color=strategy_color(st), ls=strategy_dash(st),
+                    lw=3.0 - 1.6 * i / max(len(strategies) - 1, 1), alpha=0.9)
+        for t in SYN_TIMES_S:
+            ax.axvline(t, color="0.55", lw=0.7, ls=":", zorder=0)
+        _log_time_axis(ax, lo, hi)
+        ax.set_ylim(-0.02, 1.04)
+        ax.set_title(sc)
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("fraction of runs connected")
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("setup time (connect → established)")
+    syn = Line2D([], [], color="0.55", lw=0.7, ls=":", label="SYN retransmit\n(1, 2, 3 s)")
+    _strategy_legend(fig, strategies, [syn])
+    return Figure("establishment_setup_ecdf", "Setup time per scenario (ECDF)",
+                  "ECDF of the time from connect() to established, one panel per initial-path "
+                  "scenario, one line per strategy (log time axis). Runs that never connected "
+                  "within the experiment timeout keep a curve below 1. Dotted: the kernel's "
+                  "SYN+MP_CAPABLE retransmissions at 1 and 2 s and the first plain-TCP SYN at 3 s.", fig)
+
+
+def multipath_strip(df: pd.DataFrame) -> Figure:
+    scenarios = order(df["param.scenario"], SCENARIOS)
+    strategies = order(df["param.strategy"], STRATEGIES)
+    fig, axes = grid(len(scenarios), max_cols=4, panel=(3.3, 2.9), sharey=True)
+    lo, hi = _limits(df, ["metric.setup_s", "metric.multipath_s"])
+    ypos = {s: i for i, s in enumerate(strategies)}
+    rng = np.random.default_rng(0)  # jitter only, fixed for identical redraws
+    for ax, sc in zip(axes, scenarios):
+        d = df[df["param.scenario"] == sc]
+        for st in strategies:
+            g = d[d["param.strategy"] == st]
+            if g.empty:
+                continue
+            y = ypos[st]
+            for col, dy, marker in (("metric.setup_s", -0.17, "o"), ("metric.multipath_s", 0.17, "D")):
+                v = pd.to_numeric(g.get(col, pd.Series(dtype=float)), errors="coerce").dropna()
+                v = v[v > 0]
+                if v.empty:
+                    continue
+                ax.boxplot([v], positions=[y + dy], orientation="horizontal", widths=0.28,
+                           showfliers=False, patch_artist=True, manage_ticks=False,
+                           boxprops=dict(facecolor=(*strategy_color(st), 0.25), edgecolor="0.3", lw=0.8),
+                           medianprops=dict(color="0.1", lw=1.2), whiskerprops=dict(color="0.4"),
+                           capprops=dict(color="0.4"))
+                ax.scatter(v, y + dy + rng.uniform(-0.08, 0.08, len(v)), s=9, marker=marker,
+                           color=strategy_color(st), alpha=0.8, lw=0, zorder=3)
+            never = int(g["metric.multipath_s"].isna().sum()) if "metric.multipath_s" in g else len(g)
+            if never:
+                # axes fraction of the diamond row (the y axis is inverted: first strategy on top)
+                ax.text(0.995, 1 - (y + 0.5) / len(strategies), f"{never}/{len(g)} never",
+                        transform=ax.transAxes, ha="right", va="center", fontsize=7.5, color="0.35")
+        _log_time_axis(ax, lo, hi)
+        ax.set_yticks(range(len(strategies)), strategies)
+        ax.set_ylim(len(strategies) - 0.5, -0.5)
+        ax.set_title(sc)
+    for ax in axes:
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("time since connect()")
+    marks = [Line2D([], [], marker="o", color="0.3", ls="", label="setup (established)"),
+             Line2D([], [], marker="D", color="0.3", ls="", label="multipath available\n(2nd subflow up)")]
+    fig.legend(handles=marks, loc="outside right upper", title="event")
+    return Figure("establishment_multipath", "Setup and multipath-availability time",
+                  "Per scenario and strategy: setup time (circles, lower box) and the time until a "
+                  "second subflow was established (diamonds, upper box), log axis; boxes span the "
+                  "quartiles. 'k/n never': runs in which no second subflow came up (a broken or "
+                  "MPTCP-dropping path cannot be joined; plain TCP never has one).", fig)
+
+
+def outcome_bars(df: pd.DataFrame) -> Figure:
+    scenarios = order(df["param.scenario"], SCENARIOS)
+    strategies = order(df["param.strategy"], STRATEGIES)
+    sh = share(df, ["param.scenario", "param.strategy"], "metric.outcome")
+    outcomes = order(sh["metric.outcome"], OUTCOMES)
+    fig, axes = grid(len(scenarios), max_cols=4, panel=(3.1, 2.5), sharex=True, sharey=True)
+    for ax, sc in zip(axes, scenarios):
+        d = sh[sh["param.scenario"] == sc]
+        left = np.zeros(len(strategies))
+        for oc in outcomes:
+            w = [float(d[(d["param.strategy"] == st) & (d["metric.outcome"] == oc)]["share"].sum())
+                 for st in strategies]
+            ax.barh(range(len(strategies)), w, left=left, color=OUTCOME_COLORS.get(oc, "0.6"),
+                    height=0.7, edgecolor="white", lw=0.5)
+            left += np.array(w)
+        ax.set_yticks(range(len(strategies)), strategies)
+        ax.set_ylim(len(strategies) - 0.5, -0.5)
+        ax.set_xlim(0, 1)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:.0%}"))
+        ax.set_title(sc)
+    for ax in axes:
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("share of runs")
+    fig.legend(handles=[Patch(color=OUTCOME_COLORS.get(o, "0.6"), label=o) for o in outcomes],
+               loc="outside right upper", title="outcome")
+    return Figure("establishment_outcomes", "Connection outcome shares",
+                  "Share of runs per outcome: MPTCP connection, fallback to plain TCP (e.g. MPTCP "
+                  "SYNs dropped by a middlebox), plain TCP (the tcp strategy), or no connection "
+                  "within the experiment timeout.", fig)
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["param.scenario", "param.strategy"]
+    out = None
+    for col, name in (("metric.setup_s", "setup_s"), ("metric.ttfb_s", "ttfb_s"),
+                      ("metric.multipath_s", "multipath_s")):
+        if col not in df:
+            continue
+        s = summarize(df, keys, col, stats=("median", "mean"))
+        s = s.rename(columns={c: f"{name}.{c}" for c in s.columns if c not in keys})
+        out = s if out is None else out.merge(s, on=keys, how="outer")
+    if "metric.outcome" in df:
+        oc = share(df, keys, "metric.outcome").pivot_table(
+            index=keys, columns="metric.outcome", values="share", fill_value=0.0, observed=True)
+        oc.columns = [f"share.{c}" for c in oc.columns]
+        out = oc.reset_index() if out is None else out.merge(oc.reset_index(), on=keys, how="left")
+    out = out.rename(columns={"param.scenario": "scenario", "param.strategy": "strategy"})
+    rank_sc = {s: i for i, s in enumerate(SCENARIOS)}
+    rank_st = {s: i for i, s in enumerate(STRATEGIES)}
+    return out.sort_values(["scenario", "strategy"], key=lambda c: c.map(
+        rank_sc if c.name == "scenario" else rank_st).fillna(99)).reset_index(drop=True)
+
+
+def build(res: Results) -> Section:
+    setup_style()
+    sec = Section("establishment", "Establishment",
+                  "Time from connect() to an established connection, until multipath is available, "
+                  "and the outcome, per initial-path scenario and strategy "
+                  "(experiments: establishment, robe_establishment).")
+    df = data(res)
+    if df.empty:
+        sec.notes.append("No complete runs of establishment or robe_establishment "
+                         "(with param.scenario and param.strategy): nothing to plot.")
+        return sec
+    if "metric.setup_s" in df:
+        sec.figures.append(setup_ecdf(df))
+    else:
+        sec.notes.append("metric.setup_s missing: setup-time ECDF skipped.")
+    if "metric.multipath_s" in df or "metric.setup_s" in df:
+        sec.figures.append(multipath_strip(df))
+    if "metric.outcome" in df:
+        sec.figures.append(outcome_bars(df))
+    else:
+        sec.notes.append("metric.outcome missing: outcome shares skipped.")
+    sec.tables["establishment_summary"] = summary(df)
+    return sec

@@ -1,0 +1,169 @@
+"""Failover: per-path goodput over time around the fault, stall and recovery distributions.
+
+Data: complete runs of `failover`. Variants are whatever grid parameters vary
+(fault kind, backup mode, ...). Goodput per path comes from the `timeseries`
+table (series `delivered_bytes`, key = path) and, when a run has none, from the
+per-subflow `bytes_acked` counters in `subflows`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+
+from analysis import Results
+from analysis.figures import PATH_COLORS, Figure, Section, grid, setup_style, variant_label
+from analysis.stats import summarize
+
+EXPERIMENT = "failover"
+
+
+def goodput(res: Results, run: pd.Series) -> pd.DataFrame:
+    """Long frame t, path, mbit (per sampling interval) for one run; `total` included."""
+    key = (run["experiment"], run["run_id"])
+    ts = res.timeseries
+    ts = ts[(ts["experiment"] == key[0]) & (ts["run_id"] == key[1]) & (ts["series"] == "delivered_bytes")]
+    if not ts.empty:
+        # several hosts may report; the receiver's view is what the application got
+        host = ts["host"].mode().iloc[0]
+        d = ts[ts["host"] == host][["t", "key", "value"]].rename(columns={"key": "path"})
+    else:
+        sf = res.subflows
+        sf = sf[(sf["experiment"] == key[0]) & (sf["run_id"] == key[1])]
+        if sf.empty:
+            return pd.DataFrame(columns=["t", "path", "mbit"])
+        col = "bytes_acked" if sf["bytes_acked"].notna().any() else "bytes_received"
+        per = (sf.groupby(["t", "path"], observed=True)[col].sum().astype("float64")
+               .unstack("path").sort_index())
+        d = per.diff().clip(lower=0).stack().rename("value").reset_index()
+        d = pd.concat([d, d.groupby("t", as_index=False)["value"].sum().assign(path="total")])
+    d = d.sort_values("t")
+    # interval length per path: samples are "bytes in the interval ending at t"
+    dt = d.groupby("path", observed=True)["t"].diff()
+    dt = dt.fillna(dt.median() if dt.notna().any() else 1.0)
+    return d.assign(mbit=d["value"] * 8 / dt.to_numpy() / 1e6)[["t", "path", "mbit"]]
+
+
+def faults(res: Results, run: pd.Series) -> pd.DataFrame:
+    ev = res.events
+    return ev[(ev["experiment"] == run["experiment"]) & (ev["run_id"] == run["run_id"])
+              & (ev["source"] == "fault")]
+
+
+def _representative(g: pd.DataFrame) -> pd.Series:
+    """The repetition whose stall is the median one: typical, not cherry-picked."""
+    if "metric.stall_s" in g and g["metric.stall_s"].notna().any():
+        s = g["metric.stall_s"].astype("float64")
+        return g.loc[(s - s.median()).abs().idxmin()]
+    return g.iloc[0]
+
+
+def timeline(res: Results, runs: pd.DataFrame) -> Figure | None:
+    variants = list(dict.fromkeys(runs["variant"]))
+    picks = [(v, _representative(runs[runs["variant"] == v])) for v in variants]
+    series = [(v, r, goodput(res, r)) for v, r in picks]
+    series = [s for s in series if not s[2].empty]
+    if not series:
+        return None
+    paths = sorted({p for _, _, d in series for p in d["path"].unique() if p != "total"})
+    colors = {p: PATH_COLORS[i % len(PATH_COLORS)] for i, p in enumerate(paths)}
+    fig, axes = grid(len(series), max_cols=2, panel=(5.2, 2.8), sharex=True, sharey=True)
+    fault_names: set[str] = set()
+    for ax, (v, r, d) in zip(axes, series):
+        for p in paths:
+            dp = d[d["path"] == p]
+            ax.plot(dp["t"], dp["mbit"], color=colors[p], lw=1.6, drawstyle="steps-pre")
+        tot = d[d["path"] == "total"]
+        if not tot.empty:
+            ax.plot(tot["t"], tot["mbit"], color="0.15", lw=1.0, ls="--", drawstyle="steps-pre")
+        for _, f in faults(res, r).iterrows():
+            ax.axvline(f["t"], color="#d55e00", lw=1.4)
+            ax.annotate(str(f["event"]), (f["t"], 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(3, -3), textcoords="offset points", ha="left", va="top",
+                        fontsize=8.5, color="#d55e00")
+            fault_names.add(str(f["event"]))
+        stall = r.get("metric.stall_s")
+        ax.set_title(f"{v}\n(run {r['run_id']}, stall {float(stall):.2f} s)" if pd.notna(stall)
+                     else f"{v}\n(run {r['run_id']})", fontsize=9.5)
+        ax.set_ylim(bottom=0)
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("goodput (Mbit/s)")
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("time since transfer start (s)")
+    handles = [Line2D([], [], color=colors[p], lw=1.8, label=p) for p in paths]
+    handles.append(Line2D([], [], color="0.15", lw=1.0, ls="--", label="total"))
+    handles.append(Line2D([], [], color="#d55e00", lw=1.4, label="fault injected"))
+    fig.legend(handles=handles, loc="outside right upper", title="path")
+    return Figure("failover_timeline", "Goodput per path around the fault",
+                  "Goodput delivered per path (receiver side, per sampling interval) for one "
+                  "representative repetition of each variant (the one with the median stall); "
+                  "dashed: total; vertical line: the injected fault.", fig)
+
+
+def distributions(runs: pd.DataFrame) -> Figure | None:
+    metrics = [(c, lbl) for c, lbl in (("metric.stall_s", "longest stall (s)"),
+                                       ("metric.recovery_s", "recovery to ≥ 90 % (s)"))
+               if c in runs and runs[c].notna().any()]
+    if not metrics:
+        return None
+    variants = list(dict.fromkeys(runs["variant"]))
+    fig, axes = grid(len(metrics), max_cols=2, panel=(4.6, 0.55 * len(variants) + 1.4),
+                     sharex=False, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, (col, lbl) in zip(axes, metrics):
+        vals = [runs[runs["variant"] == v][col].astype("float64").dropna().to_numpy() for v in variants]
+        ax.boxplot(vals, positions=range(len(variants)), orientation="horizontal", widths=0.5,
+                   showfliers=False, patch_artist=True,
+                   boxprops=dict(facecolor="#cfe3f3", edgecolor="0.3"), medianprops=dict(color="0.1"))
+        for i, v in enumerate(vals):
+            ax.scatter(v, i + rng.uniform(-0.12, 0.12, len(v)), s=14, color="#0173b2", zorder=3, lw=0)
+        ax.set_yticks(range(len(variants)), variants)
+        ax.set_ylim(len(variants) - 0.5, -0.5)
+        ax.set_xlim(left=0)
+        ax.set_xlabel(lbl)
+    return Figure("failover_distributions", "Stall and recovery over repetitions",
+                  "Per variant, over repetitions: the longest interval without delivered bytes "
+                  "after the fault, and the time from the fault until goodput is back to ≥ 90 % "
+                  "of what the remaining path can carry. Boxes: quartiles; dots: runs.", fig)
+
+
+def summary(runs: pd.DataFrame) -> pd.DataFrame:
+    out = None
+    for col in ("metric.stall_s", "metric.recovery_s", "metric.goodput_mbit", "metric.bytes_delivered"):
+        if col not in runs:
+            continue
+        s = summarize(runs, ["variant"], col, stats=("median", "mean"))
+        s = s.rename(columns={c: f"{col[7:]}.{c}" for c in s.columns if c != "variant"})
+        out = s if out is None else out.merge(s, on="variant")
+    integ = [c for c in runs.columns if c.startswith("metric.") and ("integrity" in c or "sha256" in c)]
+    if integ:
+        ok = runs.groupby("variant", observed=True)[integ[0]].agg(
+            lambda s: f"{int(s.astype('boolean').fillna(False).sum())}/{len(s)}")
+        ok = ok.rename("integrity_ok").reset_index()
+        out = ok if out is None else out.merge(ok, on="variant")
+    return out if out is not None else pd.DataFrame({"variant": runs["variant"].unique()})
+
+
+def build(res: Results) -> Section:
+    setup_style()
+    sec = Section("failover", "Failover",
+                  "Bulk transfer over two paths; the primary path fails during the transfer "
+                  "(experiment: failover).")
+    runs = res.of(EXPERIMENT)
+    if runs.empty:
+        sec.notes.append("No complete runs of failover: nothing to plot.")
+        return sec
+    runs = runs.assign(variant=variant_label(runs))
+    tl = timeline(res, runs)
+    if tl is None:
+        sec.notes.append("No delivered_bytes time series or subflow samples: goodput timeline skipped.")
+    else:
+        sec.figures.append(tl)
+    dist = distributions(runs)
+    if dist is None:
+        sec.notes.append("metric.stall_s / metric.recovery_s missing: distributions skipped.")
+    else:
+        sec.figures.append(dist)
+    sec.tables["failover_summary"] = summary(runs)
+    return sec
