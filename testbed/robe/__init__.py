@@ -1,0 +1,10 @@
+"""RobE — Robust Session Establishment for MPTCP (draft-amend-tcpm-mptcp-robe-02),
+in user space over unmodified kernel MPTCP: TIMER, SIM, IPS and combinations."""
+from testbed.robe.history import History
+from testbed.robe.report import Report
+from testbed.robe.sockets import PathSpec
+from testbed.robe.strategies import STRATEGIES, Options, RobeError, Strategy, connect, register
+from testbed.robe.timer import TimerPolicy
+
+__all__ = ["connect", "Options", "Report", "RobeError", "PathSpec", "History", "TimerPolicy",
+           "Strategy", "STRATEGIES", "register"]

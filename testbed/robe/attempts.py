@@ -1,0 +1,150 @@
+"""Concurrent connection attempts, one per path, driven from userspace.
+
+Each attempt is a non-blocking socket bound to its path whose connect() was
+issued; poll() tells when its handshake completed (SYN/ACK arrived: the socket
+becomes writable) or failed. Strategies only decide *when* to start and abort
+attempts; this class does it and records every step in the Report.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+
+from testbed.robe import report as R
+from testbed.robe import sockets as S
+from testbed.robe.sockets import PathSpec
+
+
+@dataclass
+class Attempt:
+    path: PathSpec
+    sock: socket.socket
+    started_ns: int
+    completed_ns: int | None = None
+    error: int | None = None
+
+
+@dataclass
+class AttemptSet:
+    dest: tuple[str, int]
+    report: R.Report
+    mptcp: bool = True
+    cc: str | None = None
+    bind_device: bool = True
+    bind: bool = True  # False: let routing pick the source (plain "default route")
+    active: list[Attempt] = field(default_factory=list)
+    done: list[Attempt] = field(default_factory=list)  # completed, not yet claimed
+
+    def prepare(self, path: PathSpec) -> tuple[PathSpec, socket.socket]:
+        """Create and bind the socket (the slow part: ~0.1-0.3 ms here)."""
+        return path, S.new_socket(path if self.bind else None, mptcp=self.mptcp, cc=self.cc,
+                                  bind_device=self.bind_device)
+
+    def fire(self, prepared: tuple[PathSpec, socket.socket]) -> Attempt:
+        """connect(): the SYN leaves now."""
+        path, sock = prepared
+        t = time.monotonic_ns()
+        try:
+            S.start_connect(sock, self.dest)
+        except OSError as exc:
+            sock.close()
+            self.report.add(R.ATTEMPT_STARTED, path.name, t_ns=t, mptcp=self.mptcp)
+            self.report.add(R.CONNECT_FAILED, path.name, errno=exc.errno, reason=exc.strerror)
+            raise
+        att = Attempt(path, sock, t)
+        self.active.append(att)
+        self.report.add(R.ATTEMPT_STARTED, path.name, t_ns=t, mptcp=self.mptcp)
+        return att
+
+    def start(self, path: PathSpec) -> Attempt:
+        return self.fire(self.prepare(path))
+
+    def try_start(self, path: PathSpec) -> Attempt | None:
+        """start() that records a local failure (no route, bad address) and
+        returns None instead of raising: the other paths may still work."""
+        try:
+            return self.start(path)
+        except OSError as exc:
+            self._local_failure(path, exc)
+            return None
+
+    def try_start_all(self, paths: list[PathSpec]) -> list[Attempt]:
+        """All sockets first, then the connects back to back, so the SYNs
+        leave within microseconds of each other."""
+        prepared = []
+        for path in paths:
+            try:
+                prepared.append(self.prepare(path))
+            except OSError as exc:
+                self._local_failure(path, exc)
+        out = []
+        for item in prepared:
+            try:
+                out.append(self.fire(item))
+            except OSError:
+                pass  # recorded by fire()
+        return out
+
+    def _local_failure(self, path: PathSpec, exc: OSError) -> None:
+        if not self.report.find(R.CONNECT_FAILED, path.name):
+            self.report.add(R.CONNECT_FAILED, path.name, errno=exc.errno,
+                            reason=f"local: {exc.strerror or exc}")
+
+    def poll(self, timeout_s: float) -> Attempt | None:
+        """Wait up to timeout_s for the next completed handshake; failed
+        attempts are recorded and dropped on the way."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            if self.done:
+                return self.done.pop(0)
+            if not self.active:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            # Sleep in select() until ~1 ms before the deadline, then poll:
+            # timer wake-ups overshoot by up to ~2 ms here, and RobE_TIMER's
+            # next SYN should leave on time.
+            _, w, _ = select.select([], [a.sock for a in self.active], [],
+                                    left - 0.001 if left > 0.002 else 0)
+            t = time.monotonic_ns()  # one stamp for all sockets of this wake-up
+            for att in [a for a in self.active if a.sock in w]:
+                self.active.remove(att)
+                err = S.connect_result(att.sock)
+                if err == 0:
+                    att.completed_ns = t
+                    self.report.add(R.CONNECT_COMPLETED, att.path.name, t_ns=t,
+                                    handshake_ms=round((t - att.started_ns) / 1e6, 3))
+                    self.done.append(att)
+                else:
+                    att.error = err
+                    self.report.add(R.CONNECT_FAILED, att.path.name, t_ns=t, errno=err,
+                                    reason=socket.errno.errorcode.get(err, str(err)))
+                    att.sock.close()
+
+    def abort(self, att: Attempt, reason: str) -> None:
+        if att in self.active:
+            self.active.remove(att)
+        if att in self.done:
+            self.done.remove(att)
+        on_wire = S.abort(att.sock)
+        # An MPTCP socket resets even from SYN_SENT (MP_FASTCLOSE + RST, seen
+        # on the wire on 6.18); a plain TCP one in SYN_SENT sends nothing.
+        self.report.add(R.RST_SENT, att.path.name, reason=reason,
+                        established=on_wire, on_wire=on_wire or self.mptcp)
+
+    def abort_all(self, reason: str) -> None:
+        for att in list(self.active) + list(self.done):
+            self.abort(att, reason)
+
+    def claim(self, winner: Attempt) -> socket.socket:
+        """The winner leaves the set; everything else is reset right away
+        (break-before-make, draft section RobE_SIM)."""
+        self.report.add(R.WINNER_CHOSEN, winner.path.name)
+        self.report.winner = winner.path.name
+        for att in list(self.active) + list(self.done):
+            self.abort(att, "lost the race")
+        winner.sock.setblocking(True)
+        return winner.sock

@@ -1,0 +1,171 @@
+"""Adding the other paths to the winning connection as MP_JOIN subflows.
+
+Two ways, selectable:
+- "userspace" (preferred): the client namespace runs net.mptcp.path_manager =
+  userspace; we wait for the PM's `established` event of the winner's token
+  (subflow-create before that fails with ENOTCONN: the kernel only joins a
+  fully established connection, i.e. after the first data is acknowledged or
+  the server sent data) and then ask for one subflow per path. We choose the
+  moment and the paths, and see each step.
+- "kernel": the in-kernel PM joins from its `subflow` endpoints by itself once
+  the connection is fully established; we make sure every path has an
+  endpoint and only observe.
+In both modes `sub_established` events (matched by token and source address)
+stamp when each join completed, so the report is the same.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from pyroute2 import MPTCP, IPRoute
+
+from testbed.mptcp.pm import PMError, PMEventListener, UserspacePM
+from testbed.robe import report as R
+from testbed.robe.sockets import PathSpec
+
+MODES = ("auto", "userspace", "kernel", "none")
+
+
+def current_path_manager() -> str:
+    """net.mptcp.path_manager of the calling thread's namespace."""
+    # /proc/sys/net resolves to the opening thread's namespace.
+    try:
+        return Path("/proc/sys/net/mptcp/path_manager").read_text().strip()
+    except OSError:
+        try:  # older kernels: pm_type 0 = kernel, 1 = userspace
+            v = Path("/proc/sys/net/mptcp/pm_type").read_text().strip()
+            return "userspace" if v == "1" else "kernel"
+        except OSError:
+            return "kernel"
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"join mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "userspace" if current_path_manager() == "userspace" else "kernel"
+    return mode
+
+
+def ensure_endpoints(paths: list[PathSpec]) -> None:
+    """In-kernel PM: a `subflow` endpoint for every path that has none (ids
+    above the existing ones). The kernel skips the address the initial subflow
+    already uses, so the winner's own endpoint does no harm."""
+    with MPTCP() as m, IPRoute() as ipr:
+        have, used_ids = set(), set()
+        for e in m.endpoint("show"):
+            a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
+            have.add(a.get("MPTCP_PM_ADDR_ATTR_ADDR4"))
+            used_ids.add(a.get("MPTCP_PM_ADDR_ATTR_ID"))
+        next_id = max(used_ids | {0}) + 1
+        for p in paths:
+            if p.local_addr in have:
+                continue
+            kw = {}
+            if p.ifname:
+                idx = ipr.link_lookup(ifname=p.ifname)
+                if idx:  # pyroute2 wants IF_IDX as raw bytes
+                    kw["if_idx"] = idx[0].to_bytes(4, "little", signed=True)
+            m.endpoint("add", addr=p.local_addr, id=next_id, flags=0x2, **kw)
+            next_id += 1
+
+
+def _wait_event(lst: PMEventListener, type_: str, token: int, deadline: float):
+    # 1 ms granularity: the event carries its own arrival stamp, but the
+    # subflow-create that follows it should not wait longer than needed.
+    while True:
+        for ev in lst.events():
+            if ev.type == type_ and ev.token == token:
+                return ev
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.001)
+
+
+class Joiner:
+    """Created (and its listener started) *before* the first SYN, in the
+    client's namespace, so no PM event of the new connection is missed."""
+
+    def __init__(self, mode: str, report: R.Report, timeout_s: float = 10.0):
+        self.mode = resolve_mode(mode)
+        self.report = report
+        self.timeout_s = timeout_s
+        # A thread id names this thread's namespace for /proc/<tid>/ns/net, so
+        # the shared PM helpers (which setns by pid) work from inside a thread
+        # that itself entered a namespace with setns().
+        self._ns_tid = threading.get_native_id()
+        self.listener: PMEventListener | None = None
+        if self.mode != "none":
+            self.listener = PMEventListener(self._ns_tid, poll_s=0.02).start()
+
+    def start(self, token: int | None, dest: tuple[str, int], all_paths: list[PathSpec],
+              winner: PathSpec | None) -> threading.Thread | None:
+        """Join every path but the winner's, in the background."""
+        others = [p for p in all_paths if winner is None or p.name != winner.name]
+        if self.mode == "none" or token is None or not others:
+            self.close()
+            return None
+        if self.mode == "kernel":
+            ensure_endpoints(others)
+        ids = {p.name: i + 1 for i, p in enumerate(all_paths)}  # local ids must be non-zero
+        self.report.joins_pending()
+        t = threading.Thread(target=self._run, args=(token, dest, others, ids),
+                             name="robe-join", daemon=True)
+        t.start()
+        return t
+
+    def _run(self, token: int, dest: tuple[str, int], others: list[PathSpec],
+             ids: dict[str, int]) -> None:
+        rep, lst = self.report, self.listener
+        assert lst is not None
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            est = _wait_event(lst, "established", token, deadline)
+            if est is None:
+                for p in others:
+                    rep.add(R.JOIN_FAILED, p.name, reason="connection never fully established "
+                            "(no data exchanged before the join timeout)")
+                return
+            rep.add(R.ESTABLISHED, t_ns=est.t_ns)
+            pm = UserspacePM(threading.get_native_id())
+            pending = {}
+            for p in others:
+                if self.mode == "kernel":
+                    # The kernel starts its joins on this very event.
+                    rep.add(R.JOIN_STARTED, p.name, t_ns=est.t_ns, via="kernel")
+                    pending[p.local_addr] = p
+                    continue
+                rep.add(R.JOIN_STARTED, p.name, via="userspace", local_id=ids[p.name])
+                try:
+                    pm.subflow_create(token, p.local_addr, ids[p.name], dest[0], dest[1])
+                    pending[p.local_addr] = p
+                except PMError as exc:
+                    rep.add(R.JOIN_FAILED, p.name, reason=str(exc), errno=exc.errno)
+            seen: set[int] = set()
+            while pending and time.monotonic() < deadline:
+                for ev in lst.events():
+                    if id(ev) in seen or ev.token != token:
+                        continue
+                    seen.add(id(ev))
+                    src = ev.attrs.get("saddr4")
+                    if ev.type == "sub_established" and src in pending:
+                        rep.add(R.JOIN_ESTABLISHED, pending.pop(src).name, t_ns=ev.t_ns,
+                                sport=ev.attrs.get("sport"))
+                    elif ev.type == "sub_closed" and src in pending:
+                        rep.add(R.JOIN_FAILED, pending.pop(src).name, t_ns=ev.t_ns,
+                                reason=f"subflow closed (error {ev.attrs.get('error')})")
+                time.sleep(0.001)
+            for p in pending.values():
+                rep.add(R.JOIN_FAILED, p.name, reason=f"not established within {self.timeout_s:g} s")
+        except Exception as exc:  # a join problem must never break the connection
+            rep.add(R.JOIN_FAILED, None, reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.close()
+            rep.joins_finished()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None

@@ -1,0 +1,299 @@
+"""RobE strategies (draft-amend-tcpm-mptcp-robe-02) and the one entry point.
+
+    sock, report = connect(("10.100.0.2", 80), strategy="sim")
+
+A Strategy only decides which attempts to start, when to give up on one and
+which wins (`establish`); `after_establish` then adds the remaining paths —
+by default as MP_JOIN subflows through the Joiner. RobE_eSIM (server support,
+MP_JOIN_CAP option; out of scope here) fits the same interface: it would keep
+the losing attempts instead of resetting them and override after_establish,
+and callers would not change. `requires_server_support` lets a caller refuse
+such strategies against an unmodified server.
+"""
+from __future__ import annotations
+
+import abc
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from testbed.robe import paths as P
+from testbed.robe import report as R
+from testbed.robe import sockets as S
+from testbed.robe.attempts import AttemptSet
+from testbed.robe.history import History
+from testbed.robe.join import Joiner
+from testbed.robe.sockets import PathSpec
+from testbed.robe.timer import TimerPolicy
+
+
+class RobeError(OSError):
+    """No attempt completed (the Report is attached)."""
+
+    def __init__(self, msg: str, report: R.Report):
+        super().__init__(msg)
+        self.report = report
+
+
+@dataclass
+class Options:
+    timeout_s: float = 10.0            # whole establishment, all attempts
+    timer: TimerPolicy = field(default_factory=TimerPolicy)
+    join: str = "auto"                 # auto | userspace | kernel | none
+    join_timeout_s: float = 10.0
+    history: History | None = None     # read by *ips, updated by every strategy
+    cc: str | None = "cubic"           # per socket; subflows inherit it
+    bind_device: bool = True           # SO_BINDTODEVICE in addition to bind()
+
+    def describe(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("history", "timer")}
+        d["timer"] = self.timer.describe()
+        d["history"] = str(self.history.path) if self.history and self.history.path else None
+        return d
+
+
+@dataclass
+class Context:
+    dest: tuple[str, int]
+    paths: list[PathSpec]          # selected paths, default-route path first
+    options: Options
+    report: R.Report
+    deadline: float                # time.monotonic()
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+class Strategy(abc.ABC):
+    name: ClassVar[str]
+    mptcp: ClassVar[bool] = True
+    requires_server_support: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        """Return the winning connected socket and its path, or raise RobeError."""
+
+    def after_establish(self, ctx: Context, sock: socket.socket, winner: PathSpec,
+                        joiner: Joiner) -> None:
+        token = S.mptcp_token(sock) if self.mptcp else None
+        joiner.start(token, ctx.dest, ctx.paths, winner)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def _fail(ctx: Context, att: AttemptSet, what: str) -> RobeError:
+    att.abort_all("gave up")
+    ctx.report.add(R.GAVE_UP, reason=what)
+    return RobeError(what, ctx.report)
+
+
+def _single(ctx: Context, path: PathSpec, mptcp: bool, bind: bool) -> tuple[socket.socket, PathSpec]:
+    """One attempt, left to the kernel's SYN retransmissions until the deadline."""
+    att = AttemptSet(ctx.dest, ctx.report, mptcp=mptcp, cc=ctx.options.cc,
+                     bind_device=ctx.options.bind_device, bind=bind)
+    a = att.try_start(path)
+    won = att.poll(ctx.left()) if a is not None else None
+    if won is None:
+        raise _fail(ctx, att, f"no connection via {path.name} within {ctx.options.timeout_s:g} s")
+    return att.claim(won), path
+
+
+@register
+class PlainTCP(Strategy):
+    """Baseline: one plain TCP connect over the default route (no MPTCP)."""
+    name = "tcp"
+    mptcp = False
+
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        return _single(ctx, ctx.paths[0], mptcp=False, bind=False)
+
+
+@register
+class PlainMPTCP(Strategy):
+    """Baseline (RFC 8684 as deployed): one MPTCP connect over the default
+    route; other paths are joined afterwards like any MPTCP client does."""
+    name = "mptcp"
+
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        return _single(ctx, ctx.paths[0], mptcp=True, bind=False)
+
+
+@register
+class Timer(Strategy):
+    """RobE_TIMER: paths in order; when an attempt has not completed within
+    the timer it is reset and a fresh SYN+MP_CAPABLE (new key) goes out on the
+    next path. The last path keeps its attempt until the overall deadline."""
+    name = "timer"
+
+    def order(self, ctx: Context) -> list[PathSpec]:
+        return list(ctx.paths)
+
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        att = AttemptSet(ctx.dest, ctx.report, cc=ctx.options.cc,
+                         bind_device=ctx.options.bind_device)
+        order = self.order(ctx)
+        current = att.try_start(order[0]) if order else None
+        for i, path in enumerate(order):
+            last = i == len(order) - 1
+            if current is None:  # failed locally at once: next path immediately
+                current = att.try_start(order[i + 1]) if not last else None
+                continue
+            # The next socket is created and bound while we wait, so its SYN
+            # leaves the moment the timer fires.
+            nxt = None
+            if not last:
+                try:
+                    nxt = att.prepare(order[i + 1])
+                except OSError as exc:
+                    att._local_failure(order[i + 1], exc)
+            wait = ctx.left() if last else min(ctx.left(), ctx.options.timer.value(path, ctx.options.history))
+            won = att.poll(wait)
+            if won is not None:
+                if nxt is not None:
+                    nxt[1].close()  # never connected: nothing on the wire
+                return att.claim(won), won.path
+            if ctx.left() <= 0 or nxt is None:
+                if current in att.active:
+                    att.abort(current, "deadline")
+                current = None
+                if ctx.left() <= 0:
+                    break
+                continue
+            prev = current if current in att.active else None  # None: it failed early
+            try:
+                current = att.fire(nxt)     # fresh SYN+MP_CAPABLE (new key) on the next path
+            except OSError:
+                current = None
+            if prev is not None:
+                ctx.report.add(R.TIMER_EXPIRED, path.name, after_s=round(wait, 6))
+                att.abort(prev, "timer expired")
+        raise _fail(ctx, att, f"no path completed a handshake within {ctx.options.timeout_s:g} s")
+
+
+@register
+class Sim(Strategy):
+    """RobE_SIM: SYN+MP_CAPABLE on every selected path at once; the first
+    SYN/ACK wins, every other attempt is reset (also ones completing later)."""
+    name = "sim"
+
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        att = AttemptSet(ctx.dest, ctx.report, cc=ctx.options.cc,
+                         bind_device=ctx.options.bind_device)
+        # Sockets are created and bound first so the SYNs leave back to back
+        # (measured spread on this machine: tens of microseconds).
+        att.try_start_all(ctx.paths)
+        won = att.poll(ctx.left())
+        if won is None:
+            raise _fail(ctx, att, f"no path completed a handshake within {ctx.options.timeout_s:g} s")
+        return att.claim(won), won.path
+
+
+def _ips_order(ctx: Context) -> list[PathSpec]:
+    h = ctx.options.history
+    ranked = h.rank(ctx.paths) if h is not None else list(ctx.paths)
+    ctx.report.add("ips_ranked", None, order=[p.name for p in ranked],
+                   costs={p.name: (h.cost_s(p.name) if h else None) for p in ranked})
+    return ranked
+
+
+@register
+class IPS(Strategy):
+    """RobE_IPS: one attempt on the path the history rates best (default
+    route without history). A broken chosen path means no connection (draft
+    Table 1); the failure is recorded, so the next connection avoids it."""
+    name = "ips"
+
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        return _single(ctx, _ips_order(ctx)[0], mptcp=True, bind=True)
+
+
+@register
+class SimIPS(Strategy):
+    """SIM+IPS (draft): SIM while some selected path has no history, IPS after."""
+    name = "sim+ips"
+
+    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+        h = ctx.options.history
+        if h is None or not h.complete_for(ctx.paths):
+            ctx.report.add("mode", None, using="sim", why="paths without history")
+            return Sim().establish(ctx)
+        ctx.report.add("mode", None, using="ips")
+        return IPS().establish(ctx)
+
+
+@register
+class TimerIPS(Timer):
+    """TIMER+IPS (draft): IPS orders the paths, the timer moves on when the
+    chosen one does not answer."""
+    name = "timer+ips"
+
+    def order(self, ctx: Context) -> list[PathSpec]:
+        return _ips_order(ctx)
+
+
+def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[PathSpec] | None = None,
+            timeout: float = 10.0, report: R.Report | None = None,
+            options: Options | None = None) -> tuple[socket.socket, R.Report]:
+    """Connect to dest with a RobE strategy; returns (connected socket, Report).
+
+    Runs in the calling thread's network namespace. `paths` default to the
+    discovered local paths (default route first). Joins of the other paths
+    continue in the background: `report.wait_joins()` waits for them. Raises
+    RobeError (with .report) when no attempt completed within `timeout`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    opts = options or Options()
+    opts.timeout_s = timeout
+    selected = paths if paths else P.discover()
+    impl = STRATEGIES[strategy]()
+    rep = report or R.Report(strategy, dest, [p.name for p in selected])
+    rep.options = opts.describe()
+    joiner = Joiner(opts.join if impl.mptcp else "none", rep, opts.join_timeout_s)
+    rep.t0_ns = time.monotonic_ns()  # after the listener is up: not part of setup time
+    ctx = Context(dest, selected, opts, rep, time.monotonic() + timeout)
+    try:
+        sock, winner = impl.establish(ctx)
+    except BaseException as exc:
+        joiner.close()
+        rep.outcome = "failed"
+        rep.error = str(exc)
+        _learn(opts.history, rep)
+        raise
+    if impl.mptcp and S.is_mptcp_fallback(sock):
+        rep.outcome = "fallback_tcp"
+        rep.add(R.FALLBACK_TCP, winner.name)
+    else:
+        rep.outcome = "connected"
+    rep.token = S.mptcp_token(sock) if impl.mptcp else None
+    _learn(opts.history, rep)
+    impl.after_establish(ctx, sock, winner, joiner)
+    return sock, rep
+
+
+def _learn(history: History | None, rep: R.Report) -> None:
+    """Feed the IPS history: handshake RTTs and per-path outcomes. A loser of
+    a SIM race that was still pending teaches nothing (neither good nor bad)."""
+    if history is None:
+        return
+    for ev in rep.find(R.CONNECT_COMPLETED):
+        rec = history.record(ev.path or "")
+        rec.add_outcome(True)
+        rec.add_rtt(ev.detail["handshake_ms"] / 1e3)
+    failed = {e.path for e in rep.find(R.TIMER_EXPIRED) + rep.find(R.CONNECT_FAILED)}
+    if rep.outcome == "failed":  # the attempts still pending at the deadline failed too
+        failed |= {e.path for e in rep.find(R.ATTEMPT_STARTED)} - \
+                  {e.path for e in rep.find(R.CONNECT_COMPLETED)}
+    for name in failed:
+        if name:
+            history.record(name).add_outcome(False)
+    try:
+        history.save()
+    except OSError:
+        pass  # a read-only store must not break connecting
