@@ -172,8 +172,8 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
     _guard(go)
 
 
-@task(name="ls")
-def results_ls(c, out="results"):
+@task(name="ls", positional=["out"])
+def results_ls(c, out):
     """List stored runs with their status (and the reason of failed/invalid ones)."""
     from testbed.results import list_runs
 
