@@ -1,0 +1,228 @@
+"""One RobE establishment trial on a running Testbed, for the experiment runner.
+
+    metrics = run_establishment_trial(tb, "sim", {"timeout_s": 8})
+
+The client connects to an unmodified kernel MPTCP listener in the server
+namespace (a thread of this process, started once per testbed), sends a small
+request, reads the response, waits for the joins and closes. The caller applies
+the path condition (blackhole, loss, ...) beforehand.
+
+scenario_params (all optional):
+  timeout_s        establishment deadline (default 8)
+  port             server port (default 5600)
+  request_bytes    request size (default 100); response_bytes (default 1000)
+  join_timeout_s   how long to wait for the joins after setup (default 3)
+  timer            RobE_TIMER policy: "rto" (1 s), "rtt", or seconds (default "rto")
+  join             auto | userspace | kernel | none (default auto)
+  history_dir      where the IPS history (robe-history.json) lives; without it
+                   an in-memory history per testbed is used
+  static_neighbours  (default True) permanent ARP entries on both ends of every
+                   path before the trial, so no handshake pays an ARP round trip
+                   and a blackhole that also eats ARP does not turn into an
+                   EHOSTUNREACH after ~3 s (a WiFi without Internet keeps ARP)
+
+Metrics returned (seconds are relative to the start of connect()):
+  setup_s          SYN/ACK of the winning attempt received (None: failed)
+  ttfb_s           first response byte received (None: failed)
+  multipath_s      first additional subflow established (PM sub_established
+                   event); None when no join completed within join_timeout_s
+  outcome          "mptcp" | "fallback_tcp" | "tcp" | "failed"
+  winner_path      path of the winning attempt (None: failed)
+  syns_sent        SYNs the client sent: kernel counters TcpActiveOpens +
+                   TcpExtTCPSynRetrans (MP_CAPABLE, plain and MP_JOIN SYNs)
+  rsts_sent        RSTs the client sent (TcpOutRsts; aborted attempts, and
+                   the kernel's answers to SYN/ACKs of attempts already reset)
+  extra_handshakes MP_CAPABLE handshakes that completed besides the winner's
+                   (each one cost the server a connection that we reset)
+  attempts         MP_CAPABLE/TCP attempts started
+  joined_paths     paths joined as subflows
+  data_ok          the response arrived complete (sha256 match)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from testbed.robe import report as R
+from testbed.robe.history import History
+from testbed.robe.sockets import IPPROTO_MPTCP, PathSpec
+from testbed.robe.strategies import Options, RobeError, connect
+from testbed.robe.timer import TimerPolicy
+
+_servers: dict[str, tuple[socket.socket, threading.Thread]] = {}
+_histories: dict[str, History] = {}
+_neighbours_done: set[str] = set()
+
+
+def payload(n: int) -> bytes:
+    return (hashlib.sha256(b"robe").digest() * (n // 32 + 1))[:n]
+
+
+def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
+    """An MPTCP listener (unmodified kernel) answering each request with
+    `response_bytes` once `request_bytes` arrived; one thread per connection."""
+    key = f"{tb.run_id}:{port}"
+    if key in _servers:
+        return
+
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(64)
+        return s
+
+    ls = tb.in_ns(tb.server, listen)
+    body = payload(response_bytes)
+
+    def handle(c: socket.socket) -> None:
+        with c:
+            try:
+                c.settimeout(30)
+                hdr = c.recv(64)  # "<request_len>\n" then the request
+                want, _, rest = hdr.partition(b"\n")
+                need = int(want) - len(rest)
+                while need > 0:
+                    chunk = c.recv(min(65536, need))
+                    if not chunk:
+                        return
+                    need -= len(chunk)
+                c.sendall(body)
+                c.recv(1)  # wait for the client's close
+            except (OSError, ValueError):
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+    t = threading.Thread(target=serve, name=f"robe-server-{port}", daemon=True)
+    t.start()
+    _servers[key] = (ls, t)
+
+
+def static_neighbours(tb: Any) -> None:
+    """Permanent ARP entries between the client and the far end of every path."""
+    if tb.run_id in _neighbours_done:
+        return
+    far = tb.router or tb.server
+
+    def mac_of(ifname: str) -> str:
+        with IPRoute() as ipr:
+            return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")
+
+    def add(ifname: str, ip: str, mac: str) -> None:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=0x80)  # NUD_PERMANENT
+
+    for p in tb.paths:
+        far_mac = tb.in_ns(far, lambda p=p: mac_of(p.far_if))
+        cli_mac = tb.in_ns(tb.client, lambda p=p: mac_of(p.client_if))
+        tb.in_ns(tb.client, lambda p=p, m=far_mac: add(p.client_if, p.addr.far, m))
+        tb.in_ns(far, lambda p=p, m=cli_mac: add(p.far_if, p.addr.client, m))
+    _neighbours_done.add(tb.run_id)
+
+
+def _counters() -> dict[str, int]:
+    """TCP/MPTCP counters of the calling thread's namespace."""
+    out: dict[str, int] = {}
+    for name in ("snmp", "netstat"):
+        lines = Path(f"/proc/thread-self/net/{name}").read_text().splitlines()
+        for head, vals in zip(lines[::2], lines[1::2]):
+            prefix, keys = head.split(":", 1)
+            for k, v in zip(keys.split(), vals.split(":", 1)[1].split()):
+                out[prefix + k] = int(v)
+    return out
+
+
+def tb_paths(tb: Any) -> list[PathSpec]:
+    default = tb.topology.default.name
+    ps = [PathSpec(p.name, p.addr.client, p.client_if, default=(p.name == default)) for p in tb.paths]
+    return sorted(ps, key=lambda p: not p.default)
+
+
+def _history(tb: Any, params: dict[str, Any]) -> History:
+    if params.get("history_dir"):
+        return History.load(Path(params["history_dir"]) / "robe-history.json")
+    return _histories.setdefault(tb.run_id, History())
+
+
+def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, Any]) -> dict[str, Any]:
+    p = dict(scenario_params or {})
+    timeout = float(p.get("timeout_s", 8))
+    port = int(p.get("port", 5600))
+    req_n, resp_n = int(p.get("request_bytes", 100)), int(p.get("response_bytes", 1000))
+    join_timeout = float(p.get("join_timeout_s", 3))
+    if p.get("static_neighbours", True):
+        static_neighbours(tb)
+    ensure_server(tb, port, resp_n)
+    opts = Options(timer=TimerPolicy.parse(str(p.get("timer", "rto"))), join=p.get("join", "auto"),
+                   join_timeout_s=join_timeout, history=_history(tb, p))
+    dest = (tb.server_addr, port)
+    before = tb.in_ns(tb.client, _counters)
+    box: dict[str, Any] = {}
+
+    def client() -> None:
+        try:
+            sock, rep = connect(dest, strategy, tb_paths(tb), timeout, options=opts)
+        except RobeError as exc:
+            box["report"] = exc.report
+            return
+        box["report"] = rep
+        with sock:
+            sock.settimeout(max(1.0, timeout))
+            try:
+                sock.sendall(b"%d\n" % req_n + payload(req_n))
+                first = sock.recv(65536)
+                box["ttfb_ns"] = time.monotonic_ns()
+                data = first
+                while first and len(data) < resp_n:
+                    first = sock.recv(65536)
+                    data += first
+                box["data_ok"] = hashlib.sha256(data).digest() == hashlib.sha256(payload(resp_n)).digest()
+            except OSError as exc:
+                box["io_error"] = str(exc)
+            rep.wait_joins(join_timeout + 1)
+
+    tb.in_ns(tb.client, client)
+    time.sleep(0.05)  # let late RSTs (answers to stray SYN/ACKs) be counted
+    after = tb.in_ns(tb.client, _counters)
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    rep: R.Report = box["report"]
+    completed = rep.find(R.CONNECT_COMPLETED)
+    if rep.outcome == "failed":
+        outcome = "failed"
+    elif strategy == "tcp":
+        outcome = "tcp"
+    else:
+        outcome = "fallback_tcp" if rep.outcome == "fallback_tcp" else "mptcp"
+    ttfb = box.get("ttfb_ns")
+    return {
+        "setup_s": rep.setup_s,
+        "ttfb_s": None if ttfb is None else (ttfb - rep.t0_ns) / 1e9,
+        "multipath_s": rep.multipath_s,
+        "outcome": outcome,
+        "winner_path": rep.winner,
+        "syns_sent": d.get("TcpActiveOpens", 0) + d.get("TcpExtTCPSynRetrans", 0),
+        "rsts_sent": d.get("TcpOutRsts", 0),
+        "extra_handshakes": max(0, len(completed) - 1),
+        "attempts": len(rep.find(R.ATTEMPT_STARTED)),
+        "joined_paths": ",".join(sorted({e.path for e in rep.find(R.JOIN_ESTABLISHED) if e.path})),
+        "data_ok": bool(box.get("data_ok")),
+        "error": rep.error or box.get("io_error"),
+    }
+
+
+__all__ = ["run_establishment_trial", "ensure_server", "static_neighbours", "tb_paths", "payload"]
