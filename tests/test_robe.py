@@ -1,0 +1,167 @@
+"""RobE (issue 6) against an unmodified kernel MPTCP server: functional,
+proxy and wire-level tests. Root; each test builds its own testbed."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error
+from testbed.model import HostSettings
+from testbed.mptcp import sockopt as so
+from testbed.net import Testbed, wait_until
+from testbed.robe import Options, RobeError, connect
+from testbed.robe.sockets import IPPROTO_MPTCP
+from testbed.robe.trial import run_establishment_trial, static_neighbours, tb_paths
+from testbed.topology import load
+
+pytestmark = pytest.mark.root
+PORT = 5700
+ROBE = [sys.executable, "-m", "testbed.robe.cli"]
+
+
+def two_path_tb() -> Testbed:
+    # wifi (default route) 2x10 ms, lte 2x20 ms: the default path is the faster one.
+    return Testbed(load("two-path", wifi_delay_ms=10, lte_delay_ms=20), backend="userspace",
+                   client=HostSettings(path_manager="userspace"))
+
+
+def blackhole(tb: Testbed, path: str = "wifi") -> None:
+    for d in ("up", "down"):
+        tb.backend.set_blackhole(tb.link(path), d, True)
+
+
+def sha_server(tb: Testbed) -> socket.socket:
+    """Kernel MPTCP listener: reads until EOF, answers the sha256 of what it got."""
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", PORT))
+        s.listen(8)
+        return s
+
+    ls = tb.in_ns(tb.server, listen)
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            with c:
+                h = hashlib.sha256()
+                while data := c.recv(65536):
+                    h.update(data)
+                c.sendall(h.hexdigest().encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    return ls
+
+
+def robe_connect(tb: Testbed, strategy: str, timeout: float = 8, **kw):
+    return tb.in_ns(tb.client, lambda: connect((tb.server_addr, PORT), strategy, tb_paths(tb),
+                                               timeout, options=Options(**kw)))
+
+
+def transfer(sock: socket.socket, n: int = 2_000_000, already_sent: bytes = b"") -> bool:
+    data = os.urandom(n)
+    sock.settimeout(20)
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := sock.recv(4096):
+        got += chunk
+    return got.decode() == hashlib.sha256(already_sent + data).hexdigest()
+
+
+def test_blackholed_default_path_sim_and_timer_connect_mptcp_does_not():
+    with two_path_tb() as tb:
+        static_neighbours(tb)
+        ls = sha_server(tb)
+        blackhole(tb)
+        box: dict = {}
+
+        def plain() -> None:  # the baseline, concurrently: it has the same 5 s
+            try:
+                box["sock"], _ = connect((tb.server_addr, PORT), "mptcp", tb_paths(tb), 5)
+            except RobeError as exc:
+                box["error"] = exc
+        t0 = time.monotonic()
+        base = threading.Thread(target=lambda: tb.in_ns(tb.client, plain))
+        base.start()
+        for strategy, bound in (("sim", 0.040 + 0.010), ("timer", 1.0 + 0.040 + 0.010)):
+            sock, rep = robe_connect(tb, strategy)
+            assert rep.winner == "lte" and rep.outcome == "connected", rep.to_dict()
+            assert rep.setup_s < bound, (strategy, rep.setup_s)
+            assert transfer(sock), f"{strategy}: sha256 mismatch"
+            sock.close()
+        base.join(10)
+        assert time.monotonic() - t0 >= 5
+        assert "sock" not in box and isinstance(box.get("error"), RobeError)
+        ls.close()
+
+
+def test_sim_joins_the_losing_path():
+    with two_path_tb() as tb:
+        static_neighbours(tb)
+        ls = sha_server(tb)
+        sock, rep = robe_connect(tb, "sim")
+        assert rep.winner == "wifi"
+        sock.sendall(b"x" * 1000)  # data acked -> fully established -> join allowed
+        assert rep.wait_joins(5)
+        assert [e.path for e in rep.find("join_established")] == ["lte"], rep.to_dict()
+        assert so.mptcp_info(sock).subflows == 1  # one additional subflow
+        # Multipath within setup + one RTT of the joined path (40 ms) + slack for
+        # the data round trip that full establishment waits for (20 ms).
+        assert rep.multipath_s < rep.setup_s + 0.020 + 0.040 + 0.010, rep.to_dict()["events"]
+        assert transfer(sock, already_sent=b"x" * 1000)
+        sock.close()
+        ls.close()
+
+
+def test_proxy_carries_curl_http_request():
+    with two_path_tb() as tb, tempfile.TemporaryDirectory() as d:
+        static_neighbours(tb)
+        Path(d, "hello.txt").write_text("robe over mptcp\n")
+        http = tb.popen(tb.server, ["mptcpize", "run", "/usr/bin/python3", "-m", "http.server",
+                                    "--bind", "0.0.0.0", "--directory", d, "8000"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        blackhole(tb)
+        proxy = tb.popen(tb.client, [*ROBE, "proxy", "--listen", "127.0.0.1:8080", "--strategy",
+                                     "sim", "--report", "text", tb.server_addr, "8000"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         cwd=str(Path(__file__).parent.parent))
+        assert wait_until(lambda: "LISTEN" in tb.client.cmd("ss -ltn sport = :8080"), 10)
+        assert wait_until(lambda: ":8000" in tb.server.cmd("ss -Mltn"), 10)
+        out = tb.client.cmd("curl -s -m 10 http://127.0.0.1:8080/hello.txt")
+        assert out.strip() == "robe over mptcp"
+        proxy.send_signal(signal.SIGINT)
+        http.kill()
+        err = proxy.communicate(timeout=10)[1]
+        assert "sim connected via lte" in err, err
+
+
+def test_cli_bad_input_is_one_line():
+    for argv in (["connect", "--strategy", "nope", "h", "1"], ["connect", "h", "0"],
+                 ["connect", "--bind-path", "wifi", "h", "1"], ["proxy", "--listen", "x", "h", "1"]):
+        proc = subprocess.run([*ROBE, *argv], capture_output=True, text=True, timeout=20,
+                              cwd=str(Path(__file__).parent.parent))
+        assert_one_line_error(proc)
+
+
+def test_trial_metrics_on_blackholed_default_path():
+    with two_path_tb() as tb:
+        blackhole(tb)
+        m = run_establishment_trial(tb, "sim", {"timeout_s": 5})
+        assert m["outcome"] == "mptcp" and m["winner_path"] == "lte" and m["data_ok"]
+        assert 0.040 <= m["setup_s"] < 0.050 and m["ttfb_s"] > m["setup_s"]
+        assert m["syns_sent"] >= 2 and m["rsts_sent"] >= 1 and m["extra_handshakes"] == 0
