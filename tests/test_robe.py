@@ -165,3 +165,105 @@ def test_trial_metrics_on_blackholed_default_path():
         assert m["outcome"] == "mptcp" and m["winner_path"] == "lte" and m["data_ok"]
         assert 0.040 <= m["setup_s"] < 0.050 and m["ttfb_s"] > m["setup_s"]
         assert m["syns_sent"] >= 2 and m["rsts_sent"] >= 1 and m["extra_handshakes"] == 0
+
+
+# ---- wire level: pcap on the client's interfaces, dissected by tshark -------------
+FIELDS = ["frame.time_epoch", "ip.src", "ip.dst", "tcp.srcport", "tcp.flags.syn", "tcp.flags.ack",
+          "tcp.flags.reset", "tcp.options.mptcp.subtype", "tcp.options.mptcp.recvtok",
+          "tcp.options.mptcp.sendkey"]
+
+
+class Capture:
+    """tcpdump -i any inside the client namespace (sees both paths' egress)."""
+
+    def __init__(self, tb: Testbed):
+        self.tb = tb
+        self.file = tempfile.NamedTemporaryFile(suffix=".pcap", delete=False).name
+        os.chmod(self.file, 0o666)  # tcpdump drops privileges to user tcpdump
+
+    def __enter__(self) -> "Capture":
+        self.proc = self.tb.popen(self.tb.client, ["tcpdump", "-i", "any", "-n", "-U", "--immediate-mode", "-Z", "root",
+                                                   "-w", self.file, "tcp"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # "listening on any ..." once the capture is live (after a link-type note)
+        lines = [self.proc.stderr.readline() for _ in range(2)]
+        assert any("listening" in ln for ln in lines), lines
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+
+    def packets(self) -> list[dict]:
+        cmd = ["tshark", "-r", self.file, "-T", "fields", "-E", "separator=|"]
+        for f in FIELDS:
+            cmd += ["-e", f]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        os.unlink(self.file)
+        pkts = []
+        for line in out.splitlines():
+            v = dict(zip(FIELDS, line.split("|")))
+            v["t"] = float(v["frame.time_epoch"])
+            v["subtypes"] = {int(x) for x in v["tcp.options.mptcp.subtype"].split(",") if x}
+            pkts.append(v)
+        return pkts
+
+
+def token_of_key(key: int) -> int:
+    """RFC 8684: token = most significant 32 bits of SHA-256(key)."""
+    return int.from_bytes(hashlib.sha256(key.to_bytes(8, "big")).digest()[:4], "big")
+
+
+def syn(p: dict) -> bool:
+    return p["tcp.flags.syn"] == "1" and p["tcp.flags.ack"] == "0"
+
+
+def test_wire_sim_parallel_mp_capable_rst_then_join_with_winner_token():
+    with two_path_tb() as tb:
+        static_neighbours(tb)
+        ls = sha_server(tb)
+        addr = {p.name: p.addr.client for p in tb.paths}
+        with Capture(tb) as cap:
+            sock, rep = robe_connect(tb, "sim")
+            sock.sendall(b"x")
+            assert rep.wait_joins(5)
+            sock.close()
+        pkts = cap.packets()
+        mpc_syns = [p for p in pkts if syn(p) and 0 in p["subtypes"]]
+        assert {p["ip.src"] for p in mpc_syns} == set(addr.values())
+        first_by_path = {a: min(p["t"] for p in mpc_syns if p["ip.src"] == a) for a in addr.values()}
+        assert max(first_by_path.values()) - min(first_by_path.values()) < 0.001, first_by_path
+        assert rep.winner == "wifi"
+        loser_port = next(p["tcp.srcport"] for p in mpc_syns if p["ip.src"] == addr["lte"])
+        rst = [p for p in pkts if p["ip.src"] == addr["lte"] and p["tcp.srcport"] == loser_port
+               and p["tcp.flags.reset"] == "1"]
+        assert rst, "no RST on the losing path"
+        synack = next(p for p in pkts if p["ip.dst"] == addr["wifi"] and p["tcp.flags.syn"] == "1"
+                      and p["tcp.flags.ack"] == "1" and 0 in p["subtypes"])
+        server_token = token_of_key(int(synack["tcp.options.mptcp.sendkey"]))
+        joins = [p for p in pkts if syn(p) and 1 in p["subtypes"]]
+        assert [p["ip.src"] for p in joins] == [addr["lte"]], joins
+        assert int(joins[0]["tcp.options.mptcp.recvtok"]) == server_token
+        assert joins[0]["t"] > rst[0]["t"]  # break before make
+        ls.close()
+
+
+def test_wire_timer_next_mp_capable_only_after_timer():
+    with two_path_tb() as tb:
+        static_neighbours(tb)
+        ls = sha_server(tb)
+        blackhole(tb)
+        addr = {p.name: p.addr.client for p in tb.paths}
+        with Capture(tb) as cap:
+            sock, rep = robe_connect(tb, "timer")
+            sock.close()
+        pkts = cap.packets()
+        mpc_syns = [p for p in pkts if syn(p) and 0 in p["subtypes"]]
+        t_wifi = min(p["t"] for p in mpc_syns if p["ip.src"] == addr["wifi"])
+        t_lte = min(p["t"] for p in mpc_syns if p["ip.src"] == addr["lte"])
+        assert 1.0 <= t_lte - t_wifi < 1.005, t_lte - t_wifi
+        # one SYN on wifi (no retransmission before the timer), reset at expiry
+        assert len([p for p in mpc_syns if p["ip.src"] == addr["wifi"]]) == 1
+        assert any(p["ip.src"] == addr["wifi"] and p["tcp.flags.reset"] == "1" for p in pkts)
+        ls.close()
