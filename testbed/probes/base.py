@@ -46,12 +46,19 @@ def frame(table: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     out = pd.DataFrame(data)
     for col, dtype in schema.items():
         if dtype == "Int64":
-            out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
+            # via Python ints: a float detour would round values above 2**53
+            out[col] = pd.array([_int_or_na(v) for v in out[col]], dtype="Int64")
         elif dtype == "float64":
             out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
         else:
             out[col] = out[col].astype("string")
     return out
+
+
+def _int_or_na(v: Any) -> int | None:
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return None
+    return int(v)
 
 
 def concat(frames: Iterable[pd.DataFrame], table: str) -> pd.DataFrame:
