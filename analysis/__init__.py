@@ -116,6 +116,19 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _params(man: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters: the experiment's own (scenario `params`, grid point
+    applied) plus every grid key. Grid keys are dotted scenario paths; the
+    experiment's own `params.` prefix is dropped so `params.strategy` becomes
+    `param.strategy`, while `topology.params.rates` keeps its full name."""
+    scenario = man.get("scenario") if isinstance(man.get("scenario"), dict) else {}
+    out = _flatten(scenario.get("params") or {})
+    for k, v in (man.get("params") or {}).items():
+        key = k.removeprefix("params.")
+        out[key] = v
+    return out
+
+
 def _column(values: list[Any]) -> pd.Series:
     """Pick the narrowest honest dtype: boolean, Int64, float64, else string."""
     present = [v for v in values if v is not None and not (isinstance(v, float) and v != v)]
@@ -191,7 +204,7 @@ def load(results_dir: str | Path) -> Results:
             "backend": emulation.get("backend"),
             "start": man.get("start"), "end": man.get("end"),
         }
-        row.update({f"param.{k}": v for k, v in _flatten(man.get("params") or {}).items()})
+        row.update({f"param.{k}": v for k, v in _params(man).items()})
         row.update({f"metric.{k}": v for k, v in _flatten(metrics).items()})
         rows.append(row)
 
@@ -229,8 +242,15 @@ def _find_topology(obj: Any, depth: int = 0) -> dict[str, Any] | None:
     if depth > 4 or not isinstance(obj, dict):
         return None
     p = obj.get("paths")
-    if isinstance(p, list) and p and all(isinstance(x, dict) and "name" in x for x in p):
+    link_keys = {"delay_ms", "rate_mbit", "rtt_ms"}
+    # testbed.paths lists addresses only; the topology's paths carry the link settings
+    if isinstance(p, list) and p and all(isinstance(x, dict) and "name" in x and link_keys & set(x)
+                                         for x in p):
         return obj
+    if isinstance(obj.get("topology"), dict):
+        found = _find_topology(obj["topology"], depth + 1)
+        if found is not None:
+            return found
     for v in obj.values():
         found = _find_topology(v, depth + 1)
         if found is not None:

@@ -25,6 +25,7 @@ SCENARIOS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_defa
 ROBE = ["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
 TIMEOUT_S = 10.0
 TIMER_S = 1.0
+SLOW_DELAY_MS = 100.0
 
 
 def _topology(rtts: dict[str, float], rates: dict[str, float]) -> dict[str, Any]:
@@ -33,40 +34,61 @@ def _topology(rtts: dict[str, float], rates: dict[str, float]) -> dict[str, Any]
                       for n in rtts]}
 
 
-def _write_run(root: Path, exp: str, params: dict[str, Any], rep: int, seed: int,
+def _calibration(rng: np.random.Generator, topo: dict[str, Any], bad: bool) -> dict[str, Any]:
+    """Shaped like testbed.emulation.calibrate.calibrate()."""
+    paths = {}
+    for p in topo["paths"]:
+        cfg = 2 * p["delay_ms"]
+        mean = cfg + 0.18 + abs(rng.normal(0, 0.05)) + (0.8 * cfg + 2 if bad and p["name"] == "wifi" else 0)
+        good = p["rate_mbit"] * rng.uniform(0.935, 0.955)
+        paths[p["name"]] = {"rtt_configured_ms": cfg, "rtt_mean_ms": mean, "rtt_p99_ms": mean + 0.3,
+                            "rtt_min_ms": mean - 0.1, "pings": 50, "rtt_tolerance_ms": max(cfg * 0.05, 1),
+                            "rtt_ok": abs(mean - cfg) <= max(cfg * 0.05, 1),
+                            "rate_up": {"configured_mbit": p["rate_mbit"], "goodput_mbit": good,
+                                        "ratio": good / p["rate_mbit"], "ok": True}}
+    reason = "; ".join(f"{n}: RTT {e['rtt_mean_ms']:.2f} ms, configured {e['rtt_configured_ms']:g} ms"
+                       for n, e in paths.items() if not e["rtt_ok"])
+    return {"valid": not reason, "reason": reason or None, "backend": "userspace",
+            "tolerance": {"rtt_pct": 5.0, "rtt_ms": 1.0, "rate_low": 0.9, "rate_high": 1.01},
+            "paths": paths, "duration_s": 4.1}
+
+
+def _write_run(root: Path, exp: str, grid: dict[str, Any], rep: int, seed: int,
                metrics: dict[str, Any], tables: dict[str, pd.DataFrame], topo: dict[str, Any],
-               status: str = "complete", reason: str = "", day: int = 0) -> None:
-    phash = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    run_id = f"{phash}-r{rep}"
+               status: str = "complete", reason: str = "", day: int = 0,
+               exp_params: dict[str, Any] | None = None, calibrate: bool = True) -> None:
+    """One run directory shaped like testbed.runner.run_one() writes it."""
+    phash = hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
+    run_id = f"{phash}-r{rep:03d}"
     d = root / exp / run_id
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths = {p["name"]: p for p in topo["paths"]}
-    calib = {"verdict": "ok" if status != "invalid" else "failed", "paths": {
-        n: {"rtt_cfg_ms": 2 * p["delay_ms"], "rtt_meas_ms": 2 * p["delay_ms"] + 0.18 + abs(rng.normal(0, 0.05)),
-            "rate_cfg_mbit": p["rate_mbit"], "rate_meas_mbit": p["rate_mbit"] * rng.uniform(0.93, 0.97),
-            "loss_cfg_pct": 0.0, "loss_meas_pct": 0.0} for n, p in paths.items()}}
-    if status == "invalid":
-        calib["paths"]["wifi"]["rtt_meas_ms"] *= 1.8
+    params = dict(exp_params or {})
+    params.update({k.removeprefix("params."): v for k, v in grid.items() if k.startswith("params.")})
+    calib = _calibration(rng, topo, bad=status == "invalid") if calibrate else None
     start = pd.Timestamp("2025-11-26T08:00:00Z") + pd.Timedelta(days=day, seconds=seed % 5000)
     manifest = {
         "schema_version": 1, "experiment": exp, "run_id": run_id,
-        "scenario": {"path": f"experiments/{exp}.toml", "name": exp},
-        "params": params, "repetition": rep, "seed": seed, "status": status, "reason": reason,
+        "scenario": {"experiment": exp, "path": f"experiments/{exp}.toml", "repetitions": 4,
+                     "topology": {"name": "two-path", "params": {}}, "params": params},
+        "params": grid, "repetition": rep, "seed": seed, "status": status, "reason": reason,
         "git": {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False,
-                "describe": "v0.1.0-synthetic"},
+                "describe": "0123456-synthetic"},
         "kernel": {"release": "6.18.0-synthetic", "version": "#1 SMP PREEMPT_DYNAMIC",
-                   "config": {"mptcp": True, "netem": False}},
-        "host": {"hostname": "synthetic", "cpus": 2, "machine": "x86_64"},
-        "tools": {"python": "3.11.2", "iperf3": "3.12", "tshark": "4.0.17", "pandas": pd.__version__},
-        "testbed": {"topology": topo, "congestion_control": params.get("cc", "cubic")},
-        "emulation": {"backend": "forwarder", "settings": {"busy_poll_us": 200}, "calibration": calib},
+                   "mptcp_enabled": "1", "netem_module": False},
+        "host": {"hostname": "synthetic", "cpus": 2, "machine": "x86_64", "python": "3.11.2"},
+        "tools": {"iperf3": "iperf 3.12", "tshark": "TShark 4.0.17",
+                  "python_packages": {"pandas": pd.__version__}},
+        "testbed": {"topology": topo, "paths": [{"name": p["name"], "client_addr": f"10.0.{i}.1"}
+                                                for i, p in enumerate(topo["paths"])],
+                    "congestion_control": {"client": grid.get("hosts.client.congestion_control", "cubic")}},
+        "emulation": {"backend": "userspace", "calibration": calib},
         "qdiscs": {}, "clock": {"t0_ns": 10**12, "monotonic_ns": 10**12, "realtime_ns": 1_764_144_000 * 10**9},
-        "start": start.isoformat(), "end": (start + pd.Timedelta(seconds=12)).isoformat(),
+        "start": start.isoformat(), "end": (start + pd.Timedelta(seconds=12)).isoformat(), "duration_s": 12.0,
     }
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (d / "metrics.json").write_text(json.dumps(metrics if status != "failed" else {}))
     if status != "failed":
-        (d / "metrics.json").write_text(json.dumps(metrics))
         for name, df in tables.items():
             df.to_parquet(d / f"{name}.parquet", index=False)
 
@@ -85,9 +107,9 @@ def _attempt(rng: np.random.Generator, rtt: float, loss: float, broken: bool,
 
 
 def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tuple[dict, dict, pd.DataFrame]:
-    rtt = {"wifi": 0.020, "lte": 0.050}
-    if scenario == "slow_default":
-        rtt = {"wifi": 0.120, "lte": 0.040}
+    rtt = {"wifi": 0.020, "lte": 0.040}
+    if scenario == "slow_default":  # applied at run time: the manifest's topology still says 10 ms
+        rtt = {"wifi": 2 * SLOW_DELAY_MS / 1000, "lte": 0.040}
     loss = {"wifi": int(scenario[5:]) / 100 if scenario.startswith("lossy") else 0.0, "lte": 0.0}
     broken = {"wifi": scenario == "blackhole", "lte": False}
     dropped = {"wifi": scenario == "mptcp_drop", "lte": False}
@@ -118,7 +140,7 @@ def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tu
         (tw, _, sw), (tl, _, sl) = on("wifi", None), on("lte", None)
         win, t, mp, syns, rsts = ("wifi", tw, True, sw + sl, 1) if tw <= tl else ("lte", tl, True, sw + sl, 1)
     loser = "lte" if win == "wifi" else "wifi"
-    outcome = "failed" if not np.isfinite(t) else "tcp" if base == "tcp" else "mptcp" if mp else "fallback"
+    outcome = "failed" if not np.isfinite(t) else "tcp" if base == "tcp" else "mptcp" if mp else "fallback_tcp"
     multipath = float("nan")
     if outcome == "mptcp":
         tj, _, _ = on(loser, plain_after=None)
@@ -127,7 +149,7 @@ def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tu
     setup = t if np.isfinite(t) else float("nan")
     m = {"setup_s": setup, "ttfb_s": setup + rtt[win] + 0.001 if np.isfinite(t) else float("nan"),
          "multipath_s": multipath, "outcome": outcome, "syns_sent": int(syns), "rsts_sent": rsts,
-         "initial_path": win if np.isfinite(t) else None}
+         "extra_handshakes": rsts, "winner_path": win if np.isfinite(t) else None}
     ev = [(0.0, "app", "client", "connect_start", None)]
     if np.isfinite(t):
         ev += [(setup, "pm", "client", "established", 1234), (setup + rtt[win], "app", "client", "first_byte", None)]
@@ -135,7 +157,7 @@ def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tu
         ev.append((multipath, "pm", "client", "sub_established", 1234))
     events = pd.DataFrame(ev, columns=["t", "source", "host", "event", "token"]).assign(
         detail=lambda d: [json.dumps({"path": win}) for _ in range(len(d))])
-    topo = _topology({k: v * 1000 for k, v in rtt.items()}, {"wifi": 20, "lte": 20})
+    topo = _topology({"wifi": 20.0, "lte": 40.0}, {"wifi": 20, "lte": 20})
     return m, topo, events
 
 
@@ -171,9 +193,10 @@ def _failover(rng: np.random.Generator, fault: str, mode: str) -> tuple[dict, di
                            (t_fault, "fault", "router", fault, None, json.dumps({"path": "wifi"}))],
                           columns=["t", "source", "host", "event", "token", "detail"])
     delivered = float(ts[ts.key == "total"]["value"].sum())
-    m = {"stall_s": stall, "recovery_s": recovery, "bytes_delivered": delivered,
-         "goodput_mbit": delivered * 8 / dur / 1e6, "integrity": True}
-    topo = _topology({"wifi": 20.0, "lte": 50.0}, {"wifi": 20, "lte": 20})
+    m = {"stall_s": stall, "recovery_s": recovery, "recovered": True, "bytes": delivered,
+         "goodput_mbit": delivered * 8 / dur / 1e6, "sha256_match": True, "fault_at_s": t_fault,
+         "fault": fault, "failed_path": "wifi", "remaining_rate_mbit": 20.0}
+    topo = _topology({"wifi": 20.0, "lte": 40.0}, {"wifi": 20, "lte": 20})
     return m, topo, {"timeseries": ts, "subflows": subflows, "events": events}
 
 
@@ -190,8 +213,10 @@ def _throughput(rng: np.random.Generator, rates: str, delays: str, cc: str) -> t
                        for s in range(1, int(dur) + 1) for p, sh in zip(("wifi", "lte"), shares)],
                       columns=["t", "host", "series", "key", "value"])
     size = goodput * 1e6 / 8 * dur
-    m = {"goodput_mbit": goodput, "sum_rates_mbit": sum(r), "efficiency": goodput / sum(r),
-         "transfer_s": dur, "ideal_s": size * 8 / (sum(r) * 1e6), "bytes": size}
+    m = {"goodput_mbit": goodput, "sum_rates_mbit": sum(r), "best_path_mbit": max(r),
+         "efficiency": goodput / sum(r), "paths": 2, "cc": cc, "transfer_s": dur,
+         "ideal_transfer_s": size * 8 / (sum(r) * 1e6), "bytes": size,
+         **{f"share.{p}": sh for p, sh in zip(("wifi", "lte"), shares)}}
     topo = _topology({"wifi": 2 * d[0], "lte": 2 * d[1]}, {"wifi": r[0], "lte": r[1]})
     return m, topo, ts
 
@@ -220,38 +245,43 @@ def generate(root: str | Path, reps: int = 4, seed: int = 1) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n = 0
-    for exp, strategies in (("establishment", ["tcp", "mptcp"]), ("robe_establishment", ROBE)):
-        for scenario in SCENARIOS:
-            for strategy in strategies:
-                for rep in range(reps):
-                    n += 1
-                    m, topo, ev = _establishment(rng, scenario, strategy)
-                    params = {"scenario": scenario, "strategy": strategy, "timeout_s": TIMEOUT_S,
-                              "timer_s": TIMER_S}
-                    _write_run(root, exp, params, rep, seed * 100_000 + n, m, {"events": ev}, topo)
-    for fault in ("link_down", "blackhole"):
-        for mode in ("normal", "backup"):
+    exp_params = {"timeout_s": TIMEOUT_S, "slow_delay_ms": SLOW_DELAY_MS, "warmup_trials": 3}
+    for scenario in SCENARIOS:  # baseline and RobE strategies share experiment "establishment"
+        for strategy in ROBE:
             for rep in range(reps):
                 n += 1
-                m, topo, tables = _failover(rng, fault, mode)
-                _write_run(root, "failover", {"fault": fault, "mode": mode}, rep, seed * 100_000 + n,
-                           m, tables, topo, day=1)
+                m, topo, ev = _establishment(rng, scenario, strategy)
+                grid = {"params.scenario": scenario, "params.strategy": strategy}
+                _write_run(root, "establishment", grid, rep, seed * 100_000 + n, m, {"events": ev},
+                           topo, exp_params=exp_params, calibrate=False)
+    for fault in ("link_down", "blackhole"):
+        for backup in (False, True):
+            for rep in range(reps):
+                n += 1
+                m, topo, tables = _failover(rng, fault, "backup" if backup else "normal")
+                grid = {"events.0.action": fault, "topology.params.lte_backup": backup}
+                _write_run(root, "failover", grid, rep, seed * 100_000 + n, m, tables, topo, day=1,
+                           exp_params={"seconds": 10.0})
     for rates in ("10/10", "20/20", "15/5", "10/3"):
         for delays in ("0/0", "1/25"):
             for cc in ("cubic", "bbr"):
                 for rep in range(reps):
                     n += 1
                     m, topo, ts = _throughput(rng, rates, delays, cc)
-                    _write_run(root, "throughput", {"rates": rates, "delays": delays, "cc": cc}, rep,
-                               seed * 100_000 + n, m, {"timeseries": ts}, topo, day=1)
+                    grid = {"topology.params.rates": [int(x) for x in rates.split("/")],
+                            "topology.params.delays": [int(x) for x in delays.split("/")],
+                            "hosts.client.congestion_control": cc}
+                    _write_run(root, "throughput", grid, rep, seed * 100_000 + n, m, {"timeseries": ts},
+                               topo, day=1, exp_params={"seconds": 10.0, "direction": "up"})
     # what the report must show as excluded: a crashed run and one that failed calibration
-    m, topo, ev = _establishment(rng, "healthy", "sim")
-    base = {"scenario": "healthy", "strategy": "sim", "timeout_s": TIMEOUT_S, "timer_s": TIMER_S}
-    _write_run(root, "robe_establishment", base, reps, seed * 100_000 + n + 1, m, {"events": ev}, topo,
-               status="failed", reason="client exited with status 1: ENOTCONN on subflow-create")
-    _write_run(root, "robe_establishment", base, reps + 1, seed * 100_000 + n + 2, m, {"events": ev}, topo,
-               status="invalid", reason="calibration: wifi RTT 36.3 ms measured, 20 ms configured")
-    tmp = root / "robe_establishment" / ".tmp-deadbeef00-r0"  # a run still being written: ignored
+    m, topo, tables = _throughput(rng, "10/10", "0/0", "cubic")
+    grid = {"topology.params.rates": [10, 10], "topology.params.delays": [0, 0],
+            "hosts.client.congestion_control": "cubic"}
+    _write_run(root, "throughput", grid, reps, seed * 100_000 + n + 1, m, {}, topo, day=1,
+               status="failed", reason="TestbedError: app client exited with status 1 (ENOTCONN)")
+    _write_run(root, "throughput", grid, reps + 1, seed * 100_000 + n + 2, m, {"timeseries": tables}, topo,
+               day=1, status="invalid", reason="calibration: wifi: RTT 18.2 ms, configured 0 ms")
+    tmp = root / "establishment" / ".tmp-deadbeef-r000"  # a run still being written: ignored
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "manifest.json").write_text("{ half-written")
     bench = root / "emulation_bench"

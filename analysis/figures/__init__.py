@@ -5,6 +5,7 @@ strategy across every figure, and the helpers that keep figures readable.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the report runs on headless machines and in CI
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -81,11 +83,33 @@ def variant_label(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Serie
               and runs[c].nunique(dropna=True) > 1]
     if not params:
         return pd.Series("all runs", index=runs.index, dtype="string")
-    parts = [runs[c].astype("string").fillna("–").radd(f"{c[6:]}=") for c in params]
+    parts = [runs[c].map(pretty_value, na_action="ignore").astype("string").fillna("–")
+             .radd(f"{short_name(c, params)}=") for c in params]
     label = parts[0]
     for p in parts[1:]:
         label = label + ", " + p
     return label
+
+
+def short_name(col: str, among: list[str]) -> str:
+    """`param.topology.params.rates` -> `rates` unless another column ends the same way."""
+    full = col.removeprefix("param.")
+    last = full.rsplit(".", 1)[-1]
+    clash = sum(c.rsplit(".", 1)[-1] == last for c in among) > 1
+    return full if clash or last.isdigit() else last
+
+
+def pretty_value(v: object) -> str:
+    """Grid values as people write them: [10, 10] -> 10/10, True -> true."""
+    if isinstance(v, str) and v.startswith("[") and v.endswith("]"):
+        try:
+            items = json.loads(v)
+            return "/".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in items)
+        except ValueError:
+            return v
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v)).lower()
+    return str(v)
 
 
 def save(fig: Figure, out_dir: Path) -> list[Path]:

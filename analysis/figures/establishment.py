@@ -40,12 +40,24 @@ def _log_time_axis(ax, lo: float, hi: float) -> None:
     ax.tick_params(axis="x", labelrotation=35)
 
 
+# the workload says fallback_tcp, the RobE report connected: one vocabulary for figures
+OUTCOME_ALIASES = {"connected": "mptcp", "fallback_tcp": "fallback", "timeout": "failed",
+                   "error": "failed"}
+
+
+def normalize_outcome(s: pd.Series) -> pd.Series:
+    return s.astype("string").str.lower().replace(OUTCOME_ALIASES)
+
+
 def data(res: Results) -> pd.DataFrame:
     runs = res.of(*EXPERIMENTS)
     need = {"param.scenario", "param.strategy"}
     if runs.empty or not need <= set(runs.columns):
         return runs.iloc[0:0]
-    return runs[runs["param.scenario"].notna() & runs["param.strategy"].notna()]
+    runs = runs[runs["param.scenario"].notna() & runs["param.strategy"].notna()]
+    if "metric.outcome" in runs:
+        runs = runs.assign(**{"metric.outcome": normalize_outcome(runs["metric.outcome"])})
+    return runs
 
 
 def _limits(df: pd.DataFrame, cols: list[str]) -> tuple[float, float]:

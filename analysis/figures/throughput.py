@@ -78,11 +78,25 @@ def path_bytes(res: Results, runs: pd.DataFrame) -> pd.DataFrame:
     return by_ts
 
 
-def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFrame] | None:
+def path_shares(res: Results, runs: pd.DataFrame) -> pd.DataFrame:
+    """experiment, run_id, path, share. The experiment's own metric.share.<path>
+    (bytes on the wire per path) when present, else delivered bytes per path."""
+    cols = [c for c in runs.columns if c.startswith("metric.share.")]
+    if cols:
+        long = runs.melt(id_vars=["experiment", "run_id"], value_vars=cols, var_name="path",
+                         value_name="share").dropna(subset=["share"])
+        return long.assign(path=long["path"].str.removeprefix("metric.share."),
+                           share=long["share"].astype("float64"))
     pb = path_bytes(res, runs)
     if pb.empty:
+        return pb.assign(share=pd.Series(dtype="float64"))
+    return pb.assign(share=pb["bytes"] / pb.groupby(["experiment", "run_id"])["bytes"].transform("sum"))
+
+
+def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFrame] | None:
+    pb = path_shares(res, runs)
+    if pb.empty:
         return None
-    pb["share"] = pb["bytes"] / pb.groupby(["experiment", "run_id"])["bytes"].transform("sum")
     lab = runs.assign(variant=variant_label(runs))[["experiment", "run_id", "variant"]]
     pb = pb.merge(lab, on=["experiment", "run_id"])
     mean = pb.groupby(["variant", "path"], observed=True)["share"].mean().unstack("path").fillna(0)
@@ -110,12 +124,12 @@ def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFram
     ax.set_ylim(len(variants) - 0.5, -0.5)
     ax.set_xlim(0, 1)
     ax.xaxis.set_major_formatter(lambda x, _p: f"{x:.0%}")
-    ax.set_xlabel("share of delivered bytes (mean over repetitions)")
+    ax.set_xlabel("share of bytes per path (mean over repetitions)")
     handles = [Patch(color=PATH_COLORS[i % len(PATH_COLORS)], label=p) for i, p in enumerate(order_paths)]
     handles.append(Line2D([], [], color="0.1", lw=1.6, label=f"{first}: rate share"))
     fig.legend(handles=handles, loc="outside right upper", title="path")
     fig_ = Figure("throughput_shares", "Per-path share of the delivered bytes",
-                  f"Mean share of the bytes delivered over each path per variant. Black tick: "
+                  f"Mean share of the bytes carried by each path per variant. Black tick: "
                   f"the share of {first} if traffic were split in proportion to the configured rates.",
                   fig)
     return fig_, mean.reset_index()
