@@ -33,7 +33,7 @@ SHAPING_FIELDS = ("rate_mbit", "queue_pkts", "queue_bdp")
 class ForwarderHandle:
     """The parent's side of one forwarder: process and control socket."""
 
-    def __init__(self, link: EmulatedLink, seed: int | None = None):
+    def __init__(self, link: EmulatedLink, seed: int | None = None, sched: str = "fifo"):
         self.link = link
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.ctl = parent
@@ -43,7 +43,7 @@ class ForwarderHandle:
         argv = [sys.executable, "-m", "testbed.emulation.forwarder",
                 "--netns", f"/proc/{link.pid}/ns/net",
                 "--port-a", link.port_a, "--port-b", link.port_b,
-                "--ctl-fd", str(child.fileno()), "--mtu", str(link.mtu),
+                "--ctl-fd", str(child.fileno()), "--mtu", str(link.mtu), "--sched", sched,
                 "--config", json.dumps(config)]
         if seed is not None:
             argv += ["--seed", str(seed)]
@@ -64,6 +64,7 @@ class ForwarderHandle:
             raise TestbedError(f"link {link.name!r}: user-space forwarder failed to start: "
                                f"{hello.get('error', 'exited')}")
         self.ctl.settimeout(CTL_TIMEOUT_S)
+        self.sched = hello.get("sched", "?")
 
     @property
     def pid(self) -> int:
@@ -111,8 +112,13 @@ class ForwarderHandle:
 class UserspaceBackend(Backend):
     name = "userspace"
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, sched: str | None = None):
+        """sched: forwarder scheduling, "fifo" (default; real-time priority 10),
+        "nice" or "other"; also settable by $MPTB_FORWARDER_SCHED."""
         self.seed = seed
+        self.sched = sched or os.environ.get("MPTB_FORWARDER_SCHED", "fifo")
+        if self.sched not in ("fifo", "nice", "other"):
+            raise TestbedError(f"forwarder scheduling must be fifo, nice or other, not {self.sched!r}")
         self._handles: dict[int, ForwarderHandle] = {}  # id(link) -> handle
         self._names: dict[int, str] = {}
         self._final_stats: dict[str, Any] = {}
@@ -138,7 +144,7 @@ class UserspaceBackend(Backend):
         for d in ("up", "down"):
             shaping.install(link, d)  # type: ignore[arg-type]
         seed = None if self.seed is None else self.seed + len(self._handles)
-        self._handles[id(link)] = ForwarderHandle(link, seed)
+        self._handles[id(link)] = ForwarderHandle(link, seed, self.sched)
         self._names[id(link)] = link.name
         # A netlink socket kept open in the emulator's namespace: a timed rate
         # change is then one netlink round trip (~0.3 ms), not a thread + socket.
@@ -207,6 +213,7 @@ class UserspaceBackend(Backend):
             except TestbedError as exc:
                 counters[self._names[key]] = {"error": str(exc)}
         return {"backend": self.name, "forwarder": "python AF_PACKET deadline queues",
+                "sched": sorted({h.sched for h in self._handles.values()}) or [self.sched],
                 "python": sys.version.split()[0], "counters": counters}
 
 

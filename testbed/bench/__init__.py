@@ -1,0 +1,1 @@
+"""Benchmarks (`./tb bench.<name>`): measured numbers against the project's targets."""
