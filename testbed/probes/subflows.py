@@ -3,11 +3,11 @@ in the client and server namespaces, via sock_diag (inet_diag with the
 INET_DIAG_INFO extension) -> the `subflows` table.
 
 MPTCP subflows are ordinary TCP sockets to sock_diag, so this needs no access
-to the application's socket (works for iperf3 too). A plain TCP connection
-(baselines, iperf3's control connection) shows up as well; the `path` column
-(the client-side address's path) tells them apart from nothing else, so filter
-by port if needed. One sampler thread per host, pinned to its namespace
-(pyroute2 0.9 keeps per-thread sockets).
+to the application's socket (works for iperf3 too). Plain TCP connections
+(baselines, iperf3's control connection) show up as well: filter on the ports
+in `subflow` when that matters. `path` is the path of the client-side address.
+One sampler thread per host, pinned to its namespace (pyroute2 0.9 keeps
+per-thread sockets). The last sample may precede the last packets of a flow.
 """
 from __future__ import annotations
 

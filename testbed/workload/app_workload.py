@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,10 +86,11 @@ class AppWorkload(Workload):
         base = [sys.executable, "-m", "testbed.workload.app"]
         common = ["--port", str(p.port), "--cc", cc, "--poll-ms", str(p.poll_ms), "--seed", str(p.seed),
                   "--timeout", str(timeout_s)]
-        srv = tb.popen(tb.server, [*base, "server", "--out", str(files["server"]), *common,
-                                   "--protocol", p.server_protocol or p.protocol,
-                                   "--bind", tb.server_addr, "--ready-file", str(ready)],
-                       stdout=logs["server"].open("w"), stderr=subprocess_stdout(), env=env)
+        with logs["server"].open("w") as log:  # the child keeps its own copy of the fd
+            srv = tb.popen(tb.server, [*base, "server", "--out", str(files["server"]), *common,
+                                       "--protocol", p.server_protocol or p.protocol,
+                                       "--bind", tb.server_addr, "--ready-file", str(ready)],
+                           stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 15
         while not ready.exists():
             if srv.poll() is not None or time.monotonic() > deadline:
@@ -107,8 +109,8 @@ class AppWorkload(Workload):
             path = tb.path(p.bind_path)
             args += ["--bind-addr", path.addr.client]
             args += ["--bind-dev", path.client_if] if p.bind_dev else []
-        cli = tb.popen(tb.client, args, stdout=logs["client"].open("w"),
-                       stderr=subprocess_stdout(), env=env)
+        with logs["client"].open("w") as log:
+            cli = tb.popen(tb.client, args, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_procs({"client": cli}, timeout_s, "app workload")
         c = _load(files["client"], logs["client"], "client")
         if c.get("outcome") == "failed" and srv.poll() is None:
@@ -219,11 +221,6 @@ class AppWorkload(Workload):
                              "key": key, "value": received - last.get(label, 0)})
                 last[label] = received
         return frame("timeseries", rows)
-
-
-def subprocess_stdout() -> int:
-    import subprocess
-    return subprocess.STDOUT
 
 
 def _tail(path: Path) -> str:

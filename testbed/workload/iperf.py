@@ -80,9 +80,10 @@ class IperfWorkload(Workload):
         errs = {k: raw / f"iperf-{k}.stderr" for k in ("server", "client")}
         cc = p.cc or tb.settings["client"].congestion_control
         wrap = mptcp_argv if p.protocol == "mptcp" else (lambda a: a)
-        srv = tb.popen(tb.server, wrap(["iperf3", "-s", "-1", "-J", "-i", str(p.interval_s), "-B", tb.server_addr,
-                                        "-p", str(p.port)]),
-                       stdout=files["server"].open("w"), stderr=errs["server"].open("w"))
+        with files["server"].open("w") as out, errs["server"].open("w") as err:
+            srv = tb.popen(tb.server, wrap(["iperf3", "-s", "-1", "-J", "-i", str(p.interval_s),
+                                            "-B", tb.server_addr, "-p", str(p.port)]),
+                           stdout=out, stderr=err)
         deadline = time.monotonic() + 10
         while not _listening(srv.pid, p.port):
             if srv.poll() is not None or time.monotonic() > deadline:
@@ -95,8 +96,8 @@ class IperfWorkload(Workload):
         argv += ["-B", tb.path(p.bind_path).addr.client] if p.bind_path else []
         if0 = tb.interface_bytes()
         launch_ns = time.monotonic_ns()
-        cli = tb.popen(tb.client, wrap(argv), stdout=files["client"].open("w"),
-                       stderr=errs["client"].open("w"))
+        with files["client"].open("w") as out, errs["client"].open("w") as err:
+            cli = tb.popen(tb.client, wrap(argv), stdout=out, stderr=err)
         wait_procs({"client": cli, "server": srv}, min(timeout_s, p.seconds + p.omit_s + 30),
                    "iperf workload")
         if1 = tb.interface_bytes()
