@@ -41,7 +41,9 @@ echo 'UseDNS no' > /etc/ssh/sshd_config.d/vagrant.conf
 # at first boot; host keys are regenerated before sshd starts.
 rm -f /etc/ssh/ssh_host_*
 mkdir -p /etc/systemd/system/ssh.service.d
-printf '[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n' > /etc/systemd/system/ssh.service.d/hostkeys.conf
+# The empty ExecStartPre= drops Debian's `sshd -t`, which would fail first.
+printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+  > /etc/systemd/system/ssh.service.d/hostkeys.conf
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 
