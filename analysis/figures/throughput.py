@@ -6,9 +6,12 @@ about 90 % of the sum of the link rates, so 0.9 is drawn as the reference bound;
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import MatplotlibDeprecationWarning
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
@@ -41,8 +44,10 @@ def efficiency_figure(runs: pd.DataFrame) -> Figure:
                        "variant": hue}).dropna(subset=["efficiency"])
     fig, (ax,) = grid(1, panel=(max(5.5, 1.0 * len(x_order) * max(1, len(hues)) ** 0.5 + 2.5), 3.8))
     pal = dict(zip(hues, sns.color_palette("colorblind", len(hues))))
-    sns.boxplot(df, x="x", y="efficiency", hue="variant", order=x_order, hue_order=hues,
-                palette=pal, ax=ax, showfliers=False, fill=False, legend=False, linewidth=1.0)
+    with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated `vert`
+        warnings.simplefilter("ignore", MatplotlibDeprecationWarning)
+        sns.boxplot(df, x="x", y="efficiency", hue="variant", order=x_order, hue_order=hues,
+                    palette=pal, ax=ax, showfliers=False, fill=False, legend=False, linewidth=1.0)
     sns.stripplot(df, x="x", y="efficiency", hue="variant", order=x_order, hue_order=hues,
                   palette=pal, dodge=True, ax=ax, size=4, alpha=0.85, legend=False, jitter=0.15)
     ax.axhline(1.0, color="0.2", lw=1.0)
