@@ -44,6 +44,7 @@ class RunContext:
     raw_dir: Path
     t0_ns: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
+    probe_summaries: dict[str, Any] = field(default_factory=dict)
 
     def start_clock(self) -> int:
         """Mark the workload start: t = 0 of every table of this run."""

@@ -105,6 +105,7 @@ def run_one(spec: RunSpec, root: Path) -> Path:
                 output.status = "invalid"
                 output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
             manifest["qdiscs"] = _qdisc_dump(tb)
+            manifest["probes"] = ctx.probe_summaries
     except KeyboardInterrupt:
         signal.setitimer(signal.ITIMER_REAL, 0)
         import shutil
@@ -166,8 +167,9 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
         for name, frame in probe.tables().items():
             tables[name] = pd.concat([tables[name], frame], ignore_index=True) \
                 if name in tables and len(tables[name]) else frame
-        for key, value in probe.summary().items():
+        for key, value in probe.metrics().items():
             output.metrics.setdefault(key, value)
+        ctx.probe_summaries[probe.name] = probe.summary()
     output.tables = tables
     return output
 

@@ -92,6 +92,9 @@ class Scenario(_Strict):
     path: str | None = None  # where it was loaded from (recorded, not user-set)
 
 
+IDENTITY_EXCLUDED = {"repetitions", "description", "path", "timeout_s"}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One (grid point, repetition) of a scenario: what the runner executes."""
@@ -103,8 +106,12 @@ class RunSpec:
 
     @property
     def point_id(self) -> str:
-        blob = json.dumps(self.params, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+        """Hash of everything that shapes the measurement: two scenario files
+        sharing an experiment type never share run ids, while raising
+        `repetitions` (or the timeout) resumes the same points."""
+        what = self.scenario.model_dump(mode="json", exclude=IDENTITY_EXCLUDED)
+        blob = json.dumps(what, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
     def run_id(self) -> str:
