@@ -100,10 +100,10 @@ def netem_args(p: LinkParams, blackhole: bool = False) -> list[str]:
         g = p.gilbert
         # iproute2: gemodel p r 1-h 1-k, i.e. P(good->bad), P(bad->good),
         # loss in the bad state, loss in the good state.
-        args += ["loss", "gemodel", f"{g.p_pct}%", f"{g.r_pct}%", f"{g.bad_loss_pct}%",
-                 f"{g.good_loss_pct}%"]
+        args += ["loss", "gemodel", f"{g.p_pct:g}%", f"{g.r_pct:g}%", f"{g.bad_loss_pct:g}%",
+                 f"{g.good_loss_pct:g}%"]
     elif p.loss_pct:
-        args += ["loss", "random", f"{p.loss_pct}%"]
+        args += ["loss", "random", f"{p.loss_pct:g}%"]
     if p.jitter_ms and not p.reorder:
         args += ["rate", NO_REORDER_RATE]
     return args

@@ -1,0 +1,316 @@
+"""Link emulation: delay, loss, bursts, live changes, timed events, fidelity.
+
+On this machine (no sch_netem) the user-space backend does the work; the netem
+backend must refuse with a clear error instead of running without delay.
+Bounds are generous: other test runs share the 2 CPUs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from testbed.emulation import BACKENDS, _load_optional
+from testbed.emulation.calibrate import calibrate, ping_rtts
+from testbed.emulation.events import EventScheduler, LinkEvent
+from testbed.emulation.netem import NetemBackend, netem_args
+from testbed.errors import TestbedError
+from testbed.model import GilbertElliott, LinkParams
+from testbed.net import Testbed
+from testbed.topology import from_dict, load
+
+root = pytest.mark.root
+
+
+def one_path(**path) -> object:
+    spec = {"name": "p1", "rate_mbit": 100, "delay_ms": 0, **path}
+    return from_dict({"name": "one", "paths": [spec]})
+
+
+# ---- helpers ----------------------------------------------------------------
+class UdpStream:
+    """Numbered, timestamped UDP datagrams client -> server every `interval` s."""
+
+    def __init__(self, tb: Testbed, interval: float = 0.001, port: int = 5501, size: int = 64):
+        self.tb, self.interval, self.size = tb, interval, size
+        self.dst = (tb.server_addr, port)
+
+        def rx_sock() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            s.bind(self.dst)
+            s.settimeout(0.1)
+            return s
+
+        self.rx = tb.in_ns(tb.server, rx_sock)
+        self.tx = tb.in_ns(tb.client, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        self.received: list[tuple[int, float, float]] = []  # seq, t_sent, t_received
+        self.sent = 0
+        self._stop = threading.Event()
+        self._rx_done = threading.Event()
+
+    def _receive(self) -> None:
+        quiet = 0
+        while quiet < 10:  # 1 s of silence after the sender stopped
+            try:
+                data = self.rx.recv(4096)
+            except socket.timeout:
+                if self._stop.is_set():
+                    quiet += 1
+                continue
+            seq, t_sent = struct.unpack_from("!Id", data)
+            self.received.append((seq, t_sent, time.monotonic()))
+        self._rx_done.set()
+
+    def run(self, seconds: float | None = None, count: int | None = None) -> "UdpStream":
+        th = threading.Thread(target=self._receive, daemon=True)
+        th.start()
+        buf = bytearray(self.size)
+        t0 = time.monotonic()
+        i = 0
+        while True:
+            now = time.monotonic()
+            if (seconds is not None and now - t0 >= seconds) or (count is not None and i >= count):
+                break
+            struct.pack_into("!Id", buf, 0, i, now)
+            try:
+                self.tx.sendto(buf, self.dst)
+            except OSError:
+                pass  # e.g. ENETUNREACH once the path is down
+            i += 1
+            nxt = t0 + i * self.interval
+            while True:
+                left = nxt - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(left if left > 0.0005 else 0)
+        self.sent = i
+        self._stop.set()
+        th.join(30)
+        self.rx.close()
+        self.tx.close()
+        return self
+
+
+def loss_runs(received_seqs: set[int], n: int) -> list[int]:
+    runs, cur = [], 0
+    for i in range(n):
+        if i in received_seqs:
+            if cur:
+                runs.append(cur)
+            cur = 0
+        else:
+            cur += 1
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+# ---- no root needed -----------------------------------------------------------
+def test_netem_arguments_keep_jitter_in_order_and_map_gilbert():
+    args = netem_args(LinkParams(delay_ms=10, jitter_ms=2))
+    assert args[:2] == ["limit", "1000000"] and "10000us" in args and "2000us" in args
+    assert args[-2:] == ["rate", "100gbit"]  # netem's rate mode: no reordering
+    assert "rate" not in netem_args(LinkParams(delay_ms=10, jitter_ms=2, reorder=True))
+    ge = netem_args(LinkParams(gilbert=GilbertElliott(p_pct=1, r_pct=25, bad_loss_pct=90)))
+    assert ge[ge.index("gemodel"):] == ["gemodel", "1%", "25%", "90%", "0%"]
+    assert netem_args(LinkParams(loss_pct=3), blackhole=True)[-3:] == ["loss", "random", "100%"]
+
+
+def test_link_event_needs_exactly_one_kind():
+    with pytest.raises(TestbedError):
+        LinkEvent(1.0, "p1")
+    with pytest.raises(TestbedError):
+        LinkEvent(1.0, "p1", set={"delay_ms": 5}, state="down")
+    with pytest.raises(TestbedError, match="unknown key"):
+        LinkEvent.from_dict({"t": 1, "link": "p1", "sett": {}})
+    assert LinkEvent.from_dict({"t": 1, "link": "p1", "state": "down"}).state == "down"
+
+
+def test_binomial_interval_of_benchmark():
+    from testbed.bench.emulation import binomial_interval
+
+    lo, hi = binomial_interval(10_000, 0.01)
+    assert 70 <= lo <= 80 and 120 <= hi <= 130
+
+
+# ---- netem refuses here ---------------------------------------------------------
+@root
+@pytest.mark.timeout(60)
+def test_forcing_netem_without_sch_netem_is_a_clear_error_never_a_run_without_delay():
+    problem = NetemBackend.check()
+    if problem is None:
+        pytest.skip("this kernel has sch_netem")
+    assert "sch_netem" in problem and "userspace" in problem
+    assert "modules" in problem  # names the package to install
+    with pytest.raises(TestbedError) as err:
+        Testbed(load("two-path"), backend="netem")
+    msg = str(err.value)
+    assert "sch_netem" in msg and "userspace" in msg and "\n" not in msg
+
+
+@root
+@pytest.mark.timeout(30)
+def test_auto_picks_a_backend_that_delays():
+    _load_optional()
+    with Testbed(one_path(delay_ms=5)) as tb:
+        assert tb.backend.name in ("netem", "userspace")
+        assert "userspace" in BACKENDS
+
+
+# ---- user-space backend -------------------------------------------------------------
+@root
+@pytest.mark.timeout(60)
+def test_2x10ms_one_way_gives_rtt_19_to_23_ms():
+    with Testbed(load("two-path", wifi_delay_ms=10, lte_delay_ms=10, rate_mbit=20),
+                 backend="userspace") as tb:
+        for p in tb.paths:
+            rtt = ping_rtts(tb.client.pid, p.addr.far, 200, interval=0.005, src=p.addr.client)
+            assert rtt["n"] >= 195
+            assert 19 <= rtt["mean_ms"] <= 23, (p.name, rtt)
+            assert rtt["min_ms"] >= 19.9, rtt  # never faster than configured
+        pids = tb.backend.pids()
+        assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    for pid in pids:  # stopped with the testbed
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+@root
+@pytest.mark.timeout(90)
+def test_10pct_loss_gives_5_to_15pct_over_2000_pings():
+    topo = one_path(delay_ms=1, up={"loss_pct": 10})
+    with Testbed(topo, backend="userspace") as tb:
+        rtt = ping_rtts(tb.client.pid, tb.server_addr, 2000, interval=0.002)
+        loss = 100 * (2000 - rtt["n"]) / 2000
+        assert 5 <= loss <= 15, loss
+        counted = tb.backend.stats(tb.paths[0].link)["up"]
+        assert counted["drop_loss"] > 0 and counted["drop_queue"] == 0
+
+
+@root
+@pytest.mark.timeout(90)
+def test_gilbert_elliott_loses_in_bursts():
+    # p = 2 %, r = 20 %: mean loss 2/22 = 9.1 %, mean burst 1/r = 5 packets.
+    ge = {"p_pct": 2, "r_pct": 20, "bad_loss_pct": 100, "good_loss_pct": 0}
+    with Testbed(one_path(up={"gilbert": ge}), backend="userspace") as tb:
+        s = UdpStream(tb, interval=0.0005).run(count=6000)
+    seqs = {r[0] for r in s.received}
+    loss = 100 * (s.sent - len(seqs)) / s.sent
+    runs = loss_runs(seqs, s.sent)
+    mean_burst = sum(runs) / len(runs)
+    assert 4 <= loss <= 16, loss
+    assert mean_burst >= 2.5, mean_burst  # independent loss at 9 % would give ~1.1
+    assert max(runs) >= 8
+
+
+@root
+@pytest.mark.timeout(60)
+def test_jitter_does_not_reorder_unless_asked():
+    for reorder in (False, True):
+        topo = one_path(delay_ms=10, jitter_ms=5, reorder=reorder)
+        with Testbed(topo, backend="userspace") as tb:
+            s = UdpStream(tb, interval=0.0005).run(count=2000)
+        seqs = [r[0] for r in s.received]
+        assert len(seqs) >= 1990
+        inversions = sum(1 for a, b in zip(seqs, seqs[1:]) if b < a)
+        owd = sorted(r[2] - r[1] for r in s.received)
+        assert owd[len(owd) // 2] >= 0.009  # still ~10 ms one way
+        if reorder:
+            assert inversions > 50
+        else:
+            assert inversions == 0
+
+
+@root
+@pytest.mark.timeout(60)
+def test_live_delay_update_changes_rtt_at_once():
+    with Testbed(one_path(delay_ms=10), backend="userspace") as tb:
+        before = ping_rtts(tb.client.pid, tb.server_addr, 50, interval=0.01)
+        t = time.monotonic()
+        tb.update_link("p1", delay_ms=30)
+        took = time.monotonic() - t
+        after = ping_rtts(tb.client.pid, tb.server_addr, 50, interval=0.01, warmup=False)
+        assert 19 <= before["mean_ms"] <= 23
+        assert 59 <= after["mean_ms"] <= 63, after
+        assert took < 0.05
+        tb.update_link("p1", direction="up", delay_ms=0, loss_pct=0)
+        assert tb.paths[0].link.up.delay_ms == 0 and tb.paths[0].link.down.delay_ms == 30
+        third = ping_rtts(tb.client.pid, tb.server_addr, 50, interval=0.01, warmup=False)
+        assert 29 <= third["mean_ms"] <= 33, third
+
+
+@root
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["down", "blackhole"])
+def test_timed_link_down_stops_traffic_within_50ms(kind):
+    with Testbed(one_path(delay_ms=5), backend="userspace") as tb:
+        t_event = 1.0
+        ev = (LinkEvent(t_event, "p1", state="down") if kind == "down"
+              else LinkEvent(t_event, "p1", blackhole=True))
+        stream = UdpStream(tb, interval=0.001)
+        sched = EventScheduler(tb, [ev])
+        t0 = time.monotonic()
+        sched.start(t0)
+        stream.run(seconds=2.0)
+        sched.stop()
+        rec = sched.records[0]
+        assert rec["ok"], rec
+        assert rec["start_lateness_ms"] <= 5.0, rec  # target 1 ms; generous on a shared machine
+        t_down = t0 + t_event
+        sent_times = [r[1] for r in stream.received]
+        assert sum(1 for t in sent_times if t < t_down - 0.05) >= 800  # flowing before
+        last_sent = max(sent_times)
+        assert last_sent <= t_down + 0.05, f"traffic sent {1000 * (last_sent - t_down):.1f} ms after t"
+        assert last_sent >= t_down - 0.05  # and not stopped long before
+
+
+@root
+@pytest.mark.timeout(60)
+def test_scheduled_changes_are_recorded_with_applied_times():
+    with Testbed(one_path(delay_ms=5), backend="userspace") as tb:
+        events = [{"t": 0.2, "link": "p1", "set": {"delay_ms": 20}},
+                  {"t": 0.4, "link": "p1", "set": {"rate_mbit": 10}},
+                  {"t": 0.6, "link": "p1", "direction": "up", "blackhole": True},
+                  {"t": 0.7, "link": "p1", "direction": "up", "blackhole": False}]
+        with EventScheduler(tb, events) as sched:
+            time.sleep(1.0)
+        assert [r["ok"] for r in sched.records] == [True] * 4
+        for r in sched.records:
+            assert r["scheduled"] <= r["began"] <= r["done"]
+            assert r["applied_lateness_ms"] < 20, r
+        assert tb.paths[0].link.up.delay_ms == 20 and tb.paths[0].link.up.rate_mbit == 10
+        rtt = ping_rtts(tb.client.pid, tb.server_addr, 20, interval=0.01)
+        assert 39 <= rtt["mean_ms"] <= 44
+
+
+@root
+@pytest.mark.timeout(120)
+def test_calibration_passes_honest_paths_and_flags_wrong_ones():
+    with Testbed(load("two-path", wifi_delay_ms=10, lte_delay_ms=20, rate_mbit=20),
+                 backend="userspace") as tb:
+        result = calibrate(tb, flow_s=1.5)
+        assert result["valid"], result["reason"]
+        assert set(result["paths"]) == {"wifi", "lte"}
+        assert 0.9 <= result["paths"]["lte"]["rate_up"]["ratio"] <= 1.01
+        # Make the emulator lie: the link does 30 ms while the record says 10.
+        link = tb.path("wifi").link
+        real = link.up.model_copy(update={"delay_ms": 30})
+        tb.backend.update(link, "up", real)
+        bad = calibrate(tb, measure_rate=False)
+        assert not bad["valid"] and "wifi" in bad["reason"] and "RTT" in bad["reason"]
+
+
+@root
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_path_mptcp_aggregates_with_delay():
+    from testbed.bulk import bulk_transfer
+
+    with Testbed(load("two-path", wifi_delay_ms=10, lte_delay_ms=40, rate_mbit=20),
+                 backend="userspace") as tb:
+        res = bulk_transfer(tb, seconds=10, warmup=3, protocol="mptcp", cc="cubic")
+        assert res.goodput_mbit >= 0.85 * 40, res
