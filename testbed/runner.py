@@ -101,7 +101,8 @@ def run_one(spec: RunSpec, root: Path) -> Path:
             manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration}
             ctx = RunContext(tb, spec, params, writer.raw_dir)
             output = _run_with_probes(exp_cls(), ctx, sc)
-            if calibration is not None and not calibration.get("valid", True):
+            if (output.status == "complete" and calibration is not None
+                    and not calibration.get("valid", True)):
                 output.status = "invalid"
                 output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
             manifest["qdiscs"] = _qdisc_dump(tb)
@@ -162,6 +163,13 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
     for rec in scheduler.records:
         ctx.record("fault", "network", rec["event"], ns=int(rec["began"] * 1e9),
                    scheduled_s=rec["t"], ok=rec.get("ok"), error=rec.get("error"))
+    failed = [r for r in scheduler.records if not r.get("ok")]
+    if failed:  # the run did not see the fault it was meant to study
+        output.status = "failed"
+        output.reason = f"event '{failed[0]['event']}' at {failed[0]['t']:g} s failed: {failed[0].get('error')}"
+    elif len(scheduler.records) < len(link_events):
+        output.status = "failed"
+        output.reason = f"only {len(scheduler.records)} of {len(link_events)} events were applied"
     tables = dict(output.tables)
     for probe in started:
         for name, frame in probe.tables().items():

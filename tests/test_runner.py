@@ -1,0 +1,138 @@
+"""The runner and results store: provenance, atomicity, resumption, bad input."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, run_tb
+from testbed import scenario as sc
+from testbed.runner import sweep
+
+FAST = textwrap.dedent("""
+    experiment = "throughput"
+    repetitions = {reps}
+    seed = 4
+    timeout_s = 60
+    backend = "bridge"
+    calibrate = false
+    probes = ["pm_events", "nstat"]
+    [topology]
+    name = "two-path"
+    params = {{ rate_mbit = 20, wifi_delay_ms = 0, lte_delay_ms = 0 }}
+    [params]
+    seconds = 2
+    [grid]
+    "params.direction" = ["up", "down"]
+""")
+
+MANIFEST_KEYS = {"schema_version", "experiment", "run_id", "scenario", "params", "repetition",
+                 "seed", "git", "kernel", "host", "tools", "testbed", "emulation", "qdiscs",
+                 "status", "reason", "start", "end", "duration_s", "clock", "probes"}
+
+
+def write(tmp_path: Path, body: str, name: str = "s.toml") -> Path:
+    f = tmp_path / name
+    f.write_text(body)
+    return f
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('experiment = "nope"\n[topology]\nname = "two-path"\n', "unknown experiment type 'nope'"),
+    ('experiment = "throughput"\ncolour = 1\n[topology]\nname = "two-path"\n', "colour: unknown key"),
+    ('experiment = "throughput"\nrepetitions = "x"\n[topology]\nname = "two-path"\n', "repetitions"),
+    ('experiment = "throughput"\n[topology]\nname = "two-path"\n[params]\nseconds = "x"\n', "seconds"),
+    ('experiment = "throughput"\n[topology]\nname = "two-path"\n[grid]\n"params.nope" = [1]\n',
+     "grid.params.nope: no such parameter"),
+    ('experiment = "throughput"\n[topology]\nname = "mesh"\n', "unknown topology 'mesh'"),
+    ('experiment = "throughput"\n[topology\nname = "two-path"\n', "malformed TOML"),
+    ('experiment = "throughput"\n[topology]\nname = "two-path"\n[[events]]\nat_s = 1\naction = "explode"\npath = "wifi"\n',
+     "events.0.action"),
+])
+def test_bad_scenarios_fail_before_anything_starts(tmp_path, body, needle):
+    proc = run_tb("run", str(write(tmp_path, body)), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "out").exists(), "nothing may be written for an invalid scenario"
+
+
+def test_grid_expansion_is_seeded_and_complete(tmp_path):
+    s = sc.load(write(tmp_path, FAST.format(reps=3)))
+    a, b = sc.expand(s), sc.expand(s)
+    assert [x.run_id for x in a] == [x.run_id for x in b]
+    assert len({x.run_id for x in a}) == 6
+    assert {x.params["params.direction"] for x in a} == {"up", "down"}
+
+
+@pytest.mark.root
+def test_run_writes_manifest_tables_and_metrics(tmp_path):
+    s = sc.load(write(tmp_path, FAST.format(reps=1)))
+    summary = sweep(s, tmp_path / "out", progress=False)
+    assert summary.done == {"complete": 2}
+    for run_dir in summary.run_dirs:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert MANIFEST_KEYS <= set(manifest), MANIFEST_KEYS - set(manifest)
+        assert manifest["status"] == "complete"
+        assert manifest["git"]["commit"] and "dirty" in manifest["git"]
+        assert manifest["kernel"]["release"]
+        sysctls = manifest["testbed"]["hosts"]["client"]["sysctls"]
+        assert sysctls["net.mptcp.blackhole_timeout"] == "0"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["sha256_match"] is True and metrics["subflows_max"] == 2
+        assert metrics["client.MPTcpExtMPCapableSYNTX"] == 1
+        assert (run_dir / "events.parquet").exists() and (run_dir / "timeseries.parquet").exists()
+
+
+KILLABLE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from testbed import scenario as sc
+    from testbed.runner import sweep
+    sweep(sc.load(sys.argv[1]), Path(sys.argv[2]), progress=False)
+""")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_sweep_killed_with_sigkill_resumes_each_run_exactly_once(tmp_path):
+    scenario = write(tmp_path, FAST.format(reps=2))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(scenario), str(out)], cwd=ROOT)
+    deadline = time.time() + 90
+    # Kill while the second run is being written (a .tmp- directory exists).
+    while time.time() < deadline:
+        done = list((out / "throughput").glob("*-r*/manifest.json")) if out.exists() else []
+        partial = list((out / "throughput").glob(".tmp-*")) if out.exists() else []
+        if done and partial:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert run_tb("clean").returncode == 0  # the killed runner's namespaces and processes
+    summary = sweep(sc.load(scenario), out, progress=False)
+    assert summary.skipped >= 1
+    run_dirs = [d for d in (out / "throughput").iterdir()]
+    assert not [d for d in run_dirs if d.name.startswith(".tmp-")], "half-written run left"
+    ids = sorted(d.name for d in run_dirs)
+    assert ids == sorted({x.run_id for x in sc.expand(sc.load(scenario))})
+    statuses = [json.loads((d / "manifest.json").read_text())["status"] for d in run_dirs]
+    assert statuses == ["complete"] * 4
+
+
+@pytest.mark.root
+def test_failed_run_is_stored_as_failed_and_retried_on_request(tmp_path):
+    body = FAST.format(reps=1).replace('"params.direction" = ["up", "down"]', "") + \
+        '\n[[events]]\nat_s = 0\naction = "set_link"\npath = "wifi"\nchanges = { delay_ms = 5 }\n'
+    s = sc.load(write(tmp_path, body))
+    out = tmp_path / "out"
+    first = sweep(s, out, progress=False)  # the bridge backend refuses a delay: a failed run
+    assert first.done == {"failed": 1}
+    manifest = json.loads((first.run_dirs[0] / "manifest.json").read_text())
+    assert "bridge" in manifest["reason"] and manifest["status"] == "failed"
+    assert sweep(s, out, progress=False).skipped == 1
+    assert sweep(s, out, retry_failed=True, progress=False).done == {"failed": 1}
