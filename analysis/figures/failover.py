@@ -27,6 +27,8 @@ def goodput(res: Results, run: pd.Series) -> pd.DataFrame:
         # several hosts may report; the receiver's view is what the application got
         host = ts["host"].mode().iloc[0]
         d = ts[ts["host"] == host][["t", "key", "value"]].rename(columns={"key": "path"})
+        # several subflows on one path report separately: the path's goodput is their sum
+        d = d.groupby(["t", "path"], observed=True, as_index=False)["value"].sum()
     else:
         sf = res.subflows
         sf = sf[(sf["experiment"] == key[0]) & (sf["run_id"] == key[1])]
