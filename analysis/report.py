@@ -71,6 +71,7 @@ def overview(res: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
         return pd.DataFrame(), pd.DataFrame()
     counts = r.groupby(["experiment", "status"], observed=True).size().unstack(fill_value=0)
     counts["total"] = counts.sum(axis=1)
+    counts.columns.name = None  # else to_html prints a stray "status" header cell
     bad = r[r["status"] != "complete"][["experiment", "run_id", "status", "reason"]]
     params = [c for c in r.columns if c.startswith("param.") and r.loc[bad.index, c].notna().any()]
     if params and not bad.empty:  # which grid point failed matters more than its hash

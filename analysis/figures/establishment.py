@@ -118,6 +118,7 @@ def multipath_strip(df: pd.DataFrame) -> Figure:
     strategies = order(df["param.strategy"], STRATEGIES)
     fig, axes = grid(len(scenarios), max_cols=4, panel=(3.3, 2.9), sharey=True)
     lo, hi = _limits(df, ["metric.setup_s", "metric.multipath_s"])
+    hi *= 4  # room on the right for the "k/n never" labels, clear of the data
     ypos = {s: i for i, s in enumerate(strategies)}
     rng = np.random.default_rng(0)  # jitter only, fixed for identical redraws
     for ax, sc in zip(axes, scenarios):
@@ -143,7 +144,8 @@ def multipath_strip(df: pd.DataFrame) -> Figure:
             if never:
                 # axes fraction of the diamond row (the y axis is inverted: first strategy on top)
                 ax.text(0.995, 1 - (y + 0.5) / len(strategies), f"{never}/{len(g)} never",
-                        transform=ax.transAxes, ha="right", va="center", fontsize=7.5, color="0.35")
+                        transform=ax.transAxes, ha="right", va="center", fontsize=7.5, color="0.3",
+                        bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.5))
         _log_time_axis(ax, lo, hi)
         ax.set_yticks(range(len(strategies)), strategies)
         ax.set_ylim(len(strategies) - 0.5, -0.5)
