@@ -172,6 +172,32 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
     _guard(go)
 
 
+@task(help={"quick": "few repetitions, trimmed grids: minutes instead of an hour",
+            "out": "results directory (resumed if it exists)",
+            "report": "where the report goes (default: OUT/report)",
+            "no_progress": "no progress bars"})
+def paper(c, quick=False, out=None, report=None, no_progress=False):
+    """Rerun the paper's scenarios end to end (resuming), then build the report."""
+    _need_root()
+    from testbed import paper as p
+
+    def go():
+        results = Path(out or ("results-quick" if quick else "results"))
+        t0 = time.monotonic()
+        failed = 0
+        for experiment, summary in p.run(results, quick=quick, progress=not no_progress):
+            print(f"{experiment}: {summary.line()}")
+            failed += summary.done.get("failed", 0)
+        from analysis.report import build_report
+
+        index = build_report(results, Path(report) if report else results / "report")
+        print(f"paper: report {index} ({time.monotonic() - t0:.0f} s)")
+        if failed:
+            raise Exit(f"error: {failed} run(s) failed; the report marks them (./tb results.ls {results})", code=1)
+
+    _guard(go)
+
+
 @task(name="ls", positional=["out"])
 def results_ls(c, out):
     """List stored runs with their status (and the reason of failed/invalid ones)."""
@@ -221,7 +247,7 @@ def harness(c, repeats=5):
     _guard(run)
 
 
-ns = Collection(doctor, clean, topologies, shell, demo, test, run)
+ns = Collection(doctor, clean, topologies, shell, demo, test, run, paper)
 ns.add_collection(Collection("results", results_ls))
 bench = Collection("bench", harness)
 ns.add_collection(bench)
@@ -242,5 +268,8 @@ def _mount(module: str, name: str, into: Collection = ns) -> None:
         into.add_collection(mod.ns, name)
 
 
+from analysis.tasks import report  # noqa: E402  (rebuild the report from stored results)
+
+ns.add_task(report)
 _mount("testbed.bench.tasks", "bench", into=bench)
 _mount("testbed.vm.tasks", "vm")

@@ -107,6 +107,11 @@ def run_one(spec: RunSpec, root: Path) -> Path:
                 output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
             manifest["qdiscs"] = _qdisc_dump(tb)
             manifest["probes"] = ctx.probe_summaries
+            # What the links were when the workload ended: experiments and timed
+            # events change them, and analysis must compare against what was applied.
+            manifest["links_at_end"] = {link.name: {"up": link.up.model_dump(mode="json"),
+                                                    "down": link.down.model_dump(mode="json")}
+                                        for link in tb.links}
     except KeyboardInterrupt:
         signal.setitimer(signal.ITIMER_REAL, 0)
         import shutil
