@@ -91,6 +91,7 @@ class Testbed:
         self._create_nodes()
         self._create_links()
         self._configure_addresses_and_routes()
+        self._static_neighbours()
         self._configure_mptcp()
         self._disable_offloads()
         for link in self.links:
@@ -233,6 +234,22 @@ class Testbed:
                         _addr(ipr, p.far_if, p.addr.far, p.spec.mtu)
 
             run_in_netns(self.server.pid, server_multihomed)
+
+    def _static_neighbours(self) -> None:
+        """Permanent ARP entries on both ends of every segment. Otherwise the
+        first handshake on a path pays an extra RTT for ARP, and a blackholed
+        path (WiFi associated, no Internet: ARP still answers) would turn into
+        EHOSTUNREACH after ~3 s instead of the kernel's SYN retries."""
+        far = self.router or self.server
+        segments = [(self.client, p.client_if, p.addr.client, far, p.far_if, p.addr.far)
+                    for p in self.paths]
+        if self.router is not None:
+            segments.append((self.router, "r-srv", A.ROUTER_SERVER_SIDE, self.server, "s-eth0", A.SERVER))
+        for n1, if1, ip1, n2, if2, ip2 in segments:
+            mac1 = run_in_netns(n1.pid, lambda i=if1: _mac(i))
+            mac2 = run_in_netns(n2.pid, lambda i=if2: _mac(i))
+            run_in_netns(n1.pid, lambda i=if1, ip=ip2, m=mac2: _neigh(i, ip, m))
+            run_in_netns(n2.pid, lambda i=if2, ip=ip1, m=mac1: _neigh(i, ip, m))
 
     def _disable_offloads(self) -> None:
         """Offloads off on every end of every emulated link: queues count real
@@ -393,6 +410,17 @@ def _addr(ipr: IPRoute, ifname: str, address: str, mtu: int) -> int:
     ipr.addr("add", index=idx, address=address, prefixlen=A.PREFIX)
     ipr.link("set", index=idx, state="up")
     return idx
+
+
+def _mac(ifname: str) -> str:
+    with IPRoute() as ipr:
+        return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")
+
+
+def _neigh(ifname: str, ip: str, mac: str) -> None:
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=0x80)  # NUD_PERMANENT
 
 
 def _emulator_ports(link: EmulatedLink) -> None:

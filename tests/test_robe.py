@@ -21,7 +21,7 @@ from testbed.mptcp import sockopt as so
 from testbed.net import Testbed, wait_until
 from testbed.robe import Options, RobeError, connect
 from testbed.robe.sockets import IPPROTO_MPTCP
-from testbed.robe.trial import run_establishment_trial, static_neighbours, tb_paths
+from testbed.robe.trial import run_establishment_trial, tb_paths
 from testbed.topology import load
 
 pytestmark = pytest.mark.root
@@ -85,7 +85,6 @@ def transfer(sock: socket.socket, n: int = 2_000_000, already_sent: bytes = b"")
 
 def test_blackholed_default_path_sim_and_timer_connect_mptcp_does_not():
     with two_path_tb() as tb:
-        static_neighbours(tb)
         ls = sha_server(tb)
         blackhole(tb)
         box: dict = {}
@@ -112,7 +111,6 @@ def test_blackholed_default_path_sim_and_timer_connect_mptcp_does_not():
 
 def test_sim_joins_the_losing_path():
     with two_path_tb() as tb:
-        static_neighbours(tb)
         ls = sha_server(tb)
         sock, rep = robe_connect(tb, "sim")
         assert rep.winner == "wifi"
@@ -130,7 +128,6 @@ def test_sim_joins_the_losing_path():
 
 def test_proxy_carries_curl_http_request():
     with two_path_tb() as tb, tempfile.TemporaryDirectory() as d:
-        static_neighbours(tb)
         Path(d, "hello.txt").write_text("robe over mptcp\n")
         http = tb.popen(tb.server, ["mptcpize", "run", "/usr/bin/python3", "-m", "http.server",
                                     "--bind", "0.0.0.0", "--directory", d, "8000"],
@@ -221,7 +218,6 @@ def syn(p: dict) -> bool:
 
 def test_wire_sim_parallel_mp_capable_rst_then_join_with_winner_token():
     with two_path_tb() as tb:
-        static_neighbours(tb)
         ls = sha_server(tb)
         addr = {p.name: p.addr.client for p in tb.paths}
         with Capture(tb) as cap:
@@ -251,7 +247,6 @@ def test_wire_sim_parallel_mp_capable_rst_then_join_with_winner_token():
 
 def test_wire_timer_next_mp_capable_only_after_timer():
     with two_path_tb() as tb:
-        static_neighbours(tb)
         ls = sha_server(tb)
         blackhole(tb)
         addr = {p.name: p.addr.client for p in tb.paths}

@@ -16,10 +16,6 @@ scenario_params (all optional):
   join             auto | userspace | kernel | none (default auto)
   history_dir      where the IPS history (robe-history.json) lives; without it
                    an in-memory history per testbed is used
-  static_neighbours  (default True) permanent ARP entries on both ends of every
-                   path before the trial, so no handshake pays an ARP round trip
-                   and a blackhole that also eats ARP does not turn into an
-                   EHOSTUNREACH after ~3 s (a WiFi without Internet keeps ARP)
 
 Metrics returned (seconds are relative to the start of connect()):
   setup_s          SYN/ACK of the winning attempt received (None: failed)
@@ -58,7 +54,6 @@ from testbed.robe.timer import TimerPolicy
 
 _servers: dict[str, tuple[socket.socket, threading.Thread]] = {}
 _histories: dict[str, History] = {}
-_neighbours_done: set[str] = set()
 
 
 def payload(n: int) -> bytes:
@@ -112,29 +107,6 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
     _servers[key] = (ls, t)
 
 
-def static_neighbours(tb: Any) -> None:
-    """Permanent ARP entries between the client and the far end of every path."""
-    if tb.run_id in _neighbours_done:
-        return
-    far = tb.router or tb.server
-
-    def mac_of(ifname: str) -> str:
-        with IPRoute() as ipr:
-            return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")
-
-    def add(ifname: str, ip: str, mac: str) -> None:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=0x80)  # NUD_PERMANENT
-
-    for p in tb.paths:
-        far_mac = tb.in_ns(far, lambda p=p: mac_of(p.far_if))
-        cli_mac = tb.in_ns(tb.client, lambda p=p: mac_of(p.client_if))
-        tb.in_ns(tb.client, lambda p=p, m=far_mac: add(p.client_if, p.addr.far, m))
-        tb.in_ns(far, lambda p=p, m=cli_mac: add(p.far_if, p.addr.client, m))
-    _neighbours_done.add(tb.run_id)
-
-
 def _counters() -> dict[str, int]:
     """TCP/MPTCP counters of the calling thread's namespace."""
     out: dict[str, int] = {}
@@ -165,8 +137,6 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
     port = int(p.get("port", 5600))
     req_n, resp_n = int(p.get("request_bytes", 100)), int(p.get("response_bytes", 1000))
     join_timeout = float(p.get("join_timeout_s", 3))
-    if p.get("static_neighbours", True):
-        static_neighbours(tb)
     ensure_server(tb, port, resp_n)
     opts = Options(timer=TimerPolicy.parse(str(p.get("timer", "rto"))), join=p.get("join", "auto"),
                    join_timeout_s=join_timeout, history=_history(tb, p))
@@ -225,4 +195,4 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
     }
 
 
-__all__ = ["run_establishment_trial", "ensure_server", "static_neighbours", "tb_paths", "payload"]
+__all__ = ["run_establishment_trial", "ensure_server", "tb_paths", "payload"]
