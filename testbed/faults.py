@@ -60,8 +60,8 @@ def _middlebox(tb, path: str, action: str | None, on: bool) -> None:
     hook = "forward" if tb.router else "input"
     chain = f"mb_{p.name}"
     # Flush-and-refill keeps this idempotent: at most one middlebox per path.
-    script = [f"table inet {TABLE} {{ chain {chain} {{ type filter hook {hook} priority 0; }} }}",
-              f"flush chain inet {TABLE} {chain}"]
+    script = [f"table inet {TABLE} {{", f"  chain {chain} {{", f"    type filter hook {hook} priority 0;",
+              "  }", "}", f"flush chain inet {TABLE} {chain}"]
     if on and action:
         script.append(f'add rule inet {TABLE} {chain} iifname "{p.far_if}" {MIDDLEBOX[action]}')
     _nft(node, "\n".join(script) + "\n")

@@ -15,6 +15,8 @@ stamp when each join completed, so the report is the same.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import threading
 import time
 from pathlib import Path
@@ -84,14 +86,22 @@ def _wait_event(lst: PMEventListener, type_: str, token: int, deadline: float):
         time.sleep(0.001)
 
 
+if TYPE_CHECKING:
+    from testbed.robe.history import History
+
+
 class Joiner:
     """Created (and its listener started) *before* the first SYN, in the
     client's namespace, so no PM event of the new connection is missed."""
 
-    def __init__(self, mode: str, report: R.Report, timeout_s: float = 10.0):
+    def __init__(self, mode: str, report: R.Report, timeout_s: float = 10.0,
+                 history: "History | None" = None):
         self.mode = resolve_mode(mode)
         self.report = report
         self.timeout_s = timeout_s
+        # Joined subflows teach IPS the RTT of paths it did not start on: the
+        # draft's example is exactly "running connections show LTE.RTT < WiFi.RTT".
+        self.history = history
         # A thread id names this thread's namespace for /proc/<tid>/ns/net, so
         # the shared PM helpers (which setns by pid) work from inside a thread
         # that itself entered a namespace with setns().
@@ -131,6 +141,7 @@ class Joiner:
             rep.add(R.ESTABLISHED, t_ns=est.t_ns)
             pm = UserspacePM(threading.get_native_id())
             pending = {}
+            started: dict[str, int] = {p.name: est.t_ns for p in others}
             for p in others:
                 if self.mode == "kernel":
                     # The kernel starts its joins on this very event.
@@ -138,6 +149,7 @@ class Joiner:
                     pending[p.local_addr] = p
                     continue
                 rep.add(R.JOIN_STARTED, p.name, via="userspace", local_id=ids[p.name])
+                started[p.name] = time.monotonic_ns()
                 try:
                     pm.subflow_create(token, p.local_addr, ids[p.name], dest[0], dest[1])
                     pending[p.local_addr] = p
@@ -151,8 +163,9 @@ class Joiner:
                     seen.add(id(ev))
                     src = ev.attrs.get("saddr4")
                     if ev.type == "sub_established" and src in pending:
-                        rep.add(R.JOIN_ESTABLISHED, pending.pop(src).name, t_ns=ev.t_ns,
-                                sport=ev.attrs.get("sport"))
+                        name = pending.pop(src).name
+                        rep.add(R.JOIN_ESTABLISHED, name, t_ns=ev.t_ns, sport=ev.attrs.get("sport"))
+                        self._learn(name, (ev.t_ns - started[name]) / 1e9)
                     elif ev.type == "sub_closed" and src in pending:
                         rep.add(R.JOIN_FAILED, pending.pop(src).name, t_ns=ev.t_ns,
                                 reason=f"subflow closed (error {ev.attrs.get('error')})")
@@ -164,6 +177,17 @@ class Joiner:
         finally:
             self.close()
             rep.joins_finished()
+
+    def _learn(self, path: str, handshake_s: float) -> None:
+        if self.history is None:
+            return
+        rec = self.history.record(path)
+        rec.add_rtt(handshake_s)
+        rec.add_outcome(True)
+        try:
+            self.history.save()
+        except OSError:
+            pass  # a read-only store must not break joining
 
     def close(self) -> None:
         if self.listener is not None:

@@ -255,7 +255,7 @@ def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[PathSpec] 
     impl = STRATEGIES[strategy]()
     rep = report or R.Report(strategy, dest, [p.name for p in selected])
     rep.options = opts.describe()
-    joiner = Joiner(opts.join if impl.mptcp else "none", rep, opts.join_timeout_s)
+    joiner = Joiner(opts.join if impl.mptcp else "none", rep, opts.join_timeout_s, opts.history)
     rep.t0_ns = time.monotonic_ns()  # after the listener is up: not part of setup time
     ctx = Context(dest, selected, opts, rep, time.monotonic() + timeout)
     try:
