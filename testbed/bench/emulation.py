@@ -35,6 +35,7 @@ import pandas as pd
 from testbed.emulation import BACKENDS, _load_optional
 from testbed.emulation.calibrate import ns_run, ping_rtts, tcp_goodput
 from testbed.net import Testbed
+from testbed.netns import write_sysctl
 from testbed.topology import load
 
 GRID_RATES = (10, 100, 1000)
@@ -44,6 +45,10 @@ LOSS_PCT = 1.0
 LOSS_PACKETS = 10_000
 IPERF_PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Host TCP buffers in the client and server namespaces (not the emulator): the
+# defaults (16 MB max) cap one flow below 1 Gbit/s at 100 ms RTT.
+TCP_BUFFERS = {"net.ipv4.tcp_rmem": "4096 131072 67108864",
+               "net.ipv4.tcp_wmem": "4096 65536 67108864"}
 
 TARGETS = {
     "rtt_mean": "mean RTT within max(2 %, 0.3 ms) of configured (idle; and at 80 % load at 100 Mbit/s)",
@@ -175,11 +180,13 @@ def rtt_under_load(tb: Testbed, rate_mbit: float, pings: int) -> dict[str, Any]:
 
 def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[str, Any]:
     pings = 500 if quick else 2000
-    flow_s = 4.0 if quick else 10.0
+    flow_s = 6.0 if quick else 12.0
     row: dict[str, Any] = {"backend": backend, "rate_mbit": rate, "delay_ms": delay,
                            "rtt_cfg_ms": 2 * delay}
     topo = load("n-path", n=1, rate_mbit=rate, delay_ms=delay)
     with Testbed(topo, backend=backend) as tb:
+        for node in (tb.client, tb.server):  # one flow must be able to fill 1 Gbit/s x 100 ms
+            write_sysctl(node.pid, TCP_BUFFERS)
         link = tb.paths[0].link
         fwd_pid = link.state.get("forwarder_pid")
         server = tb.popen(tb.server, ["iperf3", "-s", "-p", str(IPERF_PORT)],
@@ -192,7 +199,7 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
                     "rtt_load_n": loaded["n"], "load_mbit": loaded["load_mbit"]})
         cpu0, t0 = (proc_cpu_s(fwd_pid) if fwd_pid else None), time.monotonic()
         g = tcp_goodput(tb.client.pid, tb.server.pid, None, tb.server_addr, duration=flow_s,
-                        warmup=min(1.0 + 10 * 2 * delay / 1000, flow_s / 2))
+                        warmup=min(1.5 + 10 * 2 * delay / 1000, flow_s / 2))
         cpu1, t1 = (proc_cpu_s(fwd_pid) if fwd_pid else None), time.monotonic()
         row["goodput_mbit"] = g["goodput_mbit"]
         row["goodput_ratio"] = g["goodput_mbit"] / rate
@@ -250,7 +257,7 @@ def run_benchmark(out_dir: str | Path, quick: bool = False, backends: list[str] 
                   progress: bool = True) -> pd.DataFrame:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"quick": quick, "kernel": platform.release(), "cpus": os.cpu_count(),
+    meta: dict[str, Any] = {"quick": quick, "tcp_buffers": TCP_BUFFERS, "kernel": platform.release(), "cpus": os.cpu_count(),
                             "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "backends": {}}
     rows = []

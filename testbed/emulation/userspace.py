@@ -159,11 +159,18 @@ class UserspaceBackend(Backend):
         """Apply at once; returns after the forwarder acknowledged (its apply time in
         link.state['applied'][direction])."""
         old = link.params(direction)
-        reply = self._handle(link).request({"op": "set", "dir": direction,
-                                            "params": params.model_dump(mode="json")})
-        link.state.setdefault("applied", {})[direction] = reply["t"]
-        if any(getattr(old, f) != getattr(params, f) for f in SHAPING_FIELDS):
+        shaping_changed = any(getattr(old, f) != getattr(params, f) for f in SHAPING_FIELDS)
+        line_changed = any(getattr(old, f) != getattr(params, f)
+                           for f in LinkParams.model_fields if f not in SHAPING_FIELDS)
+        applied = None
+        if shaping_changed:
             self._change_shaping(link, direction, params)
+            applied = time.monotonic()
+        if line_changed or not shaping_changed:  # the forwarder ignores rate and queue
+            reply = self._handle(link).request({"op": "set", "dir": direction,
+                                                "params": params.model_dump(mode="json")})
+            applied = reply["t"] if applied is None else max(applied, reply["t"])
+        link.state.setdefault("applied", {})[direction] = applied
 
     @staticmethod
     def _change_shaping(link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
@@ -175,12 +182,16 @@ class UserspaceBackend(Backend):
         idx = link.state["ifindex"][direction]
         htb = shaping._htb_args(params, link.mtu)
         limit = shaping.queue_limit(link, params)
+        limits = link.state.setdefault("queue_limit", {})
+        old_limit = limits.get(direction, shaping.queue_limit(link, link.params(direction)))
 
         def apply(ipr: Any) -> None:
             ipr.tc("change-class", "htb", index=idx, handle="1:10", parent="1:", **htb)
-            ipr.tc("change", "pfifo", index=idx, handle="10:", parent="1:10", limit=limit)
+            if limit != old_limit:
+                ipr.tc("change", "pfifo", index=idx, handle="10:", parent="1:10", limit=limit)
 
         nl.call(apply)
+        limits[direction] = limit
 
     def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> None:
         reply = self._handle(link).request({"op": "blackhole", "dir": direction, "on": on})
