@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from testbed.emulation import BACKENDS, _load_optional
-from testbed.emulation.calibrate import ns_run, ping_rtts, tcp_goodput
+from testbed.emulation.calibrate import ping_rtts, tcp_goodput
 from testbed.net import Testbed
 from testbed.netns import write_sysctl
 from testbed.topology import load
@@ -130,15 +130,15 @@ def udp_loss(tb: Testbed, n: int = LOSS_PACKETS, pps: int = 5000, port: int = 54
     th = threading.Thread(target=receive, daemon=True)
     th.start()
     payload = bytearray(64)
-    burst = 10
+    burst = 10  # never more back to back: a late wake-up must not overflow the queue
     dst = (tb.server_addr, port)
-    t0 = time.monotonic()
+    nxt = time.monotonic()
     for i in range(n):
         struct.pack_into("!I", payload, 0, i)
         tx.sendto(payload, dst)
         if i % burst == burst - 1:
-            target = t0 + (i + 1) / pps
-            delay = target - time.monotonic()
+            nxt = max(nxt + burst / pps, time.monotonic())  # late: no catching up
+            delay = nxt - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
     done.set()
@@ -208,7 +208,10 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
         stats0 = tb.backend.stats(link)["up"] if hasattr(tb.backend, "stats") else None
         if backend != "bridge":
             tb.update_link(tb.paths[0].name, "up", loss_pct=LOSS_PCT)
-            loss = udp_loss(tb)
+            q0 = tb.backend.stats(link)["up"]["drop_queue"] if stats0 is not None else 0
+            loss = udp_loss(tb, pps=min(5000, int(rate * 1e6 / 8 / 106 * 0.4)))
+            if stats0 is not None:  # any queue drop would falsify the loss figure
+                row["loss_queue_drops"] = tb.backend.stats(link)["up"]["drop_queue"] - q0
             tb.update_link(tb.paths[0].name, "up", loss_pct=0)
             lo, hi = binomial_interval(LOSS_PACKETS, LOSS_PCT / 100)
             lost = loss["sent"] - loss["received"]
