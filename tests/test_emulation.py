@@ -170,9 +170,9 @@ def test_2x10ms_one_way_gives_rtt_19_to_23_ms():
                  backend="userspace") as tb:
         for p in tb.paths:
             rtt = ping_rtts(tb.client.pid, p.addr.far, 200, interval=0.005, src=p.addr.client)
-            assert rtt["n"] >= 195
+            assert rtt["answered"] == 200 and rtt["n"] >= 150
             assert 19 <= rtt["mean_ms"] <= 23, (p.name, rtt)
-            assert rtt["min_ms"] >= 19.9, rtt  # never faster than configured
+            assert rtt["min_ms"] >= 19.95, rtt  # never faster than configured
         pids = tb.backend.pids()
         assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
     for pid in pids:  # stopped with the testbed
@@ -185,7 +185,7 @@ def test_10pct_loss_gives_5_to_15pct_over_2000_pings():
     topo = one_path(delay_ms=1, up={"loss_pct": 10})
     with Testbed(topo, backend="userspace") as tb:
         rtt = ping_rtts(tb.client.pid, tb.server_addr, 2000, interval=0.002)
-        loss = 100 * (2000 - rtt["n"]) / 2000
+        loss = 100 * (2000 - rtt["answered"]) / 2000
         assert 5 <= loss <= 15, loss
         counted = tb.backend.stats(tb.paths[0].link)["up"]
         assert counted["drop_loss"] > 0 and counted["drop_queue"] == 0

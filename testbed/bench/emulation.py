@@ -4,7 +4,8 @@ For every usable backend and every (rate, one-way delay) of the grid
 (10/100/1000 Mbit/s x 0/10/50 ms; a Linux bridge only where no delay is asked),
 on a single path client -> emulator -> router -> server:
 
-  rtt idle       ping every 2 ms, mean and p99 vs 2 x delay
+  rtt idle       ICMP echo every 2 ms (our prober: kernel receive timestamps, us
+                 resolution), mean and p99 vs 2 x delay
   rtt load       the same while iperf3 sends UDP at 80 % of the rate client -> server
   goodput        one TCP flow (cubic), receiver side, after a warm-up
   loss           the path set live to 1 % random loss on "up", 10 000 UDP packets
@@ -193,7 +194,8 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         idle = ping_rtts(tb.client.pid, tb.server_addr, pings, interval=0.002)
         row.update({"rtt_idle_mean_ms": idle["mean_ms"], "rtt_idle_p99_ms": idle["p99_ms"],
-                    "rtt_idle_max_ms": idle["max_ms"], "rtt_idle_n": idle["n"]})
+                    "rtt_idle_max_ms": idle["max_ms"], "rtt_idle_n": idle["n"],
+                    "rtt_idle_answered": idle["answered"]})
         loaded = rtt_under_load(tb, rate, pings // 2)
         row.update({"rtt_load_mean_ms": loaded["mean_ms"], "rtt_load_p99_ms": loaded["p99_ms"],
                     "rtt_load_n": loaded["n"], "load_mbit": loaded["load_mbit"]})

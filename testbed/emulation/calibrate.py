@@ -15,7 +15,7 @@ by one TCP flow: that is the configuration, not an emulation error).
 from __future__ import annotations
 
 import math
-import re
+import os
 import socket
 import statistics
 import struct
@@ -27,7 +27,6 @@ from typing import Any
 from testbed.model import LinkParams
 
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
-PING_RE = re.compile(rb"icmp_seq=(\d+) .*time=([\d.]+) ms")
 
 
 # ---- measurement helpers (shared with the benchmark) ---------------------
@@ -36,19 +35,118 @@ def ns_run(pid: int, argv: list[str], timeout: float) -> subprocess.CompletedPro
     return subprocess.run(["mnexec", "-a", str(pid), *argv], capture_output=True, timeout=timeout)
 
 
+SO_TIMESTAMPNS = 35
+_icmp_ids = iter(range(0x4000 + os.getpid() % 0x3000, 0x10000))
+
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
 def ping_rtts(pid: int, dst: str, count: int, interval: float = 0.01, src: str | None = None,
-              size: int = 56, warmup: bool = True) -> dict[str, Any]:
-    """Ping `count` times; RTT statistics (ms). A short warm-up ping run first
-    resolves ARP: otherwise every ping sent during the resolution (one RTT)
-    waits in the neighbour queue and inflates the statistics."""
-    src_args = ["-I", src] if src else []
-    if warmup:
-        ns_run(pid, ["ping", "-n", "-c", "3", "-i", "0.05", "-W", "2", *src_args, dst], 10)
-    argv = ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-s", str(size), "-W", "5",
-            *src_args, dst]
-    out = ns_run(pid, argv, count * interval + 15).stdout
-    rtts = [float(m.group(2)) for m in PING_RE.finditer(out)]
-    return rtt_summary(rtts, sent=count)
+              size: int = 56, warmup: bool = True, timeout: float = 3.0) -> dict[str, Any]:
+    """ICMP echo `count` times from pid's namespace; RTT statistics in ms.
+
+    Our own prober, because ping prints per-packet times with 0.1 ms (>= 10 ms)
+    or 1 ms (>= 100 ms) resolution, truncated: useless for a 0.3 ms target.
+    Replies are timed by the kernel (SO_TIMESTAMPNS); the send time is read
+    right before sendto() and a sample is dropped if sendto() took > 0.2 ms
+    (the thread lost the CPU or the GIL in between). The far end's kernel
+    answers, no application there. A warm-up echo first resolves ARP:
+    otherwise every probe sent during the resolution (one RTT) waits in the
+    neighbour queue and inflates the statistics."""
+    from testbed.netns import run_in_netns
+
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        if src:
+            s.bind((src, 0))
+        return s
+
+    sock = run_in_netns(pid, make)
+    ident = next(_icmp_ids) & 0xFFFF
+    payload = bytes(max(0, size))
+    packets = []
+    n_warm = 3 if warmup else 0
+    for seq in range(n_warm + count):
+        hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF)
+        csum = _icmp_checksum(hdr + payload)
+        packets.append(struct.pack("!BBHHH", 8, 0, csum, ident, seq & 0xFFFF) + payload)
+    sent_ns = [0] * len(packets)
+    bad = bytearray(len(packets))
+    rx_ns = [0] * len(packets)
+    done = threading.Event()
+
+    def receive() -> None:
+        sock.settimeout(0.05)
+        deadline = None
+        while True:
+            if done.is_set():
+                deadline = deadline or time.monotonic() + timeout
+                if time.monotonic() > deadline or all(rx_ns[n_warm:]):
+                    return
+            try:
+                data, anc, _flags, _addr = sock.recvmsg(2048, 64)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            ihl = (data[0] & 0x0F) * 4
+            if len(data) < ihl + 8:
+                continue
+            typ, _code, _c, rid, rseq = struct.unpack_from("!BBHHH", data, ihl)
+            if typ != 0 or rid != ident or rseq >= len(packets):
+                continue
+            ts = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", cdata[:16])
+                    ts = sec * 1_000_000_000 + nsec
+            rx_ns[rseq] = ts or time.time_ns()
+
+    rx = threading.Thread(target=receive, daemon=True)
+    rx.start()
+    addr = (dst, 0)
+    try:
+        for i in range(n_warm):  # one at a time, each answered (or 1 s)
+            sent_ns[i] = time.time_ns()
+            sock.sendto(packets[i], addr)
+            t_end = time.monotonic() + 1.0
+            while not rx_ns[i] and time.monotonic() < t_end:
+                time.sleep(0.001)
+        t_next = time.monotonic()
+        for i in range(n_warm, len(packets)):
+            t_next += interval
+            t_before = time.time_ns()
+            try:
+                sock.sendto(packets[i], addr)
+            except OSError:
+                bad[i] = 1
+            if time.time_ns() - t_before > 200_000:
+                bad[i] = 1
+            sent_ns[i] = t_before
+            while True:
+                left = t_next - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(left if left > 0.0003 else 0)
+    finally:
+        done.set()
+        rx.join(timeout + 5)
+        sock.close()
+    rtts = [(rx_ns[i] - sent_ns[i]) / 1e6 for i in range(n_warm, len(packets))
+            if rx_ns[i] and not bad[i]]
+    out = rtt_summary(rtts, sent=count)
+    out["answered"] = sum(1 for i in range(n_warm, len(packets)) if rx_ns[i])
+    out["discarded"] = sum(bad[n_warm:])
+    return out
 
 
 def rtt_summary(rtts: list[float], sent: int) -> dict[str, Any]:
@@ -205,11 +303,11 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
         tol = max(cfg_rtt * rtt_tol_pct / 100, rtt_tol_ms) + up.jitter_ms + down.jitter_ms
         entry: dict[str, Any] = {
             "rtt_configured_ms": cfg_rtt, "rtt_mean_ms": rtt["mean_ms"], "rtt_p99_ms": rtt["p99_ms"],
-            "rtt_min_ms": rtt["min_ms"], "pings": rtt["n"], "rtt_tolerance_ms": tol,
+            "rtt_min_ms": rtt["min_ms"], "pings": n, "answered": rtt["answered"], "rtt_tolerance_ms": tol,
         }
-        if rtt["n"] < max(5, n // 10):
+        if rtt["answered"] < max(5, n // 10) or rtt["n"] < 5:
             entry["rtt_ok"] = False
-            problems.append(f"{p.name}: only {rtt['n']} of {n} pings answered")
+            problems.append(f"{p.name}: only {rtt['answered']} of {n} pings answered")
         else:
             entry["rtt_ok"] = abs(rtt["mean_ms"] - cfg_rtt) <= tol
             if not entry["rtt_ok"]:
