@@ -36,7 +36,8 @@ HOST_CA = "/tmp/host-ca.crt"  # inside the chroot, during the build only
 DISK_GB = 8
 # minbase keeps debootstrap short; what a bootable, ssh-able guest needs on top.
 DEBOOTSTRAP_INCLUDE = ["systemd-sysv", "udev", "dbus", "kmod", "iproute2", "ca-certificates"]
-GUEST_PACKAGES = ["linux-image-amd64", "openssh-server", "sudo", "e2fsprogs", "procps"]
+GUEST_PACKAGES = ["openssh-server", "sudo", "e2fsprogs", "procps"]
+# The kernel comes from guest_kernel.sh (trixie-backports, Linux >= 6.15: see there).
 # Files whose content decides the box; a change in any of them means a new box.
 INPUT_FILES = [
     "scripts/apt-packages.txt",
@@ -45,6 +46,7 @@ INPUT_FILES = [
     "scripts/bootstrap.sh",
     "testbed/vm/box.py",
     "testbed/vm/guest_setup.sh",
+    "testbed/vm/guest_kernel.sh",
 ]
 # What bootstrap.sh needs to see in the chroot: the editable install maps the
 # top-level packages it finds to /vagrant/<pkg>, the path of the synced folder.
@@ -170,10 +172,12 @@ class _Builder:
             shutil.copy(host_ca, self.root / HOST_CA.lstrip("/"))
         try:
             self.mount_pseudo()
-            self.say("kernel, ssh and upgrades from the security archive ...")
+            self.say("ssh, security upgrades, kernel (trixie-backports) ...")
             self.chroot("apt-get", "update", "-qq")
             self.chroot("apt-get", "-y", "-qq", "dist-upgrade")
             self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES)
+            shutil.copy(Path(__file__).with_name("guest_kernel.sh"), self.root / "tmp/guest_kernel.sh")
+            self.chroot("env", f"MPTB_DEBIAN_MIRROR={MIRROR}", "/bin/sh", "/tmp/guest_kernel.sh")
             self.say("project bootstrap (apt packages + pinned venv) inside the chroot ...")
             self._copy_repo_subset()
             self.chroot("env", f"MPTB_VENV={GUEST_VENV}", "/bin/bash", "/vagrant/scripts/bootstrap.sh")
@@ -221,7 +225,8 @@ class _Builder:
         kver = kernels[-1].name
         versions = dict(line.split("\t", 1) for line in pkgs.splitlines() if "\t" in line)
         return {"box": BOX_NAME, "inputs_sha256": inputs_hash(self.repo), "suite": SUITE,
-                "kernel": kver, "linux_image": versions.get(f"linux-image-{kver}", "?"),
+                "kernel": kver, "linux_image": versions.get(f"linux-image-{kver}")
+                or versions.get(f"linux-image-{kver}-unsigned", "?"),
                 "guest_venv": GUEST_VENV, "packages": versions,
                 "pip": [line for line in freeze.splitlines() if line],
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -296,7 +301,8 @@ def build(repo: Path, force: bool = False, log=print) -> tuple[Path, bool]:
     except BaseException:
         builder.umount_pseudo()
         log(f"build log kept: {builder.logfile}")
-        shutil.rmtree(builder.root, ignore_errors=True)
+        if os.environ.get("MPTB_BOX_KEEP_FAILED") != "1":  # keep the tree for debugging
+            shutil.rmtree(builder.root, ignore_errors=True)
         raise
     shutil.rmtree(builder.root)
     shutil.rmtree(final, ignore_errors=True)
