@@ -16,32 +16,9 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+from testbed.cli import fail as _fail, guard as _guard, need_root as _need_root
+
 ROOT = Path(__file__).resolve().parent
-
-
-def _fail(msg: str) -> Exit:
-    return Exit(f"error: {msg}", code=2)
-
-
-def _guard(fn):
-    """Run fn, turning user errors into a one-line message and exit status 2."""
-    from pydantic import ValidationError
-
-    from testbed.errors import TestbedError, format_validation_error
-
-    try:
-        return fn()
-    except TestbedError as exc:
-        raise _fail(str(exc)) from None
-    except ValidationError as exc:
-        raise _fail(format_validation_error("invalid input", exc)) from None
-    except KeyboardInterrupt:
-        raise Exit("interrupted; everything created was removed", code=130) from None
-
-
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        raise _fail("this task needs root (network namespaces, tc, nftables)")
 
 
 def _topology(name: str, sets: list[str]):

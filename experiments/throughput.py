@@ -46,7 +46,7 @@ class Throughput(Experiment):
             load = workload.get("app", mode="bulk", seconds=p.seconds, direction=p.direction,
                                 protocol=p.protocol, cc=cc)
         else:
-            load = workload.get("iperf3", seconds=p.seconds, reverse=p.direction == "down",
+            load = workload.get("iperf", seconds=p.seconds, reverse=p.direction == "down",
                                 protocol=p.protocol, cc=cc)
         before = tb.interface_bytes()
         result = load.run(tb, ctx.raw_dir, ctx.t0_ns, timeout_s=p.seconds + 30)

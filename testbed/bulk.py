@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 from testbed.errors import TestbedError
+from testbed.mptcp import sockopt
 
-SOL_MPTCP = 284
-MPTCP_INFO = 1
 CHUNK = 64 * 1024
 
 
@@ -28,24 +27,13 @@ class BulkResult:
     protocol: str = "mptcp"
 
 
-def _socket(protocol: str, cc: str) -> socket.socket:
-    proto = socket.IPPROTO_MPTCP if protocol == "mptcp" else socket.IPPROTO_TCP
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-    # The kernel default here is bbr and a namespace may not change it.
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
-    return s
-
-
 def bulk_transfer(tb, seconds: float = 6.0, warmup: float = 2.0, protocol: str = "mptcp",
                   cc: str = "cubic", port: int = 5201) -> BulkResult:
     """Client sends to server for `seconds`; goodput over [warmup, seconds]."""
     if seconds <= warmup:
         raise TestbedError(f"bulk transfer: seconds ({seconds}) must exceed warmup ({warmup})")
-    listener = tb.in_ns(tb.server, lambda: _socket(protocol, cc))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((tb.server_addr, port))
-    listener.listen(1)
-    client = tb.in_ns(tb.client, lambda: _socket(protocol, cc))
+    listener = tb.in_ns(tb.server, lambda: sockopt.listener(port, tb.server_addr, protocol, cc, 1))
+    client = tb.in_ns(tb.client, lambda: sockopt.mptcp_socket(cc, protocol))
     client.settimeout(10)
     received = {"n": 0}
     marks: dict[str, int] = {}
@@ -106,7 +94,6 @@ def bulk_transfer(tb, seconds: float = 6.0, warmup: float = 2.0, protocol: str =
 
 def _subflows(sock: socket.socket) -> int:
     try:
-        info = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 96)
+        return sockopt.mptcp_info(sock).subflows  # additional subflows beyond the initial one
     except OSError:
         return 0  # fell back to TCP
-    return info[0]  # mptcpi_subflows: additional subflows beyond the initial one

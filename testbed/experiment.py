@@ -11,21 +11,17 @@ experiments/ plus a scenario file.
 from __future__ import annotations
 
 import abc
-import importlib
-import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from testbed.errors import TestbedError, format_validation_error
+from testbed.registry import Parametrized, Registry, StrictParams
 
 
-class ExperimentParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+ExperimentParams = StrictParams
 
 
 @dataclass
@@ -60,45 +56,17 @@ class RunContext:
                             "event": event, "token": token, "detail": detail})
 
 
-class Experiment(abc.ABC):
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Params: ClassVar[type[ExperimentParams]] = ExperimentParams
-
-    @classmethod
-    def validate_params(cls, params: dict[str, Any]) -> ExperimentParams:
-        try:
-            return cls.Params(**params)
-        except ValidationError as exc:
-            raise TestbedError(format_validation_error(f"experiment {cls.name!r} params", exc)) from None
+class Experiment(Parametrized, abc.ABC):
+    kind = "experiment"
 
     @abc.abstractmethod
     def run(self, ctx: RunContext) -> RunOutput:
         """Drive the workload on ctx.tb (already built, probes running)."""
 
 
-_REGISTRY: dict[str, type[Experiment]] = {}
+EXPERIMENTS: Registry[Experiment] = Registry("experiment type", "experiments")
+register, available = EXPERIMENTS.register, EXPERIMENTS.available
 
 
-def register(cls: type[Experiment]) -> type[Experiment]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    import experiments
-
-    for mod in pkgutil.iter_modules(experiments.__path__):
-        importlib.import_module(f"experiments.{mod.name}")
-
-
-def get(name: str) -> type[Experiment]:
-    _discover()
-    if name not in _REGISTRY:
-        raise TestbedError(f"unknown experiment type {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
-
-
-def available() -> dict[str, str]:
-    _discover()
-    return {n: c.description for n, c in sorted(_REGISTRY.items())}
+def experiment_class(name: str) -> type[Experiment]:
+    return EXPERIMENTS.cls(name)

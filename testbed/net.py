@@ -15,7 +15,6 @@ after a kill -9.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time

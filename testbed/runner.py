@@ -78,7 +78,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def run_one(spec: RunSpec, root: Path) -> Path:
     sc = spec.scenario
-    exp_cls = experiments.get(sc.experiment)
+    exp_cls = experiments.experiment_class(sc.experiment)
     writer = RunWriter(root, sc.experiment, spec.run_id)
     manifest: dict[str, Any] = {
         "experiment": sc.experiment, "run_id": spec.run_id,

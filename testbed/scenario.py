@@ -136,13 +136,13 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None,
 
 def validate(data: dict[str, Any], where: str = "scenario") -> Scenario:
     """Validate everything that can be checked before a single namespace exists."""
-    from testbed.experiment import get as get_experiment
+    from testbed.experiment import experiment_class
 
     try:
         scenario = Scenario(**data)
     except ValidationError as exc:
         raise TestbedError(format_validation_error(where, exc)) from None
-    experiment = get_experiment(scenario.experiment)
+    experiment = experiment_class(scenario.experiment)
     plain = scenario.model_dump()
     for key, values in scenario.grid.items():
         if not values:

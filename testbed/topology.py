@@ -13,6 +13,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from testbed.errors import TestbedError, format_validation_error
+from testbed.registry import Registry
 from testbed.model import TopologySpec
 
 
@@ -26,15 +27,9 @@ class Topology:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Topology]] = {}
+TOPOLOGIES: Registry[Topology] = Registry("topology", "testbed.topologies")
+register = TOPOLOGIES.register
 BUILTIN_DIR = Path(__file__).parent / "topologies"
-
-
-def register(cls: type[Topology]) -> type[Topology]:
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} needs a name")
-    _REGISTRY[cls.name] = cls
-    return cls
 
 
 def _search_dirs() -> list[Path]:
@@ -44,9 +39,7 @@ def _search_dirs() -> list[Path]:
 
 def available() -> dict[str, str]:
     """name -> description of every known topology."""
-    import testbed.topologies  # noqa: F401  (registers the built-in classes)
-
-    out = {name: cls.description for name, cls in _REGISTRY.items()}
+    out = TOPOLOGIES.available()
     for d in _search_dirs():
         for f in sorted(d.glob("*.toml")):
             out.setdefault(f.stem, _read_toml(f).get("description", ""))
@@ -73,11 +66,9 @@ def from_dict(data: dict[str, Any], where: str = "topology") -> TopologySpec:
 
 def load(name_or_path: str, **params: Any) -> TopologySpec:
     """Resolve a topology by registered name, TOML name, or path to a TOML file."""
-    import testbed.topologies  # noqa: F401
-
-    if name_or_path in _REGISTRY:
+    if name_or_path in TOPOLOGIES:
         try:
-            return _REGISTRY[name_or_path]().spec(**params)
+            return TOPOLOGIES.cls(name_or_path)().spec(**params)
         except ValidationError as exc:
             raise TestbedError(format_validation_error(f"topology {name_or_path!r}", exc)) from None
         except TypeError as exc:

@@ -18,9 +18,9 @@ import pytest
 from conftest import assert_one_line_error
 from testbed.model import HostSettings
 from testbed.mptcp import sockopt as so
+from testbed.mptcp.sockopt import listener
 from testbed.net import Testbed, wait_until
 from testbed.robe import Options, RobeError, connect
-from testbed.robe.sockets import IPPROTO_MPTCP
 from testbed.robe.trial import run_establishment_trial, tb_paths
 from testbed.topology import load
 
@@ -42,14 +42,7 @@ def blackhole(tb: Testbed, path: str = "wifi") -> None:
 
 def sha_server(tb: Testbed) -> socket.socket:
     """Kernel MPTCP listener: reads until EOF, answers the sha256 of what it got."""
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", PORT))
-        s.listen(8)
-        return s
-
-    ls = tb.in_ns(tb.server, listen)
+    ls = tb.in_ns(tb.server, lambda: listener(PORT, backlog=8))
 
     def serve() -> None:
         while True:

@@ -287,6 +287,17 @@ def mptcp_socket(cc: str = "cubic", protocol: str = "mptcp",
     return s
 
 
+def listener(port: int, addr: str = "0.0.0.0", protocol: str = "mptcp", cc: str = "cubic",
+             backlog: int = 64) -> socket.socket:
+    """A listening socket (call it inside the server's namespace). Keep it open
+    while the connection lives: MP_JOIN SYNs are matched against it."""
+    s = mptcp_socket(cc, protocol)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port))
+    s.listen(backlog)
+    return s
+
+
 def congestion_control(sock: socket.socket) -> str:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode()
 

@@ -12,15 +12,13 @@ workloads use it too.
 from __future__ import annotations
 
 import abc
-import importlib
-import pkgutil
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from testbed.errors import TestbedError, format_validation_error
+from testbed.registry import Parametrized, Registry, StrictParams
+
 
 # docs/results.md, without the experiment/run_id keys the store adds.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -73,20 +71,11 @@ def rel_s(ns: int | None, t0_ns: int) -> float | None:
     return None if ns is None else (ns - t0_ns) / 1e9
 
 
-class ProbeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+ProbeParams = StrictParams
 
 
-class Probe(abc.ABC):
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Params: ClassVar[type[ProbeParams]] = ProbeParams
-
-    def __init__(self, **params: Any):
-        try:
-            self.params = self.Params(**params)
-        except ValidationError as exc:
-            raise TestbedError(format_validation_error(f"probe {self.name!r}", exc)) from None
+class Probe(Parametrized, abc.ABC):
+    kind = "probe"
 
     @abc.abstractmethod
     def start(self, tb: Any, run_dir: Path, t0_ns: int) -> None:
@@ -107,32 +96,5 @@ class Probe(abc.ABC):
         return {}
 
 
-_REGISTRY: dict[str, type[Probe]] = {}
-
-
-def register(cls: type[Probe]) -> type[Probe]:
-    if not getattr(cls, "name", ""):
-        raise TypeError(f"{cls.__name__} needs a name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    import testbed.probes as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name != "base":
-            importlib.import_module(f"testbed.probes.{mod.name}")
-
-
-def available() -> dict[str, str]:
-    _discover()
-    return {n: c.description for n, c in sorted(_REGISTRY.items())}
-
-
-def get(name: str, **params: Any) -> Probe:
-    """A new probe instance by name, with validated parameters."""
-    _discover()
-    if name not in _REGISTRY:
-        raise TestbedError(f"unknown probe {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](**params)
+PROBES: Registry[Probe] = Registry("probe", "testbed.probes", skip={"base"})
+register, get, available = PROBES.register, PROBES.get, PROBES.available

@@ -37,18 +37,17 @@ Metrics returned (seconds are relative to the start of connect()):
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
 
 from testbed.robe import report as R
 from testbed.robe.history import History
-from testbed.robe.sockets import IPPROTO_MPTCP, PathSpec
+from testbed.mptcp.sockopt import listener
+from testbed.robe.sockets import PathSpec
 from testbed.robe.strategies import Options, RobeError, connect
 from testbed.robe.timer import TimerPolicy
 
@@ -67,14 +66,7 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
     if key in _servers:
         return
 
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen(64)
-        return s
-
-    ls = tb.in_ns(tb.server, listen)
+    ls = tb.in_ns(tb.server, lambda: listener(port))
     body = payload(response_bytes)
 
     def handle(c: socket.socket) -> None:

@@ -11,18 +11,16 @@ to run_dir/"raw" and are listed in raw_files.
 from __future__ import annotations
 
 import abc
-import importlib
-import pkgutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from testbed.errors import TestbedError, format_validation_error
+from testbed.errors import TestbedError
+from testbed.registry import Parametrized, Registry, StrictParams
 
 Scalar = float | int | str | bool | None
 
@@ -34,20 +32,11 @@ class WorkloadResult:
     raw_files: list[Path] = field(default_factory=list)
 
 
-class WorkloadParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+WorkloadParams = StrictParams
 
 
-class Workload(abc.ABC):
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Params: ClassVar[type[WorkloadParams]] = WorkloadParams
-
-    def __init__(self, **params: Any):
-        try:
-            self.params = self.Params(**params)
-        except ValidationError as exc:
-            raise TestbedError(format_validation_error(f"workload {self.name!r}", exc)) from None
+class Workload(Parametrized, abc.ABC):
+    kind = "workload"
 
     @abc.abstractmethod
     def run(self, tb: Any, run_dir: Path, t0_ns: int, timeout_s: float) -> WorkloadResult:
@@ -78,32 +67,6 @@ def wait_procs(procs: dict[str, subprocess.Popen], timeout_s: float, what: str) 
             raise TestbedError(f"{what}: {name} still running after {timeout_s:g} s (killed)") from None
 
 
-_REGISTRY: dict[str, type[Workload]] = {}
-
-
-def register(cls: type[Workload]) -> type[Workload]:
-    if not getattr(cls, "name", ""):
-        raise TypeError(f"{cls.__name__} needs a name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    import testbed.workload as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "app"):  # app.py is the program, not a workload
-            importlib.import_module(f"testbed.workload.{mod.name}")
-
-
-def available() -> dict[str, str]:
-    _discover()
-    return {n: c.description for n, c in sorted(_REGISTRY.items())}
-
-
-def get(name: str, **params: Any) -> Workload:
-    """A new workload instance by name, with validated parameters."""
-    _discover()
-    if name not in _REGISTRY:
-        raise TestbedError(f"unknown workload {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](**params)
+# app.py is the program run in the namespaces, not a workload class.
+WORKLOADS: Registry[Workload] = Registry("workload", "testbed.workload", skip={"base", "app"})
+register, get, available = WORKLOADS.register, WORKLOADS.get, WORKLOADS.available
