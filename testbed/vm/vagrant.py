@@ -108,11 +108,15 @@ def ensure_local_box(repo: Path, force: bool = False, log=print) -> None:
 def remove_local_box() -> None:
     """Forget the box in Vagrant and libvirt (the build cache stays)."""
     vagrant("box", "remove", "--force", "--all", box.BOX_NAME, capture=True, check=False)
-    # vagrant-libvirt copies the box image into the "default" pool on first use.
-    if shutil.which("virsh"):
+    # vagrant-libvirt copies the box image into the "default" pool on first use
+    # (named after the box's timestamp, so a new box never reuses it). Old
+    # copies may back existing VMs' disks: only delete them when no domain exists.
+    # The same holds for the kernel copies in BOOT_DIR.
+    if shutil.which("virsh") and not _virsh("list", "--all", "--name").stdout.split():
         prefix = box.BOX_NAME.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
-        for name in _virsh("vol-list", "default", "--name").stdout.split():
+        rows = _virsh("vol-list", "--pool", "default").stdout.splitlines()[2:]
+        for name in (row.split()[0] for row in rows if row.strip()):
             if name.startswith(prefix):
                 _virsh("vol-delete", "--pool", "default", name)
-    for f in box.BOOT_DIR.glob("mptcp-testbed-*"):
-        f.unlink()
+        for f in box.BOOT_DIR.glob("mptcp-testbed-*"):
+            f.unlink()
