@@ -60,11 +60,20 @@ def host():
     before = {name: _running(pf) for name, pf in DAEMONS.items()}
     res = _sh([str(ROOT / "scripts/vm-host-setup.sh")], dict(os.environ), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:]
-    yield
-    for name, pf in DAEMONS.items():
-        pid = _running(pf)
-        if before[name] is None and pid is not None:
-            os.kill(pid, 15)
+    # qemu (libvirt's own user) serves the 9p share and must reach the checkout;
+    # a CI clone may sit below a private directory: open it for the test only.
+    modes = {p: p.stat().st_mode for p in (ROOT, *ROOT.parents) if not p.stat().st_mode & 0o001}
+    for p, mode in modes.items():
+        p.chmod((mode | 0o001) & 0o7777)
+    try:
+        yield
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode & 0o7777)
+        for name, pf in DAEMONS.items():
+            pid = _running(pf)
+            if before[name] is None and pid is not None:
+                os.kill(pid, 15)
 
 
 def test_vagrantfile_validates_for_both_providers(host, tmp_path):

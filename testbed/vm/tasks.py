@@ -87,6 +87,7 @@ def up(c, provider="", local=False):
         raise VmError(f"unknown provider '{provider}' (libvirt or virtualbox)")
     if provider == "libvirt":
         vg.require_libvirt()
+        vg.require_shareable(vg.repo_root())
     if use_local:
         vg.ensure_local_box(vg.repo_root(), log=_log)
     t0 = time.monotonic()

@@ -77,6 +77,18 @@ def require_libvirt() -> None:
         raise VmError(f"libvirtd does not answer on {LIBVIRT_URI}: run scripts/vm-host-setup.sh")
 
 
+def require_shareable(repo: Path) -> None:
+    """The 9p share is served by qemu running as libvirt's own user, which must
+    be able to reach the checkout; a private home directory stops it with an
+    obscure mount error inside the guest, so say it here instead."""
+    for p in (repo, *repo.parents):
+        if not p.stat().st_mode & 0o001:
+            raise VmError(f"libvirt's qemu user cannot reach {repo}: {p} is not searchable by others "
+                          f"(chmod o+x {p}, or use a checkout outside it)")
+    if not repo.stat().st_mode & 0o004:
+        raise VmError(f"libvirt's qemu user cannot list {repo} (chmod o+r {repo})")
+
+
 def _virsh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["virsh", "-c", LIBVIRT_URI, *args], capture_output=True, text=True)
 
