@@ -14,6 +14,9 @@ on a single path client -> emulator -> router -> server:
                  TCP flow runs, in % of one core
 plus one row at 20 Mbit/s / 10 ms for the "<= 25 % of a core at 20 Mbit/s" target.
 
+Timed link changes: every kind of change, applied repeatedly on a two-path
+testbed; lateness vs schedule (target 1 ms) in <out>/emulation-events.csv.
+
 Results go to <out>/emulation.csv and .parquet (+ emulation-meta.json with the
 machine's load); the table and the target verdicts are printed.
 """
@@ -231,6 +234,47 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
     return row
 
 
+def event_timing(backend: str, rounds: int = 10) -> pd.DataFrame:
+    """Apply every kind of timed link change `rounds` times while a two-path
+    testbed idles; lateness of start and of the applied change vs schedule."""
+    from testbed.emulation.events import EventScheduler, LinkEvent
+
+    events = []
+    t = 0.2
+    for i in range(rounds):
+        events += [LinkEvent(t, "wifi", set={"delay_ms": 10 + i}),
+                   LinkEvent(t + 0.05, "wifi", set={"loss_pct": 1 + i % 2}),
+                   LinkEvent(t + 0.10, "wifi", set={"rate_mbit": 10 + i}),
+                   LinkEvent(t + 0.15, "lte", direction="up", blackhole=True),
+                   LinkEvent(t + 0.20, "lte", direction="up", blackhole=False),
+                   LinkEvent(t + 0.25, "lte", state="down"),
+                   LinkEvent(t + 0.35, "lte", state="up")]
+        t += 0.5
+    with Testbed(load("two-path", rate_mbit=20), backend=backend) as tb:
+        with EventScheduler(tb, events) as sched:
+            time.sleep(t + 0.3)
+    rows = []
+    for e, r in zip(events, sched.records):
+        kind = ("set " + next(iter(e.set))) if e.set else (f"state {e.state}" if e.state
+                                                             else f"blackhole {'on' if e.blackhole else 'off'}")
+        rows.append({"backend": backend, "kind": kind, "ok": r["ok"],
+                     "start_lateness_ms": r["start_lateness_ms"],
+                     "applied_lateness_ms": r["applied_lateness_ms"], "duration_ms": r["duration_ms"]})
+    return pd.DataFrame(rows)
+
+
+def format_events(ev: pd.DataFrame) -> str:
+    lines = ["Timed link changes (target: applied within 1 ms of schedule):",
+             f"  {'backend':<9} {'change':<16} {'n':>3} {'start max':>9} {'applied p50':>11} "
+             f"{'applied max':>11}  verdict"]
+    for (backend, kind), g in ev.groupby(["backend", "kind"], sort=False):
+        ok = bool(g["ok"].all()) and g["applied_lateness_ms"].max() <= 1.0
+        lines.append(f"  {backend:<9} {kind:<16} {len(g):>3} {g['start_lateness_ms'].max():>9.3f} "
+                     f"{g['applied_lateness_ms'].median():>11.3f} {g['applied_lateness_ms'].max():>11.3f}"
+                     f"  {'PASS' if ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
 def _verdicts(row: dict[str, Any]) -> dict[str, Any]:
     cfg = row["rtt_cfg_ms"]
     tol = rtt_tolerance_ms(cfg)
@@ -293,6 +337,17 @@ def run_benchmark(out_dir: str | Path, quick: bool = False, backends: list[str] 
                          f"rtt {row['rtt_idle_mean_ms']:.3f}/{row['rtt_load_mean_ms']:.3f} ms, "
                          f"goodput {row['goodput_mbit']:.1f}, cpu {row.get('cpu_pct', math.nan):.0f} %")
                       + f" ({row['seconds']} s)", flush=True)
+    ev_frames = []
+    for name, problem in meta["backends"].items():
+        if problem == "usable" and name != "bridge":
+            try:
+                ev_frames.append(event_timing(name, rounds=5 if quick else 20))
+            except Exception as exc:  # noqa: BLE001 - reported, the table still gets written
+                meta.setdefault("errors", []).append(f"event timing on {name}: {exc}")
+    events = pd.concat(ev_frames, ignore_index=True) if ev_frames else pd.DataFrame()
+    if len(events):
+        events.to_csv(out / "emulation-events.csv", index=False)
+        events.to_parquet(out / "emulation-events.parquet", index=False)
     meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     df = pd.DataFrame(rows)
     df.to_csv(out / "emulation.csv", index=False)
@@ -300,6 +355,8 @@ def run_benchmark(out_dir: str | Path, quick: bool = False, backends: list[str] 
     (out / "emulation-meta.json").write_text(json.dumps(meta, indent=1))
     if progress:
         print(format_report(df, meta))
+        if len(events):
+            print(format_events(events))
     return df
 
 

@@ -16,8 +16,9 @@ acknowledgment carries the forwarder's own apply time, which is recorded too.
 
 Kinds of event (exactly one per event):
     set={"delay_ms": .., "loss_pct": .., "rate_mbit": ..}  -> tb.update_link
-    state="down" | "up"                                     -> tb.set_path_state
-                                                               (carrier of the client interface)
+    state="down" | "up"                                     -> what tb.set_path_state does
+                                                               (carrier of the client interface,
+                                                               routes restored on "up")
     blackhole=True | False                                   -> backend.set_blackhole
                                                                (packets vanish, interfaces stay up)
 """
@@ -165,9 +166,9 @@ class EventScheduler:
         # (failover); a netlink socket opened now in the client's namespace makes
         # them one round trip (~0.3 ms) instead of a new thread and socket.
         self._client_nl: NetnsWorker | None = None
-        if any(e.state == "down" for e in self.events):
+        if any(e.state is not None for e in self.events):
             self._client_nl = NetnsWorker(tb.client.pid, "client")
-            names = {e.link: tb.path(e.link).client_if for e in self.events if e.state == "down"}
+            names = {e.link: tb.path(e.link).client_if for e in self.events if e.state is not None}
             self._ifindex = self._client_nl.call(
                 lambda ipr: {k: ipr.link_lookup(ifname=v)[0] for k, v in names.items()})
         self.t0: float | None = None
@@ -213,10 +214,22 @@ class EventScheduler:
         tb = self.tb
         if e.set:
             tb.update_link(e.link, e.direction, **e.set)
-        elif e.state == "down" and self._client_nl is not None:
-            # What Testbed.set_path_state(name, False) does, on the open socket.
+        elif e.state is not None and self._client_nl is not None:
+            # Exactly what Testbed.set_path_state() does, on the open socket
+            # (~0.3 ms instead of ~2.5 ms with a new thread and socket).
             idx = self._ifindex[e.link]
-            self._client_nl.call(lambda ipr: ipr.link("set", index=idx, state="down"))
+            p = tb.path(e.link)
+            is_default = p.name == tb.topology.default.name
+
+            def carrier(ipr: Any) -> None:
+                ipr.link("set", index=idx, state=e.state)
+                if e.state == "up":  # the kernel dropped the routes with the carrier
+                    ipr.route("replace", dst="0.0.0.0/0", gateway=p.addr.far, oif=idx,
+                              table=p.addr.table)
+                    if is_default:
+                        ipr.route("replace", dst="0.0.0.0/0", gateway=p.addr.far, oif=idx)
+
+            self._client_nl.call(carrier)
         elif e.state is not None:
             tb.set_path_state(e.link, e.state == "up")
         else:
