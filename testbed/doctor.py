@@ -34,15 +34,17 @@ def _kernel_checks() -> list[Check]:
     holder = _scratch_netns()
     try:
         def probe() -> str:
-            with open("/proc/sys/net/mptcp/blackhole_timeout", "w") as f:
-                f.write("0")
-            with open("/proc/sys/net/mptcp/path_manager") as f:
-                pm = f.read().strip()
+            with open("/proc/sys/net/mptcp/enabled", "w") as f:  # writable per namespace
+                f.write("1")
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
             s.close()
-            with open("/proc/sys/net/mptcp/available_path_managers") as f:
-                return f"path_manager={pm}; available: {f.read().strip()}"
+            knobs = sorted(os.listdir("/proc/sys/net/mptcp"))
+            # path_manager (6.15+) or its older twin pm_type (5.19+): both PMs usable
+            pm = "path_manager" if "path_manager" in knobs else "pm_type" if "pm_type" in knobs else None
+            if pm is None:
+                raise OSError("no net.mptcp.path_manager or pm_type: the userspace PM needs Linux >= 5.19")
+            return f"per-namespace net.mptcp.*: {len(knobs)} knobs; path manager via {pm}"
         detail = run_in_netns(holder.pid, probe)
         out.append(Check("per-namespace MPTCP sysctls + socket", True, detail))
     except OSError as exc:

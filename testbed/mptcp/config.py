@@ -1,10 +1,12 @@
 """Pin a host's MPTCP sysctls, limits and endpoints through netlink."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pyroute2 import MPTCP, IPRoute
 
+from testbed.errors import TestbedError
 from testbed.model import HostSettings
 from testbed.netns import read_sysctl, run_in_netns, write_sysctl
 
@@ -27,9 +29,38 @@ class Endpoint:
 
 
 def apply_settings(pid: int, settings: HostSettings) -> None:
+    """Pin the host's MPTCP sysctls, on any kernel with MPTCP v1 (5.6+).
+
+    Newer knobs do not exist on older kernels (path_manager: 6.15; scheduler,
+    blackhole_timeout, syn_retrans_before_tcp_fallback, close_timeout: later
+    than 6.1). `path_manager` maps to its older twin `pm_type`. Any other absent
+    knob is skipped when the setting is our default, which there means the
+    kernel's fixed behaviour (no blackhole detection exists, one scheduler), and
+    is recorded as absent by snapshot(); asking for a non-default value that the
+    kernel cannot apply is an error, never silently ignored.
+    """
+    wanted = settings.sysctls()
+    present = set(run_in_netns(pid, _present_mptcp_sysctls))
+    if "net.mptcp.path_manager" not in present and "net.mptcp.pm_type" in present:
+        pm = wanted.pop("net.mptcp.path_manager")
+        wanted["net.mptcp.pm_type"] = PM_TYPE[str(pm)]
+    defaults = HostSettings().sysctls()
+    for name in [n for n in wanted if n not in present]:
+        if wanted[name] != defaults.get(name):
+            raise TestbedError(f"{name} = {wanted[name]} is not supported by this kernel "
+                               f"({os.uname().release}); leave it at {defaults.get(name)!r} "
+                               "or use a newer kernel")
+        del wanted[name]
     # Each run must start from the same state: without metrics saving off, a
     # host would reuse RTT/cwnd learned in the previous repetition.
-    write_sysctl(pid, {**settings.sysctls(), "net.ipv4.tcp_no_metrics_save": 1})
+    write_sysctl(pid, {**wanted, "net.ipv4.tcp_no_metrics_save": 1})
+
+
+PM_TYPE = {"kernel": 0, "userspace": 1}
+
+
+def _present_mptcp_sysctls() -> list[str]:
+    return [f"net.mptcp.{n}" for n in os.listdir("/proc/sys/net/mptcp")]
 
 
 def set_limits(pid: int, subflows: int, add_addr_accepted: int) -> None:
@@ -58,7 +89,8 @@ def add_endpoints(pid: int, endpoints: list[Endpoint]) -> None:
 def snapshot(pid: int) -> dict:
     """Everything MPTCP-relevant about a host, for the run's manifest."""
     names = [f"net.mptcp.{k}" for k in HostSettings.model_fields if k != "congestion_control"]
-    names += ["net.mptcp.available_schedulers", "net.mptcp.available_path_managers"]
+    names += ["net.mptcp.pm_type", "net.mptcp.available_schedulers",
+              "net.mptcp.available_path_managers"]
     values = {}
     for name in names + RECORDED_TCP_SYSCTLS:
         try:

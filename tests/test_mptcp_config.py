@@ -1,0 +1,34 @@
+"""Host settings on kernels that lack newer MPTCP knobs (Debian 12: 6.1,
+Ubuntu 24.04: 6.8): translated or skipped at the default, refused otherwise."""
+from __future__ import annotations
+
+import pytest
+
+from testbed.errors import TestbedError
+from testbed.model import HostSettings
+from testbed.mptcp import config
+
+LINUX_6_1 = ["net.mptcp." + k for k in (
+    "enabled", "add_addr_timeout", "checksum_enabled", "allow_join_initial_addr_port",
+    "pm_type", "stale_loss_cnt")]
+
+
+@pytest.fixture
+def old_kernel(monkeypatch):
+    written: dict = {}
+    monkeypatch.setattr(config, "run_in_netns", lambda pid, fn: LINUX_6_1)
+    monkeypatch.setattr(config, "write_sysctl", lambda pid, values: written.update(values))
+    return written
+
+
+def test_path_manager_becomes_pm_type_and_absent_defaults_are_skipped(old_kernel):
+    config.apply_settings(1, HostSettings(path_manager="userspace"))
+    assert old_kernel["net.mptcp.pm_type"] == 1
+    assert "net.mptcp.path_manager" not in old_kernel
+    assert "net.mptcp.blackhole_timeout" not in old_kernel  # no blackhole detection there
+    assert old_kernel["net.mptcp.stale_loss_cnt"] == 4
+
+
+def test_non_default_value_for_an_absent_knob_is_an_error(old_kernel):
+    with pytest.raises(TestbedError, match="net.mptcp.close_timeout = 5 is not supported"):
+        config.apply_settings(1, HostSettings(close_timeout=5))
