@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -109,6 +110,75 @@ class ForwarderHandle:
         self.ctl.close()
 
 
+class RawTc:
+    """HTB class + pfifo changes as hand-packed rtnetlink messages.
+
+    A timed rate change must land within 1 ms; through pyroute2 one direction
+    takes ~1 ms (message building and its asyncio round trip), here ~0.1 ms.
+    The socket is created in the emulator's namespace and stays bound to it.
+    Same values as shaping.change() (rates in bytes/s with the Ethernet link
+    layer, so the kernel needs no rate tables; burst times via pyroute2's own
+    calc_xmittime); any error falls back to shaping.change()."""
+
+    RTM_NEWQDISC, RTM_NEWTCLASS, NLMSG_ERROR = 36, 40, 2
+    NLM_F_REQUEST_ACK = 0x1 | 0x4
+    TC_LINKLAYER_ETHERNET = 1
+
+    def __init__(self, pid: int):
+        from testbed.netns import run_in_netns
+
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+            s.bind((0, 0))
+            s.settimeout(2)
+            return s
+
+        self.sock = run_in_netns(pid, make)
+        self.seq = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _attr(kind: int, payload: bytes) -> bytes:
+        n = 4 + len(payload)
+        return struct.pack("HH", n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
+
+    def _request(self, msg_type: int, ifindex: int, handle: int, parent: int, attrs: bytes) -> None:
+        with self.lock:
+            self.seq += 1
+            body = struct.pack("BxxxiIII", 0, ifindex, handle, parent, 0) + attrs
+            hdr = struct.pack("IHHII", 16 + len(body), msg_type, self.NLM_F_REQUEST_ACK, self.seq, 0)
+            self.sock.send(hdr + body)
+            while True:
+                data = self.sock.recv(65536)
+                _n, typ, _f, seq, _pid = struct.unpack_from("IHHII", data)
+                if typ == self.NLMSG_ERROR and seq == self.seq:
+                    (err,) = struct.unpack_from("i", data, 16)
+                    if err:
+                        raise OSError(-err, os.strerror(-err))
+                    return
+
+    def change(self, ifindex: int, htb: dict[str, Any], limit: int | None) -> None:
+        from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime, get_rate
+
+        rate = int(get_rate(htb["rate"]))  # bytes/s
+        buffer = int(calc_xmittime(rate, htb["burst"]))
+        cbuffer = int(calc_xmittime(rate, htb["cburst"]))
+        r32 = min(rate, (1 << 32) - 1)
+        spec = struct.pack("BBHhHI", 0, self.TC_LINKLAYER_ETHERNET, 0, 0, 0, r32)
+        parms = spec + spec + struct.pack("IIIII", buffer, cbuffer, htb["quantum"], 0, 0)
+        opts = self._attr(1, parms)  # TCA_HTB_PARMS
+        if rate >= 1 << 32:
+            opts += self._attr(6, struct.pack("Q", rate)) + self._attr(7, struct.pack("Q", rate))
+        attrs = self._attr(1, b"htb\0") + self._attr(2 | 0x8000, opts)  # TCA_KIND, TCA_OPTIONS
+        self._request(self.RTM_NEWTCLASS, ifindex, 0x00010010, 0x00010000, attrs)
+        if limit is not None:
+            attrs = self._attr(1, b"pfifo\0") + self._attr(2, struct.pack("I", limit))
+            self._request(self.RTM_NEWQDISC, ifindex, 0x00100000, 0x00010010, attrs)  # 10: (hex)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class UserspaceBackend(Backend):
     name = "userspace"
 
@@ -153,6 +223,10 @@ class UserspaceBackend(Backend):
         ports = {d: link.egress_port(d) for d in ("up", "down")}  # type: ignore[arg-type]
         link.state["ifindex"] = nl.call(
             lambda ipr: {d: ipr.link_lookup(ifname=p)[0] for d, p in ports.items()})
+        try:
+            link.state["rawtc"] = RawTc(link.pid)
+        except OSError:
+            pass  # pyroute2 through the worker then
         link.state["forwarder_pid"] = self._handles[id(link)].pid
 
     def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
@@ -190,7 +264,13 @@ class UserspaceBackend(Backend):
             if limit != old_limit:
                 ipr.tc("change", "pfifo", index=idx, handle="10:", parent="1:10", limit=limit)
 
-        nl.call(apply)
+        raw = link.state.get("rawtc")
+        try:
+            if raw is None:
+                raise OSError("no raw netlink socket")
+            raw.change(idx, htb, limit if limit != old_limit else None)
+        except OSError:
+            nl.call(apply)
         limits[direction] = limit
 
     def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> None:
@@ -208,6 +288,9 @@ class UserspaceBackend(Backend):
         nl = link.state.pop("nl", None)
         if nl is not None:
             nl.close()
+        raw = link.state.pop("rawtc", None)
+        if raw is not None:
+            raw.close()
         h = self._handles.pop(id(link), None)
         if h is not None:
             h.stop()
