@@ -283,6 +283,9 @@ def test_scheduled_changes_are_recorded_with_applied_times():
             assert r["scheduled"] <= r["began"] <= r["done"]
             assert r["applied_lateness_ms"] < 20, r
         assert tb.paths[0].link.up.delay_ms == 20 and tb.paths[0].link.up.rate_mbit == 10
+        link = tb.paths[0].link
+        for port in (link.port_a, link.port_b):  # the HTB classes really changed
+            assert "rate 10Mbit" in link.node.cmd(f"tc class show dev {port}")
         rtt = ping_rtts(tb.client.pid, tb.server_addr, 20, interval=0.01)
         assert 39 <= rtt["mean_ms"] <= 44
 
