@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -192,6 +193,7 @@ class UserspaceBackend(Backend):
         self._handles: dict[int, ForwarderHandle] = {}  # id(link) -> handle
         self._names: dict[int, str] = {}
         self._final_stats: dict[str, Any] = {}
+        self._seeds: dict[str, int] = {}
 
     @classmethod
     def check(cls) -> str | None:
@@ -213,7 +215,11 @@ class UserspaceBackend(Backend):
     def start(self, link: EmulatedLink) -> None:
         for d in ("up", "down"):
             shaping.install(link, d)  # type: ignore[arg-type]
-        seed = None if self.seed is None else self.seed + len(self._handles)
+        # Loss decisions are reproducible: the forwarder's seed comes from the
+        # backend's seed or else from Python's `random` (the runner seeds it per
+        # run), and is recorded in describe().
+        seed = (self.seed + len(self._handles)) if self.seed is not None else random.getrandbits(62)
+        self._seeds[link.name] = seed
         self._handles[id(link)] = ForwarderHandle(link, seed, self.sched)
         self._names[id(link)] = link.name
         # A netlink socket kept open in the emulator's namespace: a timed rate
@@ -308,7 +314,7 @@ class UserspaceBackend(Backend):
                 counters[self._names[key]] = {"error": str(exc)}
         return {"backend": self.name, "forwarder": "python AF_PACKET deadline queues",
                 "sched": sorted({h.sched for h in self._handles.values()}) or [self.sched],
-                "python": sys.version.split()[0], "counters": counters}
+                "python": sys.version.split()[0], "seeds": dict(self._seeds), "counters": counters}
 
 
 register(UserspaceBackend)
