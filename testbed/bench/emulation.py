@@ -123,7 +123,7 @@ def udp_loss(tb: Testbed, n: int = LOSS_PACKETS, pps: int = 5000, port: int = 54
         while idle_after_done < 5:
             try:
                 data = rx.recv(2048)
-            except socket.timeout:
+            except TimeoutError:
                 if done.is_set():
                     idle_after_done += 1
                 continue

@@ -94,7 +94,7 @@ def ping_rtts(pid: int, dst: str, count: int, interval: float = 0.01, src: str |
                     return
             try:
                 data, anc, _flags, _addr = sock.recvmsg(2048, 64)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -221,7 +221,7 @@ def tcp_goodput(src_pid: int, dst_pid: int, src_addr: str | None, dst_addr: str,
             while time.monotonic() < stop_at[0]:
                 try:
                     ssock.send(chunk)
-                except socket.timeout:
+                except TimeoutError:
                     continue
         except OSError as exc:
             box.setdefault("error", f"sender: {exc}")

@@ -29,8 +29,9 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from testbed.errors import TestbedError
 
@@ -138,7 +139,7 @@ class LinkEvent:
             raise TestbedError(f"link event on {self.link!r}: negative time {self.t}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LinkEvent":
+    def from_dict(cls, d: dict[str, Any]) -> LinkEvent:
         known = {"t", "link", "direction", "set", "state", "blackhole"}
         extra = set(d) - known
         if extra:
@@ -166,7 +167,7 @@ class RawRtnl:
 
         from testbed.netns import run_in_netns
 
-        def make() -> "socket.socket":
+        def make() -> socket.socket:
             s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
             s.bind((0, 0))
             s.settimeout(2)
@@ -245,7 +246,7 @@ class EventScheduler:
         self._old_switch: float | None = None
         self.realtime = False
 
-    def start(self, t0: float | None = None) -> "EventScheduler":
+    def start(self, t0: float | None = None) -> EventScheduler:
         self.t0 = time.monotonic() if t0 is None else t0
         # Other threads of this process (traffic generators, probes) would keep
         # the GIL for up to 5 ms after each of our syscalls; hand it over faster
@@ -274,7 +275,7 @@ class EventScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "EventScheduler":
+    def __enter__(self) -> EventScheduler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -71,8 +71,22 @@ COUNTERS = ("rx", "tx", "drop_loss", "drop_blackhole", "drop_queue", "drop_sndbu
 class Dir:
     """State of one direction: parameters, queue, counters."""
 
-    __slots__ = ("name", "delay", "jitter", "loss", "ge", "ge_bad", "reorder", "blackhole",
-                 "queue", "last_deadline", "c", "late_sum", "late_max", "params")
+    __slots__ = (
+        "blackhole",
+        "c",
+        "delay",
+        "ge",
+        "ge_bad",
+        "jitter",
+        "last_deadline",
+        "late_max",
+        "late_sum",
+        "loss",
+        "name",
+        "params",
+        "queue",
+        "reorder",
+    )
 
     def __init__(self, name: str, params: dict[str, Any]):
         self.name = name

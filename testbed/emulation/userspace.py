@@ -59,7 +59,7 @@ class ForwarderHandle:
         self.ctl.settimeout(START_TIMEOUT_S)
         try:
             hello = json.loads(self.ctl.recv(65536) or b"{}")
-        except (socket.timeout, json.JSONDecodeError):
+        except (TimeoutError, json.JSONDecodeError):
             hello = {"ready": False, "error": "no answer from the forwarder"}
         if not hello.get("ready"):
             self.kill()
