@@ -47,6 +47,12 @@ def apply(tb, event: EventSpec) -> None:
         raise TestbedError(f"unknown fault action {a!r}")
 
 
+def describe(event: EventSpec) -> str:
+    where = event.path + ("" if event.direction == "both" else f"/{event.direction}")
+    what = f" {event.changes}" if event.changes else ""
+    return f"{event.action} {where}{what}"
+
+
 def _nft(node, script: str) -> None:
     res = subprocess.run(["mnexec", "-a", str(node.pid), "nft", "-f", "-"], input=script,
                          capture_output=True, text=True, timeout=10)

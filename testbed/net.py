@@ -33,6 +33,7 @@ from testbed.errors import TestbedError
 from testbed.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.mptcp import config as mptcp_config
 from testbed.netns import run_in_netns, write_sysctl
+from testbed.rtnl import RawRtnl
 from testbed.state import RunState, kill_recorded, namespace_members
 
 T = TypeVar("T")
@@ -70,6 +71,8 @@ class Testbed:
         self._state: RunState | None = None
         self._procs: list[subprocess.Popen] = []
         self._old_sigterm: Any = None
+        self._client_rtnl: RawRtnl | None = None  # hot-path netlink in the client's namespace
+        self._client_ifindex: dict[str, int] = {}
 
     # ---- lifecycle -----------------------------------------------------
     def __enter__(self) -> "Testbed":
@@ -97,6 +100,14 @@ class Testbed:
             self.backend.start(link)
         for pid in self.backend.pids():
             self._state.add_pid(pid)
+        self._client_rtnl = RawRtnl(self.client.pid)
+        ifs = [p.client_if for p in self.paths]
+
+        def ifindexes() -> dict[str, int]:
+            with IPRoute() as ipr:
+                return {name: ipr.link_lookup(ifname=name)[0] for name in ifs}
+
+        self._client_ifindex = run_in_netns(self.client.pid, ifindexes)
         self.net.built = True
 
     def stop(self) -> None:
@@ -110,6 +121,9 @@ class Testbed:
             except subprocess.TimeoutExpired:
                 pass
         self._procs.clear()
+        if self._client_rtnl is not None:
+            self._client_rtnl.close()
+            self._client_rtnl = None
         if self.net is not None:
             for link in self.links:
                 try:
@@ -348,20 +362,17 @@ class Testbed:
                 link.down = params
 
     def set_path_state(self, name: str, up: bool) -> None:
-        """Link down/up: the client's interface of the path goes down (carrier lost)."""
+        """Link down/up: the client's interface of the path goes down (carrier
+        lost). Raw rtnetlink on a socket kept open in the client's namespace,
+        so a timed failure lands well within a millisecond of its schedule."""
+        assert self._client_rtnl is not None, "testbed not started"
         p = self.path(name)
-
-        def apply() -> None:
-            with IPRoute() as ipr:
-                idx = ipr.link_lookup(ifname=p.client_if)[0]
-                ipr.link("set", index=idx, state="up" if up else "down")
-                if up:  # the kernel dropped the routes with the carrier
-                    ipr.route("replace", dst="0.0.0.0/0", gateway=p.addr.far, oif=idx,
-                              table=p.addr.table)
-                    if p.name == self.topology.default.name:
-                        ipr.route("replace", dst="0.0.0.0/0", gateway=p.addr.far, oif=idx)
-
-        run_in_netns(self.client.pid, apply)
+        idx = self._client_ifindex[p.client_if]
+        self._client_rtnl.set_link(idx, up)
+        if up:  # the kernel dropped the path's routes with the carrier
+            self._client_rtnl.replace_default(p.addr.far, idx, p.addr.table)
+            if p.name == self.topology.default.name:
+                self._client_rtnl.replace_default(p.addr.far, idx)
 
     def interface_bytes(self) -> dict[str, dict[str, int]]:
         """Bytes sent/received by the client on each path's interface."""

@@ -18,8 +18,7 @@ from typing import Any
 import pandas as pd
 
 from testbed import experiment as experiments
-from testbed import faults, probes
-from testbed.errors import TestbedError
+from testbed import probes
 from testbed.experiment import RunContext, RunOutput
 from testbed.net import Testbed
 from testbed.provenance import git_state, static_provenance
@@ -98,13 +97,14 @@ def run_one(spec: RunSpec, root: Path) -> Path:
                      server=sc.hosts.server, run_id=f"run-{spec.run_id}") as tb:
             manifest["testbed"] = tb.describe()
             calibration = _calibrate(tb) if sc.calibrate else None
-            manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration}
             ctx = RunContext(tb, spec, params, writer.raw_dir)
             output = _run_with_probes(exp_cls(), ctx, sc)
             if (output.status == "complete" and calibration is not None
                     and not calibration.get("valid", True)):
                 output.status = "invalid"
                 output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
+            # At the end: the emulator's counters (drops by cause, lateness) cover the run.
+            manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration}
             manifest["qdiscs"] = _qdisc_dump(tb)
             manifest["probes"] = ctx.probe_summaries
             # What the links were when the workload ended: experiments and timed
@@ -142,22 +142,14 @@ def _on_timeout(signum: int, frame: object) -> None:
 
 
 def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
-    from testbed.emulation.events import EventScheduler, LinkEvent
+    from testbed.emulation.events import EventScheduler
 
     tb = ctx.tb
     t0 = ctx.start_clock()
     started = [probes.get(name, interval_ms=sc.probe_interval_ms) for name in sc.probes]
     for probe in started:
         probe.start(tb, ctx.raw_dir, t0)
-    link_events, other = [], []
-    for e in sc.events:
-        (link_events if _is_link_event(e) else other).append(e)
-    for e in other:  # middleboxes and MP_PRIO: applied when due, before the workload
-        if e.at_s > 0:
-            raise TestbedError(f"event {e.action!r} can only be applied at at_s = 0")
-        faults.apply(tb, e)
-        ctx.record("fault", "network", e.action, path=e.path, direction=e.direction)
-    scheduler = EventScheduler(tb, [_to_link_event(e, LinkEvent) for e in link_events])
+    scheduler = EventScheduler(tb, sc.events)
     scheduler.start(t0 / 1e9)
     try:
         output = exp.run(ctx)
@@ -167,14 +159,17 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
             probe.stop()
     for rec in scheduler.records:
         ctx.record("fault", "network", rec["event"], ns=int(rec["began"] * 1e9),
-                   scheduled_s=rec["t"], ok=rec.get("ok"), error=rec.get("error"))
+                   scheduled_s=rec["t"], ok=rec.get("ok"), error=rec.get("error"),
+                   applied_lateness_ms=rec.get("applied_lateness_ms"),
+                   emulator_applied_s=(rec["emulator_applied"] - t0 / 1e9)
+                   if rec.get("emulator_applied") else None)
     failed = [r for r in scheduler.records if not r.get("ok")]
     if failed:  # the run did not see the fault it was meant to study
         output.status = "failed"
         output.reason = f"event '{failed[0]['event']}' at {failed[0]['t']:g} s failed: {failed[0].get('error')}"
-    elif len(scheduler.records) < len(link_events):
+    elif len(scheduler.records) < len(sc.events):
         output.status = "failed"
-        output.reason = f"only {len(scheduler.records)} of {len(link_events)} events were applied"
+        output.reason = f"only {len(scheduler.records)} of {len(sc.events)} events were applied"
     tables = dict(output.tables)
     for probe in started:
         for name, frame in probe.tables().items():
@@ -185,19 +180,6 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
         ctx.probe_summaries[probe.name] = probe.summary()
     output.tables = tables
     return output
-
-
-def _is_link_event(e) -> bool:
-    return e.action in ("link_down", "link_up", "blackhole", "unblackhole", "set_link")
-
-
-def _to_link_event(e, LinkEvent):
-    direction = None if e.direction == "both" else e.direction
-    if e.action in ("link_down", "link_up"):
-        return LinkEvent(e.at_s, e.path, state="down" if e.action == "link_down" else "up")
-    if e.action in ("blackhole", "unblackhole"):
-        return LinkEvent(e.at_s, e.path, direction=direction, blackhole=e.action == "blackhole")
-    return LinkEvent(e.at_s, e.path, direction=direction, set=e.changes)
 
 
 def _calibrate(tb) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import pytest
 
 from testbed.emulation import BACKENDS, _load_optional
 from testbed.emulation.calibrate import calibrate, ping_rtts
-from testbed.emulation.events import EventScheduler, LinkEvent
+from testbed.emulation.events import EventScheduler
+from testbed.scenario import EventSpec
 from testbed.emulation.netem import NetemBackend, netem_args
 from testbed.errors import TestbedError
 from testbed.model import GilbertElliott, LinkParams
@@ -121,14 +122,13 @@ def test_netem_arguments_keep_jitter_in_order_and_map_gilbert():
     assert netem_args(LinkParams(loss_pct=3), blackhole=True)[-3:] == ["loss", "random", "100%"]
 
 
-def test_link_event_needs_exactly_one_kind():
-    with pytest.raises(TestbedError):
-        LinkEvent(1.0, "p1")
-    with pytest.raises(TestbedError):
-        LinkEvent(1.0, "p1", set={"delay_ms": 5}, state="down")
-    with pytest.raises(TestbedError, match="unknown key"):
-        LinkEvent.from_dict({"t": 1, "link": "p1", "sett": {}})
-    assert LinkEvent.from_dict({"t": 1, "link": "p1", "state": "down"}).state == "down"
+@root
+def test_scheduler_rejects_unknown_paths_and_a_carrierless_bottleneck():
+    with Testbed(load("shared-bottleneck", delay_ms=0), backend="userspace") as tb:
+        with pytest.raises(TestbedError, match="no path 'p9'"):
+            EventScheduler(tb, [EventSpec(at_s=1, action="link_down", path="p9")])
+        with pytest.raises(TestbedError, match="bottleneck has no carrier"):
+            EventScheduler(tb, [EventSpec(at_s=1, action="link_down", path="bottleneck")])
 
 
 def test_binomial_interval_of_benchmark():
@@ -249,8 +249,7 @@ def test_live_delay_update_changes_rtt_at_once():
 def test_timed_link_down_stops_traffic_within_50ms(kind):
     with Testbed(one_path(delay_ms=5), backend="userspace") as tb:
         t_event = 1.0
-        ev = (LinkEvent(t_event, "p1", state="down") if kind == "down"
-              else LinkEvent(t_event, "p1", blackhole=True))
+        ev = EventSpec(at_s=t_event, action="link_down" if kind == "down" else "blackhole", path="p1")
         stream = UdpStream(tb, interval=0.001)
         sched = EventScheduler(tb, [ev])
         t0 = time.monotonic()
@@ -272,10 +271,10 @@ def test_timed_link_down_stops_traffic_within_50ms(kind):
 @pytest.mark.timeout(60)
 def test_scheduled_changes_are_recorded_with_applied_times():
     with Testbed(one_path(delay_ms=5), backend="userspace") as tb:
-        events = [{"t": 0.2, "link": "p1", "set": {"delay_ms": 20}},
-                  {"t": 0.4, "link": "p1", "set": {"rate_mbit": 10}},
-                  {"t": 0.6, "link": "p1", "direction": "up", "blackhole": True},
-                  {"t": 0.7, "link": "p1", "direction": "up", "blackhole": False}]
+        events = [EventSpec(at_s=0.2, action="set_link", path="p1", changes={"delay_ms": 20}),
+                  EventSpec(at_s=0.4, action="set_link", path="p1", changes={"rate_mbit": 10}),
+                  EventSpec(at_s=0.6, action="blackhole", path="p1", direction="up"),
+                  EventSpec(at_s=0.7, action="unblackhole", path="p1", direction="up")]
         with EventScheduler(tb, events) as sched:
             time.sleep(1.0)
         assert [r["ok"] for r in sched.records] == [True] * 4

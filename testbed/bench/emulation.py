@@ -237,26 +237,29 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
 def event_timing(backend: str, rounds: int = 10) -> pd.DataFrame:
     """Apply every kind of timed link change `rounds` times while a two-path
     testbed idles; lateness of start and of the applied change vs schedule."""
-    from testbed.emulation.events import EventScheduler, LinkEvent
+    from testbed.emulation.events import EventScheduler
+    from testbed.scenario import EventSpec
 
-    events = []
+    def ev(at: float, action: str, path: str, kind: str, **kw: Any) -> tuple[str, EventSpec]:
+        return kind, EventSpec(at_s=at, action=action, path=path, **kw)
+
+    timed = []
     t = 0.2
     for i in range(rounds):
-        events += [LinkEvent(t, "wifi", set={"delay_ms": 10 + i}),
-                   LinkEvent(t + 0.05, "wifi", set={"loss_pct": 1 + i % 2}),
-                   LinkEvent(t + 0.10, "wifi", set={"rate_mbit": 10 + i}),
-                   LinkEvent(t + 0.15, "lte", direction="up", blackhole=True),
-                   LinkEvent(t + 0.20, "lte", direction="up", blackhole=False),
-                   LinkEvent(t + 0.25, "lte", state="down"),
-                   LinkEvent(t + 0.35, "lte", state="up")]
+        timed += [ev(t, "set_link", "wifi", "set delay_ms", changes={"delay_ms": 10 + i}),
+                  ev(t + 0.05, "set_link", "wifi", "set loss_pct", changes={"loss_pct": 1 + i % 2}),
+                  ev(t + 0.10, "set_link", "wifi", "set rate_mbit", changes={"rate_mbit": 10 + i}),
+                  ev(t + 0.15, "blackhole", "lte", "blackhole on", direction="up"),
+                  ev(t + 0.20, "unblackhole", "lte", "blackhole off", direction="up"),
+                  ev(t + 0.25, "link_down", "lte", "state down"),
+                  ev(t + 0.35, "link_up", "lte", "state up")]
         t += 0.5
+    events = [e for _, e in timed]
     with Testbed(load("two-path", rate_mbit=20), backend=backend) as tb:
         with EventScheduler(tb, events) as sched:
             time.sleep(t + 0.3)
     rows = []
-    for e, r in zip(events, sched.records):
-        kind = ("set " + next(iter(e.set))) if e.set else (f"state {e.state}" if e.state
-                                                             else f"blackhole {'on' if e.blackhole else 'off'}")
+    for (kind, _), r in zip(timed, sched.records):
         rows.append({"backend": backend, "kind": kind, "ok": r["ok"],
                      "start_lateness_ms": r["start_lateness_ms"],
                      "applied_lateness_ms": r["applied_lateness_ms"], "duration_ms": r["duration_ms"]})

@@ -22,7 +22,7 @@ from typing import Any
 
 from testbed.emulation import register, shaping
 from testbed.emulation.base import Backend, Direction, EmulatedLink
-from testbed.emulation.events import NetnsWorker
+from testbed.netns import NetnsWorker
 from testbed.errors import TestbedError
 from testbed.model import LinkParams
 
