@@ -96,8 +96,7 @@ class Testbed:
         self._static_neighbours()
         self._configure_mptcp()
         self._disable_offloads()
-        for link in self.links:
-            self.backend.start(link)
+        self.backend.start_many(self.links)
         for pid in self.backend.pids():
             self._state.add_pid(pid)
         self._client_rtnl = RawRtnl(self.client.pid)
@@ -125,11 +124,7 @@ class Testbed:
             self._client_rtnl.close()
             self._client_rtnl = None
         if self.net is not None:
-            for link in self.links:
-                try:
-                    self.backend.stop(link)
-                except Exception:  # teardown must go on; the namespace goes anyway
-                    pass
+            self.backend.stop_many(self.links)
             if self._state is not None:
                 # Whatever still runs inside our namespaces (e.g. started from the
                 # CLI) except the node shells, which net.stop() ends itself.

@@ -92,3 +92,13 @@ def test_mptcp_socket_created_in_client_namespace():
         with pytest.raises(OSError):  # nothing listens: refused, proving it is routed there
             s.connect((tb.server_addr, 9))
         s.close()
+
+
+def test_shell_task_opens_mininet_cli_on_the_topology():
+    from conftest import run_tb
+    script = "c ping -c1 -W2 10.100.0.2\npy sorted(n.name for n in net.hosts)\nexit\n"
+    res = run_tb("shell", "--set", "wifi_delay_ms=1", input=script, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr  # the CLI prints command output to stderr
+    assert "1 received" in out
+    assert "['c', 'r', 's', 'x1', 'x2']" in out

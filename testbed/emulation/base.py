@@ -66,6 +66,19 @@ class Backend(abc.ABC):
     def stop(self, link: EmulatedLink) -> None:
         """Release what start() created outside the emulator's namespace (if any)."""
 
+    def start_many(self, links: list[EmulatedLink]) -> None:
+        """Start several links; backends with slow starts overlap them."""
+        for link in links:
+            self.start(link)
+
+    def stop_many(self, links: list[EmulatedLink]) -> None:
+        """Stop several links; never raises, teardown must go on."""
+        for link in links:
+            try:
+                self.stop(link)
+            except Exception:  # noqa: BLE001 - the namespace goes anyway
+                pass
+
     def pids(self) -> list[int]:
         """Processes this backend started (recorded for crash cleanup)."""
         return []

@@ -56,6 +56,12 @@ class ForwarderHandle:
                                          stdin=subprocess.DEVNULL)
         finally:
             child.close()
+        self.sched = "?"
+
+    def wait_ready(self) -> None:
+        """Wait for the forwarder's hello. Separate from spawning so that many
+        forwarders start concurrently (each needs ~0.2 s of interpreter start)."""
+        link = self.link
         self.ctl.settimeout(START_TIMEOUT_S)
         try:
             hello = json.loads(self.ctl.recv(65536) or b"{}")
@@ -89,12 +95,16 @@ class ForwarderHandle:
             self.last_stats = reply["stats"]
         return reply
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         if self.proc.poll() is None:
             try:
                 self.request({"op": "stop"})
             except TestbedError:
                 pass
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
@@ -213,6 +223,15 @@ class UserspaceBackend(Backend):
         return h
 
     def start(self, link: EmulatedLink) -> None:
+        self.start_many([link])
+
+    def start_many(self, links: list[EmulatedLink]) -> None:
+        handles = [self._spawn(link) for link in links]
+        for link, h in zip(links, handles):
+            h.wait_ready()
+            self._attach(link)
+
+    def _spawn(self, link: EmulatedLink) -> ForwarderHandle:
         for d in ("up", "down"):
             shaping.install(link, d)  # type: ignore[arg-type]
         # Loss decisions are reproducible: the forwarder's seed comes from the
@@ -220,8 +239,11 @@ class UserspaceBackend(Backend):
         # run), and is recorded in describe().
         seed = (self.seed + len(self._handles)) if self.seed is not None else random.getrandbits(62)
         self._seeds[link.name] = seed
-        self._handles[id(link)] = ForwarderHandle(link, seed, self.sched)
+        h = self._handles[id(link)] = ForwarderHandle(link, seed, self.sched)
         self._names[id(link)] = link.name
+        return h
+
+    def _attach(self, link: EmulatedLink) -> None:
         # A netlink socket kept open in the emulator's namespace: a timed rate
         # change is then one netlink round trip (~0.3 ms), not a thread + socket.
         nl = NetnsWorker(link.pid, link.name)
@@ -289,6 +311,13 @@ class UserspaceBackend(Backend):
         if id(link) not in self._handles:
             return self._final_stats.get(link.name, {})
         return self._handle(link).request({"op": "stats"})["stats"]
+
+    def stop_many(self, links: list[EmulatedLink]) -> None:
+        for link in links:  # all forwarders wind down at once
+            h = self._handles.get(id(link))
+            if h is not None:
+                h.request_stop()
+        super().stop_many(links)
 
     def stop(self, link: EmulatedLink) -> None:
         nl = link.state.pop("nl", None)
