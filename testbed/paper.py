@@ -27,8 +27,8 @@ class PaperScenario:
 PAPER = [
     PaperScenario("experiments/robe-establishment.toml", {"repetitions": 2}),
     PaperScenario("experiments/failover.toml", {
-        "repetitions": 2, "params": {"seconds": 9},
-        "grid": {"events.0.action": ["link_down", "blackhole"]}}),
+        "repetitions": 1, "params": {"seconds": 9}}),
+    PaperScenario("experiments/failover-mpprio.toml", {"repetitions": 1, "params": {"seconds": 9}}),
     PaperScenario("experiments/throughput.toml", {
         "repetitions": 1, "params": {"seconds": 6},
         "grid": {"topology.params.rates": [[10, 10], [15, 5], [10, 3]],
