@@ -76,16 +76,23 @@ def test_sockopts_two_subflows_and_byte_counts():
         exchange(cs, ss, 4_000_000)
         info = so.mptcp_info(cs)
         assert so.outcome(cs) == "mptcp" and not info.fallback
-        assert info.subflows == 1 and info.subflows_total == 2 and info.token
+        # subflows_total exists from 6.10 on; older kernels (the VM's 6.1) report None.
+        assert info.subflows == 1 and info.subflows_total in (2, None) and info.token
         addrs = so.subflow_addrs(cs)
         assert {a.local[0] for a in addrs} == {p.addr.client for p in tb.paths}
         assert all(a.remote == (tb.server_addr, PORT) for a in addrs)
         assert len(so.subflow_tcpinfo(cs)) == 2
-        full = so.full_info(ss)
-        assert full.num_subflows == 2 and full.mptcp.bytes_received == 4_001_000
+        subs = so.subflows(ss)  # MPTCP_FULL_INFO (6.5+) or TCPINFO + SUBFLOW_ADDRS
+        assert len(subs) == 2
         # What the subflows carried adds up to the connection (reinjections aside).
-        per_subflow = sum(s.tcp.bytes_received for s in full.subflows)
+        per_subflow = sum(s.tcp.bytes_received for s in subs)
         assert abs(per_subflow - 4_001_000) <= 0.01 * 4_001_000
+        if so.full_info_supported():
+            full = so.full_info(ss)
+            assert full.num_subflows == 2 and full.mptcp.bytes_received == 4_001_000
+            assert all(s.id is not None for s in subs)
+        else:
+            assert all(s.id is None for s in subs)  # absent, not invented
         cs.close()
         ss.close()
 

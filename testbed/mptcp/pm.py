@@ -28,6 +28,7 @@ and the generated include/uapi/linux/mptcp_pm.h of Linux 6.18 (self-check in
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -36,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
+from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
@@ -45,7 +46,7 @@ from testbed.netns import ns_path, run_in_netns, setns_current_thread
 
 FAMILY = "mptcp_pm"
 EVENTS_GROUP = "mptcp_pm_events"
-NETLINK_GENERIC, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 16, 270, 1
+NETLINK_GENERIC, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NETLINK_EXT_ACK = 16, 270, 1, 11
 VERSION = 1
 
 CMD = {"add_addr": 1, "del_addr": 2, "get_addr": 3, "flush_addrs": 4, "set_limits": 5,
@@ -72,6 +73,10 @@ class pm_cmd_msg(genlmsg):
     )
 
     class pm_addr(nla):
+        # Nested attributes must carry NLA_F_NESTED: kernels that validate the
+        # userspace-PM commands strictly (6.1 does) refuse them otherwise with
+        # EINVAL "NLA_F_NESTED is missing"; newer ones accept either.
+        nla_flags = NLA_F_NESTED
         prefix = "MPTCP_PM_ADDR_ATTR_"
         nla_map = (
             ("MPTCP_PM_ADDR_ATTR_UNSPEC", "none"),
@@ -288,13 +293,21 @@ def _request(pid: int, command: str, attrs: list[tuple[str, Any]]) -> None:
 
     def send() -> None:
         with GenericNetlinkSocket() as sock:
+            try:  # ask for the kernel's reason with an error (extended ack)
+                sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+            except OSError:
+                pass
             sock.bind(FAMILY, pm_cmd_msg)
             tuple(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
 
     try:
         run_in_netns(pid, send)
     except NetlinkError as exc:
-        raise PMError(command, exc.code, _HINTS.get(exc.code, "")) from None
+        # The kernel's extended-ack text, when it sent one, names the problem.
+        said = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else ""
+        hint = "; ".join(h for h in (f"kernel: {said}" if said and said != os.strerror(exc.code) else "",
+                                     _HINTS.get(exc.code, "")) if h)
+        raise PMError(command, exc.code, hint) from None
 
 
 class UserspacePM:

@@ -9,7 +9,9 @@ such a header; we call libc getsockopt through ctypes on the socket's fd.
 
 Versioning: the kernel copies min(user size, kernel size) per element and
 reports its own size, so older/newer kernels just give fewer/more fields; we
-decode only what the returned length covers.
+decode only what the returned length covers (absent fields are None). Older
+kernels also lack whole options: MPTCP_FULL_INFO is 6.5+, so subflows() reads
+MPTCP_TCPINFO + MPTCP_SUBFLOW_ADDRS (5.16+) where it is missing (Debian 12's 6.1).
 """
 from __future__ import annotations
 
@@ -72,7 +74,10 @@ assert ctypes.sizeof(_MptcpInfo) == 96 and _MptcpInfo.token.offset == 12
 @dataclass(frozen=True)
 class MptcpInfo:
     """struct mptcp_info. `subflows` counts *additional* subflows (joins), not the
-    initial one; `subflows_total` (6.10+) counts all of them."""
+    initial one; `subflows_total` (6.10+) counts all of them. A field the
+    kernel's struct does not have yet is None, not 0: retransmits and the
+    bytes_* counters appeared in 6.2 (Debian 12's 6.1 returns 48 bytes),
+    subflows_total in 6.10, last_* in 6.11."""
 
     subflows: int
     add_addr_signal: int
@@ -88,15 +93,15 @@ class MptcpInfo:
     local_addr_used: int
     local_addr_max: int
     csum_enabled: int
-    retransmits: int
-    bytes_retrans: int
-    bytes_sent: int
-    bytes_received: int
-    bytes_acked: int
-    subflows_total: int
-    last_data_sent: int
-    last_data_recv: int
-    last_ack_recv: int
+    retransmits: int | None
+    bytes_retrans: int | None
+    bytes_sent: int | None
+    bytes_received: int | None
+    bytes_acked: int | None
+    subflows_total: int | None
+    last_data_sent: int | None
+    last_data_recv: int | None
+    last_ack_recv: int | None
 
     @property
     def fallback(self) -> bool:
@@ -149,9 +154,10 @@ class SubflowAddrs:
 
 @dataclass(frozen=True)
 class Subflow:
-    """One subflow from MPTCP_FULL_INFO: kernel subflow id, addresses, TCP_INFO."""
+    """One subflow: kernel subflow id, addresses, TCP_INFO. `id` is None when the
+    kernel does not report it (no MPTCP_FULL_INFO before Linux 6.5)."""
 
-    id: int
+    id: int | None
     addrs: SubflowAddrs
     tcp: TcpInfo
 
@@ -173,11 +179,28 @@ def _getsockopt(sock: socket.socket | int, level: int, opt: int, buf: ctypes.Arr
     return optlen.value
 
 
+# Fields added to struct mptcp_info after 5.16 -> the struct length that proves
+# the kernel has them. By group, not by offset: a new field may sit in what was
+# the tail padding of the older struct (6.1's 48 bytes end in 5 padding bytes
+# where 6.2 put `retransmits`; 6.10's 88 bytes where 6.11 put last_data_sent).
+_MPTCP_INFO_SINCE = {
+    **dict.fromkeys(("retransmits", "bytes_retrans", "bytes_sent", "bytes_received",
+                     "bytes_acked"), 80),  # 6.2
+    "subflows_total": 88,  # 6.10
+    **dict.fromkeys(("last_data_sent", "last_data_recv", "last_ack_recv"), 96),  # 6.11
+}
+
+
 def _decode_mptcp_info(raw: bytes) -> MptcpInfo:
-    # Zero-pad: an older kernel returns a shorter struct (missing fields read 0).
+    # An older kernel returns a shorter struct: the fields it lacks are None.
     mi = _MptcpInfo.from_buffer_copy(raw[:96].ljust(96, b"\0"))
-    return MptcpInfo(**{name: getattr(mi, name) for name, _ in _MptcpInfo._fields_
-                        if name != "reserved"})
+    values = {}
+    for name, _ in _MptcpInfo._fields_:
+        f = getattr(_MptcpInfo, name)
+        if name != "reserved":
+            need = _MPTCP_INFO_SINCE.get(name, f.offset + f.size)
+            values[name] = getattr(mi, name) if len(raw) >= need else None
+    return MptcpInfo(**values)
 
 
 def _decode_tcp_info(raw: bytes) -> TcpInfo:
@@ -266,6 +289,51 @@ def full_info(sock: socket.socket | int) -> FullInfo:
     return FullInfo(mptcp=info, subflows=subflows, num_subflows=num)
 
 
+# Whether the kernel has MPTCP_FULL_INFO (6.5+): None until a connected MPTCP
+# socket has told us (a fallen-back socket refuses every SOL_MPTCP option, so
+# one refusal alone proves nothing).
+_full_info_supported: bool | None = None
+
+
+def full_info_supported() -> bool | None:
+    """True/False once subflows() has probed MPTCP_FULL_INFO, None before."""
+    return _full_info_supported
+
+
+def subflows(sock: socket.socket | int, attempts: int = 5) -> list[Subflow]:
+    """Every subflow of a connected MPTCP socket: id, addresses, TCP_INFO.
+
+    MPTCP_FULL_INFO where the kernel has it (6.5+); otherwise MPTCP_SUBFLOW_ADDRS
+    and MPTCP_TCPINFO (5.16+), paired by position (both walk the connection's
+    subflow list in order). Those are two calls, so the address list is read
+    before and after the TCP_INFO array and the pairing is only used when the
+    three agree (a subflow came or went otherwise: retried). Subflow ids are not
+    available that way and are None. Raises OSError (EOPNOTSUPP) for a socket
+    that fell back to TCP, as full_info() does.
+    """
+    global _full_info_supported
+    if _full_info_supported is not False:
+        try:
+            subs = full_info(sock).subflows
+            _full_info_supported = True
+            return subs
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT) or _full_info_supported:
+                raise
+            first_error = exc
+        try:
+            subflow_tcpinfo(sock)
+        except OSError:
+            raise first_error from None  # fallen back (or no MPTCP at all): not a probe result
+        _full_info_supported = False
+    for _ in range(attempts):
+        before = subflow_addrs(sock)
+        tcp = subflow_tcpinfo(sock)
+        if subflow_addrs(sock) == before and len(tcp) == len(before):
+            return [Subflow(id=None, addrs=a, tcp=t) for a, t in zip(before, tcp)]
+    raise OSError(errno.EAGAIN, "subflows changed during every MPTCP_TCPINFO/MPTCP_SUBFLOW_ADDRS read")
+
+
 def mptcp_socket(cc: str = "cubic", protocol: str = "mptcp",
                  family: int = socket.AF_INET) -> socket.socket:
     """A stream socket (MPTCP, or plain TCP for baselines) with its congestion
@@ -324,5 +392,6 @@ def outcome(sock: socket.socket) -> str:
 
 
 __all__ = ["SOL_MPTCP", "MptcpInfo", "TcpInfo", "SubflowAddrs", "Subflow", "FullInfo",
-           "mptcp_info", "subflow_tcpinfo", "subflow_addrs", "full_info", "mptcp_socket",
+           "mptcp_info", "subflow_tcpinfo", "subflow_addrs", "full_info", "subflows",
+           "full_info_supported", "mptcp_socket",
            "congestion_control", "is_fallback", "outcome"]

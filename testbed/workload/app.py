@@ -138,14 +138,14 @@ class Conn:
 
 
 def _subflows(sock: socket.socket) -> dict[str, dict[str, Any]]:
-    """label -> counters; MPTCP_FULL_INFO, else the socket's own TCP_INFO."""
+    """label -> counters of every MPTCP subflow (id None where the kernel has no
+    MPTCP_FULL_INFO), else, for plain or fallen-back TCP, the socket's own TCP_INFO."""
     try:
-        full = so.full_info(sock)
         return {s.addrs.label: {"bytes_acked": s.tcp.bytes_acked or 0,
                                 "bytes_received": s.tcp.bytes_received or 0,
                                 "meta": {"id": s.id, "local": list(s.addrs.local),
                                          "remote": list(s.addrs.remote)}}
-                for s in full.subflows}
+                for s in so.subflows(sock)}
     except OSError as exc:
         if exc.errno not in (errno_mod.EOPNOTSUPP, errno_mod.ENOPROTOOPT):
             raise
