@@ -36,8 +36,10 @@ HOST_CA = "/tmp/host-ca.crt"  # inside the chroot, during the build only
 DISK_GB = 8
 # minbase keeps debootstrap short; what a bootable, ssh-able guest needs on top.
 DEBOOTSTRAP_INCLUDE = ["systemd-sysv", "udev", "dbus", "kmod", "iproute2", "ca-certificates"]
-GUEST_PACKAGES = ["openssh-server", "sudo", "e2fsprogs", "procps"]
-# The kernel comes from guest_kernel.sh (trixie-backports, Linux >= 6.15: see there).
+# bookworm's stock kernel (6.1: MPTCP v1 built in, sch_netem a module); the
+# testbed copes with the MPTCP knobs 6.1 lacks (testbed/mptcp/config.py).
+# initramfs-tools named explicitly: the image's initrd must come from it.
+GUEST_PACKAGES = ["linux-image-amd64", "initramfs-tools", "openssh-server", "sudo", "e2fsprogs", "procps"]
 # Files whose content decides the box; a change in any of them means a new box.
 INPUT_FILES = [
     "scripts/apt-packages.txt",
@@ -46,7 +48,6 @@ INPUT_FILES = [
     "scripts/bootstrap.sh",
     "testbed/vm/box.py",
     "testbed/vm/guest_setup.sh",
-    "testbed/vm/guest_kernel.sh",
 ]
 # What bootstrap.sh needs to see in the chroot: the editable install maps the
 # top-level packages it finds to /vagrant/<pkg>, the path of the synced folder.
@@ -172,12 +173,10 @@ class _Builder:
             shutil.copy(host_ca, self.root / HOST_CA.lstrip("/"))
         try:
             self.mount_pseudo()
-            self.say("ssh, security upgrades, kernel (trixie-backports) ...")
+            self.say("kernel (bookworm's stock linux-image-amd64), ssh, security upgrades ...")
             self.chroot("apt-get", "update", "-qq")
             self.chroot("apt-get", "-y", "-qq", "dist-upgrade")
             self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES)
-            shutil.copy(Path(__file__).with_name("guest_kernel.sh"), self.root / "tmp/guest_kernel.sh")
-            self.chroot("env", f"MPTB_DEBIAN_MIRROR={MIRROR}", "/bin/sh", "/tmp/guest_kernel.sh")
             self.say("project bootstrap (apt packages + pinned venv) inside the chroot ...")
             self._copy_repo_subset()
             self.chroot("env", f"MPTB_VENV={GUEST_VENV}", "/bin/bash", "/vagrant/scripts/bootstrap.sh")
