@@ -32,7 +32,9 @@ def bulk_transfer(tb, seconds: float = 6.0, warmup: float = 2.0, protocol: str =
     """Client sends to server for `seconds`; goodput over [warmup, seconds]."""
     if seconds <= warmup:
         raise TestbedError(f"bulk transfer: seconds ({seconds}) must exceed warmup ({warmup})")
-    listener = tb.in_ns(tb.server, lambda: sockopt.listener(port, tb.server_addr, protocol, cc, 1))
+    # Wildcard bind: a join to an address the server announced (ADD_ADDR) is
+    # matched against a listener on that address, not the initial one.
+    listener = tb.in_ns(tb.server, lambda: sockopt.listener(port, "0.0.0.0", protocol, cc, 1))
     client = tb.in_ns(tb.client, lambda: sockopt.mptcp_socket(cc, protocol))
     client.settimeout(10)
     received = {"n": 0}

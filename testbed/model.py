@@ -73,15 +73,37 @@ class DirectionOverride(Strict):
     queue_pkts: int | None = Field(None, ge=1, le=1_000_000)
 
 
+EndpointFlag = Literal["subflow", "signal", "fullmesh"]
+
+
 class PathSpec(LinkParams):
     """One client-to-server path. Link fields apply to both directions unless
-    `up` (client -> server) or `down` (server -> client) override them."""
+    `up` (client -> server) or `down` (server -> client) override them.
+
+    Endpoints (kernel path manager): the client's address on every path but the
+    default one gets `client_endpoint` flags (default: open a subflow from it);
+    `server_endpoint` flags apply to the server's address on the path (only with
+    a multihomed server; e.g. ["signal"] announces it with ADD_ADDR). `backup`
+    adds the backup flag on the client side.
+    """
 
     name: str = Field(pattern=PATH_NAME)
     mtu: int = Field(1500, ge=576, le=9000)
     backup: bool = False
+    client_endpoint: list[EndpointFlag] = Field(default_factory=lambda: ["subflow"])
+    server_endpoint: list[EndpointFlag] = Field(default_factory=list)
     up: DirectionOverride | None = None
     down: DirectionOverride | None = None
+
+    @model_validator(mode="after")
+    def _fullmesh_needs_subflow(self) -> "PathSpec":
+        for side in ("client_endpoint", "server_endpoint"):
+            flags = getattr(self, side)
+            if "fullmesh" in flags and "subflow" not in flags:
+                raise ValueError(f"{side}: fullmesh needs subflow too")
+            if "fullmesh" in flags and "signal" in flags:
+                raise ValueError(f"{side}: fullmesh and signal exclude each other")
+        return self
 
     def direction(self, which: Literal["up", "down"]) -> LinkParams:
         base = {k: getattr(self, k) for k in LinkParams.model_fields}
@@ -125,6 +147,9 @@ class TopologySpec(Strict):
             raise ValueError(f"default_path {self.default_path!r} is not one of {names}")
         if self.bottleneck is not None and self.server_side != "router":
             raise ValueError("a bottleneck needs server_side = 'router'")
+        if self.server_side == "router" and any(p.server_endpoint for p in self.paths):
+            raise ValueError("server_endpoint needs server_side = 'multihomed' "
+                             "(a single-homed server has one address)")
         return self
 
     @property

@@ -289,13 +289,17 @@ class Testbed:
         for role, node in hosts.items():
             mptcp_config.apply_settings(node.pid, self.settings[role])
             mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)), add_addr_accepted=min(8, n))
+        default = self.topology.default.name
         if self.settings["client"].path_manager == "kernel":
-            default = self.topology.default.name
             eps = [mptcp_config.Endpoint(p.addr.client, p.client_if,
-                                         ("subflow", "backup") if p.spec.backup else ("subflow",),
+                                         (*p.spec.client_endpoint, *(("backup",) if p.spec.backup else ())),
                                          id=p.index)
-                   for p in self.paths if p.name != default]
+                   for p in self.paths if p.name != default and (p.spec.client_endpoint or p.spec.backup)]
             mptcp_config.add_endpoints(self.client.pid, eps)
+        if self.settings["server"].path_manager == "kernel" and self.router is None:
+            eps = [mptcp_config.Endpoint(p.addr.far, p.far_if, tuple(p.spec.server_endpoint), id=p.index)
+                   for p in self.paths if p.spec.server_endpoint and p.name != default]
+            mptcp_config.add_endpoints(self.server.pid, eps)
 
     # ---- queries and helpers -------------------------------------------
     @property

@@ -102,3 +102,19 @@ def test_shell_task_opens_mininet_cli_on_the_topology():
     out = res.stdout + res.stderr  # the CLI prints command output to stderr
     assert "1 received" in out
     assert "['c', 'r', 's', 'x1', 'x2']" in out
+
+
+def test_server_signals_its_second_address_and_the_client_joins_it():
+    """Multihomed server announcing (ADD_ADDR) its LTE address; the client has no
+    endpoint of its own there, so the only way to a second subflow is the signal."""
+    from testbed.topology import from_dict
+    spec = load("wifi-lte-multihomed").model_dump()
+    for p in spec["paths"]:
+        p["delay_ms"] = 0
+    spec["paths"][1]["client_endpoint"] = []
+    spec["paths"][1]["server_endpoint"] = ["signal"]
+    with Testbed(from_dict(spec), backend="bridge") as tb:
+        server_eps = tb.describe()["hosts"]["server"]["endpoints"]
+        assert [(e["addr"], e["flags"]) for e in server_eps] == [("10.2.0.2", ["signal"])]
+        r = bulk_transfer(tb, seconds=4, warmup=1.5)
+    assert r.subflows == 1 and r.path_goodput_mbit["lte"] > 5

@@ -89,7 +89,8 @@ class AppWorkload(Workload):
         with logs["server"].open("w") as log:  # the child keeps its own copy of the fd
             srv = tb.popen(tb.server, [*base, "server", "--out", str(files["server"]), *common,
                                        "--protocol", p.server_protocol or p.protocol,
-                                       "--bind", tb.server_addr, "--ready-file", str(ready)],
+                                       # wildcard: joins to announced addresses need a listener there
+                                       "--bind", "0.0.0.0", "--ready-file", str(ready)],
                            stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 15
         while not ready.exists():
