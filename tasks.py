@@ -16,7 +16,10 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+from analysis.tasks import report
+from testbed.bench.tasks import ns as bench_tasks
 from testbed.cli import fail as _fail, guard as _guard, need_root as _need_root
+from testbed.vm.tasks import ns as vm_tasks
 
 ROOT = Path(__file__).resolve().parent
 
@@ -228,25 +231,7 @@ ns = Collection(doctor, clean, topologies, shell, demo, test, run, paper)
 ns.add_collection(Collection("results", results_ls))
 bench = Collection("bench", harness)
 ns.add_collection(bench)
-
-
-def _mount(module: str, name: str, into: Collection = ns) -> None:
-    """Mount a task collection from a module that may not be installed yet."""
-    try:
-        mod = __import__(module, fromlist=["ns"])
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return
-        raise
-    if into is bench:
-        for t in mod.ns.tasks.values():
-            bench.add_task(t)
-    else:
-        into.add_collection(mod.ns, name)
-
-
-from analysis.tasks import report  # noqa: E402  (rebuild the report from stored results)
-
 ns.add_task(report)
-_mount("testbed.bench.tasks", "bench", into=bench)
-_mount("testbed.vm.tasks", "vm")
+for t in bench_tasks.tasks.values():
+    bench.add_task(t)
+ns.add_collection(vm_tasks, "vm")
