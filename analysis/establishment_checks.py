@@ -278,9 +278,28 @@ def syn_schedule(E: Establishment, st: str) -> tuple[str, str, str]:
     return crit, f"median {med:g} (range {vals.min():g}–{vals.max():g}, n={len(vals)})", HOLDS if ok else FAILS
 
 
+FALLBACK_KNOB = "net.mptcp.syn_retrans_before_tcp_fallback"
+
+
+def _kernel_without_fallback(E: Establishment, cell: pd.DataFrame) -> bool:
+    """Runs on kernels < 6.12, which never fall back when MPTCP SYNs are dropped
+    (the runner records the knob as not applied)."""
+    for _, run in cell.iterrows():
+        man = E.res.manifests.get((run["experiment"], run["run_id"]), {})
+        hosts = (man.get("testbed") or {}).get("hosts") or {}
+        if FALLBACK_KNOB in ((hosts.get("client") or {}).get("not_applied") or {}):
+            return True
+    return False
+
+
 def fallback(E: Establishment) -> tuple[str, str, str]:
     cell = E.cell("mptcp_drop", "mptcp")
     rtt, default = E.rtts(cell)
+    if not cell.empty and _kernel_without_fallback(E, cell):
+        crit = "kernel < 6.12 (no SYN fallback): no run connects, none falls back"
+        ok = bool((~_connected(cell)).all())
+        return crit, f"{_failed_str(cell)}; outcomes {sorted(set(cell['metric.outcome'].dropna()))}", \
+            HOLDS if ok else FAILS
     if cell.empty or default is None:
         return "every run falls back; setup ≈ 3 s + RTT", E.missing("mptcp_drop", "mptcp") if cell.empty \
             else "not measured (path RTTs not in the manifests)", NOT_MEASURED

@@ -43,6 +43,14 @@ def stall_and_recovery(series: pd.DataFrame, fault_t: float, remaining_mbit: flo
     return float(stall), recovery
 
 
+def connect_start(events: pd.DataFrame | None) -> float | None:
+    """When the client began connecting, in seconds since t0 (app events)."""
+    if events is None or not len(events):
+        return None
+    rows = events[(events.source == "app") & (events.event == "connect_start")]
+    return float(rows.t.min()) if len(rows) else None
+
+
 @register
 class Failover(Experiment):
     name = "failover"
@@ -57,6 +65,14 @@ class Failover(Experiment):
                             protocol="mptcp", cc=tb.settings["client"].congestion_control)
         result = load.run(tb, ctx.raw_dir, ctx.t0_ns, timeout_s=p.seconds + 30)
         m = dict(result.metrics)
+        if m.get("outcome") == "failed":
+            return RunOutput(metrics=m, tables=result.tables, status="failed",
+                             reason=f"workload: connection failed (errno {m.get('errno')})")
+        started = connect_start(result.tables.get("events"))
+        if faults and started is not None and started >= faults[0].at_s:
+            return RunOutput(metrics=m, tables=result.tables, status="invalid",
+                             reason=f"the fault at {faults[0].at_s:g} s came before the transfer "
+                                    f"started ({started:.2f} s): nothing to fail over")
         ts = result.tables.get("timeseries")
         if faults and ts is not None and len(ts):
             fault = faults[0]

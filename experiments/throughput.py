@@ -57,6 +57,9 @@ class Throughput(Experiment):
         rates = configured_rates(tb, p.direction)
         sum_rates = sum(rates.values())
         m = dict(result.metrics)
+        if m.get("outcome") == "failed":
+            return RunOutput(metrics=m, tables=result.tables, status="failed",
+                             reason=f"workload: connection failed (errno {m.get('errno')})")
         goodput = m.get("goodput_mbit") or 0.0
         m.update({
             "sum_rates_mbit": sum_rates,

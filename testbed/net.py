@@ -286,8 +286,9 @@ class Testbed:
     def _configure_mptcp(self) -> None:
         n = len(self.paths)
         hosts = {"client": self.client, "server": self.server}
+        self.not_applied: dict[str, dict[str, str]] = {}
         for role, node in hosts.items():
-            mptcp_config.apply_settings(node.pid, self.settings[role])
+            self.not_applied[role] = mptcp_config.apply_settings(node.pid, self.settings[role])
             mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)), add_addr_accepted=min(8, n))
         default = self.topology.default.name
         if self.settings["client"].path_manager == "kernel":
@@ -396,7 +397,8 @@ class Testbed:
             "server_addr": self.server_addr,
             "paths": [{"name": p.name, "client_addr": p.addr.client, "far_addr": p.addr.far,
                        "client_if": p.client_if, "table": p.addr.table} for p in self.paths],
-            "hosts": {role: mptcp_config.snapshot(node.pid)
+            "hosts": {role: {**mptcp_config.snapshot(node.pid),
+                             "not_applied": self.not_applied.get(role, {})}
                       for role, node in (("client", self.client), ("server", self.server))},
             "congestion_control": {r: s.congestion_control for r, s in self.settings.items()},
         }

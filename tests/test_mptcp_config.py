@@ -22,7 +22,8 @@ def old_kernel(monkeypatch):
 
 
 def test_path_manager_becomes_pm_type_and_absent_defaults_are_skipped(old_kernel):
-    config.apply_settings(1, HostSettings(path_manager="userspace"))
+    not_applied = config.apply_settings(1, HostSettings(path_manager="userspace"))
+    assert "no fallback to plain TCP" in not_applied["net.mptcp.syn_retrans_before_tcp_fallback"]
     assert old_kernel["net.mptcp.pm_type"] == 1
     assert "net.mptcp.path_manager" not in old_kernel
     assert "net.mptcp.blackhole_timeout" not in old_kernel  # no blackhole detection there

@@ -28,7 +28,7 @@ class Endpoint:
     id: int
 
 
-def apply_settings(pid: int, settings: HostSettings) -> None:
+def apply_settings(pid: int, settings: HostSettings) -> dict[str, str]:
     """Pin the host's MPTCP sysctls, on any kernel with MPTCP v1 (5.6+).
 
     Newer knobs do not exist on older kernels (path_manager: 6.15; scheduler,
@@ -41,6 +41,7 @@ def apply_settings(pid: int, settings: HostSettings) -> None:
     """
     wanted = settings.sysctls()
     present = set(run_in_netns(pid, _present_mptcp_sysctls))
+    not_applied: dict[str, str] = {}
     if "net.mptcp.path_manager" not in present and "net.mptcp.pm_type" in present:
         pm = wanted.pop("net.mptcp.path_manager")
         wanted["net.mptcp.pm_type"] = PM_TYPE[str(pm)]
@@ -50,13 +51,25 @@ def apply_settings(pid: int, settings: HostSettings) -> None:
             raise TestbedError(f"{name} = {wanted[name]} is not supported by this kernel "
                                f"({os.uname().release}); leave it at {defaults.get(name)!r} "
                                "or use a newer kernel")
+        # Recorded with the run: what the kernel does instead of the setting.
+        not_applied[name] = ABSENT_MEANS.get(name, "knob absent: the kernel's fixed behaviour")
         del wanted[name]
     # Each run must start from the same state: without metrics saving off, a
     # host would reuse RTT/cwnd learned in the previous repetition.
     write_sysctl(pid, {**wanted, "net.ipv4.tcp_no_metrics_save": 1})
+    return not_applied
 
 
 PM_TYPE = {"kernel": 0, "userspace": 1}
+# What the kernel does where a knob does not exist; where that differs from our
+# default, results differ, and the manifest says so.
+ABSENT_MEANS = {
+    "net.mptcp.syn_retrans_before_tcp_fallback":
+        "absent (< 6.12): no fallback to plain TCP when MPTCP SYNs are dropped; SYNs keep MP_CAPABLE",
+    "net.mptcp.blackhole_timeout": "absent (< 6.12): no MPTCP blackhole detection, same as 0",
+    "net.mptcp.scheduler": "absent (< 6.6): the one built-in scheduler, same as 'default'",
+    "net.mptcp.close_timeout": "absent (< 6.8): fixed 60 s, same as the default",
+}
 
 
 def _present_mptcp_sysctls() -> list[str]:
