@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from testbed.overrides import flatten
+
 __all__ = ["Results", "load", "paths", "SCHEMAS", "RUN_COLUMNS", "ResultsError"]
 
 SCHEMA_VERSION = 1
@@ -103,26 +105,13 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
     return out[list(schema) + extras]
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys; params are documented as dotted already."""
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _params(man: dict[str, Any]) -> dict[str, Any]:
     """The run's parameters: the experiment's own (scenario `params`, grid point
     applied) plus every grid key. Grid keys are dotted scenario paths; the
     experiment's own `params.` prefix is dropped so `params.strategy` becomes
     `param.strategy`, while `topology.params.rates` keeps its full name."""
     scenario = man.get("scenario") if isinstance(man.get("scenario"), dict) else {}
-    out = _flatten(scenario.get("params") or {})
+    out = flatten(scenario.get("params") or {})
     for k, v in (man.get("params") or {}).items():
         key = k.removeprefix("params.")
         out[key] = v
@@ -205,7 +194,7 @@ def load(results_dir: str | Path) -> Results:
             "start": man.get("start"), "end": man.get("end"),
         }
         row.update({f"param.{k}": v for k, v in _params(man).items()})
-        row.update({f"metric.{k}": v for k, v in _flatten(metrics).items()})
+        row.update({f"metric.{k}": v for k, v in flatten(metrics if isinstance(metrics, dict) else {}).items()})
         rows.append(row)
 
         for name, schema in SCHEMAS.items():

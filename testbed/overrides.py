@@ -23,3 +23,15 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
             raise TestbedError(f"override {item!r} is not of the form key=value")
         out[key.strip()] = parse_value(value.strip())
     return out
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys: {"events.0": {"action": "x"}} ->
+    {"events.0.action": "x"}, so every varied field is its own column."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -21,6 +21,7 @@ from testbed import experiment as experiments
 from testbed import probes
 from testbed.experiment import RunContext, RunOutput
 from testbed.net import Testbed
+from testbed.overrides import flatten
 from testbed.provenance import git_state, static_provenance
 from testbed.results import RunWriter, now_iso, remove_abandoned, run_status
 from testbed.scenario import RunSpec, Scenario, expand
@@ -81,7 +82,7 @@ def run_one(spec: RunSpec, root: Path) -> Path:
     writer = RunWriter(root, sc.experiment, spec.run_id)
     manifest: dict[str, Any] = {
         "experiment": sc.experiment, "run_id": spec.run_id,
-        "scenario": sc.model_dump(mode="json"), "params": _flatten(spec.params),
+        "scenario": sc.model_dump(mode="json"), "params": flatten(spec.params),
         "repetition": spec.repetition, "seed": spec.seed,
         "git": git_state(), **static_provenance(), "start": now_iso(),
     }
@@ -135,18 +136,6 @@ def run_one(spec: RunSpec, root: Path) -> Path:
         tables["events"] = _merge_events(ctx, tables.get("events"))
         writer.write_tables(tables)
     return writer.finish(manifest, output.metrics)
-
-
-def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Grid points with table values ("events.0" = {action = ...}) as dotted
-    keys, so every varied field is its own column in the runs table."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _on_timeout(signum: int, frame: object) -> None:
