@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -115,7 +116,6 @@ def run_one(spec: RunSpec, root: Path) -> Path:
                                         for link in tb.links}
     except KeyboardInterrupt:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        import shutil
         shutil.rmtree(writer.tmp, ignore_errors=True)  # no partial run passed off as data
         raise
     except RunTimeout:
@@ -147,15 +147,19 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
 
     tb = ctx.tb
     t0 = ctx.start_clock()
-    started = [probes.get(name, interval_ms=sc.probe_interval_ms) for name in sc.probes]
-    for probe in started:
-        probe.start(tb, ctx.raw_dir, t0)
-    scheduler = EventScheduler(tb, sc.events)
-    scheduler.start(t0 / 1e9)
-    try:
+    started = []
+    scheduler = None
+    try:  # whatever fails part-way, everything already started is stopped
+        for name in sc.probes:
+            probe = probes.get(name, interval_ms=sc.probe_interval_ms)
+            probe.start(tb, ctx.raw_dir, t0)
+            started.append(probe)
+        scheduler = EventScheduler(tb, sc.events)
+        scheduler.start(t0 / 1e9)
         output = exp.run(ctx)
     finally:
-        scheduler.stop()
+        if scheduler is not None:
+            scheduler.stop()
         for probe in started:
             probe.stop()
     for rec in scheduler.records:

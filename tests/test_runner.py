@@ -136,3 +136,33 @@ def test_failed_run_is_stored_as_failed_and_retried_on_request(tmp_path):
     assert "bridge" in manifest["reason"] and manifest["status"] == "failed"
     assert sweep(s, out, progress=False).skipped == 1
     assert sweep(s, out, retry_failed=True, progress=False).done == {"failed": 1}
+
+
+@pytest.mark.root
+def test_a_probe_failing_to_start_fails_the_run_and_stops_the_others(tmp_path, monkeypatch):
+    from testbed import probes
+
+    stopped = []
+
+    class Ok(probes.Probe):
+        name = "ok"
+
+        def start(self, tb, run_dir, t0_ns):
+            pass
+
+        def stop(self):
+            stopped.append(self.name)
+
+    class Broken(Ok):
+        name = "broken"
+
+        def start(self, tb, run_dir, t0_ns):
+            raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(probes, "get", lambda name, **kw: {"ok": Ok, "broken": Broken}[name]())
+    body = FAST.format(reps=1).replace('probes = ["pm_events", "nstat"]', 'probes = ["ok", "broken"]')
+    body = body.replace('"params.direction" = ["up", "down"]', "")
+    summary = sweep(sc.load(write(tmp_path, body)), tmp_path / "out", progress=False)
+    manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "probe broke" in manifest["reason"]
+    assert stopped == ["ok"]
