@@ -2,7 +2,7 @@
 
     ./tb doctor                 can experiments run here?
     ./tb demo                   two-path MPTCP demo: per-path and aggregate goodput
-    ./tb shell two-path         start a topology and open Mininet's CLI
+    ./tb shell --topology n-path --set n=3   start a topology, open Mininet's CLI
     ./tb clean                  remove leftovers of crashed runs (by recorded PID only)
     ./tb test                   the test suite (what CI runs)
 """
