@@ -15,6 +15,7 @@ from typing import Callable
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from testbed.cli import guard
 from testbed.vm import box as boxmod
 from testbed.vm import vagrant as vg
 from testbed.vm.errors import VmError
@@ -23,16 +24,11 @@ GUEST_REPO = "/vagrant"
 
 
 def _one_line(fn: Callable) -> Callable:
-    """Turn VmError into `error: ...` on stderr and exit status 1."""
+    """The project's CLI guard: VmError (a TestbedError) becomes `error: ...`."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except VmError as exc:
-            raise Exit(f"error: {exc}", code=1) from None
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
+        return guard(lambda: fn(*args, **kwargs))
 
     return wrapper
 
