@@ -388,6 +388,22 @@ class Testbed:
 
         return run_in_netns(self.client.pid, read)
 
+    def settled_interface_bytes(self, still_s: float = 0.25,
+                                timeout_s: float = 3.0) -> dict[str, dict[str, int]]:
+        """interface_bytes() once the counters have stopped moving for still_s.
+
+        A sender that exits still has its socket buffer to flush (and FINs to
+        exchange); reading the counters right away leaves that tail to be
+        charged to whatever runs next on the same testbed."""
+        last, deadline = self.interface_bytes(), time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(still_s)
+            now = self.interface_bytes()
+            if now == last:
+                break
+            last = now
+        return last
+
     def describe(self) -> dict[str, Any]:
         """What was built, for the run manifest."""
         return {

@@ -100,7 +100,7 @@ class IperfWorkload(Workload):
             cli = tb.popen(tb.client, wrap(argv), stdout=out, stderr=err)
         wait_procs({"client": cli, "server": srv}, min(timeout_s, p.seconds + p.omit_s + 30),
                    "iperf workload")
-        if1 = tb.interface_bytes()
+        if1 = tb.settled_interface_bytes()
         c, s = _load(files["client"], errs["client"]), _load(files["server"], errs["server"])
         if c.get("error"):
             raise TestbedError(f"iperf3 client: {c['error']}")
