@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -73,6 +74,7 @@ class Testbed:
         self._old_sigterm: Any = None
         self._client_rtnl: RawRtnl | None = None  # hot-path netlink in the client's namespace
         self._client_ifindex: dict[str, int] = {}
+        self._on_stop: list[Callable[[], None]] = []
 
     # ---- lifecycle -----------------------------------------------------
     def __enter__(self) -> "Testbed":
@@ -109,8 +111,20 @@ class Testbed:
         self._client_ifindex = run_in_netns(self.client.pid, ifindexes)
         self.net.built = True
 
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """Run fn first thing in stop() (last registered, first run): for what a
+        caller opened inside our namespaces in this process, such as sockets a
+        helper thread serves. The process can outlive many testbeds (a sweep),
+        so anything left open would pile up."""
+        self._on_stop.append(fn)
+
     def stop(self) -> None:
         """Idempotent teardown: processes, emulation, nodes (and their namespaces)."""
+        while self._on_stop:
+            try:
+                self._on_stop.pop()()
+            except Exception as exc:  # teardown goes on; the rest must still be released
+                warnings.warn(f"testbed {self.run_id}: on_stop callback failed: {exc}")
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()

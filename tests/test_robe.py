@@ -157,6 +157,34 @@ def test_trial_metrics_on_blackholed_default_path():
         assert m["syns_sent"] >= 2 and m["rsts_sent"] >= 1 and m["extra_handshakes"] == 0
 
 
+def open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+def test_trials_release_their_server_and_work_above_fd_1024():
+    """A sweep runs hundreds of testbeds in one process: each trial's listener
+    and thread must go with its testbed, and descriptors above select()'s
+    limit must not break the waits (a paper run failed every run after ~490)."""
+    before_fds, before_threads = open_fds(), set(threading.enumerate())
+    for _ in range(3):
+        with two_path_tb() as tb:
+            m = run_establishment_trial(tb, "mptcp", {"timeout_s": 5})
+            assert m["outcome"] == "mptcp" and m["data_ok"], m
+    assert wait_until(lambda: not set(threading.enumerate()) - before_threads, 5)
+    assert open_fds() - before_fds == set()
+    null = os.open(os.devnull, os.O_RDONLY)
+    ballast = [os.dup(null) for _ in range(1100)]
+    try:
+        with two_path_tb() as tb:  # healthy: sim's attempts race, then lte joins (PM events)
+            m = run_establishment_trial(tb, "sim", {"timeout_s": 5})
+        assert m["outcome"] == "mptcp" and m["winner_path"] == "wifi" and m["data_ok"], m
+        assert m["multipath_s"] is not None and m["joined_paths"] == "lte", m
+    finally:
+        for fd in (*ballast, null):
+            os.close(fd)
+
+
 # ---- wire level: pcap on the client's interfaces, dissected by tshark -------------
 FIELDS = ["frame.time_epoch", "ip.src", "ip.dst", "tcp.srcport", "tcp.flags.syn", "tcp.flags.ack",
           "tcp.flags.reset", "tcp.options.mptcp.subtype", "tcp.options.mptcp.recvtok",

@@ -383,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sched", choices=("fifo", "nice", "other"), default="fifo")
     ap.add_argument("--rt-priority", type=int, default=10)
     args = ap.parse_args(argv)
-    ctl = socket.socket(fileno=args.ctl_fd)
+    # The inherited descriptor keeps the parent's number, which in a long sweep
+    # can exceed select()'s limit of 1024; dup() takes the lowest free one.
+    low_fd = os.dup(args.ctl_fd)
+    os.close(args.ctl_fd)
+    ctl = socket.socket(fileno=low_fd)
     try:
         if args.netns:
             from testbed.netns import setns_current_thread

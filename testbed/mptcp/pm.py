@@ -211,7 +211,7 @@ class PMEventListener:
             setns_current_thread(ns_path(self.pid))
             # pyroute2 resolves the family and group ids; the events are then read
             # from a plain netlink socket: pyroute2's get() may keep already-read
-            # messages in its own queue, where select() cannot see them, so events
+            # messages in its own queue, where poll() cannot see them, so events
             # would surface late (measured: seconds, or never for the last one).
             with GenericNetlinkSocket() as gs:
                 gs.bind(FAMILY, pm_event_msg)
@@ -226,9 +226,13 @@ class PMEventListener:
             return
         self._ready.set()
         try:
+            # poll(), not select(): a long sweep in one process may hold
+            # descriptors above select()'s limit of 1024.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
             while not self._stop.is_set():
-                # select() first so stop() is noticed within poll_s.
-                if not select.select([sock], [], [], self.poll_s)[0]:
+                # Wait with a timeout so stop() is noticed within poll_s.
+                if not poller.poll(self.poll_s * 1000):
                     continue
                 data = sock.recv(1 << 16)
                 t = time.monotonic_ns()

@@ -104,13 +104,17 @@ class AttemptSet:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            # Sleep in select() until ~1 ms before the deadline, then poll:
-            # timer wake-ups overshoot by up to ~2 ms here, and RobE_TIMER's
-            # next SYN should leave on time.
-            _, w, _ = select.select([], [a.sock for a in self.active], [],
-                                    left - 0.001 if left > 0.002 else 0)
+            # Sleep in poll() until ~2 ms before the deadline (its timeout has
+            # 1 ms steps), then busy-poll: timer wake-ups overshoot by up to
+            # ~2 ms here, and RobE_TIMER's next SYN should leave on time.
+            # poll(), not select(): the caller may hold descriptors above
+            # select()'s limit of 1024. A failed connect shows as POLLERR.
+            poller = select.poll()
+            for a in self.active:
+                poller.register(a.sock, select.POLLOUT)
+            ready = {fd for fd, _ in poller.poll(int((left - 0.002) * 1000) if left > 0.003 else 0)}
             t = time.monotonic_ns()  # one stamp for all sockets of this wake-up
-            for att in [a for a in self.active if a.sock in w]:
+            for att in [a for a in self.active if a.sock.fileno() in ready]:
                 self.active.remove(att)
                 err = S.connect_result(att.sock)
                 if err == 0:

@@ -3,9 +3,10 @@
     metrics = run_establishment_trial(tb, "sim", {"timeout_s": 8})
 
 The client connects to an unmodified kernel MPTCP listener in the server
-namespace (a thread of this process, started once per testbed), sends a small
-request, reads the response, waits for the joins and closes. The caller applies
-the path condition (blackhole, loss, ...) beforehand.
+namespace (a thread of this process, started once per testbed and closed by
+the testbed's stop()), sends a small request, reads the response, waits for the
+joins and closes. The caller applies the path condition (blackhole, loss, ...)
+beforehand.
 
 scenario_params (all optional):
   timeout_s        establishment deadline (default 8)
@@ -67,6 +68,16 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
         return
 
     ls = tb.in_ns(tb.server, lambda: listener(port))
+
+    def close() -> None:
+        _servers.pop(key, None)
+        _histories.pop(tb.run_id, None)
+        try:
+            ls.shutdown(socket.SHUT_RDWR)  # wakes the accept() below; close() alone does not
+        except OSError:
+            pass
+        ls.close()
+        t.join(timeout=2)
     body = payload(response_bytes)
 
     def handle(c: socket.socket) -> None:
@@ -97,6 +108,7 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
     t = threading.Thread(target=serve, name=f"robe-server-{port}", daemon=True)
     t.start()
     _servers[key] = (ls, t)
+    tb.on_stop(close)
 
 
 def _counters() -> dict[str, int]:
