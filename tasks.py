@@ -155,8 +155,9 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
 @task(help={"quick": "few repetitions, trimmed grids: minutes instead of an hour",
             "out": "results directory (resumed if it exists)",
             "report": "where the report goes (default: OUT/report)",
+            "retry_failed": "rerun the runs stored as failed (resuming skips them otherwise)",
             "no_progress": "no progress bars"})
-def paper(c, quick=False, out=None, report=None, no_progress=False):
+def paper(c, quick=False, out=None, report=None, retry_failed=False, no_progress=False):
     """Rerun the paper's scenarios end to end (resuming), then build the report."""
     _need_root()
     from testbed import paper as p
@@ -164,16 +165,19 @@ def paper(c, quick=False, out=None, report=None, no_progress=False):
     def go():
         results = Path(out or ("results-quick" if quick else "results"))
         t0 = time.monotonic()
-        failed = 0
-        for experiment, summary in p.run(results, quick=quick, progress=not no_progress):
+        for experiment, summary in p.run(results, quick=quick, progress=not no_progress,
+                                         retry_failed=retry_failed):
             print(f"{experiment}: {summary.line()}")
-            failed += summary.done.get("failed", 0)
         from analysis.report import build_report
 
         index = build_report(results, Path(report) if report else results / "report")
         print(f"paper: report {index} ({time.monotonic() - t0:.0f} s)")
-        if failed:
-            raise Exit(f"error: {failed} run(s) failed; the report marks them (./tb results.ls {results})", code=1)
+        left = p.not_complete(results, quick)
+        if left.get("invalid"):
+            print(f"paper: {left['invalid']} run(s) stored as invalid; the report marks them")
+        if left.get("failed"):
+            raise Exit(f"error: {left['failed']} stored run(s) failed; the report marks them "
+                       f"(./tb results.ls {results}; rerun them with --retry-failed)", code=1)
 
     _guard(go)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import scenario as sc
+from testbed.results import run_status
 from testbed.runner import SweepSummary, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +49,23 @@ def scenarios(quick: bool) -> list[sc.Scenario]:
     return out
 
 
-def run(out: Path, quick: bool, progress: bool = True) -> list[tuple[str, SweepSummary]]:
+def run(out: Path, quick: bool, progress: bool = True,
+        retry_failed: bool = False) -> list[tuple[str, SweepSummary]]:
     done = []
     for scenario in scenarios(quick):
-        done.append((scenario.experiment, sweep(scenario, out, progress=progress)))
+        done.append((scenario.experiment,
+                     sweep(scenario, out, retry_failed=retry_failed, progress=progress)))
     return done
+
+
+def not_complete(out: Path, quick: bool) -> dict[str, int]:
+    """Stored paper runs by status other than complete, counted over the whole
+    store, not this invocation: a resumed run skips runs that failed before,
+    and must not report success for them."""
+    counts: dict[str, int] = {}
+    for scenario in scenarios(quick):
+        for spec in sc.expand(scenario):
+            status = run_status(out, scenario.experiment, spec.run_id) or "missing"
+            if status != "complete":
+                counts[status] = counts.get(status, 0) + 1
+    return counts

@@ -3,6 +3,7 @@ scenario (trimmed grids), then the report with its expectation table."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -44,3 +45,14 @@ def test_tiny_paper_run_builds_a_complete_report(tmp_path, monkeypatch):
     verdicts = {r["verdict"] for r in rows}
     assert "holds" in verdicts
     assert list((tmp_path / "report").glob("*.png")) and list((tmp_path / "report").glob("*.pdf"))
+    # A resumed paper run must neither skip nor hide runs that failed before.
+    assert paper.not_complete(results, quick=True) == {}
+    manifest = next((results / "throughput").glob("*/manifest.json"))
+    stored = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**stored, "status": "failed", "reason": "test: marked failed"}))
+    assert paper.not_complete(results, quick=True) == {"failed": 1}
+    resumed = paper.run(results, quick=True, progress=False)
+    assert sum(sum(s.done.values()) for _, s in resumed) == 0
+    retried = paper.run(results, quick=True, progress=False, retry_failed=True)
+    assert {e: s.done for e, s in retried if s.done} == {"throughput": {"complete": 1}}
+    assert paper.not_complete(results, quick=True) == {}
