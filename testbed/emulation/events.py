@@ -28,7 +28,6 @@ from testbed.netns import realtime_thread
 from testbed.scenario import EventSpec
 
 BUSY_WAIT_S = 0.002
-RT_PRIORITY = 5  # below the forwarders (10): a busy-waiting scheduler never delays packets
 SWITCH_INTERVAL_S = 0.0002  # GIL hand-over while events are pending (Python's default: 5 ms)
 T = TypeVar("T")
 

@@ -23,6 +23,7 @@ from typing import Any
 from testbed.emulation import register, shaping
 from testbed.emulation.base import Backend, Direction, EmulatedLink
 from testbed.netns import NetnsWorker
+from testbed.rtnl import RawRtnl, attr
 from testbed.errors import TestbedError
 from testbed.model import LinkParams
 
@@ -121,7 +122,7 @@ class ForwarderHandle:
         self.ctl.close()
 
 
-class RawTc:
+class RawTc(RawRtnl):
     """HTB class + pfifo changes as hand-packed rtnetlink messages.
 
     A timed rate change must land within 1 ms; through pyroute2 one direction
@@ -131,42 +132,12 @@ class RawTc:
     layer, so the kernel needs no rate tables; burst times via pyroute2's own
     calc_xmittime); any error falls back to shaping.change()."""
 
-    RTM_NEWQDISC, RTM_NEWTCLASS, NLMSG_ERROR = 36, 40, 2
-    NLM_F_REQUEST_ACK = 0x1 | 0x4
+    RTM_NEWQDISC, RTM_NEWTCLASS = 36, 40
     TC_LINKLAYER_ETHERNET = 1
 
-    def __init__(self, pid: int):
-        from testbed.netns import run_in_netns
-
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
-            s.bind((0, 0))
-            s.settimeout(2)
-            return s
-
-        self.sock = run_in_netns(pid, make)
-        self.seq = 0
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def _attr(kind: int, payload: bytes) -> bytes:
-        n = 4 + len(payload)
-        return struct.pack("HH", n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
-
-    def _request(self, msg_type: int, ifindex: int, handle: int, parent: int, attrs: bytes) -> None:
-        with self.lock:
-            self.seq += 1
-            body = struct.pack("BxxxiIII", 0, ifindex, handle, parent, 0) + attrs
-            hdr = struct.pack("IHHII", 16 + len(body), msg_type, self.NLM_F_REQUEST_ACK, self.seq, 0)
-            self.sock.send(hdr + body)
-            while True:
-                data = self.sock.recv(65536)
-                _n, typ, _f, seq, _pid = struct.unpack_from("IHHII", data)
-                if typ == self.NLMSG_ERROR and seq == self.seq:
-                    (err,) = struct.unpack_from("i", data, 16)
-                    if err:
-                        raise OSError(-err, os.strerror(-err))
-                    return
+    def _tc(self, msg_type: int, ifindex: int, handle: int, parent: int, attrs: bytes) -> None:
+        # tcmsg: family, pad, ifindex, handle, parent, info
+        self.request(msg_type, 0, struct.pack("BxxxiIII", 0, ifindex, handle, parent, 0) + attrs)
 
     def change(self, ifindex: int, htb: dict[str, Any], limit: int | None) -> None:
         from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime, get_rate
@@ -177,17 +148,14 @@ class RawTc:
         r32 = min(rate, (1 << 32) - 1)
         spec = struct.pack("BBHhHI", 0, self.TC_LINKLAYER_ETHERNET, 0, 0, 0, r32)
         parms = spec + spec + struct.pack("IIIII", buffer, cbuffer, htb["quantum"], 0, 0)
-        opts = self._attr(1, parms)  # TCA_HTB_PARMS
+        opts = attr(1, parms)  # TCA_HTB_PARMS
         if rate >= 1 << 32:
-            opts += self._attr(6, struct.pack("Q", rate)) + self._attr(7, struct.pack("Q", rate))
-        attrs = self._attr(1, b"htb\0") + self._attr(2 | 0x8000, opts)  # TCA_KIND, TCA_OPTIONS
-        self._request(self.RTM_NEWTCLASS, ifindex, 0x00010010, 0x00010000, attrs)
+            opts += attr(6, struct.pack("Q", rate)) + attr(7, struct.pack("Q", rate))
+        attrs = attr(1, b"htb\0") + attr(2 | 0x8000, opts)  # TCA_KIND, TCA_OPTIONS
+        self._tc(self.RTM_NEWTCLASS, ifindex, 0x00010010, 0x00010000, attrs)
         if limit is not None:
-            attrs = self._attr(1, b"pfifo\0") + self._attr(2, struct.pack("I", limit))
-            self._request(self.RTM_NEWQDISC, ifindex, 0x00100000, 0x00010010, attrs)  # 10: (hex)
-
-    def close(self) -> None:
-        self.sock.close()
+            attrs = attr(1, b"pfifo\0") + attr(2, struct.pack("I", limit))
+            self._tc(self.RTM_NEWQDISC, ifindex, 0x00100000, 0x00010010, attrs)  # 10: (hex)
 
 
 class UserspaceBackend(Backend):

@@ -52,7 +52,7 @@ from testbed.robe.sockets import PathSpec
 from testbed.robe.strategies import Options, RobeError, connect
 from testbed.robe.timer import TimerPolicy
 
-_servers: dict[str, tuple[socket.socket, threading.Thread]] = {}
+_servers: set[str] = set()  # run_id:port of the servers running (closed by their testbed)
 _histories: dict[str, History] = {}
 
 
@@ -70,7 +70,7 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
     ls = tb.in_ns(tb.server, lambda: listener(port))
 
     def close() -> None:
-        _servers.pop(key, None)
+        _servers.discard(key)
         _histories.pop(tb.run_id, None)
         try:
             ls.shutdown(socket.SHUT_RDWR)  # wakes the accept() below; close() alone does not
@@ -107,7 +107,7 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
 
     t = threading.Thread(target=serve, name=f"robe-server-{port}", daemon=True)
     t.start()
-    _servers[key] = (ls, t)
+    _servers.add(key)
     tb.on_stop(close)
 
 
