@@ -17,16 +17,16 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 
 from analysis.tasks import report
-from testbed.bench.tasks import ns as bench_tasks
-from testbed.cli import fail as _fail, guard as _guard, need_root as _need_root
-from testbed.vm.tasks import ns as vm_tasks
+from testbed.tools.bench.tasks import ns as bench_tasks
+from testbed.tools.cli import fail as _fail, guard as _guard, need_root as _need_root
+from testbed.tools.vm.tasks import ns as vm_tasks
 
 ROOT = Path(__file__).resolve().parent
 
 
 def _topology(name: str, sets: list[str]):
-    from testbed.overrides import parse_assignments
-    from testbed.topology import load
+    from testbed.harness.overrides import parse_assignments
+    from testbed.core.topology import load
 
     return load(name, **parse_assignments(sets))
 
@@ -34,7 +34,7 @@ def _topology(name: str, sets: list[str]):
 @task
 def doctor(c):
     """Check kernel MPTCP, sysctls, link-emulation backends, tools and offloads."""
-    from testbed import doctor as d
+    from testbed.tools import doctor as d
 
     checks = d.run_checks()
     print(d.render(checks))
@@ -47,7 +47,7 @@ def doctor(c):
 def clean(c):
     """End the processes of crashed runs (recorded PIDs only; their namespaces go with them)."""
     _need_root()
-    from testbed.state import clean_stale
+    from testbed.core.state import clean_stale
 
     cleaned = clean_stale()
     print(f"clean: removed {len(cleaned)} crashed run(s)" + (f": {', '.join(cleaned)}" if cleaned else ""))
@@ -56,7 +56,7 @@ def clean(c):
 @task
 def topologies(c):
     """List the known topologies."""
-    from testbed.topology import available
+    from testbed.core.topology import available
 
     for name, desc in sorted(available().items()):
         print(f"{name:<22} {desc}")
@@ -68,7 +68,7 @@ def shell(c, topology="two-path", backend="auto", set_=None):
     _need_root()
     from mininet.cli import CLI
 
-    from testbed.net import Testbed
+    from testbed.core.net import Testbed
 
     def run():
         with Testbed(_topology(topology, set_ or []), backend=backend) as tb:
@@ -84,8 +84,8 @@ def shell(c, topology="two-path", backend="auto", set_=None):
 def demo(c, topology="two-path", backend="auto", seconds=8.0, set_=None, out=None):
     """Real two-path MPTCP transfer: per-path and aggregate goodput."""
     _need_root()
-    from testbed.bulk import bulk_transfer
-    from testbed.net import Testbed
+    from testbed.core.bulk import bulk_transfer
+    from testbed.core.net import Testbed
 
     def run():
         topo = _topology(topology, set_ or [])
@@ -138,9 +138,9 @@ def test(c, quick=False, k=None, vm=False):
 def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no_progress=False):
     """Run a scenario: grid x repetitions, resumable; results in OUT/<experiment>/<run-id>/."""
     _need_root()
-    from testbed import scenario as sc
-    from testbed.overrides import parse_assignments
-    from testbed.runner import sweep
+    from testbed.harness import scenario as sc
+    from testbed.harness.overrides import parse_assignments
+    from testbed.harness.runner import sweep
 
     def go():
         s = sc.load(scenario, parse_assignments(set_ or []), int(reps) if reps is not None else None)
@@ -160,7 +160,7 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
 def paper(c, quick=False, out=None, report=None, retry_failed=False, no_progress=False):
     """Rerun the paper's scenarios end to end (resuming), then build the report."""
     _need_root()
-    from testbed import paper as p
+    from testbed.harness import paper as p
 
     def go():
         results = Path(out or ("results-quick" if quick else "results"))
@@ -185,7 +185,7 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, no_progress
 @task(name="ls", positional=["out"])
 def results_ls(c, out):
     """List stored runs with their status (and the reason of failed/invalid ones)."""
-    from testbed.results import list_runs
+    from testbed.harness.results import list_runs
 
     def go():
         if not Path(out).is_dir():
@@ -207,8 +207,8 @@ def results_ls(c, out):
 def harness(c, repeats=5):
     """Benchmark: build + start + stop time of two-path and an 8-path topology."""
     _need_root()
-    from testbed.net import Testbed
-    from testbed.topology import load
+    from testbed.core.net import Testbed
+    from testbed.core.topology import load
 
     def measure(topo) -> list[float]:
         times = []

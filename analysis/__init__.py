@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from testbed.overrides import flatten
+from testbed.harness.overrides import flatten
 
 __all__ = ["Results", "load", "paths", "SCHEMAS", "RUN_COLUMNS", "ResultsError"]
 

@@ -35,7 +35,7 @@ def _topology(rtts: dict[str, float], rates: dict[str, float]) -> dict[str, Any]
 
 
 def _calibration(rng: np.random.Generator, topo: dict[str, Any], bad: bool) -> dict[str, Any]:
-    """Shaped like testbed.emulation.calibrate.calibrate()."""
+    """Shaped like testbed.core.emulation.calibrate.calibrate()."""
     paths = {}
     for p in topo["paths"]:
         cfg = 2 * p["delay_ms"]
@@ -57,7 +57,7 @@ def _write_run(root: Path, exp: str, grid: dict[str, Any], rep: int, seed: int,
                metrics: dict[str, Any], tables: dict[str, pd.DataFrame], topo: dict[str, Any],
                status: str = "complete", reason: str = "", day: int = 0,
                exp_params: dict[str, Any] | None = None, calibrate: bool = True) -> None:
-    """One run directory shaped like testbed.runner.run_one() writes it."""
+    """One run directory shaped like testbed.harness.runner.run_one() writes it."""
     phash = hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
     run_id = f"{phash}-r{rep:03d}"
     d = root / exp / run_id

@@ -3,7 +3,7 @@ initial (default-route) path is healthy, lossy, blackholed, slow, or behind a
 middlebox that drops MPTCP SYNs — for plain TCP, kernel MPTCP and the RobE
 strategies (testbed.robe), always against an unmodified kernel MPTCP server.
 
-Metrics (per trial, from testbed.robe.trial): setup_s (connect() to
+Metrics (per trial, from experiments.robe_trial): setup_s (connect() to
 established), ttfb_s (first response byte of a request/response exchange),
 multipath_s (second subflow established), outcome (mptcp / fallback / failed),
 syns_sent, rsts_sent, extra_handshakes, winner_path.
@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from testbed import faults
-from testbed.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
-from testbed.scenario import EventSpec
+from testbed.core import faults
+from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.core.events import EventSpec
 
 Condition = Literal["healthy", "lossy10", "lossy30", "lossy50", "blackhole",
                     "slow_default", "mptcp_drop"]
@@ -51,7 +51,7 @@ class Establishment(Experiment):
     Params = Params
 
     def run(self, ctx: RunContext) -> RunOutput:
-        from testbed.robe.trial import run_establishment_trial
+        from experiments.robe_trial import run_establishment_trial
 
         p: Params = ctx.params
         tb = ctx.tb

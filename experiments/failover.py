@@ -12,8 +12,8 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from testbed import workload
-from testbed.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness import workload
+from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
 
 FAILURES = {"link_down", "blackhole", "set_link"}
 

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from testbed import workload
-from testbed.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness import workload
+from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
 
 
 class Params(ExperimentParams):

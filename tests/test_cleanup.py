@@ -13,9 +13,9 @@ import time
 import pytest
 
 from conftest import ROOT, run_tb
-from testbed.net import Testbed
-from testbed.state import STATE_DIR
-from testbed.topology import load
+from testbed.core.net import Testbed
+from testbed.core.state import STATE_DIR
+from testbed.core.topology import load
 
 pytestmark = pytest.mark.root
 
@@ -73,8 +73,8 @@ def test_failure_during_build_leaves_nothing():
 
 RUNNER = textwrap.dedent("""
     import sys, time
-    from testbed.net import Testbed
-    from testbed.topology import load
+    from testbed.core.net import Testbed
+    from testbed.core.topology import load
     with Testbed(load("two-path", wifi_delay_ms=0, lte_delay_ms=0), backend="bridge") as tb:
         tb.client.cmd("sleep 300 &")
         # Like an emulator or traffic process: its own session, outlives a kill -9.

@@ -14,15 +14,15 @@ import time
 
 import pytest
 
-from testbed.emulation import BACKENDS, _load_optional
-from testbed.emulation.calibrate import calibrate, ping_rtts
-from testbed.emulation.events import EventScheduler
-from testbed.scenario import EventSpec
-from testbed.emulation.netem import NetemBackend, netem_args
-from testbed.errors import TestbedError
-from testbed.model import GilbertElliott, LinkParams
-from testbed.net import Testbed
-from testbed.topology import from_dict, load
+from testbed.core.emulation import BACKENDS, _load_optional
+from testbed.core.emulation.calibrate import calibrate, ping_rtts
+from testbed.core.emulation.events import EventScheduler
+from testbed.core.events import EventSpec
+from testbed.core.emulation.netem import NetemBackend, netem_args
+from testbed.base.errors import TestbedError
+from testbed.core.model import GilbertElliott, LinkParams
+from testbed.core.net import Testbed
+from testbed.core.topology import from_dict, load
 
 root = pytest.mark.root
 
@@ -132,7 +132,7 @@ def test_scheduler_rejects_unknown_paths_and_a_carrierless_bottleneck():
 
 
 def test_binomial_interval_of_benchmark():
-    from testbed.bench.emulation import binomial_interval
+    from testbed.tools.bench.emulation import binomial_interval
 
     lo, hi = binomial_interval(10_000, 0.01)
     assert 70 <= lo <= 80 and 120 <= hi <= 130
@@ -310,7 +310,7 @@ def test_calibration_passes_honest_paths_and_flags_wrong_ones():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_path_mptcp_aggregates_with_delay():
-    from testbed.bulk import bulk_transfer
+    from testbed.core.bulk import bulk_transfer
 
     with Testbed(load("two-path", wifi_delay_ms=10, lte_delay_ms=40, rate_mbit=20),
                  backend="userspace") as tb:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import scenario as sc
-from testbed.runner import sweep
+from testbed.harness import scenario as sc
+from testbed.harness.runner import sweep
 
 pytestmark = pytest.mark.root
 

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from testbed import faults
+from testbed.core import faults
 from testbed.mptcp.sockopt import is_fallback, listener, mptcp_socket
-from testbed.net import Testbed
-from testbed.scenario import EventSpec
-from testbed.topology import load
+from testbed.core.net import Testbed
+from testbed.core.events import EventSpec
+from testbed.core.topology import load
 
 pytestmark = pytest.mark.root
 

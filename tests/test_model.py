@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_one_line_error, run_tb
-from testbed.errors import TestbedError
-from testbed.model import LinkParams, PathSpec
-from testbed.topology import from_dict, load
+from testbed.base.errors import TestbedError
+from testbed.core.model import LinkParams, PathSpec
+from testbed.core.topology import from_dict, load
 
 
 def two_paths(**over):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.errors import TestbedError
-from testbed.model import HostSettings
-from testbed.mptcp import config
+from testbed.base.errors import TestbedError
+from testbed.core.model import HostSettings
+from testbed.core import mptcp_config as config
 
 LINUX_6_1 = ["net.mptcp." + k for k in (
     "enabled", "add_addr_timeout", "checksum_enabled", "allow_join_initial_addr_port",

@@ -6,9 +6,9 @@ import socket
 import pytest
 
 from conftest import assert_connectivity
-from testbed.bulk import bulk_transfer
-from testbed.net import Testbed
-from testbed.topology import load
+from testbed.core.bulk import bulk_transfer
+from testbed.core.net import Testbed
+from testbed.core.topology import load
 
 pytestmark = pytest.mark.root
 
@@ -63,7 +63,7 @@ def test_multihomed_server_and_backup_path():
     for p in spec["paths"]:
         p["delay_ms"] = 0
     spec["paths"][1]["backup"] = True
-    from testbed.topology import from_dict
+    from testbed.core.topology import from_dict
     with Testbed(from_dict(spec), backend="bridge") as tb:
         assert tb.server_addr == "10.1.0.2"
         assert_connectivity_multihomed(tb)
@@ -107,7 +107,7 @@ def test_shell_task_opens_mininet_cli_on_the_topology():
 def test_server_signals_its_second_address_and_the_client_joins_it():
     """Multihomed server announcing (ADD_ADDR) its LTE address; the client has no
     endpoint of its own there, so the only way to a second subflow is the signal."""
-    from testbed.topology import from_dict
+    from testbed.core.topology import from_dict
     spec = load("wifi-lte-multihomed").model_dump()
     for p in spec["paths"]:
         p["delay_ms"] = 0

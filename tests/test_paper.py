@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from testbed import paper
+from testbed.harness import paper
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from testbed.errors import TestbedError
-from testbed.model import HostSettings
+from testbed.base.errors import TestbedError
+from testbed.core.model import HostSettings
 from testbed.mptcp import sockopt as so
 from testbed.mptcp.pm import PMError, PMEventListener, UserspacePM, pm_event_msg, _parse
-from testbed.net import Testbed
-from testbed.topology import load
+from testbed.core.net import Testbed
+from testbed.core.topology import load
 
 PORT = 5000
 _listeners: list[socket.socket] = []

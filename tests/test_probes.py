@@ -6,11 +6,12 @@ import time
 
 import pytest
 
-from testbed import probes, workload
-from testbed.errors import TestbedError
-from testbed.net import Testbed
-from testbed.probes.base import SCHEMAS, frame
-from testbed.topology import load
+from testbed.harness import probes
+from testbed.harness import workload
+from testbed.base.errors import TestbedError
+from testbed.core.net import Testbed
+from testbed.harness.probes.base import SCHEMAS, frame
+from testbed.core.topology import load
 
 
 def assert_schema(df, table):

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from testbed.model import HostSettings
+from testbed.core.model import HostSettings
 from testbed.mptcp import sockopt as so
 from testbed.mptcp.sockopt import listener
-from testbed.net import Testbed, wait_until
+from testbed.core.net import Testbed, wait_until
 from testbed.robe import Options, RobeError, connect
-from testbed.robe.trial import run_establishment_trial, tb_paths
-from testbed.topology import load
+from experiments.robe_trial import run_establishment_trial, tb_paths
+from testbed.core.topology import load
 
 pytestmark = pytest.mark.root
 PORT = 5700

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_one_line_error, run_tb
-from testbed import scenario as sc
-from testbed.runner import sweep
+from testbed.harness import scenario as sc
+from testbed.harness.runner import sweep
 
 FAST = textwrap.dedent("""
     experiment = "throughput"
@@ -91,8 +91,8 @@ def test_run_writes_manifest_tables_and_metrics(tmp_path):
 KILLABLE = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from testbed import scenario as sc
-    from testbed.runner import sweep
+    from testbed.harness import scenario as sc
+    from testbed.harness.runner import sweep
     sweep(sc.load(sys.argv[1]), Path(sys.argv[2]), progress=False)
 """)
 
@@ -140,7 +140,7 @@ def test_failed_run_is_stored_as_failed_and_retried_on_request(tmp_path):
 
 @pytest.mark.root
 def test_a_probe_failing_to_start_fails_the_run_and_stops_the_others(tmp_path, monkeypatch):
-    from testbed import probes
+    from testbed.harness import probes
 
     stopped = []
 

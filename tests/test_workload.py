@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from testbed import workload
-from testbed.errors import TestbedError
-from testbed.model import HostSettings
-from testbed.net import Testbed
-from testbed.probes.base import SCHEMAS
-from testbed.topology import load
+from testbed.harness import workload
+from testbed.base.errors import TestbedError
+from testbed.core.model import HostSettings
+from testbed.core.net import Testbed
+from testbed.harness.probes.base import SCHEMAS
+from testbed.core.topology import load
 
 
 def two_path():
@@ -94,7 +94,7 @@ def test_app_fallback_plain_tcp_and_bind_path(tmp_path):
 def test_app_client_reports_connect_failure_with_errno(tmp_path):
     out = tmp_path / "c.json"
     with Testbed(two_path(), backend="bridge") as tb:
-        proc = tb.popen(tb.client, [sys.executable, "-m", "testbed.workload.app", "client",
+        proc = tb.popen(tb.client, [sys.executable, "-m", "testbed.harness.workload.app", "client",
                                     "--server", tb.server_addr, "--port", "4999", "--bytes", "10",
                                     "--out", str(out)], stderr=subprocess.PIPE)
         proc.wait(30)

@@ -5,7 +5,7 @@ Two sources, each optional:
   (or given explicitly), one row per (backend, rate, delay, loss) point with
   columns like rtt_cfg_ms, rtt_idle_ms, rtt_load_ms, goodput_mbit, loss_cfg_pct,
   loss_meas_pct, cpu_pct — whatever subset is present is plotted;
-- every run manifest's `emulation.calibration` (testbed.emulation.calibrate):
+- every run manifest's `emulation.calibration` (testbed.core.emulation.calibrate):
   per path the configured and the measured RTT and single-flow goodput.
 """
 from __future__ import annotations

@@ -41,8 +41,8 @@ from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nl
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
-from testbed.errors import TestbedError
-from testbed.netns import ns_path, run_in_netns, setns_current_thread
+from testbed.base.errors import TestbedError
+from testbed.base.netns import ns_path, run_in_netns, setns_current_thread
 
 FAMILY = "mptcp_pm"
 EVENTS_GROUP = "mptcp_pm_events"

@@ -23,7 +23,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from testbed.errors import TestbedError
+from testbed.base.errors import TestbedError
 
 SOL_MPTCP = 284
 MPTCP_INFO = 1

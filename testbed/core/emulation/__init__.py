@@ -1,0 +1,50 @@
+"""Link emulation backends, chosen automatically or by name."""
+from __future__ import annotations
+
+from testbed.core.emulation.base import Backend, EmulatedLink
+from testbed.core.emulation.bridge import BridgeBackend
+from testbed.base.errors import TestbedError
+from testbed.core.model import TopologySpec
+
+BACKENDS: dict[str, type[Backend]] = {BridgeBackend.name: BridgeBackend}
+# Preference order for "auto"; backends that can delay come first.
+AUTO_ORDER = ["netem", "userspace", "bridge"]
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def select(name: str, topology: TopologySpec | None = None) -> Backend:
+    """Instantiate backend `name` ("auto": the best usable one) or explain why not."""
+    _load_optional()
+    if name != "auto":
+        if name not in BACKENDS:
+            raise TestbedError(f"unknown link-emulation backend {name!r} (known: {', '.join(BACKENDS)})")
+        problem = BACKENDS[name].check()
+        if problem:
+            raise TestbedError(f"backend {name!r} unusable: {problem}")
+        return BACKENDS[name]()
+    needs_delay = topology is None or topology.needs_delay_line()
+    for candidate in AUTO_ORDER:
+        cls = BACKENDS.get(candidate)
+        if cls is None or (candidate == "bridge" and needs_delay):
+            continue
+        if cls.check() is None:
+            return cls()
+    raise TestbedError("no link-emulation backend can apply delay/loss on this machine "
+                       "(run `./tb doctor` for details)")
+
+
+def _load_optional() -> None:
+    """Import backends that register themselves (they may be absent)."""
+    for mod in ("testbed.core.emulation.netem", "testbed.core.emulation.userspace"):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+__all__ = ["Backend", "EmulatedLink", "select", "register", "BACKENDS"]

@@ -1,0 +1,128 @@
+"""Pin a host's MPTCP sysctls, limits and endpoints through netlink."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pyroute2 import MPTCP, IPRoute
+
+from testbed.base.errors import TestbedError
+from testbed.core.model import HostSettings
+from testbed.base.netns import read_sysctl, run_in_netns, write_sysctl
+
+FLAG_BITS = {"signal": 0x1, "subflow": 0x2, "backup": 0x4, "fullmesh": 0x8}
+# Recorded with every run in addition to the MPTCP ones: they shape SYN timing.
+RECORDED_TCP_SYSCTLS = [
+    "net.ipv4.tcp_syn_retries",
+    "net.ipv4.tcp_syn_linear_timeouts",
+    "net.ipv4.tcp_congestion_control",
+    "net.ipv4.tcp_no_metrics_save",
+]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addr: str
+    ifname: str
+    flags: tuple[str, ...]
+    id: int
+
+
+def apply_settings(pid: int, settings: HostSettings) -> dict[str, str]:
+    """Pin the host's MPTCP sysctls, on any kernel with MPTCP v1 (5.6+).
+
+    Newer knobs do not exist on older kernels (path_manager: 6.15; scheduler,
+    blackhole_timeout, syn_retrans_before_tcp_fallback, close_timeout: later
+    than 6.1). `path_manager` maps to its older twin `pm_type`. Any other absent
+    knob is skipped when the setting is our default, which there means the
+    kernel's fixed behaviour (no blackhole detection exists, one scheduler), and
+    is recorded as absent by snapshot(); asking for a non-default value that the
+    kernel cannot apply is an error, never silently ignored.
+    """
+    wanted = settings.sysctls()
+    present = set(run_in_netns(pid, _present_mptcp_sysctls))
+    not_applied: dict[str, str] = {}
+    if "net.mptcp.path_manager" not in present and "net.mptcp.pm_type" in present:
+        pm = wanted.pop("net.mptcp.path_manager")
+        wanted["net.mptcp.pm_type"] = PM_TYPE[str(pm)]
+    defaults = HostSettings().sysctls()
+    for name in [n for n in wanted if n not in present]:
+        if wanted[name] != defaults.get(name):
+            raise TestbedError(f"{name} = {wanted[name]} is not supported by this kernel "
+                               f"({os.uname().release}); leave it at {defaults.get(name)!r} "
+                               "or use a newer kernel")
+        # Recorded with the run: what the kernel does instead of the setting.
+        not_applied[name] = ABSENT_MEANS.get(name, "knob absent: the kernel's fixed behaviour")
+        del wanted[name]
+    # Each run must start from the same state: without metrics saving off, a
+    # host would reuse RTT/cwnd learned in the previous repetition.
+    write_sysctl(pid, {**wanted, "net.ipv4.tcp_no_metrics_save": 1})
+    return not_applied
+
+
+PM_TYPE = {"kernel": 0, "userspace": 1}
+# What the kernel does where a knob does not exist; where that differs from our
+# default, results differ, and the manifest says so.
+ABSENT_MEANS = {
+    "net.mptcp.syn_retrans_before_tcp_fallback":
+        "absent (< 6.12): no fallback to plain TCP when MPTCP SYNs are dropped; SYNs keep MP_CAPABLE",
+    "net.mptcp.blackhole_timeout": "absent (< 6.12): no MPTCP blackhole detection, same as 0",
+    "net.mptcp.scheduler": "absent (< 6.6): the one built-in scheduler, same as 'default'",
+    "net.mptcp.close_timeout": "absent (< 6.8): fixed 60 s, same as the default",
+}
+
+
+def _present_mptcp_sysctls() -> list[str]:
+    return [f"net.mptcp.{n}" for n in os.listdir("/proc/sys/net/mptcp")]
+
+
+def set_limits(pid: int, subflows: int, add_addr_accepted: int) -> None:
+    def apply() -> None:
+        with MPTCP() as m:
+            m.limits("set", subflows=subflows, add_addr_accepted=add_addr_accepted)
+
+    run_in_netns(pid, apply)
+
+
+def add_endpoints(pid: int, endpoints: list[Endpoint]) -> None:
+    def apply() -> None:
+        with IPRoute() as ipr, MPTCP() as m:
+            for ep in endpoints:
+                flags = 0
+                for f in ep.flags:
+                    flags |= FLAG_BITS[f]
+                ifidx = ipr.link_lookup(ifname=ep.ifname)[0]
+                # pyroute2 encodes IF_IDX as raw bytes ("hex"), hence the packing.
+                m.endpoint("add", addr=ep.addr, id=ep.id, flags=flags,
+                           if_idx=ifidx.to_bytes(4, "little", signed=True))
+
+    run_in_netns(pid, apply)
+
+
+def snapshot(pid: int) -> dict:
+    """Everything MPTCP-relevant about a host, for the run's manifest."""
+    names = [f"net.mptcp.{k}" for k in HostSettings.model_fields if k != "congestion_control"]
+    names += ["net.mptcp.pm_type", "net.mptcp.available_schedulers",
+              "net.mptcp.available_path_managers"]
+    values = {}
+    for name in names + RECORDED_TCP_SYSCTLS:
+        try:
+            values.update(read_sysctl(pid, [name]))
+        except FileNotFoundError:
+            values[name] = None  # sysctl absent on this kernel: recorded as such
+
+    def pm() -> dict:
+        with MPTCP() as m:
+            limits = dict(m.limits("show")[0]["attrs"])
+            eps = []
+            for e in m.endpoint("show"):
+                a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
+                eps.append({"id": a.get("MPTCP_PM_ADDR_ATTR_ID"),
+                            "addr": a.get("MPTCP_PM_ADDR_ATTR_ADDR4"),
+                            "flags": [n for n, b in FLAG_BITS.items()
+                                      if a.get("MPTCP_PM_ADDR_ATTR_FLAGS", 0) & b]})
+        return {"subflows": limits.get("MPTCP_PM_ATTR_SUBFLOWS"),
+                "add_addr_accepted": limits.get("MPTCP_PM_ATTR_RCV_ADD_ADDRS"),
+                "endpoints": eps}
+
+    return {"sysctls": values, **run_in_netns(pid, pm)}

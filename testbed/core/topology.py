@@ -1,0 +1,127 @@
+"""Topologies by name: Python classes registered with @register, or TOML files.
+
+A new topology is one small module (a registered class) or one TOML file in
+testbed/core/topologies/ or in a directory listed in $MPTB_TOPOLOGY_PATH.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from testbed.base.errors import TestbedError, format_validation_error
+from testbed.base.registry import Registry
+from testbed.core.model import TopologySpec
+
+
+class Topology:
+    """Base class of Python topologies: `spec(**params)` builds the TopologySpec."""
+
+    name: str = ""
+    description: str = ""
+
+    def spec(self, **params: Any) -> TopologySpec:
+        raise NotImplementedError
+
+
+TOPOLOGIES: Registry[Topology] = Registry("topology", "testbed.core.topologies")
+register = TOPOLOGIES.register
+BUILTIN_DIR = Path(__file__).parent / "topologies"
+
+
+def _search_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("MPTB_TOPOLOGY_PATH", "").split(":") if p]
+    return [*extra, BUILTIN_DIR]
+
+
+def available() -> dict[str, str]:
+    """name -> description of every known topology."""
+    out = TOPOLOGIES.available()
+    for d in _search_dirs():
+        for f in sorted(d.glob("*.toml")):
+            out.setdefault(f.stem, _read_toml(f).get("description", ""))
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise TestbedError(f"cannot read topology file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TestbedError(f"malformed TOML in {path}: {exc}") from None
+
+
+def from_dict(data: dict[str, Any], where: str = "topology") -> TopologySpec:
+    try:
+        return TopologySpec(**data)
+    except ValidationError as exc:
+        raise TestbedError(format_validation_error(where, exc)) from None
+    except TypeError as exc:
+        raise TestbedError(f"{where}: {exc}") from None
+
+
+def load(name_or_path: str, **params: Any) -> TopologySpec:
+    """Resolve a topology by registered name, TOML name, or path to a TOML file."""
+    if name_or_path in TOPOLOGIES:
+        try:
+            return TOPOLOGIES.cls(name_or_path)().spec(**params)
+        except ValidationError as exc:
+            raise TestbedError(format_validation_error(f"topology {name_or_path!r}", exc)) from None
+        except TypeError as exc:
+            raise TestbedError(f"topology {name_or_path!r}: {exc}") from None
+    candidates = [Path(name_or_path)] if name_or_path.endswith(".toml") else [
+        d / f"{name_or_path}.toml" for d in _search_dirs()
+    ]
+    for path in candidates:
+        if path.is_file():
+            data = _read_toml(path)
+            data.setdefault("name", path.stem)
+            data = apply_overrides(data, params)
+            return from_dict(data, where=str(path))
+    known = ", ".join(sorted(available()))
+    raise TestbedError(f"unknown topology {name_or_path!r} (known: {known})")
+
+
+def apply_overrides(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides like {'paths.0.delay_ms': 20} to a plain dict."""
+    data = _deepcopy(data)
+    for key, value in params.items():
+        set_dotted(data, key, value)
+    return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[_index(part, key)]
+        else:
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, key)] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, key: str) -> int:
+    if not part.isdigit():
+        raise TestbedError(f"override {key!r}: {part!r} is not a list index")
+    return int(part)
+
+
+def _deepcopy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+Factory = Callable[..., TopologySpec]

@@ -1,0 +1,72 @@
+"""Experiment types, registered by name: a new one is one small module in
+experiments/ plus a scenario file.
+
+    @register
+    class Throughput(Experiment):
+        name = "throughput"
+        class Params(ExperimentParams):
+            seconds: float = 10
+        def run(self, ctx: RunContext) -> RunOutput: ...
+"""
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from testbed.base.registry import Parametrized, Registry, StrictParams
+
+
+ExperimentParams = StrictParams
+
+
+@dataclass
+class RunOutput:
+    metrics: dict[str, Any]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    status: str = "complete"  # an experiment may judge its own run "invalid"
+    reason: str = ""
+
+
+@dataclass
+class RunContext:
+    tb: Any  # testbed.core.net.Testbed
+    spec: Any  # testbed.harness.scenario.RunSpec
+    params: Any  # the experiment's validated Params
+    raw_dir: Path
+    t0_ns: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    probe_summaries: dict[str, Any] = field(default_factory=dict)
+
+    def start_clock(self) -> int:
+        """Mark the workload start: t = 0 of every table of this run."""
+        self.t0_ns = time.monotonic_ns()
+        return self.t0_ns
+
+    def t(self, ns: int | None = None) -> float:
+        return ((ns if ns is not None else time.monotonic_ns()) - self.t0_ns) / 1e9
+
+    def record(self, source: str, host: str, event: str, token: int | None = None,
+               ns: int | None = None, **detail: Any) -> None:
+        self.events.append({"t_ns": ns or time.monotonic_ns(), "source": source, "host": host,
+                            "event": event, "token": token, "detail": detail})
+
+
+class Experiment(Parametrized, abc.ABC):
+    kind = "experiment"
+
+    @abc.abstractmethod
+    def run(self, ctx: RunContext) -> RunOutput:
+        """Drive the workload on ctx.tb (already built, probes running)."""
+
+
+EXPERIMENTS: Registry[Experiment] = Registry("experiment type", "experiments")
+register, available = EXPERIMENTS.register, EXPERIMENTS.available
+
+
+def experiment_class(name: str) -> type[Experiment]:
+    return EXPERIMENTS.cls(name)

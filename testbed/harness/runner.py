@@ -1,0 +1,216 @@
+"""Run scenarios: one run = build, calibrate, probe, run the experiment, store.
+
+A sweep is the grid x repetitions in a seeded random order. It resumes: runs
+already stored are skipped, failed ones are retried on request, and a run
+interrupted by kill -9 is redone. Ctrl-C stops after removing the partial run.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from testbed.harness import experiment as experiments
+from testbed.harness import probes
+from testbed.harness.experiment import RunContext, RunOutput
+from testbed.core.net import Testbed
+from testbed.harness.overrides import flatten
+from testbed.harness.provenance import git_state, static_provenance
+from testbed.harness.results import RunWriter, now_iso, remove_abandoned, run_status
+from testbed.harness.scenario import RunSpec, Scenario, expand
+
+
+class RunTimeout(Exception):
+    pass
+
+
+@dataclass
+class SweepSummary:
+    planned: int = 0
+    skipped: int = 0
+    done: dict[str, int] = field(default_factory=dict)  # status -> count
+    run_dirs: list[Path] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(self.done.items())) or "nothing run"
+        return f"{self.planned} runs planned, {self.skipped} already stored, {parts}"
+
+
+def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
+          progress: bool = True) -> SweepSummary:
+    specs = expand(scenario)
+    remove_abandoned(root, scenario.experiment)
+    todo = []
+    for spec in specs:
+        status = run_status(root, scenario.experiment, spec.run_id)
+        if status is None or (retry_failed and status == "failed"):
+            todo.append(spec)
+    summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
+    bar = _progress(len(todo), scenario.experiment, progress)
+    try:
+        for spec in todo:
+            run_dir = run_one(spec, root)
+            status = json.loads((run_dir / "manifest.json").read_text())["status"]
+            summary.done[status] = summary.done.get(status, 0) + 1
+            summary.run_dirs.append(run_dir)
+            if bar is not None:
+                bar.set_postfix_str(f"last: {status}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
+
+
+def run_one(spec: RunSpec, root: Path) -> Path:
+    sc = spec.scenario
+    exp_cls = experiments.experiment_class(sc.experiment)
+    writer = RunWriter(root, sc.experiment, spec.run_id)
+    manifest: dict[str, Any] = {
+        "experiment": sc.experiment, "run_id": spec.run_id,
+        "scenario": sc.model_dump(mode="json"), "params": flatten(spec.params),
+        "repetition": spec.repetition, "seed": spec.seed,
+        "git": git_state(), **static_provenance(), "start": now_iso(),
+    }
+    output = RunOutput(metrics={}, status="failed", reason="did not run")
+    ctx: RunContext | None = None
+    started = time.monotonic()
+    old_alarm = signal.signal(signal.SIGALRM, _on_timeout)
+    signal.setitimer(signal.ITIMER_REAL, sc.timeout_s)
+    try:
+        random.seed(spec.seed)
+        params = exp_cls.validate_params(sc.params)
+        with Testbed(sc.topology.resolve(), backend=sc.backend, client=sc.hosts.client,
+                     server=sc.hosts.server, run_id=f"run-{spec.run_id}") as tb:
+            manifest["testbed"] = tb.describe()
+            calibration = _calibrate(tb) if sc.calibrate else None
+            ctx = RunContext(tb, spec, params, writer.raw_dir)
+            output = _run_with_probes(exp_cls(), ctx, sc)
+            if (output.status == "complete" and calibration is not None
+                    and not calibration.get("valid", True)):
+                output.status = "invalid"
+                output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
+            # At the end: the emulator's counters (drops by cause, lateness) cover the run.
+            manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration}
+            manifest["qdiscs"] = _qdisc_dump(tb)
+            manifest["probes"] = ctx.probe_summaries
+            # What the links were when the workload ended: experiments and timed
+            # events change them, and analysis must compare against what was applied.
+            manifest["links_at_end"] = {link.name: {"up": link.up.model_dump(mode="json"),
+                                                    "down": link.down.model_dump(mode="json")}
+                                        for link in tb.links}
+    except KeyboardInterrupt:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        shutil.rmtree(writer.tmp, ignore_errors=True)  # no partial run passed off as data
+        raise
+    except RunTimeout:
+        output = RunOutput(metrics=output.metrics, status="failed",
+                           reason=f"timeout after {sc.timeout_s:g} s")
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a failed run, with its reason
+        output = RunOutput(metrics=output.metrics, status="failed",
+                           reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
+    manifest.update({"status": output.status, "reason": output.reason, "end": now_iso(),
+                     "duration_s": round(time.monotonic() - started, 3)})
+    if ctx is not None:
+        manifest["clock"] = {"t0_ns": ctx.t0_ns, "monotonic_ns": time.monotonic_ns(),
+                             "realtime_ns": time.time_ns()}
+        tables = dict(output.tables)
+        tables["events"] = _merge_events(ctx, tables.get("events"))
+        writer.write_tables(tables)
+    return writer.finish(manifest, output.metrics)
+
+
+def _on_timeout(signum: int, frame: object) -> None:
+    raise RunTimeout()
+
+
+def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
+    from testbed.core.emulation.events import EventScheduler
+
+    tb = ctx.tb
+    t0 = ctx.start_clock()
+    started = []
+    scheduler = None
+    try:  # whatever fails part-way, everything already started is stopped
+        for name in sc.probes:
+            probe = probes.get(name, interval_ms=sc.probe_interval_ms)
+            probe.start(tb, ctx.raw_dir, t0)
+            started.append(probe)
+        scheduler = EventScheduler(tb, sc.events)
+        scheduler.start(t0 / 1e9)
+        output = exp.run(ctx)
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+        for probe in started:
+            probe.stop()
+    for rec in scheduler.records:
+        ctx.record("fault", "network", rec["event"], ns=int(rec["began"] * 1e9),
+                   scheduled_s=rec["t"], ok=rec.get("ok"), error=rec.get("error"),
+                   applied_lateness_ms=rec.get("applied_lateness_ms"),
+                   emulator_applied_s=(rec["emulator_applied"] - t0 / 1e9)
+                   if rec.get("emulator_applied") else None)
+    failed = [r for r in scheduler.records if not r.get("ok")]
+    if failed:  # the run did not see the fault it was meant to study
+        output.status = "failed"
+        output.reason = f"event '{failed[0]['event']}' at {failed[0]['t']:g} s failed: {failed[0].get('error')}"
+    elif len(scheduler.records) < len(sc.events):
+        output.status = "failed"
+        output.reason = f"only {len(scheduler.records)} of {len(sc.events)} events were applied"
+    tables = dict(output.tables)
+    for probe in started:
+        for name, frame in probe.tables().items():
+            tables[name] = pd.concat([tables[name], frame], ignore_index=True) \
+                if name in tables and len(tables[name]) else frame
+        for key, value in probe.metrics().items():
+            output.metrics.setdefault(key, value)
+        ctx.probe_summaries[probe.name] = probe.summary()
+    output.tables = tables
+    return output
+
+
+def _calibrate(tb) -> dict[str, Any]:
+    from testbed.core.emulation.calibrate import calibrate
+
+    return calibrate(tb)
+
+
+def _merge_events(ctx: RunContext, extra: pd.DataFrame | None) -> pd.DataFrame:
+    rows = [{"t": (e["t_ns"] - ctx.t0_ns) / 1e9, "source": e["source"], "host": e["host"],
+             "event": e["event"], "token": e["token"],
+             "detail": json.dumps(e["detail"], default=str, sort_keys=True)} for e in ctx.events]
+    frame = pd.DataFrame(rows, columns=["t", "source", "host", "event", "token", "detail"])
+    if extra is not None and len(extra):
+        frame = pd.concat([frame, extra], ignore_index=True) if len(frame) else extra
+    if not len(frame):
+        return frame
+    frame = frame.astype({"t": "float64", "source": "string", "host": "string",
+                          "event": "string", "token": "Int64", "detail": "string"})
+    return frame.sort_values("t", kind="stable").reset_index(drop=True)
+
+
+def _qdisc_dump(tb) -> dict[str, str]:
+    out = {}
+    for link in tb.links:
+        res = subprocess.run(["mnexec", "-a", str(link.pid), "tc", "-s", "qdisc", "show"],
+                             capture_output=True, text=True, timeout=10)
+        out[link.node.name] = res.stdout
+    return out

@@ -1,0 +1,191 @@
+"""Scenario files: one TOML file says what to run, on what, how often.
+
+    experiment = "throughput"        # a registered experiment type
+    repetitions = 5
+    seed = 1
+    [topology]                       # by name + params, or inline `spec = {...}`
+    name = "two-path"
+    params = { rate_mbit = 20 }
+    [hosts.client]                   # HostSettings (MPTCP sysctls, cc)
+    [params]                         # the experiment type's own parameters
+    [[events]]                       # timed faults / link changes
+    at_s = 3.0
+    action = "link_down"
+    path = "wifi"
+    [grid]                           # cross product over dotted keys
+    "params.cc" = ["cubic", "bbr"]
+
+Everything is validated before anything starts: unknown keys, wrong types, an
+unknown experiment type and a grid over a key that does not exist are each a
+one-line error naming the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from testbed.base.errors import TestbedError, format_validation_error
+from testbed.core.events import EventSpec
+from testbed.core.model import HostSettings, TopologySpec
+from testbed.core.topology import apply_overrides, from_dict, load as load_topology, set_dotted
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TopologyRef(_Strict):
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    spec: dict[str, Any] | None = None  # an inline topology
+
+    def resolve(self) -> TopologySpec:
+        if self.spec is not None:
+            return from_dict({"name": "inline", **self.spec}, where="scenario topology.spec")
+        if self.name is None:
+            raise TestbedError("scenario topology: give `name` or `spec`")
+        return load_topology(self.name, **self.params)
+
+
+class Hosts(_Strict):
+    client: HostSettings = Field(default_factory=HostSettings)
+    server: HostSettings = Field(default_factory=HostSettings)
+
+
+class Scenario(_Strict):
+    experiment: str
+    description: str = ""
+    repetitions: int = Field(1, ge=1, le=10_000)
+    seed: int = 1
+    timeout_s: float = Field(300, gt=0)
+    backend: str = "auto"
+    calibrate: bool = True
+    topology: TopologyRef
+    hosts: Hosts = Field(default_factory=Hosts)
+    params: dict[str, Any] = Field(default_factory=dict)
+    events: list[EventSpec] = Field(default_factory=list)
+    probes: list[str] = Field(default_factory=lambda: ["pm_events", "nstat", "subflows"])
+    probe_interval_ms: float = Field(50, gt=0)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    path: str | None = None  # where it was loaded from (recorded, not user-set)
+
+
+IDENTITY_EXCLUDED = {"repetitions", "description", "path", "timeout_s"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (grid point, repetition) of a scenario: what the runner executes."""
+
+    scenario: Scenario  # with the grid point applied and the grid removed
+    params: dict[str, Any]  # the grid point (dotted key -> value)
+    repetition: int
+    seed: int
+
+    @property
+    def point_id(self) -> str:
+        """Hash of everything that shapes the measurement: two scenario files
+        sharing an experiment type never share run ids, while raising
+        `repetitions` (or the timeout) resumes the same points."""
+        what = self.scenario.model_dump(mode="json", exclude=IDENTITY_EXCLUDED)
+        blob = json.dumps(what, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.point_id}-r{self.repetition:03d}"
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None,
+         repetitions: int | None = None) -> Scenario:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise TestbedError(f"scenario file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TestbedError(f"malformed TOML in {p}: {exc}") from None
+    data = apply_overrides(data, overrides or {})
+    if repetitions is not None:
+        data["repetitions"] = repetitions
+    data["path"] = str(p)
+    return validate(data, where=str(p))
+
+
+def validate(data: dict[str, Any], where: str = "scenario") -> Scenario:
+    """Validate everything that can be checked before a single namespace exists."""
+    from testbed.harness.experiment import experiment_class
+
+    try:
+        scenario = Scenario(**data)
+    except ValidationError as exc:
+        raise TestbedError(format_validation_error(where, exc)) from None
+    experiment = experiment_class(scenario.experiment)
+    plain = scenario.model_dump()
+    for key, values in scenario.grid.items():
+        if not values:
+            raise TestbedError(f"{where}: grid.{key}: empty list of values")
+        if not _exists(plain, key) and not _experiment_param(experiment, key):
+            raise TestbedError(f"{where}: grid.{key}: no such parameter in the scenario")
+    for spec in expand(scenario, validate_only=True):
+        try:
+            spec.scenario.topology.resolve()
+            experiment.validate_params(spec.scenario.params)
+        except TestbedError as exc:
+            raise TestbedError(f"{where}: {exc}") from None
+    return scenario
+
+
+def _exists(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _experiment_param(experiment: Any, key: str) -> bool:
+    """params.<field> of the experiment type, or topology.params.<anything>."""
+    if key.startswith("topology.params."):
+        return True
+    return key.startswith("params.") and key.split(".", 1)[1] in experiment.Params.model_fields
+
+
+def expand(scenario: Scenario, validate_only: bool = False) -> list[RunSpec]:
+    """Cross product of the grid x repetitions, in an order shuffled by the seed
+    (so slow drift of the machine is not confounded with a parameter)."""
+    keys = sorted(scenario.grid)
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(scenario.grid[k] for k in keys))]
+    base = scenario.model_dump(exclude={"grid"})
+    specs = []
+    for point in points or [{}]:
+        data = apply_overrides(base, {})
+        for key, value in point.items():
+            set_dotted(data, key, value)
+        try:
+            applied = Scenario(**data)
+        except ValidationError as exc:
+            raise TestbedError(format_validation_error(f"scenario grid point {point}", exc)) from None
+        reps = 1 if validate_only else scenario.repetitions
+        for rep in range(reps):
+            specs.append(RunSpec(applied, point, rep, seed=_run_seed(scenario.seed, point, rep)))
+    if not validate_only:
+        random.Random(scenario.seed).shuffle(specs)
+    return specs
+
+
+def _run_seed(seed: int, point: dict[str, Any], rep: int) -> int:
+    blob = json.dumps([seed, point, rep], sort_keys=True, default=str)
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16)

@@ -1,0 +1,335 @@
+"""Our own MPTCP (or TCP) client/server, for what iperf3 cannot tell us.
+
+    python -m testbed.harness.workload.app server --bind 10.100.0.2 --port 5000 --out s.json
+    python -m testbed.harness.workload.app client --server 10.100.0.2 --port 5000 --out c.json \
+        --mode bulk --direction down --bytes 10000000
+
+One connection per server run. The client opens with a fixed-size JSON header
+(mode, sizes, seed) so the server needs no workload arguments; the header is not
+part of the measured stream. Payload is pseudo-random from the seed; both ends
+hash what they send and receive (sha256), so the workload can prove integrity.
+
+Every timestamp is time.monotonic_ns(): one clock for all namespaces. A sampler
+thread records, every --poll-ms, the app's byte counters and the per-subflow
+state (MPTCP_FULL_INFO; TCP_INFO of the one socket for TCP or after fallback):
+delivered bytes per interval, each subflow first seen / gone, per-subflow bytes.
+Results go to --out as JSON; the process exits 0 even when the connection
+failed (the outcome says so), non-zero only on bad arguments or crashes.
+"""
+from __future__ import annotations
+
+import argparse
+import errno as errno_mod
+import hashlib
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from testbed.mptcp import sockopt as so
+
+HEADER_LEN = 512
+CHUNK = 64 * 1024
+BLOCK_LEN = 1_048_573  # payload period: prime, so chunk boundaries never line up
+
+
+class Payload:
+    """An endless pseudo-random byte stream from a seed (a long repeating block)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.block = random.Random(seed).randbytes(BLOCK_LEN) * 2
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        n = min(n, BLOCK_LEN)
+        out = self.block[self.pos:self.pos + n]
+        self.pos = (self.pos + n) % BLOCK_LEN
+        return out
+
+
+class Conn:
+    """A connected socket with counters, hashes and a sampler thread."""
+
+    def __init__(self, sock: socket.socket, poll_s: float, payload: Payload):
+        self.sock, self.poll_s = sock, poll_s
+        self.tx = self.rx = 0
+        self.tx_hash, self.rx_hash = hashlib.sha256(), hashlib.sha256()
+        self.payload = payload
+        self.first_rx_ns: int | None = None
+        self.last_rx_ns: int | None = None
+        self.samples: list[tuple[int, int, int]] = []  # (t_ns, rx, tx) cumulative
+        self.sf_samples: list[tuple[int, str, int, int]] = []  # t, label, acked, received
+        self.subflows: dict[str, dict[str, Any]] = {}
+        self.token: int | None = None
+        self._stop = threading.Event()
+        self.sample()  # the initial subflow is "seen" when the connection is
+        self._thread = threading.Thread(target=self._sample_loop, daemon=True)
+        self._thread.start()
+
+    # data path
+    def send(self, n: int) -> None:
+        while n > 0:
+            data = self.payload.take(min(n, CHUNK))
+            self.sock.sendall(data)
+            self.tx_hash.update(data)
+            self.tx += len(data)
+            n -= len(data)
+
+    def recv_some(self, limit: int = CHUNK) -> int:
+        data = self.sock.recv(limit)
+        if data:
+            now = time.monotonic_ns()
+            self.first_rx_ns = self.first_rx_ns or now
+            self.last_rx_ns = now
+            self.rx_hash.update(data)
+            self.rx += len(data)
+        return len(data)
+
+    def recv_exact(self, n: int) -> None:
+        while n > 0:
+            got = self.recv_some(min(n, CHUNK))
+            if got == 0:
+                raise ConnectionError(errno_mod.ECONNRESET, "peer closed early")
+            n -= got
+
+    def recv_to_eof(self) -> None:
+        while self.recv_some():
+            pass
+
+    # sampling
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.sample()
+
+    def sample(self) -> None:
+        now = time.monotonic_ns()
+        self.samples.append((now, self.rx, self.tx))
+        try:
+            subflows = _subflows(self.sock)
+        except OSError:
+            return  # socket closing
+        seen = set()
+        for label, info in subflows.items():
+            seen.add(label)
+            rec = self.subflows.setdefault(label, {"first_seen_ns": now, "gone_ns": None, **info["meta"]})
+            rec["gone_ns"] = None
+            rec.update(bytes_acked=info["bytes_acked"], bytes_received=info["bytes_received"])
+            self.sf_samples.append((now, label, info["bytes_acked"], info["bytes_received"]))
+        for label, rec in self.subflows.items():
+            if label not in seen and rec["gone_ns"] is None:
+                rec["gone_ns"] = now
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sample()  # final per-subflow counters, before the socket closes
+
+    def report(self) -> dict[str, Any]:
+        return {"bytes_sent": self.tx, "bytes_received": self.rx,
+                "sha256_sent": self.tx_hash.hexdigest(), "sha256_received": self.rx_hash.hexdigest(),
+                "first_rx_ns": self.first_rx_ns, "last_rx_ns": self.last_rx_ns,
+                "token": self.token, "samples": self.samples, "subflow_samples": self.sf_samples,
+                "subflows": self.subflows}
+
+
+def _subflows(sock: socket.socket) -> dict[str, dict[str, Any]]:
+    """label -> counters of every MPTCP subflow (id None where the kernel has no
+    MPTCP_FULL_INFO), else, for plain or fallen-back TCP, the socket's own TCP_INFO."""
+    try:
+        return {s.addrs.label: {"bytes_acked": s.tcp.bytes_acked or 0,
+                                "bytes_received": s.tcp.bytes_received or 0,
+                                "meta": {"id": s.id, "local": list(s.addrs.local),
+                                         "remote": list(s.addrs.remote)}}
+                for s in so.subflows(sock)}
+    except OSError as exc:
+        if exc.errno not in (errno_mod.EOPNOTSUPP, errno_mod.ENOPROTOOPT):
+            raise
+    ti = so._decode_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+    local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
+    label = so.SubflowAddrs(tuple(local), tuple(remote)).label
+    return {label: {"bytes_acked": ti.bytes_acked or 0, "bytes_received": ti.bytes_received or 0,
+                    "meta": {"id": 0, "local": list(local), "remote": list(remote)}}}
+
+
+def _token(sock: socket.socket) -> int | None:
+    try:
+        return so.mptcp_info(sock).token
+    except OSError:
+        return None
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    code = getattr(exc, "errno", None)
+    return {"outcome": "failed", "errno": code,
+            "errno_name": errno_mod.errorcode.get(code, "") if code else "",
+            "error": f"{type(exc).__name__}: {exc}"}
+
+
+# ---- the two roles ---------------------------------------------------------------
+def run_client(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "client", "protocol": a.protocol, "cc": a.cc, "mode": a.mode,
+                           "direction": a.direction, "pid": os.getpid()}
+    sock = so.mptcp_socket(a.cc, protocol=a.protocol)
+    out["cc"] = so.congestion_control(sock)
+    if a.bind_dev:  # the RobE-style choice of the initial path
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, a.bind_dev.encode())
+    if a.bind_addr:
+        sock.bind((a.bind_addr, 0))
+    payload = Payload(a.seed)  # generated before the clock starts (takes ms)
+    sock.settimeout(a.connect_timeout)
+    out["connect_start_ns"] = time.monotonic_ns()
+    try:
+        sock.connect((a.server, a.port))
+    except OSError as exc:
+        out["failed_ns"] = time.monotonic_ns()
+        out.update(_error(exc))
+        sock.close()
+        return out
+    out["established_ns"] = time.monotonic_ns()
+    out["outcome"] = so.outcome(sock)
+    sock.settimeout(a.timeout)
+    conn = Conn(sock, a.poll_ms / 1000, payload)
+    conn.token = _token(sock)
+    header = {"mode": a.mode, "direction": a.direction, "bytes": a.bytes, "seconds": a.seconds,
+              "request_bytes": a.request_bytes, "response_bytes": a.response_bytes,
+              "count": a.count, "seed": a.seed + 1}
+    try:
+        sock.sendall(json.dumps(header).encode().ljust(HEADER_LEN))
+        requests = []
+        if a.mode == "rr":
+            for _ in range(a.count):
+                start = time.monotonic_ns()
+                conn.send(a.request_bytes)
+                first = conn.rx
+                conn.recv_some(min(a.response_bytes, CHUNK))
+                fb = conn.last_rx_ns
+                conn.recv_exact(a.response_bytes - (conn.rx - first))
+                requests.append([start, fb, conn.last_rx_ns])
+            sock.shutdown(socket.SHUT_WR)
+            conn.recv_to_eof()
+        elif a.direction == "up":
+            _send_bulk(conn, a.bytes, a.seconds)
+            sock.shutdown(socket.SHUT_WR)
+            conn.recv_to_eof()  # the server closes once it has read everything
+        else:
+            conn.recv_to_eof()
+        out["last_byte_ns"] = time.monotonic_ns()
+        out["requests"] = requests
+    except OSError as exc:
+        out.update(_error(exc))
+    conn.finish()
+    out.update(conn.report())
+    out["first_byte_ns"] = conn.first_rx_ns
+    out["end_ns"] = time.monotonic_ns()
+    sock.close()
+    return out
+
+
+def _send_bulk(conn: Conn, n: int | None, seconds: float | None) -> None:
+    if n is not None:
+        conn.send(n)
+        return
+    end = time.monotonic() + (seconds or 0)
+    while time.monotonic() < end:
+        conn.send(CHUNK)
+
+
+def run_server(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "server", "protocol": a.protocol, "pid": os.getpid()}
+    ls = so.mptcp_socket(a.cc, protocol=a.protocol)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((a.bind, a.port))
+    ls.listen(4)  # stays open for the whole run: MP_JOIN SYNs need the listener
+    ls.settimeout(a.timeout)
+    # Our payload is seeded with the client's seed + 1, so a mix-up of the two
+    # directions cannot produce matching hashes; generated before accepting.
+    payload = Payload(a.seed + 1)
+    if a.ready_file:
+        with open(a.ready_file, "w") as f:
+            f.write(str(os.getpid()))
+    try:
+        sock, peer = ls.accept()
+    except OSError as exc:
+        out.update(_error(exc))
+        return out
+    out["accepted_ns"], out["peer"] = time.monotonic_ns(), list(peer)
+    out["outcome"], out["cc"] = so.outcome(sock), so.congestion_control(sock)
+    sock.settimeout(a.timeout)
+    try:
+        hdr = b""
+        while len(hdr) < HEADER_LEN:
+            part = sock.recv(HEADER_LEN - len(hdr))
+            if not part:
+                raise ConnectionError(errno_mod.ECONNRESET, "closed before the header")
+            hdr += part
+        h = json.loads(hdr.decode().strip())
+        out["header"] = h
+        if h["seed"] != payload.seed:  # a client with another seed than ours
+            payload = Payload(h["seed"])
+        conn = Conn(sock, a.poll_ms / 1000, payload)
+        conn.token = _token(sock)
+        if h["mode"] == "rr":
+            for _ in range(h["count"]):
+                conn.recv_exact(h["request_bytes"])
+                conn.send(h["response_bytes"])
+            conn.recv_to_eof()
+        elif h["direction"] == "up":
+            conn.recv_to_eof()
+        else:
+            _send_bulk(conn, h["bytes"], h["seconds"])
+        out["last_byte_ns"] = time.monotonic_ns()
+        conn.finish()
+        out.update(conn.report())
+        out["first_byte_ns"] = conn.first_rx_ns
+    except (OSError, ValueError, KeyError) as exc:
+        out.update(_error(exc))
+    sock.close()
+    ls.close()
+    out["end_ns"] = time.monotonic_ns()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m testbed.harness.workload.app")
+    p.add_argument("role", choices=["client", "server"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--protocol", choices=["mptcp", "tcp"], default="mptcp")
+    p.add_argument("--cc", default="cubic")
+    p.add_argument("--poll-ms", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="idle socket timeout, s")
+    p.add_argument("--bind", default="0.0.0.0", help="server: listen address")
+    p.add_argument("--ready-file", help="server: written once listening")
+    p.add_argument("--server", help="client: server address")
+    p.add_argument("--bind-addr", help="client: source address")
+    p.add_argument("--bind-dev", help="client: SO_BINDTODEVICE interface")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--mode", choices=["bulk", "rr"], default="bulk")
+    p.add_argument("--direction", choices=["up", "down"], default="down")
+    p.add_argument("--bytes", type=int)
+    p.add_argument("--seconds", type=float)
+    p.add_argument("--request-bytes", type=int, default=1000)
+    p.add_argument("--response-bytes", type=int, default=100_000)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1)
+    a = p.parse_args(argv)
+    if a.role == "client":
+        if not a.server:
+            p.error("client needs --server")
+        if a.mode == "bulk" and (a.bytes is None) == (a.seconds is None):
+            p.error("bulk mode needs exactly one of --bytes and --seconds")
+    result = run_client(a) if a.role == "client" else run_server(a)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, a.out)  # the workload never reads a half-written file
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

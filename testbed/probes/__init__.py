@@ -1,4 +1,0 @@
-"""Probes (one small module each), registered by name: see base.py."""
-from testbed.probes.base import Probe, ProbeParams, available, frame, get, register
-
-__all__ = ["Probe", "ProbeParams", "available", "frame", "get", "register"]

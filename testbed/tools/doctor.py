@@ -1,0 +1,160 @@
+"""`invoke doctor`: can experiments run here? Each check says how to fix it."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+from testbed.core import emulation
+from testbed.base.netns import run_in_netns
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _scratch_netns() -> subprocess.Popen:
+    # A throw-away namespace held by a sleeping child we own (ended below).
+    return subprocess.Popen(["unshare", "--net", "sleep", "60"])
+
+
+def _kernel_checks() -> list[Check]:
+    out = []
+    enabled = _read("/proc/sys/net/mptcp/enabled")
+    out.append(Check("kernel MPTCP", enabled == "1", f"net.mptcp.enabled={enabled}",
+                     "use a kernel with CONFIG_MPTCP=y and `sysctl net.mptcp.enabled=1`"))
+    holder = _scratch_netns()
+    try:
+        def probe() -> str:
+            with open("/proc/sys/net/mptcp/enabled", "w") as f:  # writable per namespace
+                f.write("1")
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
+            s.close()
+            knobs = sorted(os.listdir("/proc/sys/net/mptcp"))
+            # path_manager (6.15+) or its older twin pm_type (5.19+): both PMs usable
+            pm = "path_manager" if "path_manager" in knobs else "pm_type" if "pm_type" in knobs else None
+            if pm is None:
+                raise OSError("no net.mptcp.path_manager or pm_type: the userspace PM needs Linux >= 5.19")
+            return f"per-namespace net.mptcp.*: {len(knobs)} knobs; path manager via {pm}"
+        detail = run_in_netns(holder.pid, probe)
+        out.append(Check("per-namespace MPTCP sysctls + socket", True, detail))
+    except OSError as exc:
+        out.append(Check("per-namespace MPTCP sysctls + socket", False, str(exc),
+                         "needs root and a kernel with per-netns MPTCP sysctls (>= 6.x)"))
+    finally:
+        holder.kill()
+        holder.wait()
+    allowed = _read("/proc/sys/net/ipv4/tcp_allowed_congestion_control") or ""
+    available = _read("/proc/sys/net/ipv4/tcp_available_congestion_control") or ""
+    out.append(Check("congestion control cubic (per socket)", "cubic" in available.split(),
+                     f"default={_read('/proc/sys/net/ipv4/tcp_congestion_control')}; allowed: {allowed}",
+                     "modprobe tcp_cubic"))
+    return out
+
+
+def _backend_checks() -> list[Check]:
+    out = []
+    emulation._load_optional()
+    for name, cls in emulation.BACKENDS.items():
+        problem = cls.check()
+        out.append(Check(f"link emulation: {name}", problem is None,
+                         "usable" if problem is None else problem, problem or "", required=False))
+    try:
+        chosen = emulation.select("auto").name
+        out.append(Check("link emulation with delay/loss", True, f"backend {chosen!r} will be used"))
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        out.append(Check("link emulation with delay/loss", False, str(exc),
+                         "install sch_netem (kernel modules) or fix the userspace backend"))
+    return out
+
+
+def _tool_checks() -> list[Check]:
+    out = []
+    for tool, pkg in [("mnexec", "mininet"), ("tc", "iproute2"), ("ethtool", "ethtool"),
+                      ("nft", "nftables"), ("tcpdump", "tcpdump"), ("tshark", "tshark"),
+                      ("ping", "iputils-ping"), ("unshare", "util-linux")]:
+        path = shutil.which(tool)
+        out.append(Check(f"tool {tool}", path is not None, path or "missing",
+                         f"apt-get install {pkg} (or rerun scripts/bootstrap.sh)"))
+    iperf = shutil.which("iperf3")
+    if iperf:
+        version = _run([iperf, "--version"]).splitlines()[0] if iperf else ""
+        native = "--mptcp" in _run([iperf, "--help"])
+        via = "native --mptcp" if native else ("mptcpize" if shutil.which("mptcpize") else None)
+        out.append(Check("iperf3 over MPTCP", via is not None, f"{version}; MPTCP via {via}",
+                         "apt-get install mptcpize (iperf3 < 3.19 has no --mptcp)"))
+    else:
+        out.append(Check("iperf3 over MPTCP", False, "iperf3 missing", "apt-get install iperf3"))
+    return out
+
+
+def _offload_check() -> Check:
+    holder = _scratch_netns()
+    try:
+        ns = f"/proc/{holder.pid}/ns/net"
+        cmd = ("ip link add dr0 type veth peer name dr1 && "
+               "ethtool -K dr0 tx off rx off tso off gso off gro off >/dev/null && ethtool -k dr0")
+        res = subprocess.run(["nsenter", f"--net={ns}", "sh", "-c", cmd],
+                             capture_output=True, text=True, timeout=10)
+        wanted = ("tx-checksumming", "tcp-segmentation-offload",
+                  "generic-segmentation-offload", "generic-receive-offload")
+        state = dict(line.split(":", 1) for line in res.stdout.splitlines() if ":" in line)
+        values = {k: state.get(k, "?").split()[0] if state.get(k, "").split() else "?" for k in wanted}
+        ok = res.returncode == 0 and all(v == "off" for v in values.values())
+        detail = ", ".join(f"{k}={v}" for k, v in values.items()) if res.returncode == 0 \
+            else res.stderr.strip()
+        return Check("offloads can be turned off on veth", ok, detail, "apt-get install ethtool")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def run_checks() -> list[Check]:
+    checks = [Check("running as root", os.geteuid() == 0, f"euid={os.geteuid()}", "run as root")]
+    if os.geteuid() != 0:
+        return checks
+    sections: list[Callable[[], list[Check]]] = [_kernel_checks, _backend_checks, _tool_checks,
+                                                  lambda: [_offload_check()]]
+    for section in sections:
+        checks.extend(section())
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.required else "no  ")
+        line = f"{mark} {c.name:<{width}}  {c.detail}"
+        if not c.ok and c.fix:
+            line += f"\n     {'':<{width}}  fix: {c.fix}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def healthy(checks: list[Check]) -> bool:
+    return all(c.ok for c in checks if c.required)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
