@@ -358,11 +358,6 @@ class Testbed:
         self._state.add_pid(proc.pid)
         return proc
 
-    def record_pid(self, pid: int) -> None:
-        """Record a process started elsewhere (e.g. by a backend) for cleanup."""
-        if self._state is not None:
-            self._state.add_pid(pid)
-
     def update_link(self, name: str, direction: Direction | None = None, **changes: Any) -> None:
         """Change link parameters now (timed events call this)."""
         link = self.link(name)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError, validate_call
 
 from testbed.base.errors import TestbedError, format_validation_error
 from testbed.base.registry import Registry
@@ -67,8 +67,12 @@ def from_dict(data: dict[str, Any], where: str = "topology") -> TopologySpec:
 def load(name_or_path: str, **params: Any) -> TopologySpec:
     """Resolve a topology by registered name, TOML name, or path to a TOML file."""
     if name_or_path in TOPOLOGIES:
+        # The spec() signature's types are enforced: n = "abc" or n = 2.9 for an
+        # int is refused, not crashed on or truncated.
+        spec = validate_call(TOPOLOGIES.cls(name_or_path)().spec,
+                             config=ConfigDict(arbitrary_types_allowed=True))
         try:
-            return TOPOLOGIES.cls(name_or_path)().spec(**params)
+            return spec(**params)
         except ValidationError as exc:
             raise TestbedError(format_validation_error(f"topology {name_or_path!r}", exc)) from None
         except TypeError as exc:
@@ -100,19 +104,26 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, list):
-            node = node[_index(part, key)]
+            node = node[_index(node, parts, i, key)]
         else:
             node = node.setdefault(part, [] if nxt.isdigit() else {})
     last = parts[-1]
     if isinstance(node, list):
-        node[_index(last, key)] = value
+        node[_index(node, parts, len(parts) - 1, key)] = value
     else:
         node[last] = value
 
 
-def _index(part: str, key: str) -> int:
+def _index(node: list[Any], parts: list[str], i: int, key: str) -> int:
+    """parts[i] as an index into node, which must already have that entry."""
+    part = parts[i]
     if not part.isdigit():
         raise TestbedError(f"override {key!r}: {part!r} is not a list index")
+    if int(part) >= len(node):
+        where = ".".join(parts[:i + 1])
+        held = f"0..{len(node) - 1}" if node else "none"
+        raise TestbedError(f"{where}: no such entry in override {key!r} "
+                           f"({len(node)} entr{'y' if len(node) == 1 else 'ies'}: {held})")
     return int(part)
 
 
@@ -123,5 +134,3 @@ def _deepcopy(x: Any) -> Any:
         return [_deepcopy(v) for v in x]
     return x
 
-
-Factory = Callable[..., TopologySpec]

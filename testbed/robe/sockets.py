@@ -10,14 +10,9 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-import time
 from dataclasses import dataclass
 
-IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
-SOL_MPTCP = 284
-MPTCP_INFO = 1
-MPTCP_INFO_FLAG_FALLBACK = 0x1
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+from testbed.mptcp import sockopt
 
 
 @dataclass(frozen=True)
@@ -34,7 +29,7 @@ class PathSpec:
 def new_socket(path: PathSpec | None, mptcp: bool = True, cc: str | None = None,
                bind_device: bool = True) -> socket.socket:
     """A non-blocking stream socket bound to `path` (any address when None)."""
-    proto = IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
+    proto = sockopt.IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
     try:
         if cc:
@@ -45,7 +40,7 @@ def new_socket(path: PathSpec | None, mptcp: bool = True, cc: str | None = None,
             # source (a user's laptop), at the price of needing privileges.
             if bind_device and path.ifname:
                 try:
-                    s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, path.ifname.encode())
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, path.ifname.encode())
                 except PermissionError:
                     pass
             s.bind((path.local_addr, 0))
@@ -98,37 +93,10 @@ def abort(s: socket.socket) -> bool:
 
 
 def mptcp_token(s: socket.socket) -> int | None:
-    """The local MPTCP connection token (struct mptcp_info, u32 at offset 12);
-    None for a plain TCP socket or a connection that fell back to TCP."""
+    """The local MPTCP connection token; None for a plain TCP socket or a
+    connection that fell back to TCP."""
     try:
-        raw = s.getsockopt(SOL_MPTCP, MPTCP_INFO, 256)
+        info = sockopt.mptcp_info(s)
     except OSError:
         return None
-    if len(raw) < 16:
-        return None
-    flags = struct.unpack_from("I", raw, 8)[0]
-    token = struct.unpack_from("I", raw, 12)[0]
-    if flags & MPTCP_INFO_FLAG_FALLBACK or not token:
-        return None
-    return token
-
-
-def is_mptcp_fallback(s: socket.socket) -> bool:
-    try:
-        raw = s.getsockopt(SOL_MPTCP, MPTCP_INFO, 256)
-    except OSError:
-        return True
-    return len(raw) >= 12 and bool(struct.unpack_from("I", raw, 8)[0] & MPTCP_INFO_FLAG_FALLBACK)
-
-
-def tcp_rtt_s(s: socket.socket) -> float | None:
-    """Smoothed RTT of the (first) subflow from TCP_INFO (tcpi_rtt, µs)."""
-    try:
-        raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        return struct.unpack_from("I", raw, 68)[0] / 1e6
-    except OSError:
-        return None
-
-
-def now_ns() -> int:
-    return time.monotonic_ns()
+    return None if info.fallback or not info.token else info.token

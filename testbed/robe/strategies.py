@@ -26,6 +26,7 @@ from testbed.robe.history import History
 from testbed.robe.join import Joiner
 from testbed.robe.sockets import PathSpec
 from testbed.robe.timer import TimerPolicy
+from testbed.mptcp import sockopt
 
 
 class RobeError(OSError):
@@ -266,7 +267,7 @@ def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[PathSpec] 
         rep.error = str(exc)
         _learn(opts.history, rep)
         raise
-    if impl.mptcp and S.is_mptcp_fallback(sock):
+    if impl.mptcp and sockopt.is_fallback(sock):
         rep.outcome = "fallback_tcp"
         rep.add(R.FALLBACK_TCP, winner.name)
     else:

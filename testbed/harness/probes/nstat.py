@@ -68,8 +68,5 @@ class NstatProbe(Probe):
     def summary(self) -> dict[str, Any]:
         return {host: {k: v for k, v in d.items() if v} for host, d in self._delta.items()}
 
-    def delta(self, host: str, counter: str) -> int:
-        return self._delta.get(host, {}).get(counter, 0)
-
     def metrics(self) -> dict[str, Any]:
         return {f"{host}.{k}": v for host, d in self.summary().items() for k, v in d.items()}

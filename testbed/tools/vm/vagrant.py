@@ -11,13 +11,13 @@ import subprocess
 from pathlib import Path
 
 from testbed.tools.vm import box
+from testbed.tools.vm import libvirt
 from testbed.tools.vm.errors import VmError
-
-LIBVIRT_URI = "qemu:///system"
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    """The checkout: where the Vagrantfile and the box's input files are."""
+    return Path(__file__).resolve().parents[3]  # testbed/tools/vm/vagrant.py
 
 
 def _need(tool: str, hint: str) -> str:
@@ -65,16 +65,10 @@ def machine_provider() -> str | None:
     return None
 
 
-def libvirt_domain_uuid() -> str | None:
-    p = repo_root() / ".vagrant" / "machines" / "default" / "libvirt" / "id"
-    return p.read_text().strip() if p.is_file() else None
-
-
 def require_libvirt() -> None:
     _need("virsh", "run scripts/vm-host-setup.sh (installs and starts libvirt)")
-    res = subprocess.run(["virsh", "-c", LIBVIRT_URI, "version"], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise VmError(f"libvirtd does not answer on {LIBVIRT_URI}: run scripts/vm-host-setup.sh")
+    if libvirt.virsh("version").returncode != 0:
+        raise VmError(f"libvirtd does not answer on {libvirt.URI}: run scripts/vm-host-setup.sh")
 
 
 def require_shareable(repo: Path) -> None:
@@ -87,10 +81,6 @@ def require_shareable(repo: Path) -> None:
                           f"(chmod o+x {p}, or use a checkout outside it)")
     if not repo.stat().st_mode & 0o004:
         raise VmError(f"libvirt's qemu user cannot list {repo} (chmod o+r {repo})")
-
-
-def _virsh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["virsh", "-c", LIBVIRT_URI, *args], capture_output=True, text=True)
 
 
 def ensure_local_box(repo: Path, force: bool = False, log=print) -> None:
@@ -124,11 +114,9 @@ def remove_local_box() -> None:
     # (named after the box's timestamp, so a new box never reuses it). Old
     # copies may back existing VMs' disks: only delete them when no domain exists.
     # The same holds for the kernel copies in BOOT_DIR.
-    if shutil.which("virsh") and not _virsh("list", "--all", "--name").stdout.split():
+    if shutil.which("virsh") and not libvirt.domains(""):
         prefix = box.BOX_NAME.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
-        rows = _virsh("vol-list", "--pool", "default").stdout.splitlines()[2:]
-        for name in (row.split()[0] for row in rows if row.strip()):
-            if name.startswith(prefix):
-                _virsh("vol-delete", "--pool", "default", name)
+        for name in libvirt.volumes(prefix):
+            libvirt.virsh("vol-delete", "--pool", libvirt.POOL, name)
         for f in box.BOOT_DIR.glob("mptcp-testbed-*"):
             f.unlink()

@@ -1,0 +1,736 @@
+"""An MPTCP connection (RFC 8684): keys, subflows, data-level send and receive.
+
+The Connection decides every MPTCP option its subflows put on the wire and
+interprets every one they receive: MP_CAPABLE v1 in both roles (data on the
+first data packet with the MP_CAPABLE+length form), MP_JOIN with HMAC-SHA256
+and the fourth ACK, DSS mappings with 64-bit DSNs and subflow-relative
+sequence numbers, DATA_ACK, DATA_FIN, the DSS checksum when either side asked
+for it, MP_TCPRST, MP_FASTCLOSE, MP_PRIO, and fallback to plain TCP when the
+handshake's options were stripped. All methods run under the stack's lock;
+the public ones (send, recv, close, ...) take it themselves.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from testbed.stack import crypto
+from testbed.stack.options import (CAP_A_CHECKSUM, CAP_H_SHA256, RST_MPTCP_ERROR, RST_UNSPECIFIED, Dss,
+                                   MpCapable, MpFastclose, MpJoinAck, MpJoinSyn, MpJoinSynAck, MpPrio,
+                                   MpTcpRst)
+from testbed.stack.packet import ACK, TcpSegment
+from testbed.stack.subflow import State, Subflow, TxSegment, unwrap32
+
+if TYPE_CHECKING:  # pragma: no cover
+    from testbed.stack.stack import Stack
+
+MASK64 = 0xFFFFFFFFFFFFFFFF
+RCVBUF = 4 << 20
+SNDBUF = 4 << 20
+
+
+class StackError(RuntimeError):
+    """A connection-level failure reported to the API user in one line."""
+
+
+def unwrap64(value: int, ref: int) -> int:
+    """The unwrapped integer closest to ref whose low 64 bits are value."""
+    return ref + (((value - ref + (1 << 63)) & MASK64) - (1 << 63))
+
+
+@dataclass
+class RxMapping:
+    """A data sequence mapping received on a subflow (§3.3.1)."""
+    ssn: int            # subflow-relative sequence number of the first byte
+    dsn: int            # unwrapped data sequence number of the first byte
+    length: int         # payload bytes (the DATA_FIN's byte excluded)
+    data_len: int       # data-level length as on the wire (for the checksum)
+    checksum: int | None
+    buf: bytearray = field(default_factory=bytearray)  # only used when checksums are on
+
+
+@dataclass(frozen=True)
+class Event:
+    """A path-manager style event: created, established, sf_established, sf_closed, closed."""
+    kind: str
+    token: int
+    time: float
+    subflow: tuple[str, int, str, int] | None = None
+    backup: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SubflowInfo:
+    """A snapshot of one subflow."""
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: str
+    join: bool
+    backup: bool
+    fully_established: bool
+    srtt_ms: float | None
+    rto_ms: float
+    cwnd: int
+    ssthresh: float
+    inflight: int
+    bytes_sent: int
+    bytes_retransmitted: int
+    bytes_acked: int
+    bytes_received: int
+    fast_retransmits: int
+    timeouts: int
+    reset_reason: int | None
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """A snapshot of a connection: identifiers, state, data-level counters, subflows."""
+    token: int
+    remote_token: int | None
+    state: str
+    fallback: bool
+    checksum: bool
+    bytes_sent: int
+    bytes_received: int
+    subflows: list[SubflowInfo]
+    closed_subflows: list[SubflowInfo]
+
+
+class Connection:
+    """One MPTCP connection and the socket-like API on it."""
+
+    def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic"):
+        self.stack = stack
+        self.active = active
+        self.want_checksum = checksum
+        self.checksum = checksum
+        self.cc = cc
+        self.local_key = crypto.new_key()
+        self.local_token = crypto.token_of(self.local_key)
+        self.remote_key: int | None = None
+        self.remote_token: int | None = None
+        self.fallback = False
+        self.state = "SYN_SENT" if active else "SYN_RCVD"
+        self.error: str | None = None
+        self.subflows: list[Subflow] = []
+        self.closed_subflows: list[SubflowInfo] = []
+        self.cond = threading.Condition(stack.lock)
+        # data-level send side
+        self.snd_una = self.snd_nxt = (crypto.idsn_of(self.local_key) + 1)
+        self.snd_right = self.snd_una + 65535
+        self.tx = bytearray()
+        self.tx_off = 0                        # index of snd_una in tx
+        self.tx_closed = False
+        self.data_fin_dsn: int | None = None
+        self.data_fin_acked = False
+        self.data_fin_deadline: float | None = None
+        self.data_fin_rto = 0.2
+        self.reinject: deque[tuple[int, bytes]] = deque()
+        self.mpc_data_pending = active         # the client's first data carries MP_CAPABLE
+        self.peer_dss_seen = False
+        self.bytes_sent = 0
+        # data-level receive side
+        self.rcv_nxt = 0
+        self.rx = bytearray()
+        self.rx_ooo: dict[int, bytes] = {}
+        self.rx_fin_dsn: int | None = None
+        self.eof = False
+        self.bytes_received = 0
+        self.fallback_rx_base = 0
+        self.fallback_tx_base = 0
+        self.last_window_sent = RCVBUF
+        self.accept_queue = None               # set by the listener for server connections
+        self.established_at: float | None = None
+        self.next_addr_id = 1
+
+    # ================================================================ options out
+    def handshake_options(self, sf: Subflow, flags: int) -> list:
+        """MPTCP options of a SYN or SYN/ACK."""
+        if sf.join:
+            if flags & ACK:
+                mac = crypto.join_synack_hmac(self.local_key, self.remote_key, sf.local_nonce, sf.remote_nonce)
+                return [MpJoinSynAck(mac, sf.local_nonce, sf.addr_id, sf.backup)]
+            return [MpJoinSyn(self.remote_token, sf.local_nonce, sf.addr_id, sf.backup)]
+        if self.fallback:
+            return []
+        cap_flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
+        if flags & ACK:
+            return [MpCapable(cap_flags, sender_key=self.local_key)]
+        return [MpCapable(cap_flags)]
+
+    def _data_ack_option(self) -> Dss:
+        return Dss(data_ack=self.rcv_nxt & MASK64)
+
+    def ack_options(self, sf: Subflow) -> list:
+        """Options of a pure ACK: the DATA_ACK once the connection is MPTCP."""
+        if self.fallback or self.remote_key is None or sf.state == State.SYN_SENT:
+            return []
+        return [self._data_ack_option()]
+
+    def data_options(self, sf: Subflow, seg: TxSegment) -> list:
+        """Options of a data (or FIN) segment: the mapping and the DATA_ACK."""
+        if self.fallback:
+            return []
+        if seg.dsn is None:
+            return [self._data_ack_option()]
+        length = len(seg.payload)
+        ssn = seg.seq - sf.iss
+        csum = crypto.dss_checksum(seg.dsn, ssn, length, seg.payload) if self.checksum else None
+        if seg.mpc_form:
+            flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
+            return [MpCapable(flags, self.local_key, self.remote_key, length, csum)]
+        return [Dss(data_ack=self.rcv_nxt & MASK64, dsn=seg.dsn & MASK64, subflow_seq=ssn & 0xFFFFFFFF,
+                    data_len=length, checksum=csum)]
+
+    # ================================================================ handshake in
+    def on_synack(self, sf: Subflow, seg: TcpSegment) -> None:
+        """Active open: the SYN/ACK arrived (MP_CAPABLE or MP_JOIN, or neither: fallback)."""
+        if sf.join:
+            opt = seg.option(MpJoinSynAck)
+            expected = crypto.join_synack_hmac(self.remote_key, self.local_key, opt.nonce if opt else 0,
+                                               sf.local_nonce)
+            if opt is None or opt.hmac64 != expected:
+                # §3.2: a join that fails authentication is reset.
+                sf.send_rst([MpTcpRst(RST_MPTCP_ERROR)])
+                self._drop_subflow(sf, "MP_JOIN SYN/ACK without a valid HMAC")
+                return
+            sf.remote_nonce = opt.nonce
+            mac = crypto.join_ack_hmac(self.local_key, self.remote_key, sf.local_nonce, sf.remote_nonce)
+            sf.join_third_ack = MpJoinAck(mac)
+            sf.send_ack([sf.join_third_ack])
+            sf.arm_rto()   # repeated until the fourth ACK
+            return
+        cap = seg.option(MpCapable)
+        if cap is None or cap.version != 1 or cap.sender_key is None or not cap.flags & CAP_H_SHA256:
+            self._fall_back(sf)
+            sf.send_ack()
+        else:
+            self.remote_key = cap.sender_key
+            self.remote_token = crypto.token_of(cap.sender_key)
+            self.rcv_nxt = crypto.idsn_of(cap.sender_key) + 1
+            self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
+            flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
+            sf.send_ack([MpCapable(flags, self.local_key, self.remote_key)])
+        self.snd_right = self.snd_una + seg.window
+        self._established()
+
+    def on_passive_syn(self, sf: Subflow, seg: TcpSegment) -> None:
+        """Passive open of the initial subflow: read MP_CAPABLE from the SYN."""
+        cap = seg.option(MpCapable)
+        if cap is None or cap.version != 1 or not cap.flags & CAP_H_SHA256:
+            # No (or another version of) MP_CAPABLE: plain TCP (§3.1, v0 is not spoken).
+            self.fallback = True
+        else:
+            self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
+
+    def on_handshake_ack(self, sf: Subflow, seg: TcpSegment) -> bool:
+        """Passive open: the ACK completing the handshake. False when the subflow was refused."""
+        if sf.join:
+            opt = seg.option(MpJoinAck)
+            expected = crypto.join_ack_hmac(self.remote_key, self.local_key, sf.remote_nonce, sf.local_nonce)
+            if opt is None or opt.hmac160 != expected:
+                sf.send_rst([MpTcpRst(RST_MPTCP_ERROR)])
+                self._drop_subflow(sf, "MP_JOIN third ACK without a valid HMAC")
+                return False
+            sf.fully_established = True
+            sf.state = State.ESTABLISHED
+            sf.send_ack()   # the fourth ACK: the joining side may now send data
+            self.on_subflow_established(sf)
+            return True
+        if not self.fallback:
+            cap = seg.option(MpCapable)
+            if cap is None or cap.sender_key is None or cap.receiver_key is None:
+                self._fall_back(sf)   # a middlebox removed MP_CAPABLE from the third ACK
+            elif cap.receiver_key != self.local_key:
+                sf.send_rst([MpTcpRst(RST_MPTCP_ERROR)])
+                self._drop_subflow(sf, "MP_CAPABLE ACK echoes a wrong key")
+                return False
+            else:
+                self.remote_key = cap.sender_key
+                self.remote_token = crypto.token_of(cap.sender_key)
+                self.rcv_nxt = crypto.idsn_of(cap.sender_key) + 1
+                self.checksum = self.checksum or bool(cap.flags & CAP_A_CHECKSUM)
+        else:
+            self.fallback_rx_base = self.rcv_nxt
+        self.snd_right = self.snd_una + (seg.window << sf.snd_wscale)
+        self._established()
+        return True
+
+    def _fall_back(self, sf: Subflow) -> None:
+        self.fallback = True
+        self.mpc_data_pending = False
+        self.fallback_rx_base = self.rcv_nxt
+        self.fallback_tx_base = self.snd_una
+
+    def _established(self) -> None:
+        if self.state in ("SYN_SENT", "SYN_RCVD"):
+            self.state = "ESTABLISHED"
+            self.established_at = time.monotonic()
+            self.stack.register_token(self)
+            self.stack.emit_event(Event("established", self.local_token, time.time(),
+                                        self.subflows[0].key if self.subflows else None,
+                                        reason="fallback" if self.fallback else None))
+            if self.accept_queue is not None:
+                self.accept_queue.append(self)
+                self.stack.listener_ready(self)
+            self.cond.notify_all()
+
+    # ================================================================ options in
+    def ack_advanced_data(self, seg: TcpSegment) -> bool:
+        """True when the segment's DATA_ACK moves snd_una (so it is no duplicate ACK)."""
+        dss = seg.option(Dss)
+        if dss is None or dss.data_ack is None:
+            return False
+        da = unwrap64(dss.data_ack, self.snd_una) if dss.data_ack64 else unwrap32(dss.data_ack, self.snd_una)
+        return da > self.snd_una
+
+    def on_options(self, sf: Subflow, seg: TcpSegment, seq: int) -> None:
+        """Interpret the MPTCP options of a segment on an established subflow."""
+        if self.fallback:
+            acked_rel = sf.snd_una - sf.iss - 1
+            self._on_data_ack(self.fallback_tx_base + acked_rel, seg.window << sf.snd_wscale)
+            return
+        for opt in seg.options:
+            if isinstance(opt, Dss):
+                self.peer_dss_seen = True
+                self.mpc_data_pending = False
+                if opt.data_ack is not None:
+                    da = unwrap64(opt.data_ack, self.snd_una) if opt.data_ack64 else \
+                        unwrap32(opt.data_ack, self.snd_una)
+                    self._on_data_ack(da, seg.window << sf.snd_wscale)
+                if opt.dsn is not None:
+                    self._on_mapping(sf, opt, seq)
+            elif isinstance(opt, MpCapable) and opt.data_len is not None and self.remote_key is not None:
+                # MP_CAPABLE carrying data: its mapping is implied (§3.1): the
+                # peer's first data byte, subflow sequence 1.
+                if opt.sender_key == self.remote_key and seq - sf.irs == 1:
+                    self._add_mapping(sf, RxMapping(1, crypto.idsn_of(self.remote_key) + 1, opt.data_len,
+                                                    opt.data_len, opt.checksum))
+            elif isinstance(opt, MpFastclose):
+                if opt.receiver_key == self.local_key:
+                    self._fail("connection reset by peer (MP_FASTCLOSE)")
+                    for other in list(self.subflows):
+                        other.send_rst()
+                        self._drop_subflow(other, "MP_FASTCLOSE")
+                    return
+            elif isinstance(opt, MpPrio):
+                sf.backup = opt.backup
+            # ADD_ADDR, REMOVE_ADDR, MP_FAIL and unknown subtypes are ignored (§3: an
+            # implementation that does not understand an option ignores it).
+
+    def _on_mapping(self, sf: Subflow, opt: Dss, seq: int) -> None:
+        dsn = unwrap64(opt.dsn, self.rcv_nxt) if opt.dsn64 else unwrap32(opt.dsn, self.rcv_nxt)
+        if opt.data_fin:
+            self.rx_fin_dsn = dsn + opt.data_len - 1
+        length = opt.data_len - (1 if opt.data_fin else 0)
+        if opt.data_fin and opt.subflow_seq == 0 and opt.data_len == 1:
+            if self.checksum and opt.checksum is not None and \
+                    crypto.dss_checksum(dsn, 0, 1, b"") != opt.checksum:
+                self.stack.log(f"DATA_FIN with a bad DSS checksum on {sf.key}")
+            self._check_eof()
+            sf.ack_pending = True
+            return
+        if self.checksum and opt.checksum is None:
+            # §3.3: a mapping without the negotiated checksum is a protocol error.
+            self._reset_subflow(sf, RST_MPTCP_ERROR, "DSS without the negotiated checksum")
+            return
+        # subflow_seq is relative to the subflow ISN; unwrap it near the segment's own.
+        ssn = unwrap32(opt.subflow_seq, seq - sf.irs)
+        if length > 0:
+            self._add_mapping(sf, RxMapping(ssn, dsn, length, opt.data_len, opt.checksum))
+        if opt.data_fin:
+            self._check_eof()
+
+    def _add_mapping(self, sf: Subflow, m: RxMapping) -> None:
+        for old in sf.rx_maps:
+            if old.ssn == m.ssn:
+                return
+        sf.rx_maps.append(m)
+        if sf.unmapped:
+            pending, sf.unmapped = sf.unmapped, []
+            for rel, payload in pending:
+                self.on_subflow_data(sf, rel, payload)
+
+    def on_subflow_data(self, sf: Subflow, rel: int, payload: bytes) -> None:
+        """In-order subflow bytes starting at subflow-relative sequence rel."""
+        if self.fallback:
+            self._deliver(self.fallback_rx_base + rel - 1, payload)
+            return
+        while payload:
+            m = None
+            for cand in sf.rx_maps:
+                if cand.ssn <= rel < cand.ssn + cand.length:
+                    m = cand
+                    break
+            if m is None:
+                sf.unmapped.append((rel, payload))   # its mapping may come in a later segment
+                return
+            take = min(len(payload), m.ssn + m.length - rel)
+            chunk, payload = payload[:take], payload[take:]
+            if m.checksum is None or not self.checksum:
+                self._deliver(m.dsn + (rel - m.ssn), chunk)
+            else:
+                m.buf += chunk
+                if len(m.buf) == m.length:
+                    if crypto.dss_checksum(m.dsn, m.ssn, m.data_len, bytes(m.buf)) != m.checksum:
+                        # MP_FAIL and the infinite mapping are not implemented: reset the subflow.
+                        self._reset_subflow(sf, RST_MPTCP_ERROR, "DSS checksum mismatch")
+                        return
+                    self._deliver(m.dsn, bytes(m.buf))
+                    m.buf = bytearray()
+            rel += take
+            if rel >= m.ssn + m.length:
+                sf.rx_maps.remove(m)
+
+    def _deliver(self, dsn: int, data: bytes) -> None:
+        end = dsn + len(data)
+        if end <= self.rcv_nxt:
+            return
+        if dsn > self.rcv_nxt:
+            old = self.rx_ooo.get(dsn)
+            if old is None or len(old) < len(data):
+                self.rx_ooo[dsn] = data
+            return
+        self.rx += data[self.rcv_nxt - dsn:]
+        self.bytes_received += end - self.rcv_nxt
+        self.rcv_nxt = end
+        while self.rx_ooo:
+            ready = [d for d in self.rx_ooo if d <= self.rcv_nxt]
+            if not ready:
+                break
+            for d in sorted(ready):
+                chunk = self.rx_ooo.pop(d)
+                if d + len(chunk) > self.rcv_nxt:
+                    self.rx += chunk[self.rcv_nxt - d:]
+                    self.bytes_received += d + len(chunk) - self.rcv_nxt
+                    self.rcv_nxt = d + len(chunk)
+        self._check_eof()
+        self.cond.notify_all()
+
+    def _check_eof(self) -> None:
+        if self.rx_fin_dsn is not None and not self.eof and self.rcv_nxt == self.rx_fin_dsn:
+            self.rcv_nxt += 1          # the DATA_FIN occupies one data sequence number
+            self.eof = True
+            for sf in self.subflows:
+                sf.ack_pending = True
+            self.stack.wake()
+            self.cond.notify_all()
+            self._maybe_close_subflows()
+
+    def _on_data_ack(self, da: int, window: int) -> None:
+        end = self.snd_nxt + (1 if self.data_fin_dsn is not None else 0)
+        if da > end:
+            return   # acknowledges data never sent: ignore (§3.3.2)
+        if da > self.snd_una:
+            n = min(da, self.snd_nxt) - self.snd_una
+            self.tx_off += n
+            self.snd_una = da if da <= self.snd_nxt else self.snd_nxt
+            if self.tx_off > (1 << 20):
+                del self.tx[:self.tx_off]
+                self.tx_off = 0
+            while self.reinject and self.reinject[0][0] + len(self.reinject[0][1]) <= self.snd_una:
+                self.reinject.popleft()
+            self.cond.notify_all()
+            if self.data_fin_dsn is not None and da > self.data_fin_dsn and not self.data_fin_acked:
+                self.data_fin_acked = True
+                self.data_fin_deadline = None
+                self._maybe_close_subflows()
+        if da >= self.snd_una:
+            self.snd_right = max(self.snd_right, da + window) if da == self.snd_una else da + window
+
+    def rcv_window(self) -> int:
+        """Receive window (bytes) advertised on every subflow, relative to the DATA_ACK."""
+        win = max(0, RCVBUF - len(self.rx))
+        self.last_window_sent = win
+        return win
+
+    # ================================================================ output
+    def push(self) -> None:
+        """Send what the data-level window, the scheduler and the subflows' cwnd allow."""
+        if self.state != "ESTABLISHED":
+            return
+        for sf in self.subflows:
+            sf.retransmit_lost()
+        while self.reinject:
+            dsn, payload = self.reinject[0]
+            sf = self.stack.scheduler.pick(self, len(payload), exclude_stale=True)
+            if sf is None:
+                break
+            self.reinject.popleft()
+            if dsn + len(payload) <= self.snd_una:
+                continue
+            sf.send_data(dsn, payload)
+        tx_end = self.snd_una + len(self.tx) - self.tx_off
+        while self.snd_nxt < tx_end:
+            room = self.snd_right - self.snd_nxt
+            if room <= 0:
+                break
+            sf = self.stack.scheduler.pick(self, min(room, tx_end - self.snd_nxt))
+            if sf is None:
+                break
+            n = min(sf.mss, tx_end - self.snd_nxt, room)
+            start = self.tx_off + (self.snd_nxt - self.snd_una)
+            payload = bytes(self.tx[start:start + n])
+            if self.mpc_data_pending and not sf.join and self.snd_nxt == crypto.idsn_of(self.local_key) + 1:
+                self.mpc_data_pending = False
+                self._send_mpc_data(sf, payload)
+            else:
+                sf.send_data(self.snd_nxt, payload)
+            self.snd_nxt += n
+            self.bytes_sent += n
+        if self.tx_closed and self.snd_nxt == tx_end and self.data_fin_dsn is None:
+            self._send_data_fin()
+
+    def _send_mpc_data(self, sf: Subflow, payload: bytes) -> None:
+        seg = TxSegment(sf.snd_nxt, payload, 0, self.snd_nxt, time.monotonic(), mpc_form=True)
+        sf.rtx.append(seg)
+        sf.snd_nxt += len(payload)
+        sf.inflight += len(payload)
+        sf.stats.bytes_sent += len(payload)
+        sf._transmit_data(seg)
+        if sf.rto_deadline is None:
+            sf.arm_rto()
+
+    def _send_data_fin(self) -> None:
+        if self.fallback:
+            self.data_fin_dsn = self.snd_nxt
+            for sf in self.subflows:
+                sf.send_fin()
+            return
+        sf = self.stack.scheduler.pick(self, 0, ignore_cwnd=True)
+        if sf is None:
+            return
+        self.data_fin_dsn = self.snd_nxt
+        self._emit_data_fin(sf)
+        self.data_fin_deadline = time.monotonic() + max(self.data_fin_rto, sf.rto)
+
+    def _emit_data_fin(self, sf: Subflow) -> None:
+        dsn = self.data_fin_dsn
+        csum = crypto.dss_checksum(dsn, 0, 1, b"") if self.checksum else None
+        sf.send_ack([Dss(data_ack=self.rcv_nxt & MASK64, dsn=dsn & MASK64, subflow_seq=0, data_len=1,
+                         checksum=csum, data_fin=True)])
+
+    def on_timer(self, now: float) -> None:
+        """Data-level timer: repeat an unacknowledged DATA_FIN."""
+        if self.data_fin_deadline is not None and now >= self.data_fin_deadline and not self.data_fin_acked:
+            sf = self.stack.scheduler.pick(self, 0, ignore_cwnd=True)
+            self.data_fin_rto = min(self.data_fin_rto * 2, 30)
+            self.data_fin_deadline = now + self.data_fin_rto
+            if sf is not None:
+                self._emit_data_fin(sf)
+
+    def deadline(self) -> float | None:
+        """Earliest timer of this connection's own (subflow timers are separate)."""
+        return self.data_fin_deadline
+
+    def _maybe_close_subflows(self) -> None:
+        # §3.3.3: once both DATA_FINs are acknowledged, the subflows close with FIN.
+        done_tx = self.data_fin_acked or (self.fallback and self.data_fin_dsn is not None)
+        if self.fallback:
+            return
+        if done_tx and self.eof:
+            for sf in list(self.subflows):
+                if sf.state in (State.ESTABLISHED, State.CLOSE_WAIT):
+                    sf.send_ack()
+                    sf.send_fin()
+
+    # ================================================================ subflow lifecycle
+    def on_subflow_fin(self, sf: Subflow) -> None:
+        """The peer closed a subflow (TCP FIN)."""
+        if self.fallback:
+            self.eof = True
+            self.cond.notify_all()
+            if self.tx_closed and self.data_fin_dsn is not None:
+                pass
+            return
+        self._maybe_close_subflows()
+
+    def on_subflow_established(self, sf: Subflow) -> None:
+        """An MP_JOIN subflow completed its four-way handshake."""
+        self.stack.emit_event(Event("sf_established", self.local_token, time.time(), sf.key, sf.backup))
+        self.stack.wake()
+
+    def on_subflow_stale(self, sf: Subflow) -> None:
+        """Repeated RTOs: reinject what the subflow holds on the others (§3.3.6)."""
+        others = [o for o in self.subflows if o is not sf and o.can_send_data()]
+        if not others:
+            return
+        for seg in sf.rtx:
+            if seg.dsn is not None and seg.payload and seg.dsn + len(seg.payload) > self.snd_una:
+                self.reinject.append((seg.dsn, seg.payload))
+        self.stack.wake()
+
+    def on_subflow_recovered(self, sf: Subflow) -> None:
+        """A stale subflow got an ACK again."""
+
+    def on_subflow_reset(self, sf: Subflow, seg: TcpSegment) -> None:
+        """The peer reset a subflow."""
+        rst = seg.option(MpTcpRst)
+        sf.reset_reason = rst.reason if rst else None
+        fast = seg.option(MpFastclose)
+        if fast is not None and fast.receiver_key == self.local_key:
+            self._fail("connection reset by peer (MP_FASTCLOSE)")
+            for other in list(self.subflows):
+                self._drop_subflow(other, "MP_FASTCLOSE")
+            return
+        self.on_subflow_stale(sf)
+        self._drop_subflow(sf, f"reset by peer (reason {sf.reset_reason})" if rst else "reset by peer")
+
+    def on_subflow_failed(self, sf: Subflow, reason: str) -> None:
+        """The subflow gave up (handshake unanswered, too many RTOs)."""
+        if sf.state not in (State.SYN_SENT, State.SYN_RCVD):
+            self.on_subflow_stale(sf)
+            sf.send_rst([MpTcpRst(RST_UNSPECIFIED)] if not self.fallback else [])
+        self._drop_subflow(sf, reason)
+
+    def _reset_subflow(self, sf: Subflow, reason_code: int, why: str) -> None:
+        self.stack.log(f"resetting subflow {sf.key}: {why}")
+        sf.send_rst([MpTcpRst(reason_code)])
+        self.on_subflow_stale(sf)
+        self._drop_subflow(sf, why)
+
+    def on_subflow_closed(self, sf: Subflow) -> None:
+        """A subflow finished its FIN exchange."""
+        self._drop_subflow(sf, None)
+
+    def _drop_subflow(self, sf: Subflow, reason: str | None) -> None:
+        if sf not in self.subflows:
+            return
+        info = self._subflow_info(sf)
+        sf.abort()
+        self.subflows.remove(sf)
+        self.closed_subflows.append(info)
+        self.stack.forget_subflow(sf)
+        self.stack.emit_event(Event("sf_closed", self.local_token, time.time(), sf.key, sf.backup, reason))
+        if not self.subflows:
+            if self.state in ("SYN_SENT", "SYN_RCVD"):
+                self._fail(reason or "handshake failed")
+            elif not (self.eof and (self.data_fin_acked or self.fallback)) and self.error is None:
+                self._fail(reason or "all subflows closed")
+            self._closed()
+        else:
+            self.stack.wake()
+
+    def _fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self.cond.notify_all()
+
+    def _closed(self) -> None:
+        if self.state == "CLOSED":
+            return
+        self.state = "CLOSED"
+        self.stack.unregister(self)
+        self.stack.emit_event(Event("closed", self.local_token, time.time(), reason=self.error))
+        self.cond.notify_all()
+
+    # ================================================================ API (takes the lock)
+    def wait_established(self, timeout: float) -> None:
+        """Block until the connection is established; StackError when it failed or timed out."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.state != "SYN_SENT" or self.error, timeout):
+                self.abort()
+                raise StackError(f"connect timed out after {timeout:g} s")
+            if self.error or self.state != "ESTABLISHED":
+                raise StackError(self.error or "connection closed during the handshake")
+
+    def send(self, data: bytes, timeout: float = 30.0) -> int:
+        """Queue all of data for sending; blocks while the send buffer is full."""
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while view:
+                if self.error:
+                    raise StackError(self.error)
+                if self.tx_closed or self.state == "CLOSED":
+                    raise StackError("send on a closed connection")
+                room = SNDBUF - (len(self.tx) - self.tx_off)
+                if room <= 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise StackError(f"send timed out after {timeout:g} s (peer not reading?)")
+                    self.cond.wait(min(left, 0.5))
+                    continue
+                chunk = view[:room]
+                self.tx += chunk
+                view = view[len(chunk):]
+                self.push()
+        return len(data)
+
+    def recv(self, bufsize: int = 65536, timeout: float = 30.0) -> bytes:
+        """Up to bufsize bytes; b"" at end of stream; StackError on reset or timeout."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: self.rx or self.eof or self.error or self.state == "CLOSED",
+                                    timeout)
+            if not ok:
+                raise StackError(f"recv timed out after {timeout:g} s")
+            if self.rx:
+                out = bytes(self.rx[:bufsize])
+                del self.rx[:len(out)]
+                if self.last_window_sent < RCVBUF // 4 and RCVBUF - len(self.rx) >= RCVBUF // 2:
+                    for sf in self.subflows:
+                        sf.ack_pending = True   # a window update unblocks the sender
+                    self.stack.wake()
+                return out
+            if self.error:
+                raise StackError(self.error)
+            return b""
+
+    def close(self) -> None:
+        """Graceful close: DATA_FIN after all queued data, then the subflows' FINs."""
+        with self.cond:
+            if self.tx_closed or self.state == "CLOSED":
+                return
+            self.tx_closed = True
+            self.push()
+            self.stack.wake()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Block until the connection reached CLOSED; False on timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.state == "CLOSED", timeout)
+
+    def abort(self) -> None:
+        """Abortive close (§3.5): RST with MP_FASTCLOSE on every subflow."""
+        with self.cond:
+            for sf in list(self.subflows):
+                if sf.state != State.SYN_SENT:
+                    opts = [] if self.fallback or self.remote_key is None else [MpFastclose(self.remote_key)]
+                    sf.send_rst(opts)
+                self._drop_subflow(sf, "aborted")
+            self._fail("aborted")
+            self._closed()
+
+    def add_subflow(self, local_addr: str, backup: bool = False, timeout: float = 5.0) -> None:
+        """Open an MP_JOIN subflow from local_addr to the connection's remote address/port."""
+        with self.cond:
+            if self.fallback or self.remote_key is None or self.state != "ESTABLISHED":
+                raise StackError("cannot join: the connection is not an established MPTCP connection")
+            first = self.subflows[0] if self.subflows else None
+            if first is None:
+                raise StackError("cannot join: no subflow left")
+            sf = self.stack.open_subflow(self, local_addr, first.raddr, first.rport, join=True,
+                                         backup=backup, addr_id=self.next_addr_id)
+            self.next_addr_id += 1
+            ok = self.cond.wait_for(lambda: sf.fully_established or sf not in self.subflows, timeout)
+            if not ok or sf not in self.subflows:
+                raise StackError(f"MP_JOIN from {local_addr} failed")
+
+    def info(self) -> ConnectionInfo:
+        """A snapshot of the connection and its subflows."""
+        with self.cond:
+            return ConnectionInfo(self.local_token, self.remote_token, self.state, self.fallback, self.checksum,
+                                  self.bytes_sent, self.bytes_received,
+                                  [self._subflow_info(sf) for sf in self.subflows], list(self.closed_subflows))
+
+    @staticmethod
+    def _subflow_info(sf: Subflow) -> SubflowInfo:
+        return SubflowInfo((sf.laddr, sf.lport), (sf.raddr, sf.rport), sf.state, sf.join, sf.backup,
+                           sf.fully_established, None if sf.srtt is None else sf.srtt * 1000, sf.rto * 1000,
+                           int(sf.cc.cwnd), sf.cc.ssthresh, sf.inflight, sf.stats.bytes_sent,
+                           sf.stats.bytes_retransmitted, sf.stats.bytes_acked, sf.stats.bytes_received,
+                           sf.stats.fast_retransmits, sf.stats.timeouts, sf.reset_reason)

@@ -1,0 +1,445 @@
+"""The stack: attachment to a namespace, the packet loop, demultiplexing, and the API.
+
+    with Stack(netns=pid) as st:
+        conn = st.connect(("10.0.0.2", 5201), paths=["10.0.0.1", "10.1.0.1"])
+        conn.send(b"..."); conn.close()
+
+One thread per Stack runs poll() over the path ports, feeds packets to their
+subflows, fires timers and sends ACKs; API calls from other threads take the
+same lock and send directly. Every blocking call has a timeout.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from itertools import count
+
+from testbed.stack import crypto
+from testbed.stack.attach import (CLIENT_PORTS, AttachError, Interface, NftGuard, PathPort, list_interfaces,
+                                  netns_path, run_in_netns)
+from testbed.stack.connection import Connection, ConnectionInfo, Event, StackError
+from testbed.stack.options import MpJoinSyn, MpTcpRst, RST_MPTCP_ERROR
+from testbed.stack.packet import ACK, RST, SYN, DecodeError, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
+from testbed.stack.subflow import MASK32, Subflow
+
+log = logging.getLogger("testbed.stack")
+_instances = count(1)
+
+__all__ = ["Stack", "Listener", "Connection", "ConnectionInfo", "Event", "StackError", "AttachError",
+           "LowestRttScheduler", "SentSegment"]
+
+
+@dataclass(frozen=True)
+class SentSegment:
+    """What the stack meant to put on the wire (recorded for trace checks)."""
+    time: float
+    src: str
+    dst: str
+    segment: TcpSegment
+
+
+class LowestRttScheduler:
+    """Lowest-RTT-first among subflows with congestion window room; backups only when nothing else works."""
+
+    def pick(self, conn: Connection, size: int, exclude_stale: bool = False, ignore_cwnd: bool = False):
+        """The subflow to carry the next `size` bytes, or None to wait."""
+        usable = [sf for sf in conn.subflows if sf.can_send_data()]
+        fresh = [sf for sf in usable if not sf.stale]
+        pool = [sf for sf in fresh if not sf.backup] or fresh
+        if not pool and not exclude_stale:
+            pool = usable
+        best = None
+        for sf in pool:
+            need = min(size, sf.mss)
+            if not ignore_cwnd and sf.inflight + need > sf.cc.cwnd:
+                continue
+            rtt = sf.srtt if sf.srtt is not None else 1.0
+            if best is None or rtt < best[0]:
+                best = (rtt, sf)
+        return best[1] if best else None
+
+
+class Listener:
+    """A listening port of the stack; accept() returns established connections."""
+
+    def __init__(self, stack: "Stack", port: int, backlog: int, checksum: bool):
+        self.stack = stack
+        self.port = port
+        self.backlog = backlog
+        self.checksum = checksum
+        self.ready: list[Connection] = []
+        self.pending = 0
+        self.cond = threading.Condition(stack.lock)
+        self.closed = False
+
+    def accept(self, timeout: float = 30.0) -> Connection:
+        """The next established connection; StackError on timeout."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.ready or self.closed, timeout):
+                raise StackError(f"accept timed out after {timeout:g} s")
+            if self.closed and not self.ready:
+                raise StackError("listener closed")
+            return self.ready.pop(0)
+
+    def close(self) -> None:
+        """Stop listening (established connections live on)."""
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.stack.listeners.pop(self.port, None)
+            self.cond.notify_all()
+        try:
+            self.stack.nft.remove_port(self.port)
+        except AttachError:
+            pass
+
+
+class Stack:
+    """A user-space MPTCP endpoint attached to the path interfaces of one network namespace."""
+
+    def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
+                 checksum: bool = False, cc: str = "cubic", record: bool = False):
+        self.netns = netns_path(netns)
+        self.checksum = checksum
+        self.cc = cc
+        self.lock = threading.RLock()
+        self.t0 = time.monotonic()
+        self.ts_offset = int.from_bytes(os.urandom(4), "big")
+        self.scheduler = LowestRttScheduler()
+        self.subflows: dict[tuple[str, int, str, int], Subflow] = {}
+        self.listeners: dict[int, Listener] = {}
+        self.tokens: dict[int, Connection] = {}
+        self.connections: set[Connection] = set()
+        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.record = record
+        self.sent: list[SentSegment] = []
+        self.log_lines: list[str] = []
+        self.stats = {"rx_packets": 0, "rx_bad": 0, "rx_stray": 0, "tx_packets": 0}
+        self._ip_ident = 0
+        self._next_port = CLIENT_PORTS[0]
+        self._running = True
+        self.ports: list[PathPort] = []
+        self.nft: NftGuard | None = None
+        self._route_sock: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        try:
+            run_in_netns(self.netns, lambda: self._attach(interfaces))
+        except BaseException:
+            self._detach()
+            raise
+        self.by_addr = {p.iface.addr: p for p in self.ports}
+        self._thread = threading.Thread(target=self._loop, name="mptcp-stack", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ attachment
+    def _attach(self, names: list[str] | None) -> None:
+        ifaces = list_interfaces()
+        if names is not None:
+            missing = sorted(set(names) - {i.name for i in ifaces})
+            if missing:
+                raise AttachError(f"no IPv4 interface {', '.join(missing)} in the namespace")
+            ifaces = [i for i in ifaces if i.name in names]
+        if not ifaces:
+            raise AttachError("no IPv4 interface to attach to in the namespace")
+        self.nft = NftGuard(f"mptb_stack_{os.getpid()}_{next(_instances)}")
+        self.nft.add_addresses([i.addr for i in ifaces])
+        for iface in ifaces:
+            self.ports.append(PathPort(iface))
+        self._route_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def _detach(self) -> None:
+        for p in self.ports:
+            p.close()
+        self.ports = []
+        if self._route_sock is not None:
+            self._route_sock.close()
+            self._route_sock = None
+        if self.nft is not None:
+            self.nft.close()
+            self.nft = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def interfaces(self) -> list[Interface]:
+        """The path interfaces the stack attached to."""
+        return [p.iface for p in self.ports]
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Abort every connection, stop the loop, remove the sockets and the nft table."""
+        if not self._running:
+            return
+        with self.lock:
+            for conn in list(self.connections):
+                if conn.state != "CLOSED":
+                    conn.abort()
+            for lst in list(self.listeners.values()):
+                lst.closed = True
+                lst.cond.notify_all()
+            self._running = False
+        self.wake()
+        self._thread.join(5)
+        self._detach()
+
+    # ------------------------------------------------------------------ hooks used by connections
+    def ts_now(self) -> int:
+        """TCP timestamp clock: milliseconds, random offset."""
+        return (int((time.monotonic() - self.t0) * 1000) + self.ts_offset) & MASK32
+
+    def transmit(self, sf: Subflow, seg: TcpSegment) -> None:
+        """Encode and send a segment of a subflow on its path."""
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        pkt = encode_ipv4(IpPacket(sf.laddr, sf.raddr, seg, ident=self._ip_ident))
+        if self.record:
+            self.sent.append(SentSegment(time.time(), sf.laddr, sf.raddr, seg))
+        self.stats["tx_packets"] += 1
+        sf.port.send(pkt, sf.raddr)
+
+    def emit_event(self, ev: Event) -> None:
+        """Publish a path-manager style event."""
+        self.events.put(ev)
+
+    def register_token(self, conn: Connection) -> None:
+        """Make an established connection findable by its token (for MP_JOIN)."""
+        self.tokens[conn.local_token] = conn
+
+    def unregister(self, conn: Connection) -> None:
+        """Forget a closed connection."""
+        if self.tokens.get(conn.local_token) is conn:
+            del self.tokens[conn.local_token]
+        self.connections.discard(conn)
+
+    def forget_subflow(self, sf: Subflow) -> None:
+        """Stop demultiplexing to a closed subflow."""
+        if self.subflows.get(sf.key) is sf:
+            del self.subflows[sf.key]
+
+    def listener_ready(self, conn: Connection) -> None:
+        """A server connection got established: hand it to its listener's accept()."""
+        for lst in self.listeners.values():
+            if conn.accept_queue is lst.ready:
+                lst.pending = max(0, lst.pending - 1)
+                lst.cond.notify_all()
+
+    def log(self, msg: str) -> None:
+        """Record a protocol-level incident (bad checksum, refused join, ...)."""
+        self.log_lines.append(msg)
+        log.info(msg)
+
+    def wake(self) -> None:
+        """Interrupt the loop's poll() (new data to send, a window to announce)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # ------------------------------------------------------------------ API
+    def _alloc_port(self, laddr: str) -> int:
+        lo, hi = CLIENT_PORTS
+        used = {k[1] for k in self.subflows if k[0] == laddr}
+        for _ in range(hi - lo + 1):
+            port = self._next_port
+            self._next_port = lo if port >= hi else port + 1
+            if port not in used and port not in self.listeners:
+                return port
+        raise StackError("no free client port")
+
+    def _source_for(self, dst: str) -> str:
+        """The local address the namespace's routing picks for dst."""
+        try:
+            self._route_sock.connect((dst, 9))
+            return self._route_sock.getsockname()[0]
+        except OSError as exc:
+            raise StackError(f"no route to {dst}: {exc.strerror}") from exc
+
+    def open_subflow(self, conn: Connection, laddr: str, raddr: str, rport: int, *, join: bool,
+                     backup: bool = False, addr_id: int = 0) -> Subflow:
+        """Create a subflow from laddr and send its SYN (caller holds the lock)."""
+        port = self.by_addr.get(laddr)
+        if port is None:
+            raise StackError(f"{laddr} is not an address of an attached interface")
+        sf = Subflow(conn, port, laddr, self._alloc_port(laddr), raddr, rport, join=join, active=True,
+                     backup=backup, addr_id=addr_id, cc=conn.cc)
+        if join:
+            sf.local_nonce = crypto.new_nonce()
+        self.subflows[sf.key] = sf
+        conn.subflows.append(sf)
+        sf.send_syn()
+        self.wake()
+        return sf
+
+    def connect(self, dest: tuple[str, int], paths: list[str] | None = None, *, timeout: float = 10.0,
+                checksum: bool | None = None, cc: str | None = None, backup: list[str] | None = None) -> Connection:
+        """Open an MPTCP connection; paths are local addresses (first: initial subflow, rest: joins)."""
+        host, rport = dest
+        try:
+            raddr = socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            raise StackError(f"not an IPv4 address: {host!r}") from None
+        if not self._running:
+            raise StackError("stack is closed")
+        with self.lock:
+            first = paths[0] if paths else self._source_for(raddr)
+            conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
+                              cc=cc or self.cc)
+            self.connections.add(conn)
+            self.open_subflow(conn, first, raddr, rport, join=False)
+            self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
+        conn.wait_established(timeout)
+        for addr in (paths or [])[1:]:
+            conn.add_subflow(addr, backup=addr in (backup or []), timeout=timeout)
+        return conn
+
+    def listen(self, port: int, backlog: int = 64, checksum: bool | None = None) -> Listener:
+        """Accept MPTCP (and plain TCP) connections on port, on every attached address."""
+        with self.lock:
+            if port in self.listeners:
+                raise StackError(f"port {port} is already listening")
+            lst = Listener(self, port, backlog, self.checksum if checksum is None else checksum)
+            self.listeners[port] = lst
+        self.nft.add_port(port)
+        return lst
+
+    def next_event(self, timeout: float = 5.0) -> Event | None:
+        """The next event, or None after timeout."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        poller = select.poll()
+        fds = {}
+        for p in self.ports:
+            poller.register(p.fileno(), select.POLLIN)
+            fds[p.fileno()] = p
+        poller.register(self._wake_r, select.POLLIN)
+        while self._running:
+            timeout = self._next_deadline()
+            try:
+                ready = poller.poll(timeout)
+            except InterruptedError:
+                continue
+            try:
+                with self.lock:
+                    if not self._running:
+                        break
+                    for fd, _ev in ready:
+                        if fd == self._wake_r:
+                            try:
+                                os.read(self._wake_r, 4096)
+                            except BlockingIOError:
+                                pass
+                            continue
+                        self._drain(fds[fd])
+                    self._after_batch()
+            except Exception as exc:  # a bug must not silently kill the stack: log and go on
+                log.exception("stack loop error")
+                self.log(f"internal error: {exc!r}")
+
+    def _drain(self, port: PathPort) -> None:
+        for _ in range(512):
+            got = port.receive()
+            if got is None:
+                return
+            data, verify = got
+            self.stats["rx_packets"] += 1
+            try:
+                pkt = decode_ipv4(data, verify_tcp_checksum=verify)
+            except DecodeError:
+                self.stats["rx_bad"] += 1
+                continue
+            self._dispatch(port, pkt)
+
+    def _dispatch(self, port: PathPort, pkt: IpPacket) -> None:
+        seg = pkt.tcp
+        sf = self.subflows.get((pkt.dst, seg.dport, pkt.src, seg.sport))
+        if sf is not None:
+            sf.on_segment(seg)
+            return
+        lst = self.listeners.get(seg.dport)
+        if lst is not None and seg.flags & SYN and not seg.flags & ACK and not lst.closed:
+            self._passive_open(lst, port, pkt)
+            return
+        if lst is None and not (CLIENT_PORTS[0] <= seg.dport <= CLIENT_PORTS[1]):
+            return  # not ours (a kernel socket's packet seen by the tap)
+        self.stats["rx_stray"] += 1
+        if not seg.flags & RST:
+            # RFC 9293 §3.10.7.1: a segment for no connection gets a RST.
+            if seg.flags & ACK:
+                rst = TcpSegment(seg.dport, seg.sport, seg.ack, 0, RST, 0)
+            else:
+                rst = TcpSegment(seg.dport, seg.sport, 0, (seg.seq + seg.seg_len()) & MASK32, RST | ACK, 0)
+            port.send(encode_ipv4(IpPacket(pkt.dst, pkt.src, rst)), pkt.src)
+
+    def _passive_open(self, lst: Listener, port: PathPort, pkt: IpPacket) -> None:
+        seg = pkt.tcp
+        join = seg.option(MpJoinSyn)
+        if join is not None:
+            conn = self.tokens.get(join.token)
+            if conn is None or conn.fallback or conn.state != "ESTABLISHED":
+                # §3.2: an unknown token is answered with a RST.
+                rst = TcpSegment(seg.dport, seg.sport, 0, (seg.seq + 1) & MASK32, RST | ACK, 0,
+                                 [MpTcpRst(RST_MPTCP_ERROR)])
+                port.send(encode_ipv4(IpPacket(pkt.dst, pkt.src, rst)), pkt.src)
+                return
+            sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=True, active=False,
+                         backup=join.backup, addr_id=join.addr_id, cc=conn.cc)
+            sf.remote_nonce = join.nonce
+            sf.local_nonce = crypto.new_nonce()
+        else:
+            if lst.pending >= lst.backlog:
+                return  # SYN queue full: drop, the peer retries
+            conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc)
+            conn.accept_queue = lst.ready
+            lst.pending += 1
+            self.connections.add(conn)
+            sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=False, active=False, cc=conn.cc)
+        sf.learn_syn(seg)
+        if not join:
+            conn.on_passive_syn(sf, seg)
+            self.emit_event(Event("created", conn.local_token, time.time(), sf.key))
+        self.subflows[sf.key] = sf
+        conn.subflows.append(sf)
+        sf.send_synack()
+
+    def _after_batch(self) -> None:
+        now = time.monotonic()
+        for sf in list(self.subflows.values()):
+            if sf.rto_deadline is not None and now >= sf.rto_deadline:
+                sf.on_timer(now)
+        for conn in list(self.connections):
+            d = conn.deadline()
+            if d is not None and now >= d:
+                conn.on_timer(now)
+            conn.push()
+        for sf in list(self.subflows.values()):
+            if sf.ack_pending:
+                sf.send_ack()
+
+    def _next_deadline(self) -> int:
+        with self.lock:
+            times = [sf.rto_deadline for sf in self.subflows.values() if sf.rto_deadline is not None]
+            times += [d for d in (c.deadline() for c in self.connections) if d is not None]
+        if not times:
+            return 200
+        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
