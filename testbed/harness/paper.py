@@ -16,7 +16,7 @@ from testbed.harness import scenario as sc
 from testbed.harness.results import run_status
 from testbed.harness.runner import SweepSummary, sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 PY_PACKAGES = ["pyroute2", "pandas", "pyarrow", "seaborn", "matplotlib", "pydantic", "invoke", "tqdm"]
 TOOLS = {"iperf3": ["iperf3", "--version"], "tshark": ["tshark", "--version"],
          "tcpdump": ["tcpdump", "--version"], "nft": ["nft", "--version"],
