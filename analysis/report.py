@@ -22,6 +22,7 @@ from jinja2 import Environment, select_autoescape
 from analysis import Results, ResultsError, load
 from analysis import expectations
 from analysis.figures import Section, emulation, establishment, failover, save, throughput
+from testbed.base.safefs import open_for_write, write_file
 
 FAMILIES = (establishment, failover, throughput)
 
@@ -149,8 +150,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
 
     exp = expectations.table(res)
-    exp.to_csv(out / "expectations.csv", index=False)
-    res.runs.to_csv(out / "runs.csv", index=False)
+    # Root writes here, maybe in a directory others can write to: never through a link.
+    with open_for_write(out / "expectations.csv") as f:
+        exp.to_csv(f, index=False)
+    with open_for_write(out / "runs.csv") as f:
+        res.runs.to_csv(f, index=False)
 
     sections: list[dict[str, Any]] = []
     built: list[Section] = [m.build(res) for m in FAMILIES]
@@ -165,7 +169,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path,
             plt.close(f.fig)  # a full report has ~10 large figures: free them as we go
         csvs = []
         for name, df in sec.tables.items():
-            df.to_csv(out / f"{name}.csv", index=False)
+            with open_for_write(out / f"{name}.csv") as f:
+                df.to_csv(f, index=False)
             csvs.append(f"{name}.csv")
         sections.append({"key": sec.key, "title": sec.title, "intro": sec.intro, "notes": sec.notes,
                          "figures": figs, "csvs": csvs})
@@ -181,5 +186,5 @@ def build_report(results_dir: str | Path, out_dir: str | Path,
         bad_html=bad.to_html(index=False, border=0) if not bad.empty else "",
     )
     path = out / "report.html"
-    path.write_text(html)
+    write_file(path, html)
     return path

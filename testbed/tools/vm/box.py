@@ -25,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from testbed.base.safefs import remove_tree
 from testbed.tools.vm.errors import VmError
 
 BOX_NAME = "local/mptcp-testbed-bookworm"
@@ -120,7 +121,6 @@ class _Builder:
         self.repo, self.work, self.say = repo, work, log
         self.root = work / "rootfs"
         self.logfile = work / "build.log"
-        self.mounts: list[Path] = []
 
     def sh(self, *cmd: str, env: dict | None = None) -> str:
         with open(self.logfile, "a") as lf:
@@ -141,19 +141,8 @@ class _Builder:
             # Trust what the host trusts (e.g. a TLS-inspecting proxy) for the
             # build only: the file lives in the chroot's /tmp, wiped at the end.
             env.update({k: HOST_CA for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")})
-        return self.sh("env", "-i", *[f"{k}={v}" for k, v in env.items()], "chroot", str(self.root), *cmd)
-
-    def mount_pseudo(self) -> None:
-        for fs, args in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"]),
-                         ("dev", ["--bind", "/dev"]), ("dev/pts", ["--bind", "/dev/pts"])):
-            target = self.root / fs
-            self.sh("mount", *args, str(target))
-            self.mounts.append(target)
-
-    def umount_pseudo(self) -> None:
-        for target in reversed(self.mounts):
-            subprocess.run(["umount", "-l", str(target)], stderr=subprocess.DEVNULL)
-        self.mounts.clear()
+        return self.sh("env", "-i", *[f"{k}={v}" for k, v in env.items()],
+                       *chroot_command(self.root, *cmd))
 
     def build(self) -> dict:
         t0 = time.monotonic()
@@ -171,29 +160,25 @@ class _Builder:
         host_ca = _host_ca_bundle()
         if host_ca:
             shutil.copy(host_ca, self.root / HOST_CA.lstrip("/"))
-        try:
-            self.mount_pseudo()
-            self.say("kernel (bookworm's stock linux-image-amd64), ssh, security upgrades ...")
-            self.chroot("apt-get", "update", "-qq")
-            self.chroot("apt-get", "-y", "-qq", "dist-upgrade")
-            self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES)
-            self.say("project bootstrap (apt packages + pinned venv) inside the chroot ...")
-            self._copy_repo_subset()
-            self.chroot("env", f"MPTB_VENV={GUEST_VENV}", "/bin/bash", "/vagrant/scripts/bootstrap.sh")
-            # Last: systemd-resolved replaces resolv.conf with its stub, which
-            # would break name resolution for the chroot steps above.
-            self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd-resolved")
-            pub = self.root / "tmp/vagrant.pub"
-            shutil.copy(_insecure_pubkey(), pub)
-            shutil.copy(Path(__file__).with_name("guest_setup.sh"), self.root / "tmp/guest_setup.sh")
-            self.chroot("/bin/sh", "/tmp/guest_setup.sh", "/tmp/vagrant.pub")
-            info = self._record()
-            self.chroot("apt-get", "clean")
-        finally:
-            self.umount_pseudo()
+        self.say("kernel (bookworm's stock linux-image-amd64), ssh, security upgrades ...")
+        self.chroot("apt-get", "update", "-qq")
+        self.chroot("apt-get", "-y", "-qq", "dist-upgrade")
+        self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES)
+        self.say("project bootstrap (apt packages + pinned venv) inside the chroot ...")
+        self._copy_repo_subset()
+        self.chroot("env", f"MPTB_VENV={GUEST_VENV}", "/bin/bash", "/vagrant/scripts/bootstrap.sh")
+        # Last: systemd-resolved replaces resolv.conf with its stub, which
+        # would break name resolution for the chroot steps above.
+        self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd-resolved")
+        pub = self.root / "tmp/vagrant.pub"
+        shutil.copy(_insecure_pubkey(), pub)
+        shutil.copy(Path(__file__).with_name("guest_setup.sh"), self.root / "tmp/guest_setup.sh")
+        self.chroot("/bin/sh", "/tmp/guest_setup.sh", "/tmp/vagrant.pub")
+        info = self._record()
+        self.chroot("apt-get", "clean")
         policy.unlink()
         for junk in ("vagrant", "tmp", "var/lib/apt/lists"):
-            shutil.rmtree(self.root / junk, ignore_errors=True)
+            remove_tree(self.root / junk)
             (self.root / junk).mkdir(mode=0o1777 if junk == "tmp" else 0o755)
         resolv = self.root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
@@ -255,6 +240,21 @@ class _Builder:
         shutil.rmtree(stage)
 
 
+# Run in a fresh mount namespace of its own: /proc, /sys, /dev and /dev/pts of
+# the chroot exist only for the one command and vanish with its last process,
+# so the host's mount table never has them and a killed build leaves none.
+_PSEUDO_MOUNTS = ('mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && '
+                  'mount --bind /dev "$0/dev" && mount --bind /dev/pts "$0/dev/pts" && '
+                  'exec chroot "$0" "$@"')
+
+
+def chroot_command(root: Path, *cmd: str) -> list[str]:
+    """argv that runs cmd chrooted in root with /proc, /sys, /dev, /dev/pts mounted
+    in a private mount namespace (nothing propagates to the host's)."""
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", _PSEUDO_MOUNTS,
+            str(root), *cmd]
+
+
 def _host_ca_bundle() -> Path | None:
     for cand in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
                  "/etc/ssl/certs/ca-certificates.crt"):
@@ -281,9 +281,25 @@ def _insecure_pubkey() -> Path:
     raise VmError("cannot find Vagrant's insecure public key (keys/vagrant.pub); is vagrant installed?")
 
 
+def _remove_dead_builds() -> None:
+    """Free what builds whose process is gone (failed or killed; scratch
+    directories named <key>-<pid>) left, but their build.log; refused, naming
+    the mount, if anything is mounted there."""
+    work = cache_root() / "work"
+    for d in work.iterdir() if work.is_dir() else ():
+        pid = d.name.rpartition("-")[2]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        for part in d.iterdir():
+            if part.is_dir() and not part.is_symlink():
+                remove_tree(part)
+            elif part.name != "build.log":
+                part.unlink()
+
+
 def build(repo: Path, force: bool = False, log=print) -> tuple[Path, bool]:
     """Build the box unless the cache already has it; returns (box file, built?)."""
-    for tool in ("debootstrap", "mke2fs", "qemu-img", "chroot", "tar"):
+    for tool in ("debootstrap", "mke2fs", "qemu-img", "chroot", "unshare", "tar"):
         if shutil.which(tool) is None:
             raise VmError(f"`{tool}` not found: run scripts/vm-host-setup.sh first")
     if os.geteuid() != 0:
@@ -291,25 +307,25 @@ def build(repo: Path, force: bool = False, log=print) -> tuple[Path, bool]:
     final = box_dir(repo)
     if (final / "mptcp-testbed.box").is_file() and not force:
         return final / "mptcp-testbed.box", False
+    _remove_dead_builds()
     work = cache_root() / "work" / f"{final.name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)
     work.mkdir(parents=True)
     builder = _Builder(repo, work, log)
     try:
         info = builder.build()
     except BaseException:
-        builder.umount_pseudo()
         log(f"build log kept: {builder.logfile}")
         if os.environ.get("MPTB_BOX_KEEP_FAILED") != "1":  # keep the tree for debugging
-            shutil.rmtree(builder.root, ignore_errors=True)
+            remove_tree(builder.root)
         raise
-    shutil.rmtree(builder.root)
-    shutil.rmtree(final, ignore_errors=True)
+    remove_tree(builder.root)
+    remove_tree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     work.rename(final)
     # Only the current box is worth keeping: older keys are never used again.
     for old in final.parent.iterdir():
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     log(f"box built in {info['build_seconds']} s: {final}")
     return final / "mptcp-testbed.box", True
