@@ -16,7 +16,6 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from analysis.tasks import report
 from testbed.tools.bench.tasks import ns as bench_tasks
 from testbed.tools.cli import fail as _fail, guard as _guard, need_root as _need_root
 from testbed.tools.vm.tasks import ns as vm_tasks
@@ -156,28 +155,44 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
             "out": "results directory (resumed if it exists)",
             "report": "where the report goes (default: OUT/report)",
             "retry_failed": "rerun the runs stored as failed (resuming skips them otherwise)",
+            "campaign": "campaign file listing the scenarios (default: experiments/paper.toml)",
             "no_progress": "no progress bars"})
-def paper(c, quick=False, out=None, report=None, retry_failed=False, no_progress=False):
+def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=None, no_progress=False):
     """Rerun the paper's scenarios end to end (resuming), then build the report."""
     _need_root()
-    from testbed.harness import paper as p
+    from testbed.harness import campaign as cp
 
     def go():
+        plan = cp.load(campaign or cp.PAPER)
         results = Path(out or ("results-quick" if quick else "results"))
         t0 = time.monotonic()
-        for experiment, summary in p.run(results, quick=quick, progress=not no_progress,
-                                         retry_failed=retry_failed):
+        for experiment, summary in cp.run(plan, results, quick=quick, progress=not no_progress,
+                                          retry_failed=retry_failed):
             print(f"{experiment}: {summary.line()}")
         from analysis.report import build_report
 
         index = build_report(results, Path(report) if report else results / "report")
         print(f"paper: report {index} ({time.monotonic() - t0:.0f} s)")
-        left = p.not_complete(results, quick)
+        left = cp.not_complete(plan, results, quick)
         if left.get("invalid"):
             print(f"paper: {left['invalid']} run(s) stored as invalid; the report marks them")
         if left.get("failed"):
             raise Exit(f"error: {left['failed']} stored run(s) failed; the report marks them "
                        f"(./tb results.ls {results}; rerun them with --retry-failed)", code=1)
+
+    _guard(go)
+
+
+@task(help={"dir": "results directory (as written by ./tb run or ./tb paper)",
+            "out": "where to write report.html, figures and CSVs (default: build/report)"})
+def report(c, dir, out="build/report"):
+    """Rebuild the HTML report, figures (PNG, PDF) and CSVs from an existing results directory."""
+    def go():
+        from analysis.report import build_report
+
+        if not Path(dir).is_dir():
+            raise _fail(f"results directory {dir} does not exist")
+        print(f"report: {build_report(dir, out)}")
 
     _guard(go)
 

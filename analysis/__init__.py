@@ -20,35 +20,20 @@ from typing import Any
 
 import pandas as pd
 
+from testbed.base.errors import TestbedError
 from testbed.harness.overrides import flatten
+from testbed.harness.schema import RUN_COLUMNS, TABLES, SchemaError, conform, empty, keyed, upgrade
 
 __all__ = ["Results", "load", "paths", "SCHEMAS", "RUN_COLUMNS", "ResultsError"]
 
-SCHEMA_VERSION = 1
-RUN_COLUMNS: dict[str, str] = {
-    "experiment": "string", "run_id": "string", "status": "string", "reason": "string",
-    "repetition": "Int64", "seed": "Int64", "backend": "string",
-    "start": "string", "end": "string",
-}
-_KEYS = {"experiment": "string", "run_id": "string"}
-SCHEMAS: dict[str, dict[str, str]] = {
-    "events": {**_KEYS, "t": "float64", "source": "string", "host": "string",
-               "event": "string", "token": "Int64", "detail": "string"},
-    "timeseries": {**_KEYS, "t": "float64", "host": "string", "series": "string",
-                   "key": "string", "value": "float64"},
-    "subflows": {**_KEYS, "t": "float64", "host": "string", "subflow": "string",
-                 "path": "string", "cwnd": "Int64", "srtt_us": "Int64",
-                 "bytes_acked": "Int64", "bytes_received": "Int64", "retrans": "Int64",
-                 "state": "string"},
-    "packets": {**_KEYS, "t": "float64", "path": "string", "src": "string", "dst": "string",
-                "sport": "Int64", "dport": "Int64", "flags": "string", "subtype": "Int64",
-                "token": "Int64", "dsn": "Int64", "data_ack": "Int64", "addr_id": "Int64",
-                "mp_flags": "string"},
-}
+# The store's format has one owner (testbed.harness.schema); the loader's tables
+# are its tables with the experiment/run_id keys in front.
+SCHEMAS: dict[str, dict[str, str]] = {name: keyed(name) for name in TABLES}
 
 
-class ResultsError(Exception):
-    """The directory is not a results store (missing, or holds no run)."""
+class ResultsError(TestbedError):
+    """The directory is not a results store this code can read (missing, holds no
+    run, or written in a schema version it cannot upgrade)."""
 
 
 @dataclass
@@ -82,27 +67,6 @@ class Results:
             return t.iloc[0:0]
         mask = [k in keys for k in zip(t["experiment"], t["run_id"])]
         return t[mask]
-
-
-def _empty(schema: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in schema.items()})
-
-
-def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
-    """Documented columns first with their dtypes (missing ones as NA), extras kept."""
-    out = df.copy()
-    for col, dtype in schema.items():
-        if col not in out.columns:
-            out[col] = pd.Series(pd.NA, index=out.index, dtype=dtype)
-        elif dtype == "Int64":
-            # float columns holding integers (after a NaN) must round-trip exactly
-            out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")
-        elif dtype == "float64":
-            out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
-        else:
-            out[col] = out[col].astype(dtype)
-    extras = [c for c in out.columns if c not in schema]
-    return out[list(schema) + extras]
 
 
 def _params(man: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +138,10 @@ def load(results_dir: str | Path) -> Results:
         man = _read_json(run_dir / "manifest.json", problems)
         if man is None:
             continue
-        if man.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            problems.append(f"{run_dir}: schema_version {man.get('schema_version')} "
-                            f"(this loader reads {SCHEMA_VERSION}); loaded anyway")
+        try:
+            man = upgrade(man, where=str(run_dir))
+        except SchemaError as exc:  # never "load anyway": numbers read in the wrong schema lie
+            raise ResultsError(str(exc)) from None
         exp = str(man.get("experiment") or run_dir.parent.name)
         rid = str(man.get("run_id") or run_dir.name)
         if (exp, rid) in manifests:
@@ -220,7 +185,7 @@ def load(results_dir: str | Path) -> Results:
     tables = {}
     for name, schema in SCHEMAS.items():
         frames = [p for p in parts[name] if not p.empty]
-        df = pd.concat(frames, ignore_index=True) if frames else _empty(schema)
+        df = pd.concat(frames, ignore_index=True) if frames else empty(schema)
         tables[name] = conform(df, schema)
     return Results(root=root, runs=runs, manifests=manifests, run_dirs=run_dirs,
                    problems=problems, **tables)

@@ -198,19 +198,15 @@ def test_report_skips_families_without_data(store, tmp_path):
     assert '<figure id="throughput_efficiency">' in html
 
 
-def test_report_task_errors_are_one_line(tmp_path, capsys):
-    from invoke import Program
-
-    from analysis.tasks import ns
+def test_report_task_errors_are_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_tb
 
     empty = tmp_path / "empty"
     empty.mkdir()
     for d in (tmp_path / "missing", empty):
-        with pytest.raises(SystemExit) as exc:
-            Program(namespace=ns).run(["tb", "report", str(d), "--out", str(tmp_path / "o")])
-        assert exc.value.code == 1
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+        proc = run_tb("report", str(d), "--out", str(tmp_path / "o"))
+        assert_one_line_error(proc, "error:")
+        assert proc.returncode == 2  # the exit status of every user error, in every task
 
 
 def test_notebook_is_valid_and_clean():

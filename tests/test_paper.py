@@ -7,29 +7,44 @@ import json
 
 import pytest
 
-from testbed.harness import paper
+from conftest import ROOT, assert_one_line_error, run_tb
+from testbed.harness import campaign as paper
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+# The paper campaign's scenario files, test-sized by their quick overrides.
+TINY = f"""
+[[scenario]]
+file = "{ROOT}/experiments/robe-establishment.toml"
+[scenario.quick]
+repetitions = 1
+params = {{ timeout_s = 5 }}
+grid = {{ "params.strategy" = ["mptcp", "sim", "timer"], "params.scenario" = ["healthy", "blackhole"] }}
 
-TINY = [
-    paper.PaperScenario("experiments/robe-establishment.toml", {
-        "repetitions": 1, "params": {"timeout_s": 5},
-        "grid": {"params.strategy": ["mptcp", "sim", "timer"],
-                 "params.scenario": ["healthy", "blackhole"]}}),
-    paper.PaperScenario("experiments/failover.toml", {
-        "repetitions": 1, "calibrate": False, "params": {"seconds": 7},
-        "events": [{"at_s": 3.0, "action": "link_down", "path": "wifi"}],
-        "grid": {}}),
-    paper.PaperScenario("experiments/throughput.toml", {
-        "repetitions": 1, "calibrate": False, "params": {"seconds": 4},
-        "grid": {"topology.params.rates": [[10, 10]]}}),
-]
+[[scenario]]
+file = "{ROOT}/experiments/failover.toml"
+[scenario.quick]
+repetitions = 1
+calibrate = false
+params = {{ seconds = 7 }}
+events = [{{ at_s = 3.0, action = "link_down", path = "wifi" }}]
+grid = {{}}
+
+[[scenario]]
+file = "{ROOT}/experiments/throughput.toml"
+[scenario.quick]
+repetitions = 1
+calibrate = false
+params = {{ seconds = 4 }}
+grid = {{ "topology.params.rates" = [[10, 10]] }}
+"""
 
 
-def test_tiny_paper_run_builds_a_complete_report(tmp_path, monkeypatch):
-    monkeypatch.setattr(paper, "PAPER", TINY)
+@pytest.mark.root
+@pytest.mark.slow
+def test_tiny_paper_run_builds_a_complete_report(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    tiny = paper.load(tmp_path / "tiny.toml")
     results = tmp_path / "results"
-    summaries = paper.run(results, quick=True, progress=False)
+    summaries = paper.run(tiny, results, quick=True, progress=False)
     assert all(not s.done.get("failed") for _, s in summaries), summaries
     from analysis.report import build_report
 
@@ -46,13 +61,46 @@ def test_tiny_paper_run_builds_a_complete_report(tmp_path, monkeypatch):
     assert "holds" in verdicts
     assert list((tmp_path / "report").glob("*.png")) and list((tmp_path / "report").glob("*.pdf"))
     # A resumed paper run must neither skip nor hide runs that failed before.
-    assert paper.not_complete(results, quick=True) == {}
+    assert paper.not_complete(tiny, results, quick=True) == {}
     manifest = next((results / "throughput").glob("*/manifest.json"))
     stored = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**stored, "status": "failed", "reason": "test: marked failed"}))
-    assert paper.not_complete(results, quick=True) == {"failed": 1}
-    resumed = paper.run(results, quick=True, progress=False)
+    assert paper.not_complete(tiny, results, quick=True) == {"failed": 1}
+    resumed = paper.run(tiny, results, quick=True, progress=False)
     assert sum(sum(s.done.values()) for _, s in resumed) == 0
-    retried = paper.run(results, quick=True, progress=False, retry_failed=True)
+    retried = paper.run(tiny, results, quick=True, progress=False, retry_failed=True)
     assert {e: s.done for e, s in retried if s.done} == {"throughput": {"complete": 1}}
-    assert paper.not_complete(results, quick=True) == {}
+    assert paper.not_complete(tiny, results, quick=True) == {}
+
+
+def test_paper_campaign_is_data_with_the_runs_it_always_had():
+    """experiments/paper.toml lists the scenario files and their quick overrides;
+    --quick trims each scenario as the campaign always did."""
+    from testbed.harness import scenario as sc
+
+    plan = paper.load()
+    files = [e.file for e in plan.scenario]
+    assert files == ["robe-establishment.toml", "failover.toml", "failover-mpprio.toml", "throughput.toml"]
+    runs = {q: sum(len(sc.expand(s)) for s in plan.scenarios(q)) for q in (True, False)}
+    assert runs == {True: 84, False: 760}
+    quick = plan.scenarios(True)
+    assert [s.repetitions for s in quick] == [2, 1, 1, 1]
+    assert quick[3].params == {"seconds": 6} and quick[3].grid["topology.params.delays"] == [[0, 0], [25, 1]]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("body, needle", [
+    ('[[scenario]]\nfile = "nope.toml"\n', "nope.toml does not exist"),
+    ('[[scenario]]\nfile = "{root}/experiments/failover.toml"\nquick = {{ "params.secnds" = 1 }}\n',
+     "secnds"),
+    ('[[scenario]]\nfile = "{root}/experiments/failover.toml"\ncolour = 1\n', "colour"),
+    ('description = "no scenarios"\n', "scenario"),
+    ('[[scenario\n', "malformed TOML"),
+])
+def test_bad_campaign_is_refused_before_anything_runs(tmp_path, body, needle):
+    bad = tmp_path / "c.toml"
+    bad.write_text(body.format(root=ROOT))
+    proc = run_tb("paper", "--campaign", str(bad), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, needle)
+    assert proc.returncode == 2
+    assert not (tmp_path / "out").exists()

@@ -1,69 +1,88 @@
-"""`invoke paper`: the paper's scenarios, run through the runner, then the report.
+"""Campaigns: a TOML file listing scenario files, each with the overrides its
+--quick variant applies; run through the runner, resuming.
 
-The full run uses the shipped scenario files as they are (>= 20 repetitions
-per establishment cell); --quick replaces repetitions and trims grids so the
-whole pipeline finishes in minutes while every figure and expectation row
-still gets data. Results already stored are reused (the runner resumes).
+    # experiments/paper.toml
+    description = "..."
+    [[scenario]]
+    file = "throughput.toml"                 # relative to the campaign file
+    quick = { repetitions = 1, "params.seconds" = 6 }
+
+`quick` keys are the dotted keys of `./tb run --set` (a table value replaces the
+whole table, e.g. `grid = {...}`). The campaign and every scenario it names,
+quick overrides applied, are validated when the campaign is loaded, before
+anything runs.
 """
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from testbed.base.errors import TestbedError, format_validation_error
 from testbed.harness import scenario as sc
 from testbed.harness.results import run_status
 from testbed.harness.runner import SweepSummary, sweep
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository root
+PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper.toml"
 
 
-@dataclass(frozen=True)
-class PaperScenario:
+class CampaignEntry(BaseModel):
+    """One scenario file of a campaign and what --quick changes in it."""
+
+    model_config = ConfigDict(extra="forbid")
+
     file: str
-    quick: dict[str, Any] = field(default_factory=dict)  # top-level keys replaced in --quick
+    quick: dict[str, Any] = Field(default_factory=dict)
 
 
-PAPER = [
-    PaperScenario("experiments/robe-establishment.toml", {"repetitions": 2}),
-    PaperScenario("experiments/failover.toml", {
-        "repetitions": 1, "params": {"seconds": 9}}),
-    PaperScenario("experiments/failover-mpprio.toml", {"repetitions": 1, "params": {"seconds": 9}}),
-    PaperScenario("experiments/throughput.toml", {
-        "repetitions": 1, "params": {"seconds": 6},
-        "grid": {"topology.params.rates": [[10, 10], [15, 5], [10, 3]],
-                 "topology.params.delays": [[0, 0], [25, 1]]}}),
-]
+class Campaign(BaseModel):
+    """A campaign file as loaded (`path` is where it came from)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    scenario: list[CampaignEntry] = Field(min_length=1)
+    path: str = ""
+
+    def scenarios(self, quick: bool) -> list[sc.Scenario]:
+        """The campaign's scenarios, validated, with the quick overrides when asked."""
+        base = Path(self.path).parent
+        return [sc.load(base / entry.file, entry.quick if quick else None) for entry in self.scenario]
 
 
-def scenarios(quick: bool) -> list[sc.Scenario]:
-    out = []
-    for item in PAPER:
-        path = ROOT / item.file
-        data = tomllib.loads(path.read_text())
-        if quick:
-            data.update(item.quick)
-        data["path"] = str(path)
-        out.append(sc.validate(data, where=str(path)))
-    return out
+def load(path: str | Path = PAPER) -> Campaign:
+    """Read and validate a campaign file, including both variants of every scenario."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise TestbedError(f"campaign file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TestbedError(f"malformed TOML in {p}: {exc}") from None
+    try:
+        campaign = Campaign(**data, path=str(p))
+    except ValidationError as exc:
+        raise TestbedError(format_validation_error(str(p), exc)) from None
+    for quick in (False, True):  # a typo in a quick override must not wait for --quick
+        campaign.scenarios(quick)
+    return campaign
 
 
-def run(out: Path, quick: bool, progress: bool = True,
+def run(campaign: Campaign, out: Path, quick: bool, progress: bool = True,
         retry_failed: bool = False) -> list[tuple[str, SweepSummary]]:
-    done = []
-    for scenario in scenarios(quick):
-        done.append((scenario.experiment,
-                     sweep(scenario, out, retry_failed=retry_failed, progress=progress)))
-    return done
+    """Sweep every scenario of the campaign into `out`, in order."""
+    return [(s.experiment, sweep(s, out, retry_failed=retry_failed, progress=progress))
+            for s in campaign.scenarios(quick)]
 
 
-def not_complete(out: Path, quick: bool) -> dict[str, int]:
-    """Stored paper runs by status other than complete, counted over the whole
+def not_complete(campaign: Campaign, out: Path, quick: bool) -> dict[str, int]:
+    """Stored campaign runs by status other than complete, counted over the whole
     store, not this invocation: a resumed run skips runs that failed before,
     and must not report success for them."""
     counts: dict[str, int] = {}
-    for scenario in scenarios(quick):
+    for scenario in campaign.scenarios(quick):
         for spec in sc.expand(scenario):
             status = run_status(out, scenario.experiment, spec.run_id) or "missing"
             if status != "complete":

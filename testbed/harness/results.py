@@ -4,9 +4,15 @@ A run is written into results/<experiment>/.tmp-<run-id>/ and renamed into
 place at the end, so a directory named <run-id> is never half-written. A
 failed run is kept with status "failed" and its reason. A `.tmp-` directory
 whose writer is gone (kill -9) is removed and the run redone on resume.
+
+Several processes may write one store: whoever writes a run holds its lock
+(`RunLock`, flock on results/<experiment>/.locks/<run-id>), which the kernel
+releases when the process dies, so a held lock means "being written" and a
+free one over a `.tmp-` directory means "abandoned".
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,25 +22,57 @@ from typing import Any
 
 import pandas as pd
 
-from testbed.core.state import alive, start_time
-
-SCHEMA_VERSION = 1
-TABLES = ("events", "timeseries", "subflows", "packets")
+from testbed.harness.schema import SCHEMA_VERSION, TABLES, conform
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+class RunLock:
+    """The one-writer lock of a run: exclusive, non-blocking, released by the
+    kernel when its process dies (so it can never be left stale)."""
+
+    def __init__(self, root: Path, experiment: str, run_id: str):
+        self.path = root / experiment / ".locks" / run_id
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        """Take the lock if nobody holds it; False when another writer does."""
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Let the next writer in (the lock file stays: deleting it would race a new taker)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
 class RunWriter:
+    """Writes one run into its .tmp- directory and renames it into place; the
+    caller holds the run's RunLock."""
+
     def __init__(self, root: Path, experiment: str, run_id: str):
         self.final = root / experiment / run_id
         self.tmp = root / experiment / f".tmp-{run_id}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         (self.tmp / "raw").mkdir(parents=True)
-        # Who is writing: lets a resumed sweep tell a crashed writer from a live one.
-        (self.tmp / ".writer").write_text(json.dumps([os.getpid(), start_time(os.getpid())]))
 
     @property
     def raw_dir(self) -> Path:
@@ -45,17 +83,34 @@ class RunWriter:
             if name not in TABLES:
                 raise ValueError(f"unknown table {name!r}")
             if frame is not None and len(frame):
-                frame.to_parquet(self.tmp / f"{name}.parquet", index=False)
+                conform(frame, TABLES[name]).to_parquet(self.tmp / f"{name}.parquet", index=False)
 
     def finish(self, manifest: dict[str, Any], metrics: dict[str, Any]) -> Path:
-        (self.tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_jsonable))
+        _write_synced(self.tmp / "metrics.json", json.dumps(metrics, indent=1, default=_jsonable))
         manifest = {"schema_version": SCHEMA_VERSION, **manifest}
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
-        (self.tmp / ".writer").unlink(missing_ok=True)
+        _write_synced(self.tmp / "manifest.json", json.dumps(manifest, indent=1, default=_jsonable))
         if self.final.exists():  # a retried failed run replaces the old one
             shutil.rmtree(self.final)
         os.rename(self.tmp, self.final)
+        _fsync_dir(self.final.parent)  # the rename itself survives a power cut
         return self.final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write and fsync: after a crash, a renamed run directory never holds an
+    empty or truncated manifest."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _jsonable(x: Any) -> Any:
@@ -77,18 +132,29 @@ def run_status(root: Path, experiment: str, run_id: str) -> str | None:
         return None
 
 
+def run_stamp(root: Path, experiment: str, run_id: str) -> tuple[str | None, int] | None:
+    """(status, the manifest's inode) of a stored run, None if absent. Every store
+    of a run renames a new directory into place, so an unchanged stamp means
+    nobody stored the run again since it was taken."""
+    manifest = root / experiment / run_id / "manifest.json"
+    try:
+        return run_status(root, experiment, run_id), manifest.stat().st_ino
+    except OSError:
+        return None
+
+
 def remove_abandoned(root: Path, experiment: str) -> list[str]:
-    """Delete .tmp- run directories whose writer process no longer exists."""
+    """Delete .tmp- run directories nobody is writing (their run lock is free)."""
     removed = []
     for tmp in sorted((root / experiment).glob(".tmp-*")):
+        lock = RunLock(root, experiment, tmp.name.removeprefix(".tmp-"))
+        if not lock.acquire():
+            continue  # another process is writing this run right now
         try:
-            pid, st = json.loads((tmp / ".writer").read_text())
-            if alive(pid, st):
-                continue
-        except (OSError, json.JSONDecodeError, ValueError):
-            pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(tmp.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp.name)
+        finally:
+            lock.release()
     return removed
 
 

@@ -7,6 +7,7 @@ interrupted by kill -9 is redone. Ctrl-C stops after removing the partial run.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -24,7 +25,7 @@ from testbed.harness.experiment import RunContext, RunOutput
 from testbed.core.net import Testbed
 from testbed.harness.overrides import flatten
 from testbed.harness.provenance import git_state, static_provenance
-from testbed.harness.results import RunWriter, now_iso, remove_abandoned, run_status
+from testbed.harness.results import RunLock, RunWriter, now_iso, remove_abandoned, run_stamp
 from testbed.harness.scenario import RunSpec, Scenario, expand
 
 
@@ -36,31 +37,48 @@ class RunTimeout(Exception):
 class SweepSummary:
     planned: int = 0
     skipped: int = 0
+    elsewhere: int = 0  # being written by another process sweeping the same store
     done: dict[str, int] = field(default_factory=dict)  # status -> count
     run_dirs: list[Path] = field(default_factory=list)
 
     def line(self) -> str:
         parts = ", ".join(f"{n} {s}" for s, n in sorted(self.done.items())) or "nothing run"
-        return f"{self.planned} runs planned, {self.skipped} already stored, {parts}"
+        busy = f", {self.elsewhere} left to another process" if self.elsewhere else ""
+        return f"{self.planned} runs planned, {self.skipped} already stored{busy}, {parts}"
 
 
 def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
           progress: bool = True) -> SweepSummary:
+    """Run every planned run that is not stored yet; several processes may sweep
+    one store at once: each run is written by whoever takes its lock first."""
     specs = expand(scenario)
     remove_abandoned(root, scenario.experiment)
     todo = []
     for spec in specs:
-        status = run_status(root, scenario.experiment, spec.run_id)
-        if status is None or (retry_failed and status == "failed"):
-            todo.append(spec)
+        seen = run_stamp(root, scenario.experiment, spec.run_id)
+        if seen is None or (retry_failed and seen[0] == "failed"):
+            todo.append((spec, seen))
     summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
     bar = _progress(len(todo), scenario.experiment, progress)
     try:
-        for spec in todo:
-            run_dir = run_one(spec, root)
-            status = json.loads((run_dir / "manifest.json").read_text())["status"]
-            summary.done[status] = summary.done.get(status, 0) + 1
-            summary.run_dirs.append(run_dir)
+        for spec, seen in todo:
+            lock = RunLock(root, scenario.experiment, spec.run_id)
+            if not lock.acquire():
+                summary.elsewhere += 1  # another process is writing it
+                status = "elsewhere"
+            else:
+                try:
+                    # Planned before the lock was taken: another writer may have stored it since.
+                    if run_stamp(root, scenario.experiment, spec.run_id) != seen:
+                        summary.skipped += 1
+                        status = "stored meanwhile"
+                    else:
+                        run_dir = run_one(spec, root)
+                        status = json.loads((run_dir / "manifest.json").read_text())["status"]
+                        summary.done[status] = summary.done.get(status, 0) + 1
+                        summary.run_dirs.append(run_dir)
+                finally:
+                    lock.release()
             if bar is not None:
                 bar.set_postfix_str(f"last: {status}")
                 bar.update(1)
@@ -96,7 +114,9 @@ def run_one(spec: RunSpec, root: Path) -> Path:
         random.seed(spec.seed)
         params = exp_cls.validate_params(sc.params)
         with Testbed(sc.topology.resolve(), backend=sc.backend, client=sc.hosts.client,
-                     server=sc.hosts.server, run_id=f"run-{spec.run_id}") as tb:
+                     server=sc.hosts.server,
+                     # per process: two sweeps of one store never share a state file
+                     run_id=f"run-{spec.run_id}-{os.getpid()}") as tb:
             manifest["testbed"] = tb.describe()
             calibration = _calibrate(tb) if sc.calibrate else None
             ctx = RunContext(tb, spec, params, writer.raw_dir)

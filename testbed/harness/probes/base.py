@@ -18,22 +18,11 @@ from typing import Any, Iterable
 import pandas as pd
 
 from testbed.base.registry import Parametrized, Registry, StrictParams
+from testbed.harness.schema import TABLES
 
 
-# docs/results.md, without the experiment/run_id keys the store adds.
-SCHEMAS: dict[str, dict[str, str]] = {
-    "events": {"t": "float64", "source": "string", "host": "string", "event": "string",
-               "token": "Int64", "detail": "string"},
-    "timeseries": {"t": "float64", "host": "string", "series": "string", "key": "string",
-                   "value": "float64"},
-    "subflows": {"t": "float64", "host": "string", "subflow": "string", "path": "string",
-                 "cwnd": "Int64", "srtt_us": "Int64", "bytes_acked": "Int64",
-                 "bytes_received": "Int64", "retrans": "Int64", "state": "string"},
-    "packets": {"t": "float64", "path": "string", "src": "string", "dst": "string",
-                "sport": "Int64", "dport": "Int64", "flags": "string", "subtype": "Int64",
-                "token": "Int64", "dsn": "Int64", "data_ack": "Int64", "addr_id": "Int64",
-                "mp_flags": "string"},
-}
+# The store's tables (docs/results.md), without the experiment/run_id keys the reader adds.
+SCHEMAS = TABLES
 
 
 def frame(table: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:

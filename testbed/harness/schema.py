@@ -1,0 +1,115 @@
+"""The results store's format, owned in one place: the tables, their columns and
+dtypes, the columns of the runs table, and the store's version.
+
+The writer (testbed.harness.results), the probes and workloads that build
+tables, and the reader (analysis.load) all take their columns from here, so
+what is written is what is read. docs/results.md documents the same.
+
+A manifest carries `schema_version`. The reader passes every manifest through
+`upgrade()`: an older version is brought to the current one step by step
+(`UPGRADES`), a newer or unknown one is refused with a one-line `SchemaError`.
+A change of format adds a step here and raises `SCHEMA_VERSION`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pandas as pd
+
+from testbed.base.errors import TestbedError
+
+SCHEMA_VERSION = 2
+
+# The table files of a run directory (<name>.parquet), without the experiment
+# and run_id keys the reader adds to every row.
+TABLES: dict[str, dict[str, str]] = {
+    "events": {"t": "float64", "source": "string", "host": "string", "event": "string",
+               "token": "Int64", "detail": "string"},
+    "timeseries": {"t": "float64", "host": "string", "series": "string", "key": "string",
+                   "value": "float64"},
+    "subflows": {"t": "float64", "host": "string", "subflow": "string", "path": "string",
+                 "cwnd": "Int64", "srtt_us": "Int64", "bytes_acked": "Int64",
+                 "bytes_received": "Int64", "retrans": "Int64", "state": "string"},
+    "packets": {"t": "float64", "path": "string", "src": "string", "dst": "string",
+                "sport": "Int64", "dport": "Int64", "flags": "string", "subtype": "Int64",
+                "token": "Int64", "dsn": "Int64", "data_ack": "Int64", "addr_id": "Int64",
+                "mp_flags": "string"},
+}
+# What the reader puts in front of every table's rows.
+KEYS: dict[str, str] = {"experiment": "string", "run_id": "string"}
+# The runs table (one row per run): these first, then param.<name> and metric.<name>.
+RUN_COLUMNS: dict[str, str] = {
+    **KEYS, "status": "string", "reason": "string",
+    "repetition": "Int64", "seed": "Int64", "backend": "string",
+    "start": "string", "end": "string",
+}
+
+
+class SchemaError(TestbedError):
+    """A run directory this code cannot read as the current schema."""
+
+
+def keyed(name: str) -> dict[str, str]:
+    """Columns of table `name` as the reader returns it: experiment, run_id, then the table's."""
+    return {**KEYS, **TABLES[name]}
+
+
+def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
+    """Documented columns first with their dtypes (missing ones as NA), extras kept."""
+    out = df.copy()
+    for col, dtype in schema.items():
+        if col not in out.columns:
+            out[col] = pd.Series(pd.NA, index=out.index, dtype=dtype)
+        elif dtype == "Int64":
+            # float columns holding integers (after a NaN) must round-trip exactly
+            out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")
+        elif dtype == "float64":
+            out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
+        else:
+            out[col] = out[col].astype(dtype)
+    extras = [c for c in out.columns if c not in schema]
+    return out[list(schema) + extras]
+
+
+def empty(schema: dict[str, str]) -> pd.DataFrame:
+    """A frame with no rows and the schema's columns and dtypes."""
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in schema.items()})
+
+
+# ---- versions ------------------------------------------------------------------
+def _v1_to_v2(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 records every change made during a run (`applied_events`) and
+    the faults in force per link (`links_at_end` entries gained `carrier`,
+    `blackholed`, `middlebox`, `backup`). Version 1 recorded only each link's
+    parameters: what it did not record becomes None ("not recorded"), never a
+    guess, so a reader can tell "no event" from "not known"."""
+    out = dict(manifest)
+    links = out.get("links_at_end")
+    out["links_at_end"] = {name: {"carrier": None, "blackholed": None, "middlebox": None,
+                                  "backup": None, **state}
+                           for name, state in links.items()} if isinstance(links, dict) else {}
+    out.setdefault("applied_events", None)
+    out["schema_version"] = 2
+    return out
+
+
+# version -> the step that turns a manifest of that version into the next one
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def upgrade(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """The manifest in the current schema; SchemaError (one line) when it cannot be."""
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SchemaError(f"{where}: schema_version {version!r} is not a version number")
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"{where}: schema_version {version} is newer than this code reads "
+                          f"({SCHEMA_VERSION}); update the testbed to read it")
+    while version < SCHEMA_VERSION:
+        step = UPGRADES.get(version)
+        if step is None:
+            raise SchemaError(f"{where}: schema_version {version} cannot be upgraded "
+                              f"(oldest readable: {min(UPGRADES)})")
+        manifest = step(manifest)
+        version = manifest["schema_version"]
+    return manifest

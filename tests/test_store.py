@@ -1,0 +1,188 @@
+"""The results store: one schema for writer and reader, versions upgraded or
+refused, and several writers on one store (each run stored once)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from testbed.harness import schema
+from testbed.harness.results import RunLock, RunWriter, remove_abandoned
+
+# The cheapest real runs: plain TCP connects over a healthy path, no calibration.
+TWO_WRITERS = textwrap.dedent("""
+    experiment = "establishment"
+    repetitions = 3
+    seed = 21
+    timeout_s = 60
+    backend = "bridge"
+    calibrate = false
+    probes = ["nstat"]
+    [topology]
+    name = "two-path"
+    params = { rate_mbit = 20, wifi_delay_ms = 0, lte_delay_ms = 0 }
+    [params]
+    timeout_s = 3
+    [grid]
+    "params.strategy" = ["tcp", "mptcp"]
+""")
+
+SWEEP = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from testbed.harness import scenario
+    from testbed.harness.runner import sweep
+    s = sweep(scenario.load(sys.argv[1]), Path(sys.argv[2]), progress=False)
+    print(json.dumps({"planned": s.planned, "skipped": s.skipped, "done": s.done}))
+""")
+
+
+@pytest.mark.root
+def test_two_sweeps_on_one_store_store_every_run_once(tmp_path):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(TWO_WRITERS)
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", SWEEP, str(scenario), str(store)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    planned = outs[0]["planned"]
+    assert planned == 6
+    # every run done by exactly one of the two processes...
+    assert sum(o["done"].get("complete", 0) for o in outs) == planned, outs
+    assert not any(set(o["done"]) - {"complete"} for o in outs), outs
+    # ... and stored once, complete, with nothing half-written left over
+    manifests = sorted((store / "establishment").glob("*/manifest.json"))
+    assert len(manifests) == planned
+    assert {json.loads(m.read_text())["status"] for m in manifests} == {"complete"}
+    assert not list((store / "establishment").glob(".tmp-*"))
+    # two processes, two testbeds: their ids (and state files) never collide
+    ids = [json.loads(m.read_text())["testbed"]["run_id"] for m in manifests]
+    assert len(set(ids)) == planned
+
+
+def test_run_lock_is_exclusive_and_released_with_its_process(tmp_path):
+    held = RunLock(tmp_path, "exp", "abc-r000")
+    assert held.acquire()
+    other = RunLock(tmp_path, "exp", "abc-r000")
+    assert not other.acquire()  # flock is per open file: a second writer is refused
+    held.release()
+    assert other.acquire()
+    other.release()
+    # a lock held by a process that died is free again (the kernel drops it)
+    code = (f"from testbed.harness.results import RunLock; from pathlib import Path\n"
+            f"assert RunLock(Path({str(tmp_path)!r}), 'exp', 'abc-r000').acquire()\n"
+            f"import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    assert RunLock(tmp_path, "exp", "abc-r000").acquire()
+
+
+def test_abandoned_tmp_is_removed_only_when_no_writer_holds_it(tmp_path):
+    lock = RunLock(tmp_path, "exp", "live-r000")
+    assert lock.acquire()
+    live = RunWriter(tmp_path, "exp", "live-r000")
+    dead = tmp_path / "exp" / ".tmp-dead-r000"
+    (dead / "raw").mkdir(parents=True)
+    assert remove_abandoned(tmp_path, "exp") == [".tmp-dead-r000"]
+    assert live.tmp.is_dir()  # its writer holds the lock: left alone
+    lock.release()
+
+
+def test_manifest_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    w = RunWriter(tmp_path, "exp", "x-r000")
+    final = w.finish({"experiment": "exp", "run_id": "x-r000", "status": "complete"}, {})
+    assert any(p.endswith("/.tmp-x-r000/manifest.json") for p in synced), synced
+    assert json.loads((final / "manifest.json").read_text())["schema_version"] == schema.SCHEMA_VERSION
+
+
+# ---- one schema -----------------------------------------------------------------
+def test_writer_stores_the_schema_columns_and_dtypes(tmp_path):
+    w = RunWriter(tmp_path, "exp", "x-r000")
+    w.write_tables({"events": pd.DataFrame({"t": [0.5], "source": ["app"], "host": ["client"],
+                                            "event": ["first_byte"]})})
+    final = w.finish({"experiment": "exp", "run_id": "x-r000", "status": "complete"}, {})
+    df = pd.read_parquet(final / "events.parquet")
+    assert {c: str(t) for c, t in df.dtypes.items()} == schema.TABLES["events"]
+
+
+def test_reader_and_writer_share_one_schema():
+    import analysis
+    from testbed.harness.probes import base
+
+    assert analysis.RUN_COLUMNS is schema.RUN_COLUMNS
+    assert base.SCHEMAS is schema.TABLES
+    for name, cols in schema.TABLES.items():
+        assert analysis.SCHEMAS[name] == {**schema.KEYS, **cols}
+
+
+V1_LINK = {"rate_mbit": 20.0, "delay_ms": 100.0, "jitter_ms": 0.0, "loss_pct": 0.0}
+
+
+def _store_in_old_format(tmp_path: Path, version: int) -> Path:
+    """A run directory as version-1 code wrote it: links_at_end held each link's
+    parameters only, and no record of the changes applied during the run."""
+    run = tmp_path / "store" / "throughput" / "aaaa-r000"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({
+        "schema_version": version, "experiment": "throughput", "run_id": "aaaa-r000",
+        "params": {}, "repetition": 0, "seed": 1, "status": "complete", "reason": "",
+        "links_at_end": {"wifi": {"up": V1_LINK, "down": V1_LINK}}}))
+    (run / "metrics.json").write_text("{}")
+    return tmp_path / "store"
+
+
+def test_reader_upgrades_a_version_1_store(tmp_path):
+    from analysis import load
+
+    res = load(_store_in_old_format(tmp_path, 1))
+    man = res.manifests[("throughput", "aaaa-r000")]
+    assert man["schema_version"] == schema.SCHEMA_VERSION
+    assert man["links_at_end"]["wifi"]["up"] == V1_LINK  # what version 1 recorded stays
+    # what it did not record is "not recorded", never a guess
+    assert man["links_at_end"]["wifi"]["blackholed"] is None
+    assert man["applied_events"] is None
+    assert res.problems == [] and list(res.runs["status"]) == ["complete"]
+
+
+@pytest.mark.parametrize("version, needle", [
+    (schema.SCHEMA_VERSION + 1, "newer than this code reads"),
+    ("1", "is not a version number"),
+    (0, "cannot be upgraded"),
+])
+def test_reader_refuses_a_store_it_cannot_read(tmp_path, version, needle):
+    from analysis import ResultsError, load
+
+    with pytest.raises(ResultsError) as exc:
+        load(_store_in_old_format(tmp_path, version))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_report_of_a_newer_store_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_tb
+
+    store = _store_in_old_format(tmp_path, schema.SCHEMA_VERSION + 1)
+    proc = run_tb("report", str(store), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "newer than this code reads" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
