@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_one_line_error, run_tb
+from testbed.core.net import NAMESPACE_SYSCTLS
 from testbed.harness import scenario as sc
 from testbed.harness.runner import sweep
 
@@ -82,6 +83,12 @@ def test_run_writes_manifest_tables_and_metrics(tmp_path):
         assert manifest["kernel"]["release"]
         sysctls = manifest["testbed"]["hosts"]["client"]["sysctls"]
         assert sysctls["net.mptcp.blackhole_timeout"] == "0"
+        buffers = manifest["namespace_sysctls"]  # pinned in every node's namespace, not the host's
+        assert set(buffers["nodes"]) == {"c", "s", "r", "x1", "x2"}
+        for node in buffers["nodes"].values():
+            assert node["net.ipv4.tcp_rmem"].split() == NAMESPACE_SYSCTLS["net.ipv4.tcp_rmem"].split()
+            assert node["net.ipv4.tcp_wmem"].split() == NAMESPACE_SYSCTLS["net.ipv4.tcp_wmem"].split()
+        assert buffers["host_wide"]["net.core.netdev_max_backlog"].isdigit()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["sha256_match"] is True and metrics["subflows_max"] == 2
         assert metrics["client.MPTcpExtMPCapableSYNTX"] == 1
@@ -166,3 +173,68 @@ def test_a_probe_failing_to_start_fails_the_run_and_stops_the_others(tmp_path, m
     manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "probe broke" in manifest["reason"]
     assert stopped == ["ok"]
+
+
+BASE = ('experiment = "throughput"\nbackend = "bridge"\n[topology]\nname = "two-path"\n'
+        '[params]\nseconds = 2\n')
+SET_LINK = '[[events]]\nat_s = 1\naction = "set_link"\npath = "wifi"\nchanges = {{ {} }}\n'
+
+
+def _big_grid() -> str:
+    seconds = ", ".join(str(2 + i / 100) for i in range(200))
+    rates = ", ".join(str(1 + i) for i in range(200))
+    return f'[grid]\n"params.seconds" = [{seconds}]\n"topology.params.rate_mbit" = [{rates}]\n'
+
+
+@pytest.mark.parametrize("body, args, needles", [
+    (BASE.replace('backend = "bridge"\n', 'probes = ["pm_events", "nope"]\n'), [],
+     ["probes.1", "unknown probe 'nope'"]),
+    (BASE.replace('"bridge"', '"warp"'), [], ["backend", "'warp'"]),
+    (BASE + '[hosts.client]\nscheduler = "fastest"\n', [], ["hosts.client.scheduler", "'fastest'"]),
+    (BASE + '[[events]]\nat_s = 1\naction = "link_down"\npath = "dsl"\n', [],
+     ["events.0.path", "'dsl'", "wifi, lte"]),
+    (BASE + '[[events]]\nat_s = 1\naction = "blackhole"\npath = "bottleneck"\n', [],
+     ["events.0.path", "bottleneck"]),
+    (BASE + SET_LINK.format("loss_pct = 500"), [], ["events.0.changes.loss_pct", "100"]),
+    (BASE + SET_LINK.format("mtu = 1"), [], ["events.0.changes", "mtu"]),
+    ('timeout_s = inf\n' + BASE, [], ["timeout_s", "86400"]),
+    (BASE + '[[events]]\nat_s = inf\naction = "link_down"\npath = "wifi"\n', [],
+     ["events.0.at_s", "86400"]),
+    (BASE.replace('name = "two-path"', 'name = "two-path"\nparams = { rate_mbit = 0.0001 }'), [],
+     ["rate_mbit", "0.01"]),
+    (BASE.replace('name = "two-path"', 'spec = { paths = [{ name = "a", rate_mbit = 100000, '
+                  'delay_ms = 10000, queue_bdp = 100 }] }'), [], ["paths.0", "queue", "1000000"]),
+    (BASE.replace('name = "two-path"', 'name = "n-path"\nparams = { n = "abc" }'), [], ["n-path", "n:"]),
+    (BASE.replace('name = "two-path"', 'name = "n-path"\nparams = { n = 2.9 }'), [], ["n-path", "n:"]),
+    (BASE + '[[events]]\nat_s = 1\naction = "link_down"\npath = "wifi"\n',
+     ["--set", "events.3.at_s=1"], ["events.3", "1 entr"]),
+    (BASE + _big_grid(), [], ["grid", "40000", "10000"]),
+])
+def test_bad_input_is_refused_at_load_in_one_line(tmp_path, body, args, needles):
+    proc = run_tb("run", str(write(tmp_path, body)), "--out", str(tmp_path / "out"), *args)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "out").exists(), "nothing may be written for an invalid scenario"
+
+
+def test_set_link_changes_are_checked_against_the_path_they_change(tmp_path):
+    ok = sc.load(write(tmp_path, BASE + SET_LINK.format("queue_pkts = 10, loss_pct = 1")))
+    assert ok.events[0].changes.queue_pkts == 10
+    # the path's own queue_bdp plus a queue_pkts change would give the link both
+    body = BASE.replace('name = "two-path"', 'spec = { paths = [{ name = "wifi", queue_bdp = 2 }] }')
+    with pytest.raises(sc.TestbedError, match=r"events\.0\.changes: .*queue_pkts or queue_bdp"):
+        sc.load(write(tmp_path, body + SET_LINK.format("queue_pkts = 10"), "b.toml"))
+    # a later event sees the link as the earlier ones left it
+    two = SET_LINK.format("loss_pct = 1") + SET_LINK.format("gilbert = { p_pct = 1, r_pct = 50 }")
+    with pytest.raises(sc.TestbedError, match=r"events\.1\.changes: .*loss_pct or gilbert"):
+        sc.load(write(tmp_path, BASE + two, "c.toml"))
+
+
+@pytest.mark.root
+def test_a_sysctl_the_kernel_refuses_is_named_with_its_value(tmp_path):
+    # Within the model's range (a C int), but the kernel stores it in jiffies and refuses.
+    body = FAST.format(reps=1).replace('"params.direction" = ["up", "down"]', "")
+    body = body.replace("[params]", "[hosts.client]\nadd_addr_timeout = 2147483647\n[params]")
+    summary = sweep(sc.load(write(tmp_path, body)), tmp_path / "out", progress=False)
+    manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert "net.mptcp.add_addr_timeout = 2147483647" in manifest["reason"], manifest["reason"]

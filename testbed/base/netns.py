@@ -42,16 +42,22 @@ def ns_path(pid: int) -> str:
 
 def run_in_netns(pid: int, fn: Callable[[], T]) -> T:
     """Call fn() in the network namespace of process `pid` and return its result."""
+    return run_in_netns_file(ns_path(pid), fn)
+
+
+def run_in_netns_file(ns_file: str, fn: Callable[[], T]) -> T:
+    """Call fn() in the network namespace that ns_file names: /proc/PID/ns/net,
+    or /proc/PID/fd/N for a namespace that only a descriptor holds."""
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
-            setns_current_thread(ns_path(pid))
+            setns_current_thread(ns_file)
             box["value"] = fn()
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 
-    t = threading.Thread(target=target, name=f"netns-{pid}", daemon=True)
+    t = threading.Thread(target=target, name=f"netns-{ns_file}", daemon=True)
     t.start()
     t.join()
     if "error" in box:
@@ -59,13 +65,69 @@ def run_in_netns(pid: int, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
+class ScratchNetns:
+    """A new, empty network namespace made in this process, held by a descriptor.
+
+    unshare(CLONE_NEWNET) runs in a thread of its own (it moves only the calling
+    thread), which opens the namespace and ends; the namespace is checked to
+    differ from this process's before anything runs in it, so nothing meant
+    for it can land in the namespace we were started in. Leaving the `with`
+    block closes the descriptor, and the namespace goes with everything in it.
+    """
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def __enter__(self) -> "ScratchNetns":
+        box: dict[str, Any] = {}
+
+        def create() -> None:
+            try:
+                if _libc.unshare(CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+                box["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+
+        t = threading.Thread(target=create, name="netns-scratch", daemon=True)
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        fd = box["fd"]
+        if os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+            os.close(fd)
+            raise TestbedError("unshare(CLONE_NEWNET) left the thread in this process's namespace")
+        self.fd = fd
+        return self
+
+    @property
+    def path(self) -> str:
+        """A path naming the namespace (for setns or `nsenter --net=`) while it is held."""
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Call fn() inside the namespace."""
+        return run_in_netns_file(self.path, fn)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def write_sysctl(pid: int, values: dict[str, str | int]) -> None:
     """Write sysctls (dotted names, e.g. net.mptcp.enabled) in pid's namespace."""
 
     def apply() -> None:
         for name, value in values.items():
-            with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
-                f.write(str(value))
+            try:
+                with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+                    f.write(str(value))
+            except OSError as exc:  # the kernel's range check (EINVAL), or no such knob
+                raise TestbedError(f"sysctl {name} = {value}: the kernel refused it "
+                                   f"({exc.strerror or exc})") from None
 
     run_in_netns(pid, apply)
 

@@ -15,6 +15,8 @@ after a kill -9.
 """
 from __future__ import annotations
 
+import os
+import resource
 import signal
 import subprocess
 import time
@@ -28,8 +30,9 @@ from mininet.node import Node
 from pyroute2 import IPRoute
 
 from testbed.core import addressing as A
-from testbed.core import emulation
-from testbed.core.emulation.base import Direction, EmulatedLink
+from testbed.core import emulation, faults
+from testbed.core.emulation.base import EmulatedLink
+from testbed.core.events import MIDDLEBOXES, AppliedEvent, EventSpec, LinkState
 from testbed.base.errors import TestbedError
 from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.core import mptcp_config
@@ -38,6 +41,44 @@ from testbed.base.rtnl import RawRtnl
 from testbed.core.state import RunState, kill_recorded, namespace_members
 
 T = TypeVar("T")
+
+# TCP buffer sysctls pinned in every node's namespace. A new namespace copies
+# tcp_rmem/tcp_wmem from the host's, so without this results would depend on
+# host state no manifest records. The values are the ones every result stored
+# so far was measured with (Mininet's init() used to write them into the host).
+# net.core.rmem_max/wmem_max are set where a namespace has its own writable
+# copy; on kernels where they are host-wide (read-only or absent inside a
+# namespace, as on 6.18 and 6.1) they are skipped and the manifest records the
+# host's value, which is what applies.
+NAMESPACE_SYSCTLS: dict[str, str | int] = {
+    "net.ipv4.tcp_rmem": "10240 87380 16777216",
+    "net.ipv4.tcp_wmem": "10240 87380 16777216",
+    "net.core.rmem_max": 16777216,
+    "net.core.wmem_max": 16777216,
+}
+# Process limits Mininet's init() raised: they apply to this process only.
+PROCESS_LIMITS = {resource.RLIMIT_NPROC: 8192, resource.RLIMIT_NOFILE: 16384}
+
+
+class NamespacedMininet(Mininet):
+    """Mininet that leaves the host alone.
+
+    Mininet.__init__ calls Mininet.init(), whose fixLimits() raises host-wide
+    sysctls (tcp_rmem/tcp_wmem, rmem_max/wmem_max, netdev_max_backlog,
+    neigh.default.gc_thresh1-3, kernel.pty.max, ...) and never restores them.
+    The class flag Mininet.inited is how Mininet itself skips that; we set it
+    and raise only this process's limits. What experiments need in the network
+    is set inside the nodes' namespaces instead (NAMESPACE_SYSCTLS).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        Mininet.inited = True  # read by Mininet.init(), called unconditionally below
+        for limit, wanted in PROCESS_LIMITS.items():
+            soft, hard = resource.getrlimit(limit)
+            if soft != resource.RLIM_INFINITY and soft < wanted:
+                resource.setrlimit(limit, (wanted, hard if hard == resource.RLIM_INFINITY
+                                           else max(hard, wanted)))
+        super().__init__(**kwargs)
 
 
 @dataclass
@@ -75,6 +116,17 @@ class Testbed:
         self._client_rtnl: RawRtnl | None = None  # hot-path netlink in the client's namespace
         self._client_ifindex: dict[str, int] = {}
         self._on_stop: list[Callable[[], None]] = []
+        # Nodes exist from start() on; declared here so that every attribute has one home.
+        self.client: Node = None  # type: ignore[assignment]
+        self.server: Node = None  # type: ignore[assignment]
+        self.router: Node | None = None
+        self._emulators: list[Node] = []
+        self._bottleneck_node: Node | None = None
+        self.not_applied: dict[str, dict[str, str]] = {}  # per host: MPTCP knobs this kernel lacks
+        # Every change during a run, in the order applied (apply_event), and the
+        # faults in force per link (its parameters live in the EmulatedLink).
+        self.applied_events: list[AppliedEvent] = []
+        self._link_faults: dict[str, LinkState] = {}
 
     # ---- lifecycle -----------------------------------------------------
     def __enter__(self) -> "Testbed":
@@ -91,8 +143,9 @@ class Testbed:
 
     def start(self) -> None:
         self._state = RunState(self.run_id)
-        self.net = Mininet(topo=None, controller=None, build=False, autoSetMacs=False)
+        self.net = NamespacedMininet(topo=None, controller=None, build=False, autoSetMacs=False)
         self._create_nodes()
+        self._pin_namespace_sysctls()
         self._create_links()
         self._configure_addresses_and_routes()
         self._static_neighbours()
@@ -109,7 +162,6 @@ class Testbed:
                 return {name: ipr.link_lookup(ifname=name)[0] for name in ifs}
 
         self._client_ifindex = run_in_netns(self.client.pid, ifindexes)
-        self.net.built = True
 
     def on_stop(self, fn: Callable[[], None]) -> None:
         """Run fn first thing in stop() (last registered, first run): for what a
@@ -178,6 +230,20 @@ class Testbed:
         self.router = self._add_node("r") if topo.server_side == "router" else None
         self._emulators = [self._add_node(f"x{i + 1}") for i in range(len(topo.paths))]
         self._bottleneck_node = self._add_node("xb") if topo.bottleneck else None
+
+    def _pin_namespace_sysctls(self) -> None:
+        """NAMESPACE_SYSCTLS in every node's namespace (those the kernel has per namespace)."""
+        assert self.net is not None
+
+        def pin() -> None:  # /proc/sys/net shows the namespace of the thread reading it
+            for name, value in NAMESPACE_SYSCTLS.items():
+                path = "/proc/sys/" + name.replace(".", "/")
+                if os.path.exists(path) and os.stat(path).st_mode & 0o200:  # else host-wide
+                    with open(path, "w") as f:
+                        f.write(str(value))
+
+        for node in self.net.hosts:
+            run_in_netns(node.pid, pin)
 
     def _link(self, n1: Node, if1: str, n2: Node, if2: str) -> None:
         assert self.net is not None
@@ -306,10 +372,7 @@ class Testbed:
             mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)), add_addr_accepted=min(8, n))
         default = self.topology.default.name
         if self.settings["client"].path_manager == "kernel":
-            eps = [mptcp_config.Endpoint(p.addr.client, p.client_if,
-                                         (*p.spec.client_endpoint, *(("backup",) if p.spec.backup else ())),
-                                         id=p.index)
-                   for p in self.paths if p.name != default and (p.spec.client_endpoint or p.spec.backup)]
+            eps = [ep for ep in map(self._client_endpoint, self.paths) if ep is not None]
             mptcp_config.add_endpoints(self.client.pid, eps)
         if self.settings["server"].path_manager == "kernel" and self.router is None:
             eps = [mptcp_config.Endpoint(p.addr.far, p.far_if, tuple(p.spec.server_endpoint), id=p.index)
@@ -358,19 +421,105 @@ class Testbed:
         self._state.add_pid(proc.pid)
         return proc
 
-    def update_link(self, name: str, direction: Direction | None = None, **changes: Any) -> None:
-        """Change link parameters now (timed events call this)."""
-        link = self.link(name)
-        for d in ("up", "down") if direction is None else (direction,):
-            params = link.params(d).model_copy(update=changes)  # type: ignore[arg-type]
-            params = LinkParams(**params.model_dump())  # re-validate
-            self.backend.update(link, d, params)  # type: ignore[arg-type]
-            if d == "up":
-                link.up = params
-            else:
-                link.down = params
+    # ---- changes during a run: every one goes through apply_event ------------
+    def apply_event(self, event: EventSpec, scheduled: float | None = None) -> AppliedEvent:
+        """Apply one event now (link down/up, blackhole, set_link, a middlebox, the
+        backup flag) and record it in `applied_events`: when it was due
+        (`scheduled`, time.monotonic(); default: now), when it took effect and the
+        link right after. A failure is recorded too, then raised."""
+        began = time.monotonic()
+        emulator: float | None = None
+        error: str | None = None
+        try:
+            emulator = self._apply(event)
+        except Exception as exc:
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise
+        finally:
+            done = time.monotonic()
+            # A backend timestamp outside the call would be another change's.
+            emulator = emulator if emulator is not None and began <= emulator <= done else None
+            rec = AppliedEvent(event=event, scheduled=began if scheduled is None else scheduled,
+                               began=began, done=done, applied=emulator or done,
+                               emulator_clock=emulator is not None, ok=error is None, error=error,
+                               link=self.link_state(event.path) if event.path in self._link_names()
+                               else None)
+            self.applied_events.append(rec)
+        return rec
 
-    def set_path_state(self, name: str, up: bool) -> None:
+    def link_state(self, name: str) -> LinkState:
+        """The link `name` now: parameters per direction and the faults in force."""
+        link = self.link(name)
+        state = self._link_faults.get(name) or self._initial_state(name)
+        return state.model_copy(update={"up": link.up, "down": link.down})
+
+    def link_states(self) -> dict[str, LinkState]:
+        """Every link's state (the run stores them as links_at_end)."""
+        return {link.name: self.link_state(link.name) for link in self.links}
+
+    def _link_names(self) -> set[str]:
+        return {link.name for link in self.links}
+
+    def _initial_state(self, name: str) -> LinkState:
+        link = self.link(name)
+        ep = None if name == "bottleneck" else self._client_endpoint(self.path(name))
+        kernel_pm = self.settings["client"].path_manager == "kernel"
+        return LinkState(up=link.up, down=link.down,
+                         backup="backup" in ep.flags if ep is not None and kernel_pm else None)
+
+    def _set_fault(self, name: str, **update: Any) -> None:
+        self._link_faults[name] = self.link_state(name).model_copy(update=update)
+
+    def _apply(self, e: EventSpec) -> float | None:
+        """Carry out one event; the emulator's own apply time where it has one."""
+        a, link = e.action, self.link(e.path)
+        if a in ("link_down", "link_up"):
+            if e.path == "bottleneck":
+                raise TestbedError("the bottleneck has no carrier to take down; use 'blackhole'")
+            self._set_carrier(e.path, up=a == "link_up")
+            self._set_fault(e.path, carrier=a == "link_up")
+            return None
+        if a in ("blackhole", "unblackhole"):
+            times = [self.backend.set_blackhole(link, d, a == "blackhole") for d in e.directions()]
+            now = set(self.link_state(e.path).blackholed)
+            now = now | set(e.directions()) if a == "blackhole" else now - set(e.directions())
+            self._set_fault(e.path, blackholed=tuple(d for d in ("up", "down") if d in now))
+            return max((t for t in times if t is not None), default=None)
+        if a == "set_link":
+            times = []
+            for d in e.directions():
+                params = LinkParams(**{**link.params(d).model_dump(), **e.changes.given()})
+                times.append(self.backend.update(link, d, params))
+                if d == "up":
+                    link.up = params
+                else:
+                    link.down = params
+            return max((t for t in times if t is not None), default=None)
+        p = self.path(e.path)
+        if a in MIDDLEBOXES or a in ("syn_pass", "middlebox_off"):
+            node = self.router or self.server
+            faults.set_middlebox(node.pid, "forward" if self.router else "input", p.name, p.far_if,
+                                 a if a in MIDDLEBOXES else None)
+            self._set_fault(e.path, middlebox=a if a in MIDDLEBOXES else None)
+            return None
+        if a in ("backup_on", "backup_off"):
+            ep = self._client_endpoint(p)
+            if ep is None or self.settings["client"].path_manager != "kernel":
+                raise TestbedError(f"{a}: path {p.name!r} has no kernel path-manager endpoint "
+                                   "on the client")
+            mptcp_config.set_backup(self.client.pid, ep, a == "backup_on")
+            self._set_fault(e.path, backup=a == "backup_on")
+            return None
+        raise TestbedError(f"unknown event action {a!r}")  # EventSpec lists every action
+
+    def _client_endpoint(self, p: Path) -> mptcp_config.Endpoint | None:
+        """The client's kernel-PM endpoint on path p as built (none on the default path)."""
+        if p.name == self.topology.default.name or not (p.spec.client_endpoint or p.spec.backup):
+            return None
+        flags = (*p.spec.client_endpoint, *(("backup",) if p.spec.backup else ()))
+        return mptcp_config.Endpoint(p.addr.client, p.client_if, flags, id=p.index)
+
+    def _set_carrier(self, name: str, up: bool) -> None:
         """Link down/up: the client's interface of the path goes down (carrier
         lost). Raw rtnetlink on a socket kept open in the client's namespace,
         so a timed failure lands well within a millisecond of its schedule."""

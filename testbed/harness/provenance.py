@@ -9,6 +9,10 @@ import sys
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+from testbed.base.netns import run_in_netns
+from testbed.core.net import Testbed
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
 PY_PACKAGES = ["pyroute2", "pandas", "pyarrow", "seaborn", "matplotlib", "pydantic", "invoke", "tqdm"]
@@ -62,6 +66,25 @@ def static_provenance() -> dict:
                  "virtualisation": _run(["systemd-detect-virt"]) or None},
         "tools": {**tools, "python_packages": pkgs},
     }
+
+
+# TCP buffer sysctls: pinned per node namespace where the kernel keeps them per
+# namespace (testbed.core.net.NAMESPACE_SYSCTLS); the others are host-wide.
+BUFFER_SYSCTLS = ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.core.rmem_default",
+                  "net.core.wmem_default", "net.core.rmem_max", "net.core.wmem_max"]
+HOST_WIDE_SYSCTLS = ["net.ipv4.tcp_mem", "net.core.netdev_max_backlog",
+                     "net.core.rmem_max", "net.core.wmem_max"]
+
+
+def namespace_sysctls(tb: Testbed) -> dict[str, Any]:
+    """Each node namespace's TCP buffer sysctls as they apply there, and the
+    host-wide ones (read, never written) that shape every namespace."""
+    def read() -> dict[str, str | None]:
+        return {name: _read("/proc/sys/" + name.replace(".", "/")) for name in BUFFER_SYSCTLS}
+
+    return {"nodes": {name: run_in_netns(node.pid, read) for name, node in tb.nodes.items()},
+            "host_wide": {name: _read("/proc/sys/" + name.replace(".", "/"))
+                          for name in HOST_WIDE_SYSCTLS}}
 
 
 def _netem_present() -> bool:

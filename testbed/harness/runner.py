@@ -24,7 +24,7 @@ from testbed.harness import probes
 from testbed.harness.experiment import RunContext, RunOutput
 from testbed.core.net import Testbed
 from testbed.harness.overrides import flatten
-from testbed.harness.provenance import git_state, static_provenance
+from testbed.harness.provenance import git_state, namespace_sysctls, static_provenance
 from testbed.harness.results import RunLock, RunWriter, now_iso, remove_abandoned, run_stamp
 from testbed.harness.scenario import RunSpec, Scenario, expand
 
@@ -118,6 +118,7 @@ def run_one(spec: RunSpec, root: Path) -> Path:
                      # per process: two sweeps of one store never share a state file
                      run_id=f"run-{spec.run_id}-{os.getpid()}") as tb:
             manifest["testbed"] = tb.describe()
+            manifest["namespace_sysctls"] = namespace_sysctls(tb)
             calibration = _calibrate(tb) if sc.calibrate else None
             ctx = RunContext(tb, spec, params, writer.raw_dir)
             output = _run_with_probes(exp_cls(), ctx, sc)
@@ -129,11 +130,12 @@ def run_one(spec: RunSpec, root: Path) -> Path:
             manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration}
             manifest["qdiscs"] = _qdisc_dump(tb)
             manifest["probes"] = ctx.probe_summaries
-            # What the links were when the workload ended: experiments and timed
-            # events change them, and analysis must compare against what was applied.
-            manifest["links_at_end"] = {link.name: {"up": link.up.model_dump(mode="json"),
-                                                    "down": link.down.model_dump(mode="json")}
-                                        for link in tb.links}
+            # What the links were when the workload ended and every change that got
+            # them there (timed events and the experiment's own): analysis reads
+            # these instead of recomputing what was applied.
+            manifest["links_at_end"] = {name: state.model_dump(mode="json")
+                                        for name, state in tb.link_states().items()}
+            manifest["applied_events"] = [a.record(ctx.t0_ns / 1e9) for a in tb.applied_events]
     except KeyboardInterrupt:
         signal.setitimer(signal.ITIMER_REAL, 0)
         shutil.rmtree(writer.tmp, ignore_errors=True)  # no partial run passed off as data
@@ -182,16 +184,16 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
             scheduler.stop()
         for probe in started:
             probe.stop()
-    for rec in scheduler.records:
-        ctx.record("fault", "network", rec["event"], ns=int(rec["began"] * 1e9),
-                   scheduled_s=rec["t"], ok=rec.get("ok"), error=rec.get("error"),
-                   applied_lateness_ms=rec.get("applied_lateness_ms"),
-                   emulator_applied_s=(rec["emulator_applied"] - t0 / 1e9)
-                   if rec.get("emulator_applied") else None)
-    failed = [r for r in scheduler.records if not r.get("ok")]
+    for rec in tb.applied_events:  # the scheduler's and the experiment's own
+        ctx.record("fault", "network", rec.event.describe(), ns=int(rec.began * 1e9),
+                   scheduled_s=rec.event.at_s, ok=rec.ok, error=rec.error,
+                   applied_lateness_ms=rec.applied_lateness_ms,
+                   emulator_applied_s=rec.applied - t0 / 1e9 if rec.emulator_clock else None)
+    failed = [r for r in tb.applied_events if not r.ok]
     if failed:  # the run did not see the fault it was meant to study
         output.status = "failed"
-        output.reason = f"event '{failed[0]['event']}' at {failed[0]['t']:g} s failed: {failed[0].get('error')}"
+        output.reason = (f"event '{failed[0].event.describe()}' at {failed[0].event.at_s:g} s "
+                         f"failed: {failed[0].error}")
     elif len(scheduler.records) < len(sc.events):
         output.status = "failed"
         output.reason = f"only {len(scheduler.records)} of {len(sc.events)} events were applied"

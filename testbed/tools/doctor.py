@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from testbed.core import emulation
-from testbed.base.netns import run_in_netns
+from testbed.base.errors import TestbedError
+from testbed.base.netns import ScratchNetns
 
 
 @dataclass
@@ -21,17 +22,11 @@ class Check:
     required: bool = True
 
 
-def _scratch_netns() -> subprocess.Popen:
-    # A throw-away namespace held by a sleeping child we own (ended below).
-    return subprocess.Popen(["unshare", "--net", "sleep", "60"])
-
-
 def _kernel_checks() -> list[Check]:
     out = []
     enabled = _read("/proc/sys/net/mptcp/enabled")
     out.append(Check("kernel MPTCP", enabled == "1", f"net.mptcp.enabled={enabled}",
                      "use a kernel with CONFIG_MPTCP=y and `sysctl net.mptcp.enabled=1`"))
-    holder = _scratch_netns()
     try:
         def probe() -> str:
             with open("/proc/sys/net/mptcp/enabled", "w") as f:  # writable per namespace
@@ -45,14 +40,14 @@ def _kernel_checks() -> list[Check]:
             if pm is None:
                 raise OSError("no net.mptcp.path_manager or pm_type: the userspace PM needs Linux >= 5.19")
             return f"per-namespace net.mptcp.*: {len(knobs)} knobs; path manager via {pm}"
-        detail = run_in_netns(holder.pid, probe)
+        # A namespace certainly new (created and verified in-process): the
+        # probe's writes must never land in the namespace doctor runs in.
+        with ScratchNetns() as scratch:
+            detail = scratch.run(probe)
         out.append(Check("per-namespace MPTCP sysctls + socket", True, detail))
-    except OSError as exc:
+    except (OSError, TestbedError) as exc:
         out.append(Check("per-namespace MPTCP sysctls + socket", False, str(exc),
                          "needs root and a kernel with per-netns MPTCP sysctls (>= 6.x)"))
-    finally:
-        holder.kill()
-        holder.wait()
     allowed = _read("/proc/sys/net/ipv4/tcp_allowed_congestion_control") or ""
     available = _read("/proc/sys/net/ipv4/tcp_available_congestion_control") or ""
     out.append(Check("congestion control cubic (per socket)", "cubic" in available.split(),
@@ -98,12 +93,10 @@ def _tool_checks() -> list[Check]:
 
 
 def _offload_check() -> Check:
-    holder = _scratch_netns()
-    try:
-        ns = f"/proc/{holder.pid}/ns/net"
+    with ScratchNetns() as scratch:
         cmd = ("ip link add dr0 type veth peer name dr1 && "
                "ethtool -K dr0 tx off rx off tso off gso off gro off >/dev/null && ethtool -k dr0")
-        res = subprocess.run(["nsenter", f"--net={ns}", "sh", "-c", cmd],
+        res = subprocess.run(["nsenter", f"--net={scratch.path}", "sh", "-c", cmd],
                              capture_output=True, text=True, timeout=10)
         wanted = ("tx-checksumming", "tcp-segmentation-offload",
                   "generic-segmentation-offload", "generic-receive-offload")
@@ -112,10 +105,7 @@ def _offload_check() -> Check:
         ok = res.returncode == 0 and all(v == "off" for v in values.values())
         detail = ", ".join(f"{k}={v}" for k, v in values.items()) if res.returncode == 0 \
             else res.stderr.strip()
-        return Check("offloads can be turned off on veth", ok, detail, "apt-get install ethtool")
-    finally:
-        holder.kill()
-        holder.wait()
+    return Check("offloads can be turned off on veth", ok, detail, "apt-get install ethtool")
 
 
 def run_checks() -> list[Check]:
