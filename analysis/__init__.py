@@ -191,48 +191,32 @@ def load(results_dir: str | Path) -> Results:
                    problems=problems, **tables)
 
 
-def _find_topology(obj: Any, depth: int = 0) -> dict[str, Any] | None:
-    """The first dict below obj holding a `paths` list of named dicts (a dumped TopologySpec)."""
-    if depth > 4 or not isinstance(obj, dict):
-        return None
-    p = obj.get("paths")
-    link_keys = {"delay_ms", "rate_mbit", "rtt_ms"}
-    # testbed.paths lists addresses only; the topology's paths carry the link settings
-    if isinstance(p, list) and p and all(isinstance(x, dict) and "name" in x and link_keys & set(x)
-                                         for x in p):
-        return obj
-    if isinstance(obj.get("topology"), dict):
-        found = _find_topology(obj["topology"], depth + 1)
-        if found is not None:
-            return found
-    for v in obj.values():
-        found = _find_topology(v, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
 def paths(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's paths as configured: name, rtt_s, rate_mbit, default (bool).
+    """The run's paths as they were when its workload ended: name, rtt_s, rate_mbit,
+    default (bool), and the faults in force (blackholed, middlebox, carrier).
 
-    RTT = up + down one-way delay (per-direction overrides applied) + the shared
-    bottleneck's delay both ways; what the emulation was asked for, not measured.
-    Looks in `testbed` first (what was built), then in `scenario`.
+    Read from what the runner recorded (`links_at_end`: each link's parameters per
+    direction after every change of the run, the experiment's own included, and
+    `testbed.topology.default_path`), never recomputed from the scenario. RTT =
+    both directions' delay plus the shared bottleneck's, as configured (what the
+    emulation was asked for, not measured). No record, no paths: [].
     """
-    topo = _find_topology(manifest.get("testbed")) or _find_topology(manifest.get("scenario"))
-    if topo is None:
+    links = manifest.get("links_at_end")
+    if not isinstance(links, dict) or not links:
         return []
-    bott = topo.get("bottleneck") if isinstance(topo.get("bottleneck"), dict) else {}
-    extra_ms = 2 * float(bott.get("delay_ms") or 0)
-    default = topo.get("default_path") or topo["paths"][0]["name"]
+    bottleneck = links.get("bottleneck") or {}
+    extra_ms = sum(float((bottleneck.get(d) or {}).get("delay_ms") or 0) for d in ("up", "down"))
+    topo = (manifest.get("testbed") or {}).get("topology") or {}
+    names = [n for n in links if n != "bottleneck"]
+    default = topo.get("default_path") or names[0]
     out = []
-    for p in topo["paths"]:
-        def one_way(direction: str) -> float:
-            o = p.get(direction) if isinstance(p.get(direction), dict) else {}
-            v = o.get("delay_ms")
-            return float(v if v is not None else p.get("delay_ms") or 0)
-        rtt_ms = float(p["rtt_ms"]) if p.get("rtt_ms") is not None else one_way("up") + one_way("down")
-        out.append({"name": str(p["name"]), "rtt_s": (rtt_ms + extra_ms) / 1000,
-                    "rate_mbit": float(p["rate_mbit"]) if p.get("rate_mbit") is not None else None,
-                    "default": p["name"] == default})
+    for name in names:
+        st = links[name]
+        up, down = st.get("up") or {}, st.get("down") or {}
+        rtt_ms = float(up.get("delay_ms") or 0) + float(down.get("delay_ms") or 0) + extra_ms
+        rate = up.get("rate_mbit")
+        out.append({"name": str(name), "rtt_s": rtt_ms / 1000,
+                    "rate_mbit": float(rate) if rate is not None else None,
+                    "default": name == default, "blackholed": st.get("blackholed"),
+                    "middlebox": st.get("middlebox"), "carrier": st.get("carrier")})
     return out

@@ -1,14 +1,17 @@
 """The expectation table: what the drafts and physics say, what was measured, agreement.
 
-Rows come from draft-amend-tcpm-mptcp-robe-02 Table 1 (../shared/notes/drafts.md),
+Rows come from draft-amend-tcpm-mptcp-robe-02 Table 1 and its combinations, RFC 8684,
 the physical limits (one RTT of the fastest working path, the Linux SYN schedule,
-Σ rates, the kernel's simult_flows 0.9 bound) and the targets of issues 5 and 6.
+Σ rates) and this testbed's own targets (setup within 5 ms of the bound, the
+kernel's simult_flows selftest bound of 90 % of Σ rates, failover integrity).
+The `source` column names exactly one of those: the user reads where a claim
+comes from, in the words of the documents and the project.
 Every row gets a measured value and a verdict — "holds", "does not hold" or
 "not measured" — never an empty cell: a missing cell says which runs are missing.
 
-Path RTTs are the configured ones from the run manifests (topology), with the
-slow_default condition applied (the experiment raises the default path's
-one-way delay to param.slow_delay_ms at run time, which the topology does not show).
+Path RTTs and faults are what each run recorded for its links at the end
+(`links_at_end`: the experiment's own change of the default path included),
+read through analysis.paths; nothing the run already knows is recomputed.
 """
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ from analysis.establishment_checks import (FAILS, HOLDS, LINUX_SYN_GIVEUP_S, NOT
 from analysis.stats import bootstrap_ci
 
 __all__ = ["table", "Row", "HOLDS", "FAILS", "NOT_MEASURED"]
+
+# The sources a row may name (what the report's "source" column says).
+DRAFT = "draft-amend-tcpm-mptcp-robe-02"
+TARGET = "this testbed's target"
+SIMULT = TARGET + " (Linux simult_flows selftest: 90 % of Σ rates)"
 
 
 @dataclass
@@ -45,7 +53,7 @@ Check = Callable[[], tuple[str, str, str]]
 
 def _establishment_rows(E: Establishment) -> list[Row]:
     rows: list[Row] = []
-    t1 = "draft Table 1"
+    t1 = DRAFT + ", Table 1"
 
     def add(source: str, subject: str, cond: str, expected: str, check: Check) -> None:
         crit, meas, verdict = check()
@@ -59,7 +67,7 @@ def _establishment_rows(E: Establishment) -> list[Row]:
         add(t1, "SIM", f"packet loss ({sc})", "no impact", lambda sc=sc: bounded(E, sc, "sim", False))
         add(t1, "IPS", f"packet loss ({sc})", "delayed connection", lambda sc=sc: delayed(E, sc, "ips"))
     add(t1, "MPTCP", "broken (blackhole)", "no connection", lambda: no_connection(E, "blackhole", "mptcp"))
-    t16 = t1 + " / issue 6"
+    t16 = t1 + " / " + TARGET
     add(t16, "TIMER", "broken (blackhole)", "bounded by the timer", lambda: bounded(E, "blackhole", "timer", True))
     add(t16, "SIM", "broken (blackhole)", "no impact", lambda: bounded(E, "blackhole", "sim", False))
     add(t1, "IPS", "broken (blackhole)", "no connection", lambda: no_connection(E, "blackhole", "ips"))
@@ -80,9 +88,9 @@ def _establishment_rows(E: Establishment) -> list[Row]:
     add(t1, "SIM", sg, "yes", lambda: guaranteed(E, "sim", "yes"))
     add(t1, "IPS", sg, "depends on selection", lambda: guaranteed(E, "ips", "selection"))
     rows.append(Row(t1, "eSIM", "all rows", "no impact / max over MP_CAPABLE HS / yes",
-                    "—", "not measured (eSIM needs server support and a new option; out of scope, issue 6)",
+                    "—", "not measured (eSIM needs server support and a new option; out of scope for this testbed)",
                     NOT_MEASURED))
-    dr = "draft §combinations"
+    dr = DRAFT + ", combinations"
     add(dr, "TIMER+IPS", "broken (blackhole)", "IPS picks, the timer moves on: bounded by the timer",
         lambda: bounded(E, "blackhole", "timer+ips", True))
     add(dr, "SIM+IPS", sd, "with history: the IPS-selected path", lambda: setup_matches(E, "slow_default", "sim+ips", "selected"))
@@ -95,7 +103,7 @@ def _throughput_rows(res: Results) -> list[Row]:
     if runs.empty or "metric.efficiency" not in runs:
         why = "not measured (no complete runs of throughput with metric.efficiency)"
         return [Row(src, "throughput", "any", "goodput ≤ Σ configured rates", "max efficiency ≤ 1.0", why, NOT_MEASURED),
-                Row("kernel simult_flows / issue 5", "throughput", "equal paths", "efficiency ≥ 0.90",
+                Row(SIMULT, "throughput", "equal paths", "efficiency ≥ 0.90",
                     "median efficiency ≥ 0.90", why, NOT_MEASURED)]
     eff = runs["metric.efficiency"].astype("float64")
     rows = [Row(src, "throughput", "all runs", "goodput ≤ Σ configured rates", "max efficiency ≤ 1.0",
@@ -109,20 +117,20 @@ def _throughput_rows(res: Results) -> list[Row]:
         return len(ps) > 1 and len(rates) == 1 and None not in rates and len(rtts) == 1
     eq = runs[runs.apply(equal, axis=1)]
     if eq.empty:
-        rows.append(Row("kernel simult_flows / issue 5", "throughput", "equal paths", "efficiency ≥ 0.90",
+        rows.append(Row(SIMULT, "throughput", "equal paths", "efficiency ≥ 0.90",
                         "median efficiency ≥ 0.90", "not measured (no runs with equal rates and delays)",
                         NOT_MEASURED))
     from analysis.figures import variant_label
     eq = eq.assign(variant=variant_label(eq))
     for v, g in eq.groupby("variant", observed=True):
         ci = bootstrap_ci(g["metric.efficiency"])
-        rows.append(Row("kernel simult_flows / issue 5", "throughput", f"equal paths: {v}",
+        rows.append(Row(SIMULT, "throughput", f"equal paths: {v}",
                         "efficiency ≥ 0.90", "median efficiency ≥ 0.90",
                         f"median {ci.estimate:.3f}" + (f" [{ci.low:.3f}, {ci.high:.3f}]" if np.isfinite(ci.low) else "")
                         + f" (n={ci.n})", HOLDS if ci.estimate >= SIMULT_FLOWS else FAILS))
         if {"metric.goodput_mbit", "metric.best_path_mbit"} <= set(g.columns):
             better = (g["metric.goodput_mbit"].astype(float) > g["metric.best_path_mbit"].astype(float))
-            rows.append(Row("issue 5", "throughput", f"equal paths: {v}", "aggregate > best single path",
+            rows.append(Row(TARGET, "throughput", f"equal paths: {v}", "aggregate > best single path",
                             "every run's goodput > the best path's configured rate",
                             f"{int(better.sum())}/{len(g)} runs", HOLDS if better.all() else FAILS))
     return rows
@@ -132,16 +140,16 @@ def _failover_rows(res: Results) -> list[Row]:
     runs = res.of("failover")
     if runs.empty:
         why = "not measured (no complete runs of failover)"
-        return [Row("issue 5", "failover", "any", "integrity always holds (sha256)", "every run sha256 equal", why, NOT_MEASURED),
-                Row("issue 5", "failover", "any", "data keeps flowing on the other path", "every run recovered", why, NOT_MEASURED)]
+        return [Row(TARGET, "failover", "any", "integrity always holds (sha256)", "every run sha256 equal", why, NOT_MEASURED),
+                Row(TARGET, "failover", "any", "data keeps flowing on the other path", "every run recovered", why, NOT_MEASURED)]
     rows = []
     integ = [c for c in runs.columns if c.startswith("metric.") and ("sha256" in c or "integrity" in c)]
     if integ:
         ok = runs[integ[0]].astype("boolean").fillna(False)
-        rows.append(Row("issue 5", "failover", "all variants", "integrity always holds (sha256)",
+        rows.append(Row(TARGET, "failover", "all variants", "integrity always holds (sha256)",
                         "every run's sha256 equal", f"{int(ok.sum())}/{len(runs)} runs", HOLDS if ok.all() else FAILS))
     else:
-        rows.append(Row("issue 5", "failover", "all variants", "integrity always holds (sha256)",
+        rows.append(Row(TARGET, "failover", "all variants", "integrity always holds (sha256)",
                         "every run's sha256 equal", "not measured (no sha256/integrity metric)", NOT_MEASURED))
     from analysis.figures import variant_label
     runs = runs.assign(variant=variant_label(runs))
@@ -149,7 +157,7 @@ def _failover_rows(res: Results) -> list[Row]:
         rec = g["metric.recovery_s"].astype("float64") if "metric.recovery_s" in g else pd.Series(np.nan, index=g.index)
         stall = g["metric.stall_s"] if "metric.stall_s" in g else pd.Series(dtype=float)
         meas = f"stall {ci_text(stall)}; recovery {ci_text(rec)}; {int(rec.notna().sum())}/{len(g)} recovered"
-        rows.append(Row("issue 5", "failover", v, "data keeps flowing on the other path; stall and recovery "
+        rows.append(Row(TARGET, "failover", v, "data keeps flowing on the other path; stall and recovery "
                         "reported as distributions", "every run back to ≥ 90 % of the remaining path",
                         meas, HOLDS if rec.notna().all() else FAILS))
     return rows
@@ -174,11 +182,11 @@ def table(res: Results) -> pd.DataFrame:
         lambda: syn_schedule(E, "tcp"))
     add(lim + " (Linux SYN schedule)", "MPTCP", "MPTCP SYNs dropped (mptcp_drop)",
         "fallback to plain TCP after ~3 s", lambda: fallback(E))
-    add("issue 5", "MPTCP", "healthy", "setup ≈ 1 RTT of the default path",
+    add(TARGET, "MPTCP", "healthy", "setup ≈ 1 RTT of the default path",
         lambda: setup_matches(E, "healthy", "mptcp", "default"))
-    add("issue 5", "TCP", "healthy", "setup ≈ 1 RTT of the default path",
+    add(TARGET, "TCP", "healthy", "setup ≈ 1 RTT of the default path",
         lambda: setup_matches(E, "healthy", "tcp", "default"))
-    add("issue 6", "IPS", "healthy, non-default path faster (slow_default)", "picks the faster path after warm-up",
+    add(TARGET, "IPS", "healthy, non-default path faster (slow_default)", "picks the faster path after warm-up",
         lambda: setup_matches(E, "slow_default", "ips", "fastest"))
     rows += _throughput_rows(res)
     rows += _failover_rows(res)

@@ -1,7 +1,7 @@
 """Analysis package: loader schema, statistics, expectation table, report (no root needed).
 
-Everything runs on a synthetic results store generated here (analysis.synthetic),
-never on committed binaries.
+Everything runs on a synthetic results store written through the real writer by
+the test fixture tests/synthetic_store.py, never on committed binaries.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from analysis import RUN_COLUMNS, SCHEMAS, ResultsError, load, paths
 from analysis.expectations import FAILS, HOLDS, NOT_MEASURED, table
 from analysis.stats import bootstrap_ci, ecdf, summarize
-from analysis.synthetic import generate
+from synthetic_store import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,11 +89,30 @@ def test_load_single_run_and_missing_dir(store):
         load(store / "does-not-exist")
 
 
-def test_paths_from_manifest(res):
-    man = next(m for (e, _), m in res.manifests.items() if e == "establishment")
-    ps = {p["name"]: p for p in paths(man)}
+def _establishment_manifest(res, condition: str) -> dict:
+    return next(m for (e, _), m in res.manifests.items()
+                if e == "establishment" and m["scenario"]["params"]["scenario"] == condition)
+
+
+def test_paths_are_what_the_run_recorded(res):
+    ps = {p["name"]: p for p in paths(_establishment_manifest(res, "healthy"))}
     assert ps["wifi"]["default"] and ps["wifi"]["rtt_s"] == pytest.approx(0.020)
     assert ps["lte"]["rtt_s"] == pytest.approx(0.040)
+    # the experiment slowed the default path during the run: its recorded end state says so
+    slow = {p["name"]: p for p in paths(_establishment_manifest(res, "slow_default"))}
+    assert slow["wifi"]["rtt_s"] == pytest.approx(0.200) and slow["lte"]["rtt_s"] == pytest.approx(0.040)
+    assert {p["name"]: p["blackholed"] for p in paths(_establishment_manifest(res, "blackhole"))} == \
+        {"wifi": ["up", "down"], "lte": []}
+    # nothing recorded, nothing made up
+    assert paths({"testbed": {"topology": {"paths": [{"name": "wifi", "delay_ms": 10}]}}}) == []
+
+
+def test_analysis_computes_nothing_the_run_recorded():
+    """No copy of an experiment default and no re-implementation of the model's
+    per-direction link settings in analysis/."""
+    src = "\n".join(f.read_text() for f in (ROOT / "analysis").rglob("*.py"))
+    for needle in ("SLOW_DELAY_MS", "slow_delay_ms", '"up"), dict)', "one_way("):
+        assert needle not in src, needle
 
 
 # ---- statistics ----------------------------------------------------------------
@@ -141,7 +160,12 @@ def _no_empty_cells(t: pd.DataFrame) -> None:
 def test_expectations_complete_store(res):
     t = table(res)
     _no_empty_cells(t)
-    assert {"draft Table 1", "physical limit"} <= set(t["source"].str.split(" /").str[0])
+    assert {"draft-amend-tcpm-mptcp-robe-02, Table 1", "physical limit"} <= set(t["source"].str.split(" /").str[0])
+    # the user reads the documents' and the project's words, never the tracker's
+    allowed = ("draft-amend-tcpm-mptcp-robe-02", "RFC 8684", "physical limit", "this testbed's target")
+    for source in t["source"]:
+        assert all(part.strip().startswith(allowed) for part in source.split(" / ")), source
+    assert not t.apply(lambda c: c.astype(str).str.contains(r"\bissue|notes/", regex=True)).any().any()
     assert (t["subject"] == "eSIM").any()
     # the synthetic store follows the mechanisms: these must come out right
     def verdict(subject: str, cond: str) -> str:
@@ -216,3 +240,19 @@ def test_notebook_is_valid_and_clean():
         assert c["cell_type"] in ("markdown", "code") and "id" in c
         if c["cell_type"] == "code":
             assert c["outputs"] == [] and c["execution_count"] is None
+
+
+def test_notebook_runs_against_the_test_store(store, monkeypatch):
+    """Every cell of the shipped notebook executes (nbclient + ipykernel, pinned)
+    against the test store and draws its figures."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "analysis" / "notebooks" / "explore.ipynb", as_version=4)
+    monkeypatch.setenv("MPTB_RESULTS", str(store))
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "analysis" / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, [o.output_type for o in outputs]

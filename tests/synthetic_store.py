@@ -1,15 +1,19 @@
-"""A small synthetic results store in the documented format (docs/results.md).
+"""Test fixture: a small synthetic results store, written through the real writer.
 
-For tests and demos only: nothing here is a measurement. The numbers follow the
-mechanisms the real experiments exercise (Linux SYN schedule, RobE strategies,
-failover stalls from this machine's prototype) so figures and the expectation
-table look like they will on real data. Seeded: the same seed, the same store.
+Nothing here is a measurement. The runs are the real scenarios' grid points
+(experiments/*.toml expanded by the runner's own `expand`, so run ids, seeds and
+manifests' scenario/params are what `./tb run` would store) and every run
+directory is written by `RunWriter`, schema and version included. Only the
+numbers are made up, following the mechanisms the experiments exercise (Linux
+SYN schedule, RobE strategies, failover stalls), so figures and the expectation
+table look as they will on real data. The links' end state and the changes
+applied during a run are recorded as the runner records them. Seeded: the same
+seed, the same store.
 
-    .venv/bin/python -m analysis.synthetic /tmp/synth && ./tb report /tmp/synth
+    .venv/bin/python tests/synthetic_store.py /tmp/synth && ./tb report /tmp/synth
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,34 +22,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# Linux: SYN+MP_CAPABLE at 0, 1, 2 s, then plain-TCP SYNs (notes/mptcp-linux.md)
-SYN_TIMES = [0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67]
-MP_SYNS = 3
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from experiments.establishment import condition_event  # noqa: E402
+from testbed.core.events import AppliedEvent, EventSpec, LinkState  # noqa: E402
+from testbed.core.model import TopologySpec  # noqa: E402
+from testbed.harness import scenario as sc  # noqa: E402
+from testbed.harness.overrides import flatten  # noqa: E402
+from testbed.harness.results import RunWriter  # noqa: E402
+
+SYN_TIMES = [0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67]  # Linux: when SYNs leave (made-up data follows it)
+MP_SYNS = 3  # SYN+MP_CAPABLE at 0, 1, 2 s, then plain-TCP SYNs
 SCENARIOS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
 ROBE = ["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
 TIMEOUT_S = 10.0
 TIMER_S = 1.0
 SLOW_DELAY_MS = 100.0
+T0 = 1000.0  # the runs' clock origin (monotonic seconds)
 
 
-def _topology(rtts: dict[str, float], rates: dict[str, float]) -> dict[str, Any]:
-    return {"name": "two-path", "default_path": "wifi", "server_side": "router",
-            "paths": [{"name": n, "rate_mbit": rates[n], "delay_ms": rtts[n] / 2}
-                      for n in rtts]}
-
-
-def _calibration(rng: np.random.Generator, topo: dict[str, Any], bad: bool) -> dict[str, Any]:
+def _calibration(rng: np.random.Generator, topo: TopologySpec, bad: bool) -> dict[str, Any]:
     """Shaped like testbed.core.emulation.calibrate.calibrate()."""
     paths = {}
-    for p in topo["paths"]:
-        cfg = 2 * p["delay_ms"]
-        mean = cfg + 0.18 + abs(rng.normal(0, 0.05)) + (0.8 * cfg + 2 if bad and p["name"] == "wifi" else 0)
-        good = p["rate_mbit"] * rng.uniform(0.935, 0.955)
-        paths[p["name"]] = {"rtt_configured_ms": cfg, "rtt_mean_ms": mean, "rtt_p99_ms": mean + 0.3,
-                            "rtt_min_ms": mean - 0.1, "pings": 50, "rtt_tolerance_ms": max(cfg * 0.05, 1),
-                            "rtt_ok": abs(mean - cfg) <= max(cfg * 0.05, 1),
-                            "rate_up": {"configured_mbit": p["rate_mbit"], "goodput_mbit": good,
-                                        "ratio": good / p["rate_mbit"], "ok": True}}
+    for p in topo.paths:
+        cfg = p.direction("up").delay_ms + p.direction("down").delay_ms
+        rate = p.direction("up").rate_mbit or 0
+        mean = cfg + 0.18 + abs(rng.normal(0, 0.05)) + (0.8 * cfg + 2 if bad and p.name == "wifi" else 0)
+        good = rate * rng.uniform(0.935, 0.955)
+        paths[p.name] = {"rtt_configured_ms": cfg, "rtt_mean_ms": mean, "rtt_p99_ms": mean + 0.3,
+                         "rtt_min_ms": mean - 0.1, "pings": 50, "rtt_tolerance_ms": max(cfg * 0.05, 1),
+                         "rtt_ok": abs(mean - cfg) <= max(cfg * 0.05, 1),
+                         "rate_up": {"configured_mbit": rate, "goodput_mbit": good,
+                                     "ratio": good / rate if rate else None, "ok": True}}
     reason = "; ".join(f"{n}: RTT {e['rtt_mean_ms']:.2f} ms, configured {e['rtt_configured_ms']:g} ms"
                        for n, e in paths.items() if not e["rtt_ok"])
     return {"valid": not reason, "reason": reason or None, "backend": "userspace",
@@ -53,25 +63,52 @@ def _calibration(rng: np.random.Generator, topo: dict[str, Any], bad: bool) -> d
             "paths": paths, "duration_s": 4.1}
 
 
-def _write_run(root: Path, exp: str, grid: dict[str, Any], rep: int, seed: int,
-               metrics: dict[str, Any], tables: dict[str, pd.DataFrame], topo: dict[str, Any],
-               status: str = "complete", reason: str = "", day: int = 0,
-               exp_params: dict[str, Any] | None = None, calibrate: bool = True) -> None:
-    """One run directory shaped like testbed.harness.runner.run_one() writes it."""
-    phash = hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
-    run_id = f"{phash}-r{rep:03d}"
-    d = root / exp / run_id
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    params = dict(exp_params or {})
-    params.update({k.removeprefix("params."): v for k, v in grid.items() if k.startswith("params.")})
-    calib = _calibration(rng, topo, bad=status == "invalid") if calibrate else None
-    start = pd.Timestamp("2025-11-26T08:00:00Z") + pd.Timedelta(days=day, seconds=seed % 5000)
+def _apply(links: dict[str, LinkState], event: EventSpec) -> LinkState:
+    """The link state after `event`, as Testbed.apply_event leaves it."""
+    st = links[event.path]
+    a = event.action
+    if a == "set_link":
+        given = event.changes.given()
+        st = st.model_copy(update={d: getattr(st, d).model_copy(update=given) for d in event.directions()})
+    elif a == "blackhole":
+        st = st.model_copy(update={"blackholed": event.directions()})
+    elif a in ("link_down", "link_up"):
+        st = st.model_copy(update={"carrier": a == "link_up"})
+    elif a in ("backup_on", "backup_off"):
+        st = st.model_copy(update={"backup": a == "backup_on"})
+    else:
+        st = st.model_copy(update={"middlebox": a})
+    links[event.path] = st
+    return st
+
+
+def _write_run(root: Path, spec: sc.RunSpec, metrics: dict[str, Any], tables: dict[str, pd.DataFrame],
+               changes: list[EventSpec], status: str = "complete", reason: str = "",
+               day: int = 0) -> None:
+    """One run, written by RunWriter with a manifest shaped like runner.run_one()'s."""
+    s = spec.scenario
+    topo = s.topology.resolve()
+    rng = np.random.default_rng(spec.seed)
+    kernel_pm = s.hosts.client.path_manager == "kernel"
+    links = {p.name: LinkState(up=p.direction("up"), down=p.direction("down"),
+                               backup=p.backup if kernel_pm else None) for p in topo.paths}
+    applied = []
+    for e in changes:  # the experiment's own change, then the scenario's timed events
+        t = T0 + e.at_s
+        applied.append(AppliedEvent(e, scheduled=t, began=t + 0.0001, done=t + 0.0004, applied=t + 0.0003,
+                                    emulator_clock=True, ok=True, error=None, link=_apply(links, e)))
+    fault_rows = [(a.began - T0, "fault", "network", a.event.describe(), None,
+                   json.dumps({"scheduled_s": a.event.at_s, "ok": True,
+                               "applied_lateness_ms": a.applied_lateness_ms})) for a in applied]
+    if fault_rows:
+        frame = pd.DataFrame(fault_rows, columns=["t", "source", "host", "event", "token", "detail"])
+        ev = tables.get("events")
+        tables = {**tables, "events": frame if ev is None else pd.concat([ev, frame], ignore_index=True)}
+    start = pd.Timestamp("2025-11-26T08:00:00Z") + pd.Timedelta(days=day, seconds=spec.seed % 5000)
     manifest = {
-        "schema_version": 1, "experiment": exp, "run_id": run_id,
-        "scenario": {"experiment": exp, "path": f"experiments/{exp}.toml", "repetitions": 4,
-                     "topology": {"name": "two-path", "params": {}}, "params": params},
-        "params": grid, "repetition": rep, "seed": seed, "status": status, "reason": reason,
+        "experiment": s.experiment, "run_id": spec.run_id,
+        "scenario": s.model_dump(mode="json"), "params": flatten(spec.params),
+        "repetition": spec.repetition, "seed": spec.seed,
         "git": {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False,
                 "describe": "0123456-synthetic"},
         "kernel": {"release": "6.18.0-synthetic", "version": "#1 SMP PREEMPT_DYNAMIC",
@@ -79,18 +116,22 @@ def _write_run(root: Path, exp: str, grid: dict[str, Any], rep: int, seed: int,
         "host": {"hostname": "synthetic", "cpus": 2, "machine": "x86_64", "python": "3.11.2"},
         "tools": {"iperf3": "iperf 3.12", "tshark": "TShark 4.0.17",
                   "python_packages": {"pandas": pd.__version__}},
-        "testbed": {"topology": topo, "paths": [{"name": p["name"], "client_addr": f"10.0.{i}.1"}
-                                                for i, p in enumerate(topo["paths"])],
-                    "congestion_control": {"client": grid.get("hosts.client.congestion_control", "cubic")}},
-        "emulation": {"backend": "userspace", "calibration": calib},
-        "qdiscs": {}, "clock": {"t0_ns": 10**12, "monotonic_ns": 10**12, "realtime_ns": 1_764_144_000 * 10**9},
+        "testbed": {"run_id": f"run-{spec.run_id}-1", "topology": topo.model_dump(mode="json"),
+                    "paths": [{"name": p.name, "client_addr": f"10.0.{i}.1"} for i, p in enumerate(topo.paths)],
+                    "congestion_control": {"client": s.hosts.client.congestion_control}},
+        "emulation": {"backend": "userspace",
+                      "calibration": _calibration(rng, topo, bad=status == "invalid") if s.calibrate else None},
+        "qdiscs": {}, "probes": {},
+        "links_at_end": {n: st.model_dump(mode="json") for n, st in links.items()},
+        "applied_events": [a.record(T0) for a in applied],
+        "clock": {"t0_ns": int(T0 * 1e9), "monotonic_ns": int(T0 * 1e9), "realtime_ns": 1_764_144_000 * 10**9},
+        "status": status, "reason": reason,
         "start": start.isoformat(), "end": (start + pd.Timedelta(seconds=12)).isoformat(), "duration_s": 12.0,
     }
-    (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (d / "metrics.json").write_text(json.dumps(metrics if status != "failed" else {}))
+    writer = RunWriter(root, s.experiment, spec.run_id)
     if status != "failed":
-        for name, df in tables.items():
-            df.to_parquet(d / f"{name}.parquet", index=False)
+        writer.write_tables(tables)
+    writer.finish(manifest, metrics if status != "failed" else {})
 
 
 def _attempt(rng: np.random.Generator, rtt: float, loss: float, broken: bool,
@@ -157,7 +198,7 @@ def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tu
         ev.append((multipath, "pm", "client", "sub_established", 1234))
     events = pd.DataFrame(ev, columns=["t", "source", "host", "event", "token"]).assign(
         detail=lambda d: [json.dumps({"path": win}) for _ in range(len(d))])
-    topo = _topology({"wifi": 20.0, "lte": 40.0}, {"wifi": 20, "lte": 20})
+    topo = None  # the run's topology comes from its scenario
     return m, topo, events
 
 
@@ -189,14 +230,13 @@ def _failover(rng: np.random.Generator, fault: str, mode: str) -> tuple[dict, di
                         0, int(0 if alive else 3), "ESTABLISHED" if alive else "CLOSE"))
     subflows = pd.DataFrame(sub, columns=["t", "host", "subflow", "path", "cwnd", "srtt_us", "bytes_acked",
                                           "bytes_received", "retrans", "state"])
-    events = pd.DataFrame([(0.0, "app", "client", "transfer_start", None, "{}"),
-                           (t_fault, "fault", "router", fault, None, json.dumps({"path": "wifi"}))],
+    events = pd.DataFrame([(0.0, "app", "client", "transfer_start", None, "{}")],
                           columns=["t", "source", "host", "event", "token", "detail"])
     delivered = float(ts[ts.key == "total"]["value"].sum())
     m = {"stall_s": stall, "recovery_s": recovery, "recovered": True, "bytes": delivered,
          "goodput_mbit": delivered * 8 / dur / 1e6, "sha256_match": True, "fault_at_s": t_fault,
          "fault": fault, "failed_path": "wifi", "remaining_rate_mbit": 20.0}
-    topo = _topology({"wifi": 20.0, "lte": 40.0}, {"wifi": 20, "lte": 20})
+    topo = None  # the run's topology comes from its scenario
     return m, topo, {"timeseries": ts, "subflows": subflows, "events": events}
 
 
@@ -217,7 +257,7 @@ def _throughput(rng: np.random.Generator, rates: str, delays: str, cc: str) -> t
          "efficiency": goodput / sum(r), "paths": 2, "cc": cc, "transfer_s": dur,
          "ideal_transfer_s": size * 8 / (sum(r) * 1e6), "bytes": size,
          **{f"share.{p}": sh for p, sh in zip(("wifi", "lte"), shares)}}
-    topo = _topology({"wifi": 2 * d[0], "lte": 2 * d[1]}, {"wifi": r[0], "lte": r[1]})
+    topo = None  # the run's topology comes from its scenario
     return m, topo, ts
 
 
@@ -239,48 +279,44 @@ def _benchmark(rng: np.random.Generator) -> pd.DataFrame:
                                        "rtt_load_ms", "goodput_mbit", "loss_cfg_pct", "loss_meas_pct", "cpu_pct"])
 
 
+def _scenario(file: str, **overrides: Any) -> sc.Scenario:
+    return sc.load(ROOT / "experiments" / file, overrides)
+
+
 def generate(root: str | Path, reps: int = 4, seed: int = 1) -> Path:
     """Write a synthetic store below root (created); returns root."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    n = 0
-    exp_params = {"timeout_s": TIMEOUT_S, "slow_delay_ms": SLOW_DELAY_MS, "warmup_trials": 3}
-    for scenario in SCENARIOS:  # baseline and RobE strategies share experiment "establishment"
-        for strategy in ROBE:
-            for rep in range(reps):
-                n += 1
-                m, topo, ev = _establishment(rng, scenario, strategy)
-                grid = {"params.scenario": scenario, "params.strategy": strategy}
-                _write_run(root, "establishment", grid, rep, seed * 100_000 + n, m, {"events": ev},
-                           topo, exp_params=exp_params, calibrate=False)
-    for fault in ("link_down", "blackhole"):
-        for backup in (False, True):
-            for rep in range(reps):
-                n += 1
-                m, topo, tables = _failover(rng, fault, "backup" if backup else "normal")
-                grid = {"events.0.action": fault, "topology.params.lte_backup": backup}
-                _write_run(root, "failover", grid, rep, seed * 100_000 + n, m, tables, topo, day=1,
-                           exp_params={"seconds": 10.0})
-    for rates in ("10/10", "20/20", "15/5", "10/3"):
-        for delays in ("0/0", "1/25"):
-            for cc in ("cubic", "bbr"):
-                for rep in range(reps):
-                    n += 1
-                    m, topo, ts = _throughput(rng, rates, delays, cc)
-                    grid = {"topology.params.rates": [int(x) for x in rates.split("/")],
-                            "topology.params.delays": [int(x) for x in delays.split("/")],
-                            "hosts.client.congestion_control": cc}
-                    _write_run(root, "throughput", grid, rep, seed * 100_000 + n, m, {"timeseries": ts},
-                               topo, day=1, exp_params={"seconds": 10.0, "direction": "up"})
+    est = _scenario("robe-establishment.toml", repetitions=reps,
+                    params={"timeout_s": TIMEOUT_S, "slow_delay_ms": SLOW_DELAY_MS, "warmup_trials": 3},
+                    grid={"params.scenario": SCENARIOS, "params.strategy": ROBE})
+    for spec in sorted(sc.expand(est), key=lambda r: r.run_id):
+        p = spec.scenario.params
+        m, _, ev = _establishment(rng, p["scenario"], p["strategy"])
+        change = condition_event(p["scenario"], "wifi", SLOW_DELAY_MS)
+        _write_run(root, spec, m, {"events": ev}, [change] if change else [])
+    for spec in sorted(sc.expand(_scenario("failover.toml", repetitions=reps)), key=lambda r: r.run_id):
+        fault = spec.scenario.events[0]
+        backup = spec.scenario.topology.params.get("lte_backup", False)
+        m, _, tables = _failover(rng, fault.action, "backup" if backup else "normal")
+        _write_run(root, spec, m, tables, list(spec.scenario.events), day=1)
+    tput = _scenario("throughput.toml", repetitions=reps + 2)
+    extra = []
+    for spec in sorted(sc.expand(tput), key=lambda r: r.run_id):
+        tp = spec.scenario.topology.params
+        rates, delays = ("/".join(f"{x:g}" for x in tp[k]) for k in ("rates", "delays"))
+        m, _, ts = _throughput(rng, rates, delays, spec.scenario.hosts.client.congestion_control)
+        if spec.repetition < reps:
+            _write_run(root, spec, m, {"timeseries": ts}, [], day=1)
+        elif rates == "10/10" and delays == "0/0" and spec.scenario.hosts.client.congestion_control == "cubic":
+            extra.append((spec, m, ts))
     # what the report must show as excluded: a crashed run and one that failed calibration
-    m, topo, tables = _throughput(rng, "10/10", "0/0", "cubic")
-    grid = {"topology.params.rates": [10, 10], "topology.params.delays": [0, 0],
-            "hosts.client.congestion_control": "cubic"}
-    _write_run(root, "throughput", grid, reps, seed * 100_000 + n + 1, m, {}, topo, day=1,
-               status="failed", reason="TestbedError: app client exited with status 1 (ENOTCONN)")
-    _write_run(root, "throughput", grid, reps + 1, seed * 100_000 + n + 2, m, {"timeseries": tables}, topo,
-               day=1, status="invalid", reason="calibration: wifi: RTT 18.2 ms, configured 0 ms")
+    (failed, m, _), (invalid, m2, ts2) = extra
+    _write_run(root, failed, m, {}, [], day=1, status="failed",
+               reason="TestbedError: app client exited with status 1 (ENOTCONN)")
+    _write_run(root, invalid, m2, {"timeseries": ts2}, [], day=1, status="invalid",
+               reason="calibration: wifi: RTT 18.2 ms, configured 0 ms")
     tmp = root / "establishment" / ".tmp-deadbeef-r000"  # a run still being written: ignored
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "manifest.json").write_text("{ half-written")
@@ -291,5 +327,5 @@ def generate(root: str | Path, reps: int = 4, seed: int = 1) -> Path:
 
 
 if __name__ == "__main__":
-    out = generate(sys.argv[1] if len(sys.argv) > 1 else "build/synthetic-results")
+    out = generate(sys.argv[1] if len(sys.argv) > 1 else ROOT / "build" / "synthetic-results")
     print(out)
