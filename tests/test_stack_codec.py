@@ -190,3 +190,18 @@ def test_tshark_reads_what_the_codec_meant(tmp_path):
     assert rows[4].get("tcp.options.mptcp.backup.flag") == ["1"]
     assert rows[5].get("tcp.options.mptcp.rst_reason") == ["0x02"]
     assert rows[6].get("tcp.options.mptcp.recvkey") == [str(key_s)]
+
+
+@needs_tshark
+def test_capture_check_reports_a_field_the_wire_does_not_carry(tmp_path):
+    from testbed.stack.stack import SentSegment
+    from testbed.stack.trace import check_capture
+    seg = TcpSegment(61000, 80, 1000, 5, ACK, 100, [Timestamps(7, 1), Dss(data_ack=42, dsn=9, subflow_seq=1,
+                                                                          data_len=3)], b"abc")
+    path = tmp_path / "one.pcap"
+    write_pcap(path, [encode_ipv4(IpPacket("10.0.0.1", "10.0.0.2", seg))])
+    assert check_capture(path, [SentSegment(0, "10.0.0.1", "10.0.0.2", seg)]) == []
+    lie = TcpSegment(61000, 80, 1000, 5, ACK, 100, [Timestamps(7, 1), Dss(data_ack=43, dsn=9, subflow_seq=1,
+                                                                          data_len=3)], b"abc")
+    problems = check_capture(path, [SentSegment(0, "10.0.0.1", "10.0.0.2", lie)])
+    assert len(problems) == 1 and "rawdataack dissected [42], stack sent [43]" in problems[0]

@@ -48,7 +48,8 @@ class Dissected:
 
 
 def dissect(path: str | Path, fields: list[str], display_filter: str = "",
-            check_tcp_checksum: bool = False, timeout: float = 60) -> list[Dissected]:
+            check_tcp_checksum: bool = False, data_ports: set[int] | frozenset = frozenset(),
+            timeout: float = 60) -> list[Dissected]:
     """Run tshark over a pcap and return the requested fields of every packet.
 
     check_tcp_checksum only suits packets the stack wrote itself: a live capture
@@ -59,6 +60,10 @@ def dissect(path: str | Path, fields: list[str], display_filter: str = "",
            "-o", "mptcp.relative_sequence_numbers:FALSE"]
     if check_tcp_checksum:
         cmd += ["-o", "tcp.check_checksum:TRUE"]
+    # Random test payload on a port some dissector claims (5000: GSM over IP)
+    # would be parsed as that protocol and flagged malformed: read it as data.
+    for port in sorted(data_ports):
+        cmd += ["-d", f"tcp.port=={port},data"]
     if display_filter:
         cmd += ["-Y", display_filter]
     for f in dict.fromkeys(fields + extra):
@@ -78,3 +83,124 @@ def dissect(path: str | Path, fields: list[str], display_filter: str = "",
         result.append(Dissected(int(layers["frame.number"][0]), layers,
                                 bool(layers.get("_ws.malformed")), errors))
     return result
+
+
+# --------------------------------------------------------------------------- what the stack meant
+MPTCP_FIELDS = ["tcp.options.mptcp.subtype", "tcp.options.mptcp.version", "tcp.options.mptcp.sendkey",
+                "tcp.options.mptcp.recvkey", "tcp.options.mptcp.datalvllen", "tcp.options.mptcp.checksum",
+                "tcp.options.mptcp.recvtok", "tcp.options.mptcp.sendrand", "tcp.options.mptcp.addrid",
+                "tcp.options.mptcp.backup.flag", "tcp.options.mptcp.sendtrunchmac", "tcp.options.mptcp.sendhmac",
+                "tcp.options.mptcp.rawdataack", "tcp.options.mptcp.rawdataseqno",
+                "tcp.options.mptcp.subflowseqno", "tcp.options.mptcp.datafin.flag",
+                "tcp.options.mptcp.rst_reason", "tcp.options.mptcp.checksumreq.flags"]
+MATCH_FIELDS = ["ip.src", "tcp.srcport", "tcp.seq_raw", "tcp.ack_raw", "tcp.len", "tcp.flags",
+                "tcp.options.timestamp.tsval"]
+
+
+def expected_mptcp_fields(seg) -> dict[str, list[int | str]]:
+    """The tshark MPTCP field values a segment's options must dissect to."""
+    from testbed.stack import options as o
+    out: dict[str, list[int | str]] = {}
+
+    def put(name: str, value) -> None:
+        out.setdefault("tcp.options.mptcp." + name, []).append(value)
+
+    for opt in seg.options:
+        if isinstance(opt, o.MpCapable):
+            put("subtype", o.MP_CAPABLE)
+            put("version", opt.version)
+            put("checksumreq.flags", 1 if opt.flags & o.CAP_A_CHECKSUM else 0)
+            if opt.sender_key is not None:
+                put("sendkey", opt.sender_key)
+            if opt.receiver_key is not None:
+                put("recvkey", opt.receiver_key)
+            if opt.data_len is not None:
+                put("datalvllen", opt.data_len)
+            if opt.checksum is not None:
+                put("checksum", opt.checksum)
+        elif isinstance(opt, o.MpJoinSyn):
+            put("subtype", o.MP_JOIN)
+            put("recvtok", opt.token)
+            put("sendrand", opt.nonce)
+            put("addrid", opt.addr_id)
+            put("backup.flag", int(opt.backup))
+        elif isinstance(opt, o.MpJoinSynAck):
+            put("subtype", o.MP_JOIN)
+            put("sendtrunchmac", opt.hmac64)
+            put("sendrand", opt.nonce)
+            put("addrid", opt.addr_id)
+            put("backup.flag", int(opt.backup))
+        elif isinstance(opt, o.MpJoinAck):
+            put("subtype", o.MP_JOIN)
+            put("sendhmac", opt.hmac160.hex())
+        elif isinstance(opt, o.Dss):
+            put("subtype", o.DSS)
+            put("datafin.flag", int(opt.data_fin))
+            if opt.data_ack is not None:
+                put("rawdataack", opt.data_ack)
+            if opt.dsn is not None:
+                put("rawdataseqno", opt.dsn)
+                put("subflowseqno", opt.subflow_seq)
+                put("datalvllen", opt.data_len)
+                # tshark 4.0 does not dissect the DSS checksum field (it accepts the
+                # 2 extra bytes silently); the kernel peer verifies it instead
+                # (MPTcpExtDataCsumErr stays 0 in the interop tests).
+        elif isinstance(opt, o.MpTcpRst):
+            put("subtype", o.MP_TCPRST)
+            put("rst_reason", opt.reason)
+        elif isinstance(opt, o.MpFastclose):
+            put("subtype", o.MP_FASTCLOSE)
+            put("recvkey", opt.receiver_key)
+    return out
+
+
+def _norm(value) -> int | str:
+    if isinstance(value, int):
+        return value
+    text = str(value).replace(":", "")
+    try:
+        return int(text, 0)
+    except ValueError:
+        return text.lower()
+
+
+def check_capture(path: str | Path, sent: list, src_addrs: set[str] | None = None) -> list[str]:
+    """Problems found in a capture: malformed or expert-error packets, and any
+    packet of the stack (matched to `sent` by addresses, ports, seq, ack, length,
+    flags and TSval) whose dissected MPTCP fields differ from what it meant to send."""
+    ports = {p for s in sent for p in (s.segment.sport, s.segment.dport)}
+    rows = dissect(path, MATCH_FIELDS + MPTCP_FIELDS, display_filter="tcp", data_ports=ports)
+    problems = []
+    by_key: dict[tuple, list[Dissected]] = {}
+    for r in rows:
+        if r.malformed or r.expert_errors:
+            problems.append(f"frame {r.number}: malformed={r.malformed} errors={r.expert_errors}")
+        key = tuple(_norm((r.get(f) or ["-"])[0]) for f in MATCH_FIELDS)
+        by_key.setdefault(key, []).append(r)
+    matched = 0
+    for s in sent:
+        seg = s.segment
+        if src_addrs is not None and s.src not in src_addrs:
+            continue
+        ts = next((o.value for o in seg.options if type(o).__name__ == "Timestamps"), "-")
+        key = (_norm(s.src), seg.sport, seg.seq, seg.ack, len(seg.payload), seg.flags, ts)
+        candidates = by_key.get(key)
+        if not candidates:
+            continue  # not captured (e.g. dropped by a fault before the capture point)
+        matched += 1
+        want = {name: [_norm(v) for v in vals] for name, vals in expected_mptcp_fields(seg).items()}
+        # Two segments can share every header field within one millisecond (a pure
+        # ACK and a DATA_FIN): take the first captured one whose options match.
+        diffs = []
+        for r in candidates:
+            diff = [f"{name} dissected {[_norm(v) for v in r.get(name)]}, stack sent {vals}"
+                    for name, vals in want.items() if [_norm(v) for v in r.get(name)] != vals]
+            if not diff:
+                candidates.remove(r)
+                break
+            diffs.append(f"frame {r.number}: " + "; ".join(diff))
+        else:
+            problems.append(diffs[0])
+    if sent and not matched:
+        problems.append("none of the stack's packets was found in the capture")
+    return problems

@@ -1,0 +1,319 @@
+"""User-space MPTCP stack against the Linux kernel (and itself), in two private namespaces.
+
+Topology (built per test, torn down in finally): namespace A and namespace B,
+joined by two veth pairs (path 0: 10.0.0.1 <-> 10.0.0.2, path 1: 10.0.1.1 <->
+10.0.1.2). Each path also routes the other path's subnet at a worse metric, so a
+socket or raw socket bound to a path's device reaches the peer's initial
+address over that path (what policy routing does in the testbed). Every test
+captures both paths in A and checks the capture with tshark.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from testbed.stack.stack import Stack, StackError
+from testbed.stack.trace import check_capture
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("tcpdump") is None,
+                                 reason="needs tshark and tcpdump")]
+
+IPPROTO_MPTCP = 262
+_libc = ctypes.CDLL(None, use_errno=True)
+A_ADDRS = ["10.0.0.1", "10.0.1.1"]
+B_ADDRS = ["10.0.0.2", "10.0.1.2"]
+
+
+def in_ns(pid: int, fn):
+    """Run fn in a thread inside pid's network namespace (sockets made there stay there)."""
+    box = {}
+
+    def target():
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                assert _libc.setns(fd, 0x40000000) == 0
+            finally:
+                os.close(fd)
+            box["v"] = fn()
+        except BaseException as exc:
+            box["e"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(30)
+    if "e" in box:
+        raise box["e"]
+    return box["v"]
+
+
+class Pair:
+    """Two namespaces held by `unshare` processes we started, joined by two veth pairs."""
+
+    def __init__(self, tmp_path):
+        self.procs = []
+        self.tmp = tmp_path
+        self.captures = []
+        self.a = self._ns()
+        self.b = self._ns()
+        for i in range(2):
+            self.sh_a(f"ip link add va{i} type veth peer name vb{i} netns {self.b}")
+            for side, pid, addrs, dev in (("a", self.a, A_ADDRS, f"va{i}"), ("b", self.b, B_ADDRS, f"vb{i}")):
+                self.sh(pid, f"ip addr add {addrs[i]}/24 dev {dev}")
+                self.sh(pid, f"ip link set {dev} up")
+        for pid, dev, other in ((self.a, "va1", "10.0.0.0/24"), (self.b, "vb1", "10.0.0.0/24"),
+                                (self.a, "va0", "10.0.1.0/24"), (self.b, "vb0", "10.0.1.0/24")):
+            self.sh(pid, f"ip route add {other} dev {dev} metric 200")
+        for pid in (self.a, self.b):
+            self.sh(pid, "ip link set lo up")
+            self.sh(pid, "ip mptcp limits set subflow 4 add_addr_accepted 4")
+            self.sysctl(pid, "net.mptcp.blackhole_timeout", 0)
+
+    def _ns(self) -> int:
+        p = subprocess.Popen(["unshare", "--net", "sleep", "3600"])
+        self.procs.append(p)
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{p.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline, "unshare did not create a namespace"
+            time.sleep(0.01)
+        return p.pid
+
+    def sh(self, pid: int, cmd: str) -> str:
+        out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "sh", "-c", cmd],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, f"{cmd}: {out.stderr}"
+        return out.stdout
+
+    def sh_a(self, cmd: str) -> str:
+        return self.sh(self.a, cmd)
+
+    def sysctl(self, pid: int, name: str, value) -> None:
+        self.sh(pid, f"sysctl -qw {name}={value}")
+
+    def capture(self, pid: int, dev: str) -> str:
+        """Start tcpdump on dev in pid's namespace; returns the pcap path (stopped by close)."""
+        path = str(self.tmp / f"{pid}-{dev}.pcap")
+        p = subprocess.Popen(["nsenter", f"--net=/proc/{pid}/ns/net", "tcpdump", "-i", dev, "-s", "0", "-U",
+                              "--immediate-mode", "-w", path, "tcp"],
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.captures.append(p)
+        line = p.stderr.readline()   # "listening on ..." once the capture is live
+        assert "listening" in line, line
+        return path
+
+    def stop_captures(self) -> None:
+        for p in self.captures:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.captures:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.captures = []
+
+    def close(self) -> None:
+        self.stop_captures()
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def kernel_server(pair: Pair, addr: str = "10.0.0.2", port: int = 5000):
+    """A kernel MPTCP listener in B that reads everything, answers with the sha256, and closes."""
+    def make():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen()
+        s.settimeout(20)
+        return s
+
+    srv = in_ns(pair.b, make)
+    result = {}
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+            c.settimeout(30)
+            h, n = hashlib.sha256(), 0
+            while True:
+                d = c.recv(1 << 16)
+                if not d:
+                    break
+                h.update(d)
+                n += len(d)
+            c.sendall(h.hexdigest().encode())
+            c.close()
+            result.update(n=n, sha=h.hexdigest())
+        except Exception as exc:  # reported by the test
+            result["error"] = repr(exc)
+        finally:
+            srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t, result
+
+
+def mib(pair: Pair, pid: int, name: str) -> int:
+    """A kernel MPTCP counter (nstat) in pid's namespace."""
+    out = pair.sh(pid, f"nstat -saz {name}")
+    for line in out.splitlines():
+        if line.startswith(name):
+            return int(line.split()[1])
+    return 0
+
+
+def check_trace(pair: Pair, pcaps: list[str], stacks: list[Stack]) -> None:
+    pair.stop_captures()
+    sent = [s for st in stacks for s in st.sent]
+    for pcap in pcaps:
+        problems = check_capture(pcap, sent)
+        assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["csum-off", "csum-on"])
+def test_user_client_to_kernel_server(pair, checksum):
+    pair.sysctl(pair.b, "net.mptcp.checksum_enabled", int(checksum))
+    pcap = pair.capture(pair.a, "va0")
+    t, result = kernel_server(pair)
+    data = os.urandom(1_000_000)
+    with Stack(pair.a, record=True) as st:
+        conn = st.connect(("10.0.0.2", 5000), timeout=5)
+        info = conn.info()
+        assert not info.fallback and info.checksum == checksum
+        conn.send(data)
+        conn.close()
+        answer = conn.recv(100, timeout=20)
+        assert conn.recv(100, timeout=10) == b""
+        assert conn.wait_closed(10)
+        t.join(10)
+        assert answer.decode() == hashlib.sha256(data).hexdigest(), result
+        assert result["n"] == len(data)
+        assert mib(pair, pair.b, "MPTcpExtDataCsumErr") == 0
+        assert mib(pair, pair.b, "MPTcpExtMPCapableFallbackACK") == 0
+        kinds = []
+        while (ev := st.next_event(0.01)) is not None:
+            kinds.append(ev.kind)
+        assert kinds == ["created", "established", "sf_closed", "closed"]
+        check_trace(pair, [pcap], [st])
+
+
+def kernel_client(pair: Pair, data: bytes, dest=("10.0.0.2", 5000), extra_endpoint: str | None = None):
+    """A kernel MPTCP client in A that sends data, half-closes and reads the answer."""
+    if extra_endpoint:
+        pair.sh_a(f"ip mptcp endpoint add {extra_endpoint} dev va1 subflow")
+
+    def make():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        s.settimeout(30)
+        return s
+
+    c = in_ns(pair.a, make)
+    result = {}
+
+    def run():
+        try:
+            c.connect(dest)
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                d = c.recv(1 << 16)
+                if not d:
+                    break
+                chunks.append(d)
+            result["answer"] = b"".join(chunks)
+        except Exception as exc:
+            result["error"] = repr(exc)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, result
+
+
+def serve_sha(conn, timeout=30) -> tuple[int, str]:
+    """Read to EOF on a stack connection, answer with the sha256, close."""
+    h, n = hashlib.sha256(), 0
+    while True:
+        d = conn.recv(1 << 16, timeout=timeout)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+    conn.send(h.hexdigest().encode())
+    conn.close()
+    return n, h.hexdigest()
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["csum-off", "csum-on"])
+def test_kernel_client_to_user_server(pair, checksum):
+    pair.sysctl(pair.a, "net.mptcp.checksum_enabled", int(checksum))
+    pcap = pair.capture(pair.a, "va0")
+    data = os.urandom(1_000_000)
+    with Stack(pair.b, record=True) as st:
+        lst = st.listen(5000)
+        t, result = kernel_client(pair, data)
+        conn = lst.accept(timeout=5)
+        n, sha = serve_sha(conn)
+        t.join(20)
+        assert "error" not in result, result
+        assert n == len(data) and sha == hashlib.sha256(data).hexdigest()
+        assert result["answer"] == sha.encode()
+        info = conn.info()
+        assert not info.fallback and info.checksum == checksum
+        assert conn.wait_closed(10)
+        assert mib(pair, pair.a, "MPTcpExtDataCsumErr") == 0
+        assert mib(pair, pair.a, "MPTcpExtMPCapableFallbackSYNACK") == 0
+        check_trace(pair, [pcap], [st])
+
+
+def test_user_to_user_with_checksum(pair):
+    pcap = pair.capture(pair.a, "va0")
+    data = os.urandom(500_000)
+    with Stack(pair.b, record=True) as server, Stack(pair.a, record=True, checksum=True) as client:
+        lst = server.listen(6000)
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=serve_sha(lst.accept(timeout=5))), daemon=True)
+        t.start()
+        conn = client.connect(("10.0.0.2", 6000), timeout=5)
+        conn.send(data)
+        conn.close()
+        answer = conn.recv(100, timeout=20)
+        t.join(20)
+        assert box["r"] == (len(data), hashlib.sha256(data).hexdigest())
+        assert answer == box["r"][1].encode()
+        assert conn.info().checksum
+        check_trace(pair, [pcap], [server, client])
+
+
+def test_connect_to_a_silent_port_fails_in_one_line(pair):
+    # Nothing listens on 10.0.0.2:5999 in B: the kernel answers the SYN with a RST.
+    with Stack(pair.a) as st:
+        with pytest.raises(StackError, match="refused"):
+            st.connect(("10.0.0.2", 5999), timeout=3)
+        with pytest.raises(StackError, match="timed out"):
+            st.connect(("10.0.0.9", 5000), timeout=0.5)   # nobody answers ARP
