@@ -252,6 +252,11 @@ def _subflow_array(sock: socket.socket | int, opt: int, elem: int) -> list[bytes
 
 
 # ---- public API ------------------------------------------------------------
+def tcp_info(sock: socket.socket) -> TcpInfo:
+    """TCP_INFO of a plain TCP socket, or of an MPTCP socket that fell back to TCP."""
+    return _decode_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+
+
 def mptcp_info(sock: socket.socket | int) -> MptcpInfo:
     """MPTCP_INFO. Raises OSError (EOPNOTSUPP on a plain TCP socket)."""
     buf = ctypes.create_string_buffer(96)
@@ -392,6 +397,6 @@ def outcome(sock: socket.socket) -> str:
 
 
 __all__ = ["SOL_MPTCP", "MptcpInfo", "TcpInfo", "SubflowAddrs", "Subflow", "FullInfo",
-           "mptcp_info", "subflow_tcpinfo", "subflow_addrs", "full_info", "subflows",
+           "mptcp_info", "tcp_info", "subflow_tcpinfo", "subflow_addrs", "full_info", "subflows",
            "full_info_supported", "mptcp_socket",
            "congestion_control", "is_fallback", "outcome"]

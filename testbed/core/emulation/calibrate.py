@@ -19,23 +19,17 @@ import os
 import socket
 import statistics
 import struct
-import subprocess
 import threading
 import time
 from typing import Any
 
+from testbed.base.errors import TestbedError
+from testbed.core.bulk import run_flow
 from testbed.core.model import LinkParams
-
-TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
 
 
 # ---- measurement helpers (shared with the benchmark) ---------------------
-def ns_run(pid: int, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a short command in pid's network namespace; killed at the timeout."""
-    return subprocess.run(["mnexec", "-a", str(pid), *argv], capture_output=True, timeout=timeout)
-
-
-SO_TIMESTAMPNS = 35
+SO_TIMESTAMPNS = 35  # not in Python 3.11's socket module
 _icmp_ids = iter(range(0x4000 + os.getpid() % 0x3000, 0x10000))
 
 
@@ -163,127 +157,19 @@ def tcp_goodput(src_pid: int, dst_pid: int, src_addr: str | None, dst_addr: str,
                 duration: float = 2.0, warmup: float = 0.5, port: int = 5399,
                 cc: str = "cubic", mptcp: bool = False) -> dict[str, Any]:
     """One bulk TCP (or MPTCP) flow src -> dst for `duration` s; goodput (Mbit/s)
-    measured at the receiver after `warmup` s."""
-    from testbed.base.netns import run_in_netns
-
-    proto = socket.IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
-
-    def listener() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((dst_addr, port))
-        s.listen(1)
-        return s
-
-    def sender() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-        s.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, cc.encode())
-        if src_addr:
-            s.bind((src_addr, 0))
-        return s
-
-    lsock = run_in_netns(dst_pid, listener)
-    ssock = run_in_netns(src_pid, sender)
-    box: dict[str, Any] = {"samples": []}
-    stop_at = [0.0]
-
-    def receive() -> None:
-        lsock.settimeout(10)
-        try:
-            conn, _ = lsock.accept()
-        except OSError as exc:
-            box["error"] = f"accept: {exc}"
-            return
-        conn.settimeout(2)
-        buf = bytearray(1 << 20)
-        total = 0
-        samples = box["samples"]
-        try:
-            while True:
-                n = conn.recv_into(buf)
-                if not n:
-                    break
-                total += n
-                samples.append((time.monotonic(), total))
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def send() -> None:
-        chunk = b"\0" * (256 << 10)
-        try:
-            ssock.settimeout(10)
-            ssock.connect((dst_addr, port))
-            box["t0"] = time.monotonic()
-            connected.set()
-            ssock.settimeout(1)
-            while time.monotonic() < stop_at[0]:
-                try:
-                    ssock.send(chunk)
-                except TimeoutError:
-                    continue
-        except OSError as exc:
-            box.setdefault("error", f"sender: {exc}")
-        finally:
-            connected.set()
-            ssock.close()
-
-    connected = threading.Event()
-    stop_at[0] = time.monotonic() + duration + 10  # refined once connected
-    rx = threading.Thread(target=receive, daemon=True)
-    rx.start()
-    tx = threading.Thread(target=send, daemon=True)
-    tx.start()
-    connected.wait(15)
-    t0 = box.get("t0", time.monotonic())
-    stop_at[0] = t0 + duration
-    # Goodput from the sender's kernel counter tcpi_bytes_acked, read at the
-    # window's edges while the connection is in the Open state (no SACKed
-    # holes): independent of when the receiving thread got the CPU, and not
-    # skewed by a loss recovery that releases a window's worth of out-of-order
-    # data at once (both made short windows read up to 6 % above the rate).
-    marks = []
-    for t_mark in (t0 + warmup, t0 + duration - 0.6):
-        time.sleep(max(0.0, t_mark - time.monotonic()))
-        marks.append(_acked_when_open(ssock, 0.5))
-    tx.join(15)
-    rx.join(15)
-    lsock.close()
-    (ta, ba), (tb_, bb) = marks
-    if ba is not None and bb is not None and tb_ > ta:
-        return {"goodput_mbit": (bb - ba) * 8 / (tb_ - ta) / 1e6, "seconds": tb_ - ta, "cc": cc,
-                "source": "tcpi_bytes_acked"}
-    samples = [(t, b) for t, b in box["samples"] if t <= t0 + duration]
-    after = [(t, b) for t, b in samples if t >= t0 + warmup]
-    if len(after) < 2:
-        return {"goodput_mbit": math.nan, "error": box.get("error", "no data received")}
-    (ta, ba), (tb_, bb) = after[0], after[-1]
-    return {"goodput_mbit": (bb - ba) * 8 / (tb_ - ta) / 1e6 if tb_ > ta else math.nan,
-            "seconds": tb_ - ta, "cc": cc, "source": "app"}
-
-
-TCPI_CA_STATE = 1  # offsets in struct tcp_info
-TCPI_BYTES_ACKED = 120
-
-
-def _acked_when_open(sock: socket.socket, patience: float) -> tuple[float, int | None]:
-    """(time, tcpi_bytes_acked) at the first moment within `patience` s the
-    sender is in TCP_CA_Open; bytes None for MPTCP sockets or on errors."""
-    if sock.proto == socket.IPPROTO_MPTCP:
-        return time.monotonic(), None
-    end = time.monotonic() + patience
-    while True:
-        try:
-            raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        except OSError:
-            return time.monotonic(), None
-        now = time.monotonic()
-        if len(raw) < TCPI_BYTES_ACKED + 8:
-            return now, None
-        if raw[TCPI_CA_STATE] == 0 or now >= end:
-            return now, struct.unpack_from("=Q", raw, TCPI_BYTES_ACKED)[0]
-        time.sleep(0.0005)
+    over [warmup, duration - 0.6] s, from the sender's tcpi_bytes_acked read
+    while the connection is in the Open state (the receiver's count for MPTCP)."""
+    try:
+        flow = run_flow(src_pid, dst_pid, dst_addr, port, [warmup, duration - 0.6],
+                        src_addr=src_addr, protocol="mptcp" if mptcp else "tcp", cc=cc,
+                        stop_s=duration)
+    except TestbedError as exc:
+        return {"goodput_mbit": math.nan, "error": str(exc)}
+    goodput = flow.goodput_mbit()
+    if math.isnan(goodput):
+        return {"goodput_mbit": math.nan, "error": flow.error or "no data received"}
+    return {"goodput_mbit": goodput, "seconds": flow.marks[-1].t - flow.marks[0].t, "cc": cc,
+            "source": flow.source}
 
 
 def has_loss(p: LinkParams) -> bool:

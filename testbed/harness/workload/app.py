@@ -30,10 +30,10 @@ import threading
 import time
 from typing import Any
 
+from testbed.core.bulk import CHUNK, receive_stream, send_stream
 from testbed.mptcp import sockopt as so
 
 HEADER_LEN = 512
-CHUNK = 64 * 1024
 BLOCK_LEN = 1_048_573  # payload period: prime, so chunk boundaries never line up
 
 
@@ -71,35 +71,37 @@ class Conn:
         self._thread = threading.Thread(target=self._sample_loop, daemon=True)
         self._thread.start()
 
-    # data path
-    def send(self, n: int) -> None:
-        while n > 0:
-            data = self.payload.take(min(n, CHUNK))
-            self.sock.sendall(data)
-            self.tx_hash.update(data)
-            self.tx += len(data)
-            n -= len(data)
+    # data path: the testbed's one bulk engine moves the bytes, we count and hash them
+    def send(self, n: int | None = None, until: float | None = None) -> None:
+        """Send n payload bytes, or payload until time.monotonic() reaches `until`."""
+        send_stream(self.sock, self.payload.take, nbytes=n, until=until, on_sent=self._sent)
+
+    def _sent(self, data: bytes | memoryview) -> None:
+        self.tx_hash.update(data)
+        self.tx += len(data)
+
+    def _received(self, data: memoryview) -> None:
+        now = time.monotonic_ns()
+        self.first_rx_ns = self.first_rx_ns or now
+        self.last_rx_ns = now
+        self.rx_hash.update(data)
+        self.rx += len(data)
 
     def recv_some(self, limit: int = CHUNK) -> int:
+        """One receive of at most `limit` bytes (0: the peer closed)."""
         data = self.sock.recv(limit)
         if data:
-            now = time.monotonic_ns()
-            self.first_rx_ns = self.first_rx_ns or now
-            self.last_rx_ns = now
-            self.rx_hash.update(data)
-            self.rx += len(data)
+            self._received(memoryview(data))
         return len(data)
 
     def recv_exact(self, n: int) -> None:
-        while n > 0:
-            got = self.recv_some(min(n, CHUNK))
-            if got == 0:
-                raise ConnectionError(errno_mod.ECONNRESET, "peer closed early")
-            n -= got
+        """Receive exactly n bytes; ConnectionError if the peer closes first."""
+        if receive_stream(self.sock, self._received, limit=n) < n:
+            raise ConnectionError(errno_mod.ECONNRESET, "peer closed early")
 
     def recv_to_eof(self) -> None:
-        while self.recv_some():
-            pass
+        """Receive until the peer closes."""
+        receive_stream(self.sock, self._received)
 
     # sampling
     def _sample_loop(self) -> None:
@@ -149,7 +151,7 @@ def _subflows(sock: socket.socket) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         if exc.errno not in (errno_mod.EOPNOTSUPP, errno_mod.ENOPROTOOPT):
             raise
-    ti = so._decode_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))
+    ti = so.tcp_info(sock)
     local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
     label = so.SubflowAddrs(tuple(local), tuple(remote)).label
     return {label: {"bytes_acked": ti.bytes_acked or 0, "bytes_received": ti.bytes_received or 0,
@@ -233,18 +235,14 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
 def _send_bulk(conn: Conn, n: int | None, seconds: float | None) -> None:
     if n is not None:
         conn.send(n)
-        return
-    end = time.monotonic() + (seconds or 0)
-    while time.monotonic() < end:
-        conn.send(CHUNK)
+    else:
+        conn.send(until=time.monotonic() + (seconds or 0))
 
 
 def run_server(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "server", "protocol": a.protocol, "pid": os.getpid()}
-    ls = so.mptcp_socket(a.cc, protocol=a.protocol)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((a.bind, a.port))
-    ls.listen(4)  # stays open for the whole run: MP_JOIN SYNs need the listener
+    # Stays open for the whole run: MP_JOIN SYNs need the listener.
+    ls = so.listener(a.port, a.bind, a.protocol, a.cc, backlog=4)
     ls.settimeout(a.timeout)
     # Our payload is seeded with the client's seed + 1, so a mix-up of the two
     # directions cannot produce matching hashes; generated before accepting.
