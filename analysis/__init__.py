@@ -70,15 +70,21 @@ class Results:
 
 
 def _params(man: dict[str, Any]) -> dict[str, Any]:
-    """The run's parameters: the experiment's own (scenario `params`, grid point
-    applied) plus every grid key. Grid keys are dotted scenario paths; the
-    experiment's own `params.` prefix is dropped so `params.strategy` becomes
-    `param.strategy`, while `topology.params.rates` keeps its full name."""
+    """The run's parameters as it ran them (the manifest's scenario has the grid
+    point applied): the experiment's own `params` (prefix dropped, so
+    `params.strategy` becomes `param.strategy`), the topology's parameters
+    (`topology.params.lte_backup`), every field of every timed event
+    (`events.1.action`, `events.1.path`), and every grid key."""
     scenario = man.get("scenario") if isinstance(man.get("scenario"), dict) else {}
     out = flatten(scenario.get("params") or {})
+    topology = scenario.get("topology") if isinstance(scenario.get("topology"), dict) else {}
+    out.update(flatten(topology.get("params") or {}, "topology.params."))
+    events = scenario.get("events") if isinstance(scenario.get("events"), list) else []
+    for i, event in enumerate(events):
+        if isinstance(event, dict):
+            out.update(flatten(event, f"events.{i}."))
     for k, v in (man.get("params") or {}).items():
-        key = k.removeprefix("params.")
-        out[key] = v
+        out[k.removeprefix("params.")] = v
     return out
 
 

@@ -296,7 +296,9 @@ def generate(root: str | Path, reps: int = 4, seed: int = 1) -> Path:
         m, _, ev = _establishment(rng, p["scenario"], p["strategy"])
         change = condition_event(p["scenario"], "wifi", SLOW_DELAY_MS)
         _write_run(root, spec, m, {"events": ev}, [change] if change else [])
-    for spec in sorted(sc.expand(_scenario("failover.toml", repetitions=reps)), key=lambda r: r.run_id):
+    failover = [*sc.expand(_scenario("failover.toml", repetitions=reps)),
+                *sc.expand(_scenario("failover-mpprio.toml", repetitions=reps))]
+    for spec in sorted(failover, key=lambda r: r.run_id):
         fault = spec.scenario.events[0]
         backup = spec.scenario.topology.params.get("lte_backup", False)
         m, _, tables = _failover(rng, fault.action, "backup" if backup else "normal")

@@ -256,3 +256,38 @@ def test_notebook_runs_against_the_test_store(store, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2, [o.output_type for o in outputs]
+
+
+def test_grid_points_are_labelled_in_words(res):
+    from analysis.figures import variant_label
+
+    failover = set(variant_label(res.of("failover")))
+    assert {"WiFi blackholed, LTE backup", "WiFi link down, LTE regular", "WiFi 100 % loss, LTE backup",
+            "WiFi blackholed, LTE backup flag cleared (MP_PRIO), LTE backup"} <= failover
+    throughput = set(variant_label(res.of("throughput")))
+    assert "10/10 Mbit/s, 0/0 ms one way, cubic" in throughput
+    for label in failover | throughput:
+        assert "=" not in label and "events." not in label and "params." not in label, label
+
+
+def test_figure_texts_never_overlap(res):
+    """Panel titles, fault annotations and tick labels of every report figure
+    keep clear of each other (what a reader would see as overprinted text)."""
+    from analysis.figures import establishment, failover, throughput
+
+    for family in (establishment, failover, throughput):
+        for fig in family.build(res).figures:
+            fig.fig.canvas.draw()
+            r = fig.fig.canvas.get_renderer()
+            for ax in fig.fig.axes:
+                texts = [t for t in [ax.title, *ax.texts] if t.get_text()]
+                boxes = [t.get_window_extent(r) for t in texts]
+                for i in range(len(boxes)):
+                    for j in range(i + 1, len(boxes)):
+                        assert not boxes[i].overlaps(boxes[j]), \
+                            (fig.name, texts[i].get_text(), texts[j].get_text())
+            titles = [(ax.title.get_window_extent(r), ax.title.get_text()) for ax in fig.fig.axes
+                      if ax.title.get_text()]
+            for i in range(len(titles)):
+                for j in range(i + 1, len(titles)):
+                    assert not titles[i][0].overlaps(titles[j][0]), (fig.name, titles[i][1], titles[j][1])

@@ -74,29 +74,87 @@ def order(values: pd.Series, preferred: list[str]) -> list[str]:
 
 
 def variant_label(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
-    """A short label from the grid parameters that vary in `runs` ("fault=blackhole, mode=backup").
+    """A grid point in words, from the parameters that vary in `runs`
+    ("WiFi blackholed, LTE backup"; "cubic, 0/0 ms one way").
 
     Experiments name their parameters as they like; taking only the varying ones
-    keeps labels short without hard-coding names.
+    keeps labels short without hard-coding an experiment. A varying field of a
+    timed event brings the whole event into the label, said as what it does.
     """
     params = [c for c in runs.columns if c.startswith("param.") and c not in exclude
               and runs[c].nunique(dropna=True) > 1]
     if not params:
         return pd.Series("all runs", index=runs.index, dtype="string")
-    parts = [runs[c].map(pretty_value, na_action="ignore").astype("string").fillna("–")
-             .radd(f"{short_name(c, params)}=") for c in params]
-    label = parts[0]
-    for p in parts[1:]:
-        label = label + ", " + p
-    return label
+    events = sorted({int(c.split(".")[2]) for c in params
+                     if c.startswith("param.events.") and c.split(".")[2].isdigit()})
+    first = {"rates": 0, "delays": 1}  # the link settings lead, as people describe a setup
+    others = sorted((c for c in params if not c.startswith("param.events.")),
+                    key=lambda c: first.get(c.rsplit(".", 1)[-1], 2))
+
+    def words(row: pd.Series) -> str:
+        parts = [event_words(row, i) for i in events]
+        parts += [value_words(c.removeprefix("param."), row[c]) for c in others]
+        return ", ".join(p for p in parts if p)
+
+    return runs.apply(words, axis=1).astype("string") if len(runs) else \
+        pd.Series([], dtype="string", index=runs.index)
 
 
-def short_name(col: str, among: list[str]) -> str:
-    """`param.topology.params.rates` -> `rates` unless another column ends the same way."""
-    full = col.removeprefix("param.")
-    last = full.rsplit(".", 1)[-1]
-    clash = sum(c.rsplit(".", 1)[-1] == last for c in among) > 1
-    return full if clash or last.isdigit() else last
+PATH_WORDS = {"wifi": "WiFi", "lte": "LTE"}
+ACTION_WORDS = {
+    "link_down": "{path} link down", "link_up": "{path} link up",
+    "blackhole": "{path} blackholed", "unblackhole": "{path} no longer blackholed",
+    "backup_on": "{path} stays backup", "backup_off": "{path} backup flag cleared (MP_PRIO)",
+    "mptcp_drop": "{path} drops MPTCP SYNs", "syn_pass": "{path} middlebox passes SYNs",
+    "middlebox_off": "{path} middlebox removed", "set_link": "{path} {changes}",
+}
+CHANGE_WORDS = {"loss_pct": "{:g} % loss", "delay_ms": "{:g} ms one-way delay", "rate_mbit": "{:g} Mbit/s",
+                "jitter_ms": "{:g} ms jitter", "queue_pkts": "{:g}-packet queue"}
+
+
+def path_words(name: object) -> str:
+    """wifi -> WiFi, lte -> LTE; other path names as they are."""
+    return PATH_WORDS.get(str(name), str(name))
+
+
+def event_words(row: pd.Series, i: int) -> str:
+    """Timed event i of the run's grid point, as what it does ("WiFi blackholed")."""
+    prefix = f"param.events.{i}."
+    action = row.get(prefix + "action")
+    if action is None or action is pd.NA or (isinstance(action, float) and np.isnan(action)):
+        return ""  # this grid point has no such event: nothing to say
+    changes = {key: row.get(prefix + "changes." + key) for key in CHANGE_WORDS}
+    changes = {k: v for k, v in changes.items()
+               if v is not None and v is not pd.NA and not (isinstance(v, float) and np.isnan(v))}
+    return change_words(str(action), str(row.get(prefix + "path", "")), changes)
+
+
+def change_words(action: str, path: str, changes: dict | None = None) -> str:
+    """A recorded change (action, path, set_link changes) in words ("WiFi 100 % loss")."""
+    text = ACTION_WORDS.get(action, "{path} " + action.replace("_", " "))
+    said = [fmt.format(float(changes[k])) for k, fmt in CHANGE_WORDS.items() if (changes or {}).get(k) is not None]
+    return text.format(path=path_words(path), changes=", ".join(said)).strip()
+
+
+def value_words(name: str, v: object) -> str:
+    """One parameter's value in words: flags said as what they mean, lists as a/b with units."""
+    last = name.rsplit(".", 1)[-1]
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return f"{last.replace('_', ' ')} not set"
+    value = pretty_value(v)
+    if last.endswith("_backup") and isinstance(v, (bool, np.bool_)):
+        return f"{path_words(last.removesuffix('_backup'))} {'backup' if v else 'regular'}"
+    if last == "rates":
+        return f"{value} Mbit/s"
+    if last == "delays":
+        return f"{value} ms one way"
+    if last == "direction":
+        return {"up": "upload", "down": "download"}.get(value, value)
+    if last in ("congestion_control", "strategy", "scenario", "condition", "cc"):
+        return value
+    if isinstance(v, (bool, np.bool_)):
+        return last.replace("_", " ") if v else f"no {last.replace('_', ' ')}"
+    return f"{last.replace('_', ' ')} {value}"
 
 
 def pretty_value(v: object) -> str:
@@ -107,6 +165,8 @@ def pretty_value(v: object) -> str:
             return "/".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in items)
         except ValueError:
             return v
+    if isinstance(v, (list, tuple)):
+        return "/".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in v)
     if isinstance(v, (bool, np.bool_)):
         return str(bool(v)).lower()
     return str(v)

@@ -13,13 +13,13 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis import Results
-from analysis.figures import (OUTCOME_COLORS, OUTCOMES, STRATEGIES, Figure, Section, grid, order,
-                              setup_style, strategy_color, strategy_dash)
+from analysis.figures import (OUTCOME_COLORS, OUTCOMES, STRATEGIES, Figure, Section, change_words, grid,
+                              order, setup_style, strategy_color, strategy_dash)
 from analysis.stats import ecdf, share, summarize
 
 EXPERIMENTS = ("establishment", "robe_establishment")
 SCENARIOS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
-SYN_TIMES_S = [1, 2, 3]  # SYN+MP_CAPABLE retransmissions; plain TCP from 3 s (mptcp-linux.md)
+SYN_TIMES_S = [1, 2, 3]  # SYN+MP_CAPABLE retransmissions; plain TCP from 3 s (Linux)
 
 
 def seconds_label(x: float, _pos: object = None) -> str:
@@ -57,7 +57,25 @@ def data(res: Results) -> pd.DataFrame:
     runs = runs[runs["param.scenario"].notna() & runs["param.strategy"].notna()]
     if "metric.outcome" in runs:
         runs = runs.assign(**{"metric.outcome": normalize_outcome(runs["metric.outcome"])})
-    return runs
+    return runs.assign(condition_words=[condition_words(res.manifests.get(k, {}))
+                                        for k in zip(runs["experiment"], runs["run_id"])])
+
+
+def condition_words(manifest: dict) -> str | None:
+    """The default path's condition in words, from the changes the run recorded
+    ("WiFi 30 % loss", "WiFi blackholed"); "healthy" when nothing was changed;
+    None when the run recorded no changes at all (an older store)."""
+    applied = manifest.get("applied_events")
+    if applied is None:
+        return None
+    said = [change_words(a["action"], a["path"], a.get("changes")) for a in applied if a.get("ok", True)]
+    return ", ".join(said) or "healthy"
+
+
+def _title(d: pd.DataFrame, condition: str) -> str:
+    """A panel's title: the condition in words when every run recorded the same."""
+    said = set(d["condition_words"].dropna()) if "condition_words" in d else set()
+    return said.pop() if len(said) == 1 else condition
 
 
 def _limits(df: pd.DataFrame, cols: list[str]) -> tuple[float, float]:
@@ -98,7 +116,7 @@ def setup_ecdf(df: pd.DataFrame) -> Figure:
             ax.axvline(t, color="0.55", lw=0.7, ls=":", zorder=0)
         _log_time_axis(ax, lo, hi)
         ax.set_ylim(-0.02, 1.04)
-        ax.set_title(sc)
+        ax.set_title(_title(d, sc))
     for ax in axes:
         if ax.get_subplotspec().is_first_col():
             ax.set_ylabel("fraction of runs connected")
@@ -149,7 +167,7 @@ def multipath_strip(df: pd.DataFrame) -> Figure:
         _log_time_axis(ax, lo, hi)
         ax.set_yticks(range(len(strategies)), strategies)
         ax.set_ylim(len(strategies) - 0.5, -0.5)
-        ax.set_title(sc)
+        ax.set_title(_title(d, sc))
     for ax in axes:
         if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
             ax.set_xlabel("time since connect()")
@@ -182,7 +200,7 @@ def outcome_bars(df: pd.DataFrame) -> Figure:
         ax.set_ylim(len(strategies) - 0.5, -0.5)
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:.0%}"))
-        ax.set_title(sc)
+        ax.set_title(_title(df[df["param.scenario"] == sc], sc))
     for ax in axes:
         if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
             ax.set_xlabel("share of runs")

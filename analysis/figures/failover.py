@@ -7,12 +7,14 @@ per-subflow `bytes_acked` counters in `subflows`.
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
 from analysis import Results
-from analysis.figures import PATH_COLORS, Figure, Section, grid, setup_style, variant_label
+from analysis.figures import PATH_COLORS, Figure, Section, path_words, change_words, grid, setup_style, variant_label
 from analysis.stats import summarize
 
 EXPERIMENT = "failover"
@@ -57,9 +59,20 @@ def goodput(res: Results, run: pd.Series) -> pd.DataFrame:
 
 
 def faults(res: Results, run: pd.Series) -> pd.DataFrame:
+    """t (applied, s since t0) and label (in words) of every change the run recorded.
+
+    From the manifest's `applied_events` (when each change took effect); a store
+    that did not record them falls back to the events table's fault rows."""
+    man = res.manifests.get((run["experiment"], run["run_id"]), {})
+    applied = man.get("applied_events")
+    if applied is not None:
+        rows = [(float(a["applied_s"]), change_words(a["action"], a["path"], a.get("changes")))
+                for a in applied if a.get("ok", True)]
+        return pd.DataFrame(rows, columns=["t", "label"])
     ev = res.events
-    return ev[(ev["experiment"] == run["experiment"]) & (ev["run_id"] == run["run_id"])
-              & (ev["source"] == "fault")]
+    ev = ev[(ev["experiment"] == run["experiment"]) & (ev["run_id"] == run["run_id"])
+            & (ev["source"] == "fault")]
+    return pd.DataFrame({"t": ev["t"].to_numpy(), "label": ev["event"].astype(str).to_numpy()})
 
 
 def _representative(g: pd.DataFrame) -> pd.Series:
@@ -88,15 +101,18 @@ def timeline(res: Results, runs: pd.DataFrame) -> Figure | None:
         tot = d[d["path"] == "total"]
         if not tot.empty:
             ax.plot(tot["t"], tot["mbit"], color="0.15", lw=1.0, ls="--", drawstyle="steps-pre")
-        for _, f in faults(res, r).iterrows():
-            ax.axvline(f["t"], color="#d55e00", lw=1.4)
-            ax.annotate(str(f["event"]), (f["t"], 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -3), textcoords="offset points", ha="left", va="top",
-                        fontsize=8.5, color="#d55e00")
-            fault_names.add(str(f["event"]))
+        for i, f in enumerate(faults(res, r).sort_values("t").itertuples()):
+            ax.axvline(f.t, color="#d55e00", lw=1.4)
+            # one line each, stacked downwards: changes close in time never overprint
+            ax.annotate(f.label, (f.t, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(3, -3 - 11 * i), textcoords="offset points", ha="left", va="top",
+                        fontsize=8.5, color="#d55e00",
+                        bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+            fault_names.add(f.label)
         stall = r.get("metric.stall_s")
-        ax.set_title(f"{v}\n(run {r['run_id']}, stall {float(stall):.2f} s)" if pd.notna(stall)
-                     else f"{v}\n(run {r['run_id']})", fontsize=9.5)
+        name = textwrap.fill(str(v), 52)  # a long grid point wraps instead of running into the next panel
+        ax.set_title(f"{name}\n(run {r['run_id']}, stall {float(stall):.2f} s)" if pd.notna(stall)
+                     else f"{name}\n(run {r['run_id']})", fontsize=9.5)
     # One limit from every panel's data: set_ylim(bottom=0) on a shared axis
     # would freeze the top at the first panel's maximum and clip the others.
     top = max(float(d["mbit"].max()) for _, _, d in series)
@@ -106,7 +122,7 @@ def timeline(res: Results, runs: pd.DataFrame) -> Figure | None:
             ax.set_ylabel(f"goodput (Mbit/s, {SMOOTH_S * 1000:.0f} ms mean)")
         if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
             ax.set_xlabel("time since transfer start (s)")
-    handles = [Line2D([], [], color=colors[p], lw=1.8, label=p) for p in paths]
+    handles = [Line2D([], [], color=colors[p], lw=1.8, label=path_words(p)) for p in paths]
     handles.append(Line2D([], [], color="0.15", lw=1.0, ls="--", label="total"))
     handles.append(Line2D([], [], color="#d55e00", lw=1.4, label="fault injected"))
     fig.legend(handles=handles, loc="outside right upper", title="path")

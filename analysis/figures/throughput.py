@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from analysis import Results, paths
-from analysis.figures import PATH_COLORS, Figure, Section, grid, setup_style, variant_label
+from analysis.figures import PATH_COLORS, Figure, Section, path_words, grid, pretty_value, setup_style, variant_label
 from analysis.stats import summarize
 
 EXPERIMENT = "throughput"
@@ -34,7 +34,7 @@ def efficiency_figure(runs: pd.DataFrame) -> Figure:
     sums = runs["metric.sum_rates_mbit"].astype("float64")
     # x: the rate configuration ordered by Σ rates; "10/10" and "15/5" share a sum
     if rp is not None:
-        x = runs[rp].astype("string") + "\n(Σ " + sums.map("{:g}".format) + ")"
+        x = runs[rp].map(pretty_value).astype("string") + "\n(Σ " + sums.map("{:g}".format) + ")"
     else:
         x = "Σ " + sums.map("{:g}".format)
     x_order = list(dict.fromkeys(x.iloc[np.lexsort([x.to_numpy(dtype=str), sums.to_numpy()])]))
@@ -130,7 +130,7 @@ def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFram
     ax.set_xlim(0, 1)
     ax.xaxis.set_major_formatter(lambda x, _p: f"{x:.0%}")
     ax.set_xlabel("share of bytes per path (mean over repetitions)")
-    handles = [Patch(color=PATH_COLORS[i % len(PATH_COLORS)], label=p) for i, p in enumerate(order_paths)]
+    handles = [Patch(color=PATH_COLORS[i % len(PATH_COLORS)], label=path_words(p)) for i, p in enumerate(order_paths)]
     handles.append(Line2D([], [], color="0.1", lw=1.6, label=f"{first}: rate share"))
     fig.legend(handles=handles, loc="outside right upper", title="path")
     fig_ = Figure("throughput_shares", "Per-path share of the delivered bytes",
