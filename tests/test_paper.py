@@ -104,3 +104,20 @@ def test_bad_campaign_is_refused_before_anything_runs(tmp_path, body, needle):
     assert_one_line_error(proc, needle)
     assert proc.returncode == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("args, needle", [
+    (["report", "/nonexistent/results"], "does not exist"),
+    (["results.ls", "/nonexistent/results"], "no results directory"),
+    (["run", "/nonexistent/s.toml"], "does not exist"),
+    (["paper", "--campaign", "/nonexistent/c.toml"], "does not exist"),
+    (["demo", "--topology", "no-such-topology"], "no-such-topology"),
+    (["shell", "--topology", "no-such-topology"], "no-such-topology"),
+])
+def test_user_errors_exit_2_in_every_task(args, needle):
+    """One convention for every task: a user error is one line on stderr and exit
+    status 2 (1 means the work itself failed, 130 an interrupt)."""
+    proc = run_tb(*args)
+    assert_one_line_error(proc, needle)
+    assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
