@@ -9,6 +9,10 @@ never needs PyPI). The result is cached under /var/cache/mptcp-testbed keyed by
 a hash of everything that goes into it, with the exact package versions
 recorded next to it and inside the box.
 
+debootstrap and every chroot command run in private mount namespaces: the
+mounts they need (/proc, /sys, /dev) never reach the host's mount table, and
+no recursive delete here runs while anything is mounted below its directory.
+
 The disk is a bare ext4 file system (mke2fs -d: no loop devices, no
 partitioning, no boot loader), so the box boots with libvirt's direct kernel
 boot; the box's own Vagrantfile points libvirt at the kernel and initrd that
@@ -147,7 +151,9 @@ class _Builder:
     def build(self) -> dict:
         t0 = time.monotonic()
         self.say(f"debootstrap {SUITE} (minbase) ...")
-        self.sh("debootstrap", "--variant=minbase", f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
+        # debootstrap mounts /proc and /sys in the target itself: privately too.
+        self.sh("unshare", "--mount", "--propagation", "private",
+                "debootstrap", "--variant=minbase", f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
                 SUITE, str(self.root), MIRROR)
         (self.root / "etc/apt/sources.list").write_text(
             f"deb {MIRROR} {SUITE} main\ndeb {MIRROR} {SUITE}-updates main\n"

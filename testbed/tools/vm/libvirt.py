@@ -76,7 +76,8 @@ def _pid_from(pidfile: Path, program: str | None = None) -> int | None:
     it (a stale pid file's PID may belong to someone else by now)."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
+        if not _alive(pid):
+            return None
         if program and Path(f"/proc/{pid}/comm").read_text().strip() != program:
             return None
         return pid
@@ -85,11 +86,23 @@ def _pid_from(pidfile: Path, program: str | None = None) -> int | None:
 
 
 def dnsmasq_pids() -> dict[str, int]:
-    """Network name -> PID of the dnsmasq libvirt runs for it (alive ones only)."""
+    """Network name -> PID of the dnsmasq libvirt runs for it (alive ones only;
+    the directory also holds the network driver's own pid file)."""
     if not NETWORK_PIDDIR.is_dir():
         return {}
-    pids = {f.stem: _pid_from(f) for f in NETWORK_PIDDIR.glob("*.pid")}
+    pids = {f.stem: _pid_from(f, "dnsmasq") for f in NETWORK_PIDDIR.glob("*.pid")}
     return {name: pid for name, pid in pids.items() if pid is not None}
+
+
+def stop_network(name: str, grace_s: float = 10.0) -> None:
+    """Stop a network through libvirt and wait until its dnsmasq has exited
+    (libvirt only signals it); if it outlives the grace, end it by the PID
+    libvirt recorded."""
+    pid = dnsmasq_pids().get(name)
+    virsh("net-destroy", name)
+    if pid is not None and not _wait_gone(pid, grace_s):
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, grace_s)
 
 
 def purge_domains(prefix: str) -> list[str]:
@@ -135,7 +148,7 @@ def undo_since(before: Footprint, grace_s: float = 10.0) -> list[str]:
     now = Footprint.now()
     stopped = []
     for net in sorted(now.active_networks - before.active_networks):
-        virsh("net-destroy", net)
+        stop_network(net, grace_s)
         stopped.append(f"network {net}")
     for net in sorted(now.defined_networks - before.defined_networks):
         virsh("net-undefine", net)
@@ -144,22 +157,29 @@ def undo_since(before: Footprint, grace_s: float = 10.0) -> list[str]:
         if pid is None or name in before.daemons:
             continue
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        if _alive(pid):
+        if not _wait_gone(pid, grace_s):
             os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, grace_s)
         stopped.append(f"{name} (pid {pid})")
     return stopped
 
 
+def _wait_gone(pid: int, grace_s: float) -> bool:
+    deadline = time.monotonic() + grace_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _alive(pid: int) -> bool:
+    """Running, not a zombie: daemons that exit wait as zombies until init reaps
+    them, which can take a while on light VMs and containers."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie child of ours counts as gone; the daemons are never our children
-    # (they daemonise), so this is only a safeguard.
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
