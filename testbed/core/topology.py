@@ -6,7 +6,6 @@ testbed/core/topologies/ or in a directory listed in $MPTB_TOPOLOGY_PATH.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from pydantic import ConfigDict, ValidationError, validate_call
 
 from testbed.base.errors import TestbedError, format_validation_error
 from testbed.base.registry import Registry
+from testbed.base.tomlfile import read_toml
 from testbed.core.model import TopologySpec
 
 
@@ -47,12 +47,7 @@ def available() -> dict[str, str]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise TestbedError(f"cannot read topology file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TestbedError(f"malformed TOML in {path}: {exc}") from None
+    return read_toml(path, "topology file")
 
 
 def from_dict(data: dict[str, Any], where: str = "topology") -> TopologySpec:

@@ -14,13 +14,14 @@ anything runs.
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from testbed.base.errors import TestbedError, format_validation_error
+from testbed.base.tomlfile import read_toml
+from testbed.base.strict import Strict
 from testbed.harness import scenario as sc
 from testbed.harness.results import run_status
 from testbed.harness.runner import SweepSummary, sweep
@@ -28,19 +29,15 @@ from testbed.harness.runner import SweepSummary, sweep
 PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper.toml"
 
 
-class CampaignEntry(BaseModel):
+class CampaignEntry(Strict):
     """One scenario file of a campaign and what --quick changes in it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     file: str
     quick: dict[str, Any] = Field(default_factory=dict)
 
 
-class Campaign(BaseModel):
+class Campaign(Strict):
     """A campaign file as loaded (`path` is where it came from)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     description: str = ""
     scenario: list[CampaignEntry] = Field(min_length=1)
@@ -55,12 +52,7 @@ class Campaign(BaseModel):
 def load(path: str | Path = PAPER) -> Campaign:
     """Read and validate a campaign file, including both variants of every scenario."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise TestbedError(f"campaign file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TestbedError(f"malformed TOML in {p}: {exc}") from None
+    data = read_toml(p, "campaign file")
     try:
         campaign = Campaign(**data, path=str(p))
     except ValidationError as exc:

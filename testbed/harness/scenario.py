@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import json
 import random
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from testbed.base.errors import TestbedError, format_validation_error
+from testbed.base.tomlfile import read_toml
 from testbed.core.events import EventSpec
 from testbed.core.model import HostSettings, TopologySpec
 from testbed.core.topology import apply_overrides, from_dict, load as load_topology, set_dotted
@@ -107,12 +107,7 @@ class RunSpec:
 def load(path: str | Path, overrides: dict[str, Any] | None = None,
          repetitions: int | None = None) -> Scenario:
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise TestbedError(f"scenario file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TestbedError(f"malformed TOML in {p}: {exc}") from None
+    data = read_toml(p, "scenario file")
     data = apply_overrides(data, overrides or {})
     if repetitions is not None:
         data["repetitions"] = repetitions
