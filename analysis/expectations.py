@@ -182,7 +182,7 @@ def table(res: Results) -> pd.DataFrame:
         lambda: syn_schedule(E, "tcp"))
     add(lim + " (Linux SYN schedule)", "MPTCP", "MPTCP SYNs dropped (mptcp_drop)",
         "fallback to plain TCP after ~3 s", lambda: fallback(E))
-    add(TARGET, "MPTCP", "healthy", "setup ≈ 1 RTT of the default path",
+    add("RFC 8684 / " + TARGET, "MPTCP", "healthy", "setup ≈ 1 RTT of the default path (MP_CAPABLE handshake)",
         lambda: setup_matches(E, "healthy", "mptcp", "default"))
     add(TARGET, "TCP", "healthy", "setup ≈ 1 RTT of the default path",
         lambda: setup_matches(E, "healthy", "tcp", "default"))
