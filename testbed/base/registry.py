@@ -14,17 +14,12 @@ import importlib
 import pkgutil
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from testbed.base.errors import TestbedError, format_validation_error
+from testbed.base.strict import Strict
 
 T = TypeVar("T")
-
-
-class StrictParams(BaseModel):
-    """Parameters with unknown keys rejected: a typo is an error, never ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class Parametrized:
@@ -33,7 +28,7 @@ class Parametrized:
     kind: ClassVar[str] = "component"
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    Params: ClassVar[type[BaseModel]] = StrictParams
+    Params: ClassVar[type[BaseModel]] = Strict
 
     def __init__(self, **params: Any):
         self.params = self.validate_params(params)

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from testbed.base.strict import FrozenStrict
 
 MAX_PATHS = 8  # the kernel's hard maximum of subflows per connection
 PATH_NAME = r"^[a-z][a-z0-9]{0,6}$"  # short: it becomes part of interface names
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GilbertElliott(Strict):
+class GilbertElliott(FrozenStrict):
     """Bursty loss: a two-state Markov chain evaluated per packet."""
 
     p_pct: float = Field(ge=0, le=100, description="P(good -> bad) per packet, %")
@@ -31,7 +29,7 @@ class GilbertElliott(Strict):
         return bad_share * self.bad_loss_pct + (1 - bad_share) * self.good_loss_pct
 
 
-class LinkParams(Strict):
+class LinkParams(FrozenStrict):
     """What one direction of an emulated link does to packets."""
 
     rate_mbit: float | None = Field(None, gt=0, le=100_000, description="None: unshaped")
@@ -62,7 +60,7 @@ class LinkParams(Strict):
         return max(20, round(bdp_pkts * (self.queue_bdp or 1.0)))
 
 
-class DirectionOverride(Strict):
+class DirectionOverride(FrozenStrict):
     """Per-direction overrides; unset fields inherit from the path."""
 
     rate_mbit: float | None = Field(None, gt=0, le=100_000)
@@ -122,7 +120,7 @@ class BottleneckSpec(LinkParams):
     mtu: int = Field(1500, ge=576, le=9000)
 
 
-class TopologySpec(Strict):
+class TopologySpec(FrozenStrict):
     """A client and a server joined by 1..8 paths.
 
     server_side = "router": every path ends at a router in front of a
@@ -170,7 +168,7 @@ class TopologySpec(Strict):
         return any(link.needs_delay_line() for link in links)
 
 
-class HostSettings(Strict):
+class HostSettings(FrozenStrict):
     """MPTCP settings of one host: pinned in its namespace and recorded.
 
     Defaults are the kernel's, except blackhole_timeout = 0: blackhole detection

@@ -18,10 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from testbed.base.registry import Parametrized, Registry, StrictParams
+from testbed.base.registry import Parametrized, Registry
+from testbed.base.strict import Strict
 
 
-ExperimentParams = StrictParams
+ExperimentParams = Strict
 
 
 @dataclass

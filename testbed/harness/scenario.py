@@ -29,20 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from testbed.base.errors import TestbedError, format_validation_error
+from testbed.base.strict import Strict
 from testbed.base.tomlfile import read_toml
 from testbed.core.events import EventSpec
 from testbed.core.model import HostSettings, TopologySpec
 from testbed.core.topology import apply_overrides, from_dict, load as load_topology, set_dotted
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TopologyRef(_Strict):
+class TopologyRef(Strict):
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     spec: dict[str, Any] | None = None  # an inline topology
@@ -55,12 +52,12 @@ class TopologyRef(_Strict):
         return load_topology(self.name, **self.params)
 
 
-class Hosts(_Strict):
+class Hosts(Strict):
     client: HostSettings = Field(default_factory=HostSettings)
     server: HostSettings = Field(default_factory=HostSettings)
 
 
-class Scenario(_Strict):
+class Scenario(Strict):
     experiment: str
     description: str = ""
     repetitions: int = Field(1, ge=1, le=10_000)

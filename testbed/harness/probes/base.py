@@ -3,6 +3,7 @@
     probe = probes.get("subflows", interval_ms=50)
     probe.start(tb, run_dir, t0_ns); ...workload...; probe.stop()
     probe.tables()   # {"subflows": DataFrame}, columns/dtypes of docs/results.md
+    probe.problems() # what it missed (the run is then invalid), [] when complete
     probe.summary()  # small dict for the manifest; probe.metrics() flat scalars
 
 A new probe is one small module in testbed/harness/probes/ with a @register class.
@@ -17,7 +18,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from testbed.base.registry import Parametrized, Registry, StrictParams
+from testbed.base.registry import Parametrized, Registry
+from testbed.base.strict import Strict
 from testbed.harness.schema import TABLES
 
 
@@ -60,7 +62,7 @@ def rel_s(ns: int | None, t0_ns: int) -> float | None:
     return None if ns is None else (ns - t0_ns) / 1e9
 
 
-ProbeParams = StrictParams
+ProbeParams = Strict
 
 
 class Probe(Parametrized, abc.ABC):
@@ -68,7 +70,8 @@ class Probe(Parametrized, abc.ABC):
 
     @abc.abstractmethod
     def start(self, tb: Any, run_dir: Path, t0_ns: int) -> None:
-        """Begin observing; t0_ns is the run's clock origin (may precede the workload)."""
+        """Begin observing; t0_ns is the run's clock origin (may precede the workload).
+        Returns only once the probe records (raises TestbedError if it cannot)."""
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -83,6 +86,11 @@ class Probe(Parametrized, abc.ABC):
     def metrics(self) -> dict[str, float | int | str | bool | None]:
         """Flat scalars for metrics.json (names prefixed by host where relevant)."""
         return {}
+
+    def problems(self) -> list[str]:
+        """What the probe missed after stop(), each naming the measured value and
+        the bound it broke; the runner stores a run with any as `invalid`."""
+        return []
 
 
 PROBES: Registry[Probe] = Registry("probe", "testbed.harness.probes", skip={"base"})

@@ -20,7 +20,8 @@ from typing import Any
 import pandas as pd
 
 from testbed.base.errors import TestbedError
-from testbed.base.registry import Parametrized, Registry, StrictParams
+from testbed.base.registry import Parametrized, Registry
+from testbed.base.strict import Strict
 
 Scalar = float | int | str | bool | None
 
@@ -32,7 +33,7 @@ class WorkloadResult:
     raw_files: list[Path] = field(default_factory=list)
 
 
-WorkloadParams = StrictParams
+WorkloadParams = Strict
 
 
 class Workload(Parametrized, abc.ABC):
