@@ -317,3 +317,78 @@ def test_connect_to_a_silent_port_fails_in_one_line(pair):
             st.connect(("10.0.0.2", 5999), timeout=3)
         with pytest.raises(StackError, match="timed out"):
             st.connect(("10.0.0.9", 5000), timeout=0.5)   # nobody answers ARP
+
+
+def shape(pair: Pair, pid: int, dev: str, mbit: int) -> None:
+    """HTB rate limit on dev's egress (so the scheduler has to use both paths)."""
+    pair.sh(pid, f"tc qdisc add dev {dev} root handle 1: htb default 1 && "
+                 f"tc class add dev {dev} parent 1: classid 1:1 htb rate {mbit}mbit ceil {mbit}mbit && "
+                 f"tc qdisc add dev {dev} parent 1:1 handle 10: pfifo limit 100")
+
+
+def test_user_client_two_paths_10mb_to_kernel(pair):
+    for dev in ("va0", "va1"):
+        shape(pair, pair.a, dev, 40)
+    pcaps = [pair.capture(pair.a, "va0"), pair.capture(pair.a, "va1")]
+    t, result = kernel_server(pair)
+    data = os.urandom(10_000_000)
+    with Stack(pair.a, record=True) as st:
+        started = time.monotonic()
+        conn = st.connect(("10.0.0.2", 5000), paths=A_ADDRS, timeout=5)
+        subs = conn.info().subflows
+        assert [s.join for s in subs] == [False, True] and all(s.fully_established for s in subs)
+        conn.send(data, timeout=60)
+        conn.close()
+        answer = conn.recv(100, timeout=60)
+        elapsed = time.monotonic() - started
+        t.join(10)
+        assert answer.decode() == hashlib.sha256(data).hexdigest(), result
+        info = conn.info()
+        per_path = {s.local[0]: s.bytes_acked for s in info.subflows + info.closed_subflows}
+        assert all(b > 2_000_000 for b in per_path.values()), per_path
+        # 2 x 40 Mbit/s: 10 MB in ~1 s if both paths are used, > 2 s on one
+        assert elapsed < 2.0, f"{elapsed:.2f} s for 10 MB over 2 x 40 Mbit/s"
+        assert mib(pair, pair.b, "MPTcpExtMPJoinAckRx") == 1
+        assert conn.wait_closed(10)
+        kinds = []
+        while (ev := st.next_event(0.01)) is not None:
+            kinds.append(ev.kind)
+        assert kinds[:3] == ["created", "established", "sf_established"] and kinds[-1] == "closed"
+        check_trace(pair, pcaps, [st])
+
+
+def test_kernel_client_joins_user_server(pair):
+    for dev in ("va0", "va1"):
+        shape(pair, pair.a, dev, 40)
+    pcaps = [pair.capture(pair.a, "va0"), pair.capture(pair.a, "va1")]
+    data = os.urandom(10_000_000)
+    with Stack(pair.b, record=True) as st:
+        lst = st.listen(5000)
+        t, result = kernel_client(pair, data, extra_endpoint="10.0.1.1")
+        conn = lst.accept(timeout=5)
+        n, sha = serve_sha(conn, timeout=30)
+        t.join(30)
+        assert "error" not in result, result
+        assert n == len(data) and sha == hashlib.sha256(data).hexdigest()
+        assert result["answer"] == sha.encode()
+        info = conn.info()
+        subs = info.subflows + info.closed_subflows
+        assert sorted(s.join for s in subs) == [False, True]
+        assert all(s.bytes_received > 2_000_000 for s in subs), [s.bytes_received for s in subs]
+        assert mib(pair, pair.a, "MPTcpExtMPJoinSynAckRx") == 1
+        check_trace(pair, pcaps, [st])
+
+
+def test_backup_path_carries_no_data_while_the_other_works(pair):
+    shape(pair, pair.a, "va0", 20)
+    t, result = kernel_server(pair)
+    data = os.urandom(2_000_000)
+    with Stack(pair.a) as st:
+        conn = st.connect(("10.0.0.2", 5000), paths=A_ADDRS, backup=["10.0.1.1"], timeout=5)
+        conn.send(data, timeout=30)
+        conn.close()
+        assert conn.recv(100, timeout=30).decode() == hashlib.sha256(data).hexdigest()
+        info = conn.info()
+        subs = {s.local[0]: s for s in info.subflows + info.closed_subflows}
+        assert subs["10.0.1.1"].backup and subs["10.0.1.1"].bytes_sent == 0
+        assert subs["10.0.0.1"].bytes_sent >= len(data)

@@ -115,31 +115,35 @@ def list_interfaces() -> list[Interface]:
     return out
 
 
-def _bpf_tcp_to(addr: str) -> bytes:
-    """Classic BPF: accept IPv4/TCP packets whose destination is addr (SOCK_DGRAM: offset 0 = IP)."""
-    daddr = struct.unpack("!I", socket.inet_aton(addr))[0]
-    insns = [
-        (0x30, 0, 0, 9),        # ldb [9]          protocol
-        (0x15, 0, 3, 6),        # jeq #6 ? next : drop
-        (0x20, 0, 0, 16),       # ld [16]          destination address
-        (0x15, 0, 1, daddr),    # jeq addr ? accept : drop
-        (0x06, 0, 0, 0x40000),  # ret accept (256 KiB: a whole GSO packet)
-        (0x06, 0, 0, 0),        # ret drop
-    ]
+def _bpf_tcp_to(addrs: list[str]) -> bytes:
+    """Classic BPF: accept IPv4/TCP packets to any of addrs (SOCK_DGRAM: offset 0 = IP header).
+
+    Any of the stack's addresses, not only the interface's own: a join to the
+    initial address may arrive over another path's interface.
+    """
+    n = len(addrs)
+    insns = [(0x30, 0, 0, 9),                 # ldb [9]: protocol
+             (0x15, 0, n + 1, 6),             # jeq TCP ? next : drop
+             (0x20, 0, 0, 16)]                # ld [16]: destination address
+    for i, addr in enumerate(addrs):
+        daddr = struct.unpack("!I", socket.inet_aton(addr))[0]
+        insns.append((0x15, n - i, 0, daddr))  # jeq addr ? accept : next
+    insns.append((0x06, 0, 0, 0))             # drop
+    insns.append((0x06, 0, 0, 0x40000))       # accept (256 KiB: a whole GSO packet)
     return b"".join(struct.pack("HBBI", *i) for i in insns)
 
 
 class PathPort:
     """Packet I/O on one interface: AF_PACKET in, raw IPv4 socket out."""
 
-    def __init__(self, iface: Interface, rcvbuf: int = 8 << 20):
+    def __init__(self, iface: Interface, stack_addrs: list[str], rcvbuf: int = 8 << 20):
         self.iface = iface
         self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
         try:
             self.rx.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             self.rx.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             self.rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            self._filter = ctypes.create_string_buffer(_bpf_tcp_to(iface.addr))
+            self._filter = ctypes.create_string_buffer(_bpf_tcp_to(stack_addrs))
             prog = struct.pack("HL", len(self._filter.raw) // 8, ctypes.addressof(self._filter))
             self.rx.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
             self.rx.bind((iface.name, ETH_P_IP))

@@ -552,6 +552,7 @@ class Connection:
     def on_subflow_established(self, sf: Subflow) -> None:
         """An MP_JOIN subflow completed its four-way handshake."""
         self.stack.emit_event(Event("sf_established", self.local_token, time.time(), sf.key, sf.backup))
+        self.cond.notify_all()
         self.stack.wake()
 
     def on_subflow_stale(self, sf: Subflow) -> None:

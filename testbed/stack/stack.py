@@ -59,7 +59,7 @@ class LowestRttScheduler:
             need = min(size, sf.mss)
             if not ignore_cwnd and sf.inflight + need > sf.cc.cwnd:
                 continue
-            rtt = sf.srtt if sf.srtt is not None else 1.0
+            rtt = sf.expected_rtt()
             if best is None or rtt < best[0]:
                 best = (rtt, sf)
         return best[1] if best else None
@@ -153,7 +153,7 @@ class Stack:
         self.nft = NftGuard(f"mptb_stack_{os.getpid()}_{next(_instances)}")
         self.nft.add_addresses([i.addr for i in ifaces])
         for iface in ifaces:
-            self.ports.append(PathPort(iface))
+            self.ports.append(PathPort(iface, [i.addr for i in ifaces]))
         self._route_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     def _detach(self) -> None:

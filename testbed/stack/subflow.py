@@ -111,6 +111,7 @@ class Subflow:
         self.inflight = 0
         self.lost_count = 0
         self.srtt: float | None = None
+        self.min_rtt: float | None = None
         self.rttvar = 0.0
         self.rto = INITIAL_RTO
         self.rto_deadline: float | None = None
@@ -145,6 +146,19 @@ class Subflow:
     def can_send_data(self) -> bool:
         """True when new data may be scheduled here (RFC 8684: joins wait for the fourth ACK)."""
         return self.state in CAN_SEND and self.fully_established and not self.fin_queued
+
+    def expected_rtt(self) -> float:
+        """RTT a new segment should see: srtt, or the path's minimum when nothing is queued on it.
+
+        An idle subflow gets no new samples, so its srtt keeps the queueing delay
+        of its last busy period; without this, a scheduler limited by the peer's
+        window (not by cwnd) would keep choosing the subflow it happened to use last.
+        """
+        if self.srtt is None:
+            return 1.0
+        if self.inflight == 0 and self.min_rtt is not None:
+            return self.min_rtt
+        return self.srtt
 
     def cwnd_room(self) -> int:
         """Bytes the congestion window still allows in flight."""
@@ -405,6 +419,7 @@ class Subflow:
     def _sample_rtt(self, rtt: float, retransmitted: bool = False) -> None:
         if retransmitted:
             return  # Karn: an ambiguous sample
+        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
         else:
