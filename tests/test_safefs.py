@@ -58,7 +58,7 @@ def test_hard_link_and_fifo_are_refused_without_truncating_or_hanging(tmp_path):
 
 def test_report_refuses_a_symlinked_report_html(tmp_path):
     from analysis.report import build_report
-    from analysis.synthetic import generate
+    from synthetic_store import generate
 
     store = generate(tmp_path / "results", reps=1, seed=3)
     out = tmp_path / "report"
