@@ -240,6 +240,21 @@ def test_vm_tasks_reject_bad_input_in_one_line(host):
         assert want in res.stdout and "Traceback" not in res.stdout, res.stdout
 
 
+def test_box_remove_deletes_nothing_in_libvirt_when_libvirtd_does_not_answer(tmp_path):
+    # Without libvirtd nobody can tell whether a VM still boots from the box's
+    # copy in the pool or from the kernels in /var/lib/libvirt/boot.
+    for tool, rc in (("virsh", 1), ("vagrant", 0)):
+        stub = tmp_path / tool
+        stub.write_text(f"#!/bin/sh\nexit {rc}\n")
+        stub.chmod(0o755)
+    boot = sorted(boxmod.BOOT_DIR.glob("mptcp-testbed-*"))
+    res = _sh([str(ROOT / "tb"), "vm.box", "--remove"],
+              {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}, timeout=120)
+    assert res.returncode != 0 and "libvirtd does not answer" in res.stdout, res.stdout
+    assert "Traceback" not in res.stdout
+    assert sorted(boxmod.BOOT_DIR.glob("mptcp-testbed-*")) == boot
+
+
 def test_box_inputs_are_the_checkouts_files():
     # The box's cache key and its copy of the project are read below repo_root():
     # a wrong root hashes "<missing>" and builds a box without bootstrap.sh.

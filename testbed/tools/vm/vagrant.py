@@ -113,8 +113,15 @@ def remove_local_box() -> None:
     # vagrant-libvirt copies the box image into the "default" pool on first use
     # (named after the box's timestamp, so a new box never reuses it). Old
     # copies may back existing VMs' disks: only delete them when no domain exists.
-    # The same holds for the kernel copies in BOOT_DIR.
-    if shutil.which("virsh") and not libvirt.domains(""):
+    # The same holds for the kernel copies in BOOT_DIR. A libvirtd that does
+    # not answer cannot say whether domains exist: then nothing is deleted.
+    if not shutil.which("virsh"):
+        return
+    if libvirt.virsh("version").returncode != 0:
+        raise VmError(f"removed {box.BOX_NAME} from Vagrant, but libvirtd does not answer, so its copy "
+                      f"in libvirt's pool stays: start libvirt (scripts/vm-host-setup.sh) and run "
+                      f"./tb vm.box --remove again")
+    if not libvirt.domains(""):
         prefix = box.BOX_NAME.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
         for name in libvirt.volumes(prefix):
             libvirt.virsh("vol-delete", "--pool", libvirt.POOL, name)
