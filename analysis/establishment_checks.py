@@ -58,14 +58,14 @@ class Establishment:
         self.res = res
         self.df = establishment_data(res)
 
-    def cell(self, scenario: str, strategy: str) -> pd.DataFrame:
+    def cell(self, condition: str, strategy: str) -> pd.DataFrame:
         d = self.df
         if d.empty:
             return d
-        return d[(d["param.scenario"] == scenario) & (d["param.strategy"] == strategy)]
+        return d[(d["param.condition"] == condition) & (d["param.strategy"] == strategy)]
 
-    def missing(self, scenario: str, strategy: str) -> str:
-        return f"not measured (no complete runs of establishment, strategy {strategy}, scenario {scenario})"
+    def missing(self, condition: str, strategy: str) -> str:
+        return f"not measured (no complete runs of establishment, strategy {strategy}, condition {condition})"
 
     def paths(self, cell: pd.DataFrame) -> list[dict]:
         """The cell's paths as its first run recorded them at the end (analysis.paths)."""
@@ -228,12 +228,12 @@ def multipath_after(E: Establishment, sc: str, st: str) -> tuple[str, str, str]:
 def guaranteed(E: Establishment, st: str, mode: str) -> tuple[str, str, str]:
     d = E.df[E.df["param.strategy"] == st] if not E.df.empty else E.df
     if d.empty:
-        return "every run connected, in every scenario", \
+        return "every run connected, in every condition", \
             f"not measured (no complete runs of establishment, strategy {st})", NOT_MEASURED
-    per = d.groupby("param.scenario", observed=True).apply(lambda c: (int(_connected(c).sum()), len(c)))
+    per = d.groupby("param.condition", observed=True).apply(lambda c: (int(_connected(c).sum()), len(c)))
     meas = "connected: " + ", ".join(f"{sc} {a}/{n}" for sc, (a, n) in per.items())
     if mode == "yes":
-        return "every run connected, in every scenario", meas, \
+        return "every run connected, in every condition", meas, \
             HOLDS if all(a == n for a, n in per.values) else FAILS
     h = per.get("healthy")
     if h is None:
@@ -253,7 +253,7 @@ def fastest_working(E: Establishment) -> tuple[str, str, str]:
     if E.df.empty or "metric.setup_s" not in E.df:
         return crit, "not measured (no complete establishment runs)", NOT_MEASURED
     worst, where = np.inf, ""
-    for (sc, st), cell in E.df.groupby(["param.scenario", "param.strategy"], observed=True):
+    for (sc, st), cell in E.df.groupby(["param.condition", "param.strategy"], observed=True):
         ps = E.paths(cell)
         if not ps:
             continue

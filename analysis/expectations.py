@@ -59,7 +59,7 @@ def _establishment_rows(E: Establishment) -> list[Row]:
         crit, meas, verdict = check()
         rows.append(Row(source, subject, cond, expected, crit, meas, verdict))
 
-    present = set(E.df["param.scenario"].astype(str)) if not E.df.empty else set()
+    present = set(E.df["param.condition"].astype(str)) if not E.df.empty else set()
     lossy = sorted(s for s in present if s.startswith("lossy")) or ["lossy30"]
     for sc in lossy:
         add(t1, "MPTCP", f"packet loss ({sc})", "delayed connection", lambda sc=sc: delayed(E, sc, "mptcp"))
@@ -82,7 +82,7 @@ def _establishment_rows(E: Establishment) -> list[Row]:
         lambda: multipath_after(E, "healthy", "timer"))
     add(t16, "SIM", ma, "MP_CAPABLE HS + MP_JOIN HS", lambda: multipath_after(E, "healthy", "sim"))
     add(t1, "IPS", ma, "MP_CAPABLE HS + MP_JOIN HS", lambda: multipath_after(E, "healthy", "ips"))
-    sg = "session setup guaranteed (all scenarios)"
+    sg = "session setup guaranteed (all conditions)"
     add(t1, "MPTCP", sg, "depends on default route", lambda: guaranteed(E, "mptcp", "default"))
     add(t1, "TIMER", sg, "yes", lambda: guaranteed(E, "timer", "yes"))
     add(t1, "SIM", sg, "yes", lambda: guaranteed(E, "sim", "yes"))
@@ -172,7 +172,7 @@ def table(res: Results) -> pd.DataFrame:
         crit, meas, verdict = check()
         rows.append(Row(source, subject, cond, expected, crit, meas, verdict))
 
-    add(lim, "any strategy", "all scenarios", "cannot beat one RTT of the fastest working path", lambda: fastest_working(E))
+    add(lim, "any strategy", "all conditions", "cannot beat one RTT of the fastest working path", lambda: fastest_working(E))
     add(lim, "TIMER", "broken (blackhole)", "cannot connect before the timer + one RTT of the next path",
         lambda: timer_floor(E, "blackhole", "timer"))
     add(lim + " (Linux SYN schedule)", "MPTCP", "broken (blackhole)",

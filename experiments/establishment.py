@@ -20,12 +20,12 @@ from testbed.core.events import EventSpec
 
 Condition = Literal["healthy", "lossy10", "lossy30", "lossy50", "blackhole",
                     "slow_default", "mptcp_drop"]
-Strategy = Literal["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
+StrategyName = Literal["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]  # the names of testbed.robe's strategies
 
 
 class Params(ExperimentParams):
-    scenario: Condition = "healthy"
-    strategy: Strategy = "mptcp"
+    condition: Condition = "healthy"
+    strategy: StrategyName = "mptcp"
     timeout_s: float = Field(10, gt=0, le=300, description="give up after this long")
     slow_delay_ms: float = Field(100, ge=0, description="slow_default: one-way delay of the default path")
     warmup_trials: int = Field(3, ge=0, le=50, description="ips: trials that build path history first")
@@ -57,15 +57,15 @@ class Establishment(Experiment):
         tb = ctx.tb
         # A slow path is slow in IPS's history too; a broken or lossy one broke
         # after the history was built (WiFi associated, Internet gone).
-        if p.scenario == "slow_default":
-            apply_condition(tb, p.scenario, p.slow_delay_ms)
+        if p.condition == "slow_default":
+            apply_condition(tb, p.condition, p.slow_delay_ms)
         if "ips" in p.strategy and p.warmup_trials:
             for _ in range(p.warmup_trials):
                 run_establishment_trial(tb, p.strategy, {"timeout_s": p.timeout_s,
                                                          "history_dir": str(ctx.raw_dir)})
-        if p.scenario != "slow_default":
-            apply_condition(tb, p.scenario, p.slow_delay_ms)
-        ctx.record("fault", "network", f"condition:{p.scenario}", path=tb.topology.default.name)
+        if p.condition != "slow_default":
+            apply_condition(tb, p.condition, p.slow_delay_ms)
+        ctx.record("fault", "network", f"condition:{p.condition}", path=tb.topology.default.name)
         metrics = run_establishment_trial(tb, p.strategy, {"timeout_s": p.timeout_s,
                                                            "history_dir": str(ctx.raw_dir)})
         return RunOutput(metrics=dict(metrics))

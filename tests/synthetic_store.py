@@ -35,7 +35,7 @@ from testbed.harness.results import RunWriter  # noqa: E402
 
 SYN_TIMES = [0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67]  # Linux: when SYNs leave (made-up data follows it)
 MP_SYNS = 3  # SYN+MP_CAPABLE at 0, 1, 2 s, then plain-TCP SYNs
-SCENARIOS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
+CONDITIONS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
 ROBE = ["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
 TIMEOUT_S = 10.0
 TIMER_S = 1.0
@@ -147,13 +147,13 @@ def _attempt(rng: np.random.Generator, rtt: float, loss: float, broken: bool,
     return float("inf"), False, len(SYN_TIMES)
 
 
-def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tuple[dict, dict, pd.DataFrame]:
+def _establishment(rng: np.random.Generator, condition: str, strategy: str) -> tuple[dict, dict, pd.DataFrame]:
     rtt = {"wifi": 0.020, "lte": 0.040}
-    if scenario == "slow_default":  # applied at run time: the manifest's topology still says 10 ms
+    if condition == "slow_default":  # applied at run time: the manifest's topology still says 10 ms
         rtt = {"wifi": 2 * SLOW_DELAY_MS / 1000, "lte": 0.040}
-    loss = {"wifi": int(scenario[5:]) / 100 if scenario.startswith("lossy") else 0.0, "lte": 0.0}
-    broken = {"wifi": scenario == "blackhole", "lte": False}
-    dropped = {"wifi": scenario == "mptcp_drop", "lte": False}
+    loss = {"wifi": int(condition[5:]) / 100 if condition.startswith("lossy") else 0.0, "lte": 0.0}
+    broken = {"wifi": condition == "blackhole", "lte": False}
+    dropped = {"wifi": condition == "mptcp_drop", "lte": False}
 
     def on(path: str, plain_after: int | None = MP_SYNS) -> tuple[float, bool, int]:
         return _attempt(rng, rtt[path], loss[path], broken[path], dropped[path], plain_after)
@@ -161,8 +161,8 @@ def _establishment(rng: np.random.Generator, scenario: str, strategy: str) -> tu
     base = strategy.replace("sim+ips", "ips").replace("timer+ips", "timer")
     first = "wifi"
     if "ips" in strategy:  # after warm-up, history steers away from a bad default path
-        bad = scenario in ("blackhole", "slow_default", "mptcp_drop", "lossy30", "lossy50")
-        first = "lte" if bad or (scenario == "lossy10" and rng.random() < 0.5) else "wifi"
+        bad = condition in ("blackhole", "slow_default", "mptcp_drop", "lossy30", "lossy50")
+        first = "lte" if bad or (condition == "lossy10" and rng.random() < 0.5) else "wifi"
     other = "lte" if first == "wifi" else "wifi"
     rsts = 0
     if base == "tcp":
@@ -290,11 +290,11 @@ def generate(root: str | Path, reps: int = 4, seed: int = 1) -> Path:
     rng = np.random.default_rng(seed)
     est = _scenario("robe-establishment.toml", repetitions=reps,
                     params={"timeout_s": TIMEOUT_S, "slow_delay_ms": SLOW_DELAY_MS, "warmup_trials": 3},
-                    grid={"params.scenario": SCENARIOS, "params.strategy": ROBE})
+                    grid={"params.condition": CONDITIONS, "params.strategy": ROBE})
     for spec in sorted(sc.expand(est), key=lambda r: r.run_id):
         p = spec.scenario.params
-        m, _, ev = _establishment(rng, p["scenario"], p["strategy"])
-        change = condition_event(p["scenario"], "wifi", SLOW_DELAY_MS)
+        m, _, ev = _establishment(rng, p["condition"], p["strategy"])
+        change = condition_event(p["condition"], "wifi", SLOW_DELAY_MS)
         _write_run(root, spec, m, {"events": ev}, [change] if change else [])
     failover = [*sc.expand(_scenario("failover.toml", repetitions=reps)),
                 *sc.expand(_scenario("failover-mpprio.toml", repetitions=reps))]

@@ -54,7 +54,7 @@ def test_runs_table(res):
     r = res.runs
     for col, dtype in RUN_COLUMNS.items():
         assert str(r[col].dtype) == dtype, col
-    assert {"param.scenario", "param.strategy", "param.timeout_s", "param.topology.params.rates",
+    assert {"param.condition", "param.strategy", "param.timeout_s", "param.topology.params.rates",
             "metric.setup_s", "metric.outcome", "metric.efficiency"} <= set(r.columns)
     assert str(r["metric.setup_s"].dtype) == "float64"
     assert str(r["metric.outcome"].dtype) == "string"
@@ -91,7 +91,7 @@ def test_load_single_run_and_missing_dir(store):
 
 def _establishment_manifest(res, condition: str) -> dict:
     return next(m for (e, _), m in res.manifests.items()
-                if e == "establishment" and m["scenario"]["params"]["scenario"] == condition)
+                if e == "establishment" and m["scenario"]["params"]["condition"] == condition)
 
 
 def test_paths_are_what_the_run_recorded(res):

@@ -56,13 +56,13 @@ def test_failover_keeps_data_flowing_and_intact(tmp_path, failure):
     assert ts, "probes recorded nothing"
 
 
-def establishment(tmp_path, strategies, scenarios, timeout_s=6, hosts=None) -> dict:
+def establishment(tmp_path, strategies, conditions, timeout_s=6, hosts=None) -> dict:
     runs = run(tmp_path, {"experiment": "establishment", "calibrate": False,
                           "topology": two_path(wifi_delay_ms=5, lte_delay_ms=10),
                           "hosts": hosts or {}, "params": {"timeout_s": timeout_s},
-                          "grid": {"params.strategy": strategies, "params.scenario": scenarios}})
+                          "grid": {"params.strategy": strategies, "params.condition": conditions}})
     return {(r["_manifest"]["params"]["params.strategy"],
-             r["_manifest"]["params"]["params.scenario"]): r for r in runs}
+             r["_manifest"]["params"]["params.condition"]): r for r in runs}
 
 
 def test_blackholed_default_path_blocks_plain_mptcp_but_healthy_connects_fast(tmp_path):
@@ -87,3 +87,16 @@ def test_robe_sim_and_timer_survive_a_blackholed_default_path(tmp_path):
     sim, timer = cells[("sim", "blackhole")], cells[("timer", "blackhole")]
     assert sim["outcome"] == "mptcp" and sim["winner_path"] == "lte" and sim["setup_s"] < 0.5
     assert timer["outcome"] == "mptcp" and 0.9 < timer["setup_s"] < 2.0
+
+
+def test_establishment_strategy_names_are_robes_and_its_condition_is_a_param_of_its_own():
+    """One meaning per name: the experiment's strategy names are the RobE library's
+    registered strategies, and the default-path condition is `params.condition`
+    (a scenario is the TOML file)."""
+    from typing import get_args
+
+    from experiments.establishment import Params, StrategyName
+    from testbed.robe import STRATEGIES
+
+    assert set(get_args(StrategyName)) == set(STRATEGIES)
+    assert "condition" in Params.model_fields and "scenario" not in Params.model_fields

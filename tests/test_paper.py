@@ -17,7 +17,7 @@ file = "{ROOT}/experiments/robe-establishment.toml"
 [scenario.quick]
 repetitions = 1
 params = {{ timeout_s = 5 }}
-grid = {{ "params.strategy" = ["mptcp", "sim", "timer"], "params.scenario" = ["healthy", "blackhole"] }}
+grid = {{ "params.strategy" = ["mptcp", "sim", "timer"], "params.condition" = ["healthy", "blackhole"] }}
 
 [[scenario]]
 file = "{ROOT}/experiments/failover.toml"

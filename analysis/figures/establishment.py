@@ -1,8 +1,8 @@
-"""Establishment: setup time, multipath availability and outcome per strategy × scenario.
+"""Establishment: setup time, multipath availability and outcome per strategy × default-path condition.
 
 Data: complete runs of `establishment` (baseline: tcp, mptcp) and
-`robe_establishment` (all strategies), pooled per (scenario, strategy) — both run
-the same scenarios against the same unmodified kernel server.
+`robe_establishment` (all strategies), pooled per (condition, strategy) — both run
+the same conditions against the same unmodified kernel server.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from analysis.figures import (OUTCOME_COLORS, OUTCOMES, STRATEGIES, Figure, Sect
 from analysis.stats import ecdf, share, summarize
 
 EXPERIMENTS = ("establishment", "robe_establishment")
-SCENARIOS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
+CONDITIONS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
 SYN_TIMES_S = [1, 2, 3]  # SYN+MP_CAPABLE retransmissions; plain TCP from 3 s (Linux)
 
 
@@ -51,10 +51,10 @@ def normalize_outcome(s: pd.Series) -> pd.Series:
 
 def data(res: Results) -> pd.DataFrame:
     runs = res.of(*EXPERIMENTS)
-    need = {"param.scenario", "param.strategy"}
+    need = {"param.condition", "param.strategy"}
     if runs.empty or not need <= set(runs.columns):
         return runs.iloc[0:0]
-    runs = runs[runs["param.scenario"].notna() & runs["param.strategy"].notna()]
+    runs = runs[runs["param.condition"].notna() & runs["param.strategy"].notna()]
     if "metric.outcome" in runs:
         runs = runs.assign(**{"metric.outcome": normalize_outcome(runs["metric.outcome"])})
     return runs.assign(condition_words=[condition_words(res.manifests.get(k, {}))
@@ -95,12 +95,12 @@ def _strategy_legend(fig, strategies: list[str], extra: list = ()) -> None:
 
 
 def setup_ecdf(df: pd.DataFrame) -> Figure:
-    scenarios = order(df["param.scenario"], SCENARIOS)
+    conditions = order(df["param.condition"], CONDITIONS)
     strategies = order(df["param.strategy"], STRATEGIES)
-    fig, axes = grid(len(scenarios), max_cols=4, panel=(3.3, 2.6))
+    fig, axes = grid(len(conditions), max_cols=4, panel=(3.3, 2.6))
     lo, hi = _limits(df, ["metric.setup_s"])
-    for ax, sc in zip(axes, scenarios):
-        d = df[df["param.scenario"] == sc]
+    for ax, sc in zip(axes, conditions):
+        d = df[df["param.condition"] == sc]
         for i, st in enumerate(strategies):
             g = d[d["param.strategy"] == st]
             if g.empty:
@@ -124,23 +124,23 @@ def setup_ecdf(df: pd.DataFrame) -> Figure:
             ax.set_xlabel("setup time (connect → established)")
     syn = Line2D([], [], color="0.55", lw=0.7, ls=":", label="SYN retransmit\n(1, 2, 3 s)")
     _strategy_legend(fig, strategies, [syn])
-    return Figure("establishment_setup_ecdf", "Setup time per scenario (ECDF)",
+    return Figure("establishment_setup_ecdf", "Setup time per default-path condition (ECDF)",
                   "ECDF of the time from connect() to established, one panel per initial-path "
-                  "scenario, one line per strategy (log time axis). Runs that never connected "
+                  "condition, one line per strategy (log time axis). Runs that never connected "
                   "within the experiment timeout keep a curve below 1. Dotted: the kernel's "
                   "SYN+MP_CAPABLE retransmissions at 1 and 2 s and the first plain-TCP SYN at 3 s.", fig)
 
 
 def multipath_strip(df: pd.DataFrame) -> Figure:
-    scenarios = order(df["param.scenario"], SCENARIOS)
+    conditions = order(df["param.condition"], CONDITIONS)
     strategies = order(df["param.strategy"], STRATEGIES)
-    fig, axes = grid(len(scenarios), max_cols=4, panel=(3.3, 2.9), sharey=True)
+    fig, axes = grid(len(conditions), max_cols=4, panel=(3.3, 2.9), sharey=True)
     lo, hi = _limits(df, ["metric.setup_s", "metric.multipath_s"])
     hi *= 4  # room on the right for the "k/n never" labels, clear of the data
     ypos = {s: i for i, s in enumerate(strategies)}
     rng = np.random.default_rng(0)  # jitter only, fixed for identical redraws
-    for ax, sc in zip(axes, scenarios):
-        d = df[df["param.scenario"] == sc]
+    for ax, sc in zip(axes, conditions):
+        d = df[df["param.condition"] == sc]
         for st in strategies:
             g = d[d["param.strategy"] == st]
             if g.empty:
@@ -175,20 +175,20 @@ def multipath_strip(df: pd.DataFrame) -> Figure:
              Line2D([], [], marker="D", color="0.3", ls="", label="multipath available\n(2nd subflow up)")]
     fig.legend(handles=marks, loc="outside right upper", title="event")
     return Figure("establishment_multipath", "Setup and multipath-availability time",
-                  "Per scenario and strategy: setup time (circles, lower box) and the time until a "
+                  "Per condition and strategy: setup time (circles, lower box) and the time until a "
                   "second subflow was established (diamonds, upper box), log axis; boxes span the "
                   "quartiles. 'k/n never': runs in which no second subflow came up (a broken or "
                   "MPTCP-dropping path cannot be joined; plain TCP never has one).", fig)
 
 
 def outcome_bars(df: pd.DataFrame) -> Figure:
-    scenarios = order(df["param.scenario"], SCENARIOS)
+    conditions = order(df["param.condition"], CONDITIONS)
     strategies = order(df["param.strategy"], STRATEGIES)
-    sh = share(df, ["param.scenario", "param.strategy"], "metric.outcome")
+    sh = share(df, ["param.condition", "param.strategy"], "metric.outcome")
     outcomes = order(sh["metric.outcome"], OUTCOMES)
-    fig, axes = grid(len(scenarios), max_cols=4, panel=(3.1, 2.5), sharex=True, sharey=True)
-    for ax, sc in zip(axes, scenarios):
-        d = sh[sh["param.scenario"] == sc]
+    fig, axes = grid(len(conditions), max_cols=4, panel=(3.1, 2.5), sharex=True, sharey=True)
+    for ax, sc in zip(axes, conditions):
+        d = sh[sh["param.condition"] == sc]
         left = np.zeros(len(strategies))
         for oc in outcomes:
             w = [float(d[(d["param.strategy"] == st) & (d["metric.outcome"] == oc)]["share"].sum())
@@ -200,7 +200,7 @@ def outcome_bars(df: pd.DataFrame) -> Figure:
         ax.set_ylim(len(strategies) - 0.5, -0.5)
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:.0%}"))
-        ax.set_title(_title(df[df["param.scenario"] == sc], sc))
+        ax.set_title(_title(df[df["param.condition"] == sc], sc))
     for ax in axes:
         if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
             ax.set_xlabel("share of runs")
@@ -213,7 +213,7 @@ def outcome_bars(df: pd.DataFrame) -> Figure:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    keys = ["param.scenario", "param.strategy"]
+    keys = ["param.condition", "param.strategy"]
     out = None
     for col, name in (("metric.setup_s", "setup_s"), ("metric.ttfb_s", "ttfb_s"),
                       ("metric.multipath_s", "multipath_s")):
@@ -227,23 +227,23 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             index=keys, columns="metric.outcome", values="share", fill_value=0.0, observed=True)
         oc.columns = [f"share.{c}" for c in oc.columns]
         out = oc.reset_index() if out is None else out.merge(oc.reset_index(), on=keys, how="left")
-    out = out.rename(columns={"param.scenario": "scenario", "param.strategy": "strategy"})
-    rank_sc = {s: i for i, s in enumerate(SCENARIOS)}
+    out = out.rename(columns={"param.condition": "condition", "param.strategy": "strategy"})
+    rank_sc = {s: i for i, s in enumerate(CONDITIONS)}
     rank_st = {s: i for i, s in enumerate(STRATEGIES)}
-    return out.sort_values(["scenario", "strategy"], key=lambda c: c.map(
-        rank_sc if c.name == "scenario" else rank_st).fillna(99)).reset_index(drop=True)
+    return out.sort_values(["condition", "strategy"], key=lambda c: c.map(
+        rank_sc if c.name == "condition" else rank_st).fillna(99)).reset_index(drop=True)
 
 
 def build(res: Results) -> Section:
     setup_style()
     sec = Section("establishment", "Establishment",
                   "Time from connect() to an established connection, until multipath is available, "
-                  "and the outcome, per initial-path scenario and strategy "
+                  "and the outcome, per initial-path condition and strategy "
                   "(experiments: establishment, robe_establishment).")
     df = data(res)
     if df.empty:
         sec.notes.append("No complete runs of establishment or robe_establishment "
-                         "(with param.scenario and param.strategy): nothing to plot.")
+                         "(with param.condition and param.strategy): nothing to plot.")
         return sec
     if "metric.setup_s" in df:
         sec.figures.append(setup_ecdf(df))
