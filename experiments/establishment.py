@@ -10,13 +10,15 @@ syns_sent, rsts_sent, extra_handshakes, winner_path.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from testbed.core import faults
-from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
 from testbed.core.events import EventSpec
+from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+
+if TYPE_CHECKING:
+    from testbed.core.net import Testbed
 
 Condition = Literal["healthy", "lossy10", "lossy30", "lossy50", "blackhole",
                     "slow_default", "mptcp_drop"]
@@ -31,17 +33,25 @@ class Params(ExperimentParams):
     warmup_trials: int = Field(3, ge=0, le=50, description="ips: trials that build path history first")
 
 
-def apply_condition(tb, condition: str, slow_delay_ms: float) -> None:
-    """Degrade the default path (the one the kernel's first SYN takes)."""
-    default = tb.topology.default.name
+def condition_event(condition: str, default_path: str, slow_delay_ms: float) -> EventSpec | None:
+    """The change that degrades the default path (the one the kernel's first SYN
+    takes) into `condition`; None for a healthy path."""
     if condition.startswith("lossy"):
-        tb.update_link(default, None, loss_pct=float(condition.removeprefix("lossy")))
-    elif condition == "blackhole":
-        faults.apply(tb, EventSpec(at_s=0, action="blackhole", path=default))
-    elif condition == "slow_default":
-        tb.update_link(default, None, delay_ms=slow_delay_ms)
-    elif condition == "mptcp_drop":
-        faults.apply(tb, EventSpec(at_s=0, action="mptcp_drop", path=default))
+        return EventSpec(at_s=0, action="set_link", path=default_path,
+                         changes={"loss_pct": float(condition.removeprefix("lossy"))})
+    if condition == "slow_default":
+        return EventSpec(at_s=0, action="set_link", path=default_path,
+                         changes={"delay_ms": slow_delay_ms})
+    if condition in ("blackhole", "mptcp_drop"):
+        return EventSpec(at_s=0, action=condition, path=default_path)
+    return None
+
+
+def apply_condition(tb: Testbed, condition: str, slow_delay_ms: float) -> None:
+    """Degrade the default path now, through the testbed's one route for changes."""
+    event = condition_event(condition, tb.topology.default.name, slow_delay_ms)
+    if event is not None:
+        tb.apply_event(event)
 
 
 @register

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from testbed.core.emulation import BACKENDS, _load_optional
+from testbed.core import emulation
 from testbed.core.emulation.calibrate import calibrate, ping_rtts
 from testbed.core.emulation.events import EventScheduler
 from testbed.core.events import EventSpec
@@ -156,10 +156,9 @@ def test_forcing_netem_without_sch_netem_is_a_clear_error_never_a_run_without_de
 @root
 @pytest.mark.timeout(30)
 def test_auto_picks_a_backend_that_delays():
-    _load_optional()
     with Testbed(one_path(delay_ms=5)) as tb:
         assert tb.backend.name in ("netem", "userspace")
-        assert "userspace" in BACKENDS
+        assert "userspace" in emulation.backends()
 
 
 # ---- user-space backend -------------------------------------------------------------
@@ -231,13 +230,14 @@ def test_live_delay_update_changes_rtt_at_once():
     with Testbed(one_path(delay_ms=10), backend="userspace") as tb:
         before = ping_rtts(tb.client.pid, tb.server_addr, 50, interval=0.01)
         t = time.monotonic()
-        tb.update_link("p1", delay_ms=30)
+        tb.apply_event(EventSpec(at_s=0, action="set_link", path="p1", changes={"delay_ms": 30}))
         took = time.monotonic() - t
         after = ping_rtts(tb.client.pid, tb.server_addr, 50, interval=0.01, warmup=False)
         assert 19 <= before["mean_ms"] <= 23
         assert 59 <= after["mean_ms"] <= 63, after
         assert took < 0.05
-        tb.update_link("p1", direction="up", delay_ms=0, loss_pct=0)
+        tb.apply_event(EventSpec(at_s=0, action="set_link", path="p1", direction="up",
+                                 changes={"delay_ms": 0, "loss_pct": 0}))
         assert tb.paths[0].link.up.delay_ms == 0 and tb.paths[0].link.down.delay_ms == 30
         third = ping_rtts(tb.client.pid, tb.server_addr, 50, interval=0.01, warmup=False)
         assert 29 <= third["mean_ms"] <= 33, third
@@ -257,8 +257,8 @@ def test_timed_link_down_stops_traffic_within_50ms(kind):
         stream.run(seconds=2.0)
         sched.stop()
         rec = sched.records[0]
-        assert rec["ok"], rec
-        assert rec["start_lateness_ms"] <= 5.0, rec  # target 1 ms; generous on a shared machine
+        assert rec.ok, rec
+        assert rec.start_lateness_ms <= 5.0, rec  # target 1 ms; generous on a shared machine
         t_down = t0 + t_event
         sent_times = [r[1] for r in stream.received]
         assert sum(1 for t in sent_times if t < t_down - 0.05) >= 800  # flowing before
@@ -277,10 +277,10 @@ def test_scheduled_changes_are_recorded_with_applied_times():
                   EventSpec(at_s=0.7, action="unblackhole", path="p1", direction="up")]
         with EventScheduler(tb, events) as sched:
             time.sleep(1.0)
-        assert [r["ok"] for r in sched.records] == [True] * 4
+        assert [r.ok for r in sched.records] == [True] * 4
         for r in sched.records:
-            assert r["scheduled"] <= r["began"] <= r["done"]
-            assert r["applied_lateness_ms"] < 20, r
+            assert r.scheduled <= r.began <= r.done
+            assert r.applied_lateness_ms < 20, r
         assert tb.paths[0].link.up.delay_ms == 20 and tb.paths[0].link.up.rate_mbit == 10
         link = tb.paths[0].link
         for port in (link.port_a, link.port_b):  # the HTB classes really changed
@@ -316,3 +316,84 @@ def test_two_path_mptcp_aggregates_with_delay():
                  backend="userspace") as tb:
         res = bulk_transfer(tb, seconds=10, warmup=3, protocol="mptcp", cc="cubic")
         assert res.goodput_mbit >= 0.85 * 40, res
+
+
+# ---- the emulator judged over every run ----------------------------------------------
+def _dir(tx: int, late: int = 0, **drops: int) -> dict:
+    return {"tx": tx, "late_1ms": late, "late_max_us": 8100.0 if late else 300.0,
+            "drop_rcvbuf": 0, "drop_sndbuf": 0, "drop_error": 0, "drop_queue": 5,
+            "drop_loss": 7, **drops}
+
+
+def test_run_judge_names_the_measured_value_and_the_bound():
+    from testbed.core.emulation.calibrate import judge_run
+
+    before = {"x1": {"up": _dir(1000, 3), "down": _dir(500)}}
+    ok = judge_run(before, {"x1": {"up": _dir(21000, 4), "down": _dir(10500)}})
+    assert ok["valid"] and ok["judged"] and ok["links"]["x1"]["up"]["late_1ms"] == 1
+    late = judge_run(before, {"x1": {"up": _dir(11000, 403), "down": _dir(10500, drop_rcvbuf=17)}})
+    assert not late["valid"]
+    assert late["reason"] == ("x1 up: 400 of 10000 packets (4.00%) left more than 1 ms late "
+                              "(max 8.1 ms), bound 0.1%; x1 down: 17 packets dropped by the kernel "
+                              "before the forwarder read them (drop_rcvbuf), bound 0")
+    assert judge_run(None, None) == {"valid": True, "judged": False, "reason": None,
+                                     "tolerance": late["tolerance"],
+                                     "why": "the backend reports no per-packet counters"}
+
+
+def test_calibration_reason_names_what_was_short(monkeypatch):
+    """50 of 50 answered, yet invalid: the reason must say why (usable samples)."""
+    from types import SimpleNamespace
+
+    from testbed.core.emulation import calibrate as cal
+
+    monkeypatch.setattr(cal, "ping_rtts", lambda *a, **kw: {
+        "n": 3, "sent": 50, "answered": 50, "discarded": 47, "mean_ms": 20.0, "p50_ms": 20.0,
+        "p99_ms": 20.0, "min_ms": 20.0, "max_ms": 20.0})
+    link = SimpleNamespace(up=LinkParams(delay_ms=10), down=LinkParams(delay_ms=10))
+    path = SimpleNamespace(name="lte", link=link, addr=SimpleNamespace(far="10.0.0.2", client="10.0.0.1"))
+    tb = SimpleNamespace(router=None, server=SimpleNamespace(pid=1), client=SimpleNamespace(pid=1),
+                         paths=[path], backend=SimpleNamespace(name="userspace"))
+    res = cal.calibrate(tb, measure_rate=False)
+    assert not res["valid"]
+    assert res["reason"] == ("lte: 3 usable RTT samples of 50 answered pings (47 discarded: "
+                             "sending took over 0.2 ms), need at least 5")
+
+
+@root
+@pytest.mark.timeout(120)
+def test_a_forwarder_that_falls_behind_during_traffic_breaks_the_run_judge():
+    import signal as sig
+
+    from testbed.core.bulk import bulk_transfer
+    from testbed.core.emulation.calibrate import emulator_counters, judge_run
+
+    with Testbed(load("two-path", wifi_delay_ms=2, lte_delay_ms=2, rate_mbit=20),
+                 backend="userspace") as tb:
+        before = emulator_counters(tb)
+        bulk_transfer(tb, seconds=1.5, warmup=0.5, protocol="mptcp", cc="cubic")
+        honest = judge_run(before, emulator_counters(tb))
+        assert honest["valid"] and honest["judged"], honest
+        assert honest["links"]["wifi"]["up"]["tx"] > 1000
+        # Stall one forwarder for 30 ms, 10 times, while traffic flows: its packets
+        # leave up to 30 ms late, as on a machine short of CPU.
+        pid = tb.backend.pids()[0]
+        before = emulator_counters(tb)
+
+        def stall() -> None:
+            time.sleep(0.5)
+            for _ in range(10):
+                os.kill(pid, sig.SIGSTOP)
+                time.sleep(0.03)
+                os.kill(pid, sig.SIGCONT)
+                time.sleep(0.05)
+
+        t = threading.Thread(target=stall)
+        t.start()
+        try:
+            bulk_transfer(tb, seconds=2, warmup=0.5, protocol="mptcp", cc="cubic")
+        finally:
+            t.join()
+            os.kill(pid, sig.SIGCONT)
+        bad = judge_run(before, emulator_counters(tb))
+        assert not bad["valid"] and "more than 1 ms late" in bad["reason"], bad

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
+from testbed.core.events import EventSpec
 from testbed.core.model import HostSettings
 from testbed.mptcp import sockopt as so
 from testbed.mptcp.sockopt import listener
@@ -36,8 +38,7 @@ def two_path_tb() -> Testbed:
 
 
 def blackhole(tb: Testbed, path: str = "wifi") -> None:
-    for d in ("up", "down"):
-        tb.backend.set_blackhole(tb.link(path), d, True)
+    tb.apply_event(EventSpec(at_s=0, action="blackhole", path=path))
 
 
 def sha_server(tb: Testbed) -> socket.socket:
@@ -60,8 +61,8 @@ def sha_server(tb: Testbed) -> socket.socket:
     return ls
 
 
-def robe_connect(tb: Testbed, strategy: str, timeout: float = 8, **kw):
-    return tb.in_ns(tb.client, lambda: connect((tb.server_addr, PORT), strategy, tb_paths(tb),
+def robe_connect(tb: Testbed, strategy: str, timeout: float = 8, port: int = PORT, **kw):
+    return tb.in_ns(tb.client, lambda: connect((tb.server_addr, port), strategy, tb_paths(tb),
                                                timeout, options=Options(**kw)))
 
 
@@ -283,3 +284,215 @@ def test_wire_timer_next_mp_capable_only_after_timer():
         assert len([p for p in mpc_syns if p["ip.src"] == addr["wifi"]]) == 1
         assert any(p["ip.src"] == addr["wifi"] and p["tcp.flags.reset"] == "1" for p in pkts)
         ls.close()
+
+
+# ---- robe on a real host: history store, proxy, endpoints, privileges ---------------
+HISTORY_WRITER = """
+import sys, threading
+from testbed.robe.history import History, PathRecord
+h = History.load(sys.argv[1])
+def one(records):
+    records.setdefault("wifi", PathRecord()).add_outcome(True)
+def work():
+    for _ in range(int(sys.argv[2])):
+        h.update(one)
+ts = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+"""
+
+
+def test_history_store_loses_no_update_from_threads_and_processes(tmp_path):
+    store = tmp_path / "history.json"
+    procs = [subprocess.Popen([sys.executable, "-c", HISTORY_WRITER, str(store), "30"],
+                              cwd=str(Path(__file__).parent.parent)) for _ in range(3)]
+    assert all(p.wait(60) == 0 for p in procs)
+    from testbed.robe.history import History
+    h = History.load(store)  # valid JSON, every update of 3 processes x 4 threads x 30 kept
+    assert h.records["wifi"].attempts == 3 * 4 * 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".history-")]  # no tmp left
+
+
+MODE_PORT = 5710
+
+
+def mode_server(tb: Testbed) -> socket.socket:
+    """S = endless stream, E = echo, I = idle (the soak benchmark's server)."""
+    from testbed.tools.bench.robe_proxy import mode_server as server
+
+    return server(tb, MODE_PORT)
+
+
+def proc_threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def client_socket(tb: Testbed, port: int = 8080, timeout: float = 10) -> socket.socket:
+    s = tb.in_ns(tb.client, lambda: socket.create_connection(("127.0.0.1", port), timeout))
+    s.settimeout(timeout)
+    return s
+
+
+def reset(s: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), as a crashing client does."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def echo_ok(tb: Testbed, payload: bytes = b"hello robe" * 1000) -> bool:
+    with client_socket(tb) as s:
+        s.sendall(b"E" + payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got == payload
+
+
+def start_proxy(tb: Testbed, *extra: str) -> subprocess.Popen:
+    proxy = tb.popen(tb.client, [*ROBE, "proxy", "--listen", "127.0.0.1:8080", "--strategy", "sim",
+                                 *extra, tb.server_addr, str(MODE_PORT)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                     cwd=str(Path(__file__).parent.parent))
+    assert wait_until(lambda: "LISTEN" in tb.client.cmd("ss -ltn sport = :8080"), 10)
+    return proxy
+
+
+def test_proxy_survives_resetting_clients_caps_connections_and_closes_idle_ones():
+    with two_path_tb() as tb:
+        ls = mode_server(tb)
+        proxy = start_proxy(tb, "--max-connections", "3", "--idle-timeout", "1")
+        try:
+            assert echo_ok(tb)
+            threads0, fds0 = proc_threads(proxy.pid), proc_fds(proxy.pid)
+            for _ in range(8):  # clients that reset while the proxy writes to them
+                s = client_socket(tb)
+                s.sendall(b"S")
+                assert len(s.recv(65536)) > 0
+                reset(s)
+                time.sleep(0.05)
+            assert wait_until(lambda: proxy.poll() is not None, 1) is False, "proxy died"
+            assert echo_ok(tb)
+            # idle in both directions for 1 s: closed by the proxy
+            with client_socket(tb) as s:
+                s.sendall(b"I")
+                t0 = time.monotonic()
+                assert s.recv(1) == b""
+                assert 0.9 <= time.monotonic() - t0 < 4
+            # at most 3 at once: a 4th client waits until an idle one is dropped
+            idle = [client_socket(tb) for _ in range(3)]
+            for s in idle:
+                s.sendall(b"I")
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert echo_ok(tb, b"late")
+            assert time.monotonic() - t0 > 0.5  # served only after the idle timeout freed a slot
+            for s in idle:
+                s.close()
+            # descriptors and threads back where they were
+            assert wait_until(lambda: proc_threads(proxy.pid) <= threads0, 10), \
+                (proc_threads(proxy.pid), threads0)
+            assert wait_until(lambda: proc_fds(proxy.pid) <= fds0, 10), (proc_fds(proxy.pid), fds0)
+        finally:
+            proxy.send_signal(signal.SIGINT)
+            err = proxy.communicate(timeout=10)[1]
+            ls.close()
+        assert proxy.returncode == 130, err
+        assert "Traceback" not in err, err
+
+
+def test_proxy_connection_that_fails_with_any_exception_is_closed_and_logged(monkeypatch, capsys):
+    """A netlink error or a history race is no OSError: the connection still
+    closes, the slot is freed, one line is logged, no traceback."""
+    import argparse as ap
+
+    from testbed.robe import cli
+
+    def broken(*a, **kw):
+        raise ValueError("netlink said no")
+
+    monkeypatch.setattr(cli, "connect", broken)
+    args = ap.Namespace(strategy="sim", timeout=1.0, report="none", max_connections=1,
+                        idle_timeout=1.0)
+    ours, theirs = socket.socketpair()
+    with socket.socket() as ls:
+        proxy = cli.Proxy(args, ("127.0.0.1", 9), [], Options(), ls)
+        proxy.slots.acquire()
+        proxy.active = 1
+        proxy._serve(ours)
+    assert ours.fileno() == -1 and theirs.recv(1) == b""
+    assert proxy.active == 0 and proxy.slots.acquire(blocking=False)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["robe: connection failed: ValueError: netlink said no"]
+    theirs.close()
+
+
+def endpoint_addrs(tb: Testbed) -> set[str]:
+    import json as _json
+    out = tb.client.cmd("ip -j mptcp endpoint show")
+    return {e["address"] for e in _json.loads(out or "[]")}
+
+
+def test_connect_kernel_pm_endpoints_are_temporary_and_only_on_routed_interfaces():
+    with Testbed(load("two-path", wifi_delay_ms=5, lte_delay_ms=5), backend="userspace",
+                 client=HostSettings(path_manager="kernel")) as tb:
+        ls = mode_server(tb)
+        tb.client.cmd("ip mptcp endpoint flush")
+        # a bridge like docker0: up, addressed, but no route to the server through it
+        tb.client.cmd("ip link add robe-dock type dummy && ip addr add 172.31.0.1/16 dev robe-dock"
+                      " && ip link set robe-dock up")
+        from testbed.robe import paths as P
+        found = tb.in_ns(tb.client, lambda: P.discover(tb.server_addr))
+        assert {p.name for p in found} == {"wifi", "lte"} and found[0].name == "wifi"
+        lte = tb.path("lte").addr.client
+        both = {p.addr.client for p in tb.paths}  # added before the first SYN, for every path
+        cwd = str(Path(__file__).parent.parent)
+        for ending in ("eof", "sigterm"):
+            robe = tb.popen(tb.client, [*ROBE, "connect", "--join", "kernel", tb.server_addr,
+                                        str(MODE_PORT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+            robe.stdin.write(b"E" + b"x" * 1000)
+            robe.stdin.flush()
+            assert wait_until(lambda: endpoint_addrs(tb) == both, 10), endpoint_addrs(tb)
+            if ending == "eof":
+                robe.stdin.close()
+            else:
+                robe.send_signal(signal.SIGTERM)
+            robe.wait(15)
+            err = robe.stderr.read()
+            assert robe.returncode == (0 if ending == "eof" else 128 + signal.SIGTERM), err
+            assert endpoint_addrs(tb) == set(), (ending, endpoint_addrs(tb))
+        # the library: the endpoint goes when the connection closes
+        sock, rep = robe_connect(tb, "sim", port=MODE_PORT, join="kernel")
+        sock.sendall(b"E" + b"y" * 100)
+        assert wait_until(lambda: endpoint_addrs(tb) == both, 5)
+        assert rep.wait_joins(5) and rep.find("join_established"), [(e.kind, e.path, e.detail) for e in rep.events]
+        sock.close()
+        assert wait_until(lambda: endpoint_addrs(tb) == set(), 5), endpoint_addrs(tb)
+        # an endpoint that was there before is used and left alone
+        tb.client.cmd(f"ip mptcp endpoint add {lte} dev {tb.path('lte').client_if} subflow")
+        sock, rep = robe_connect(tb, "sim", port=MODE_PORT, join="kernel")
+        sock.sendall(b"E")
+        assert rep.wait_joins(5)
+        sock.close()
+        time.sleep(0.5)
+        assert endpoint_addrs(tb) == {lte}
+        ls.close()
+
+
+def test_cli_without_network_privileges_is_one_line():
+    with two_path_tb() as tb:
+        proc = tb.popen(tb.client, ["setpriv", "--bounding-set=-net_admin,-net_raw",
+                                    "--inh-caps=-net_admin,-net_raw", *ROBE, "connect",
+                                    tb.server_addr, "1"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        cwd=str(Path(__file__).parent.parent))
+        out, err = proc.communicate(timeout=30)
+        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                              "needs root", "CAP_NET_ADMIN")

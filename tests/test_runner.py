@@ -167,6 +167,7 @@ def test_a_probe_failing_to_start_fails_the_run_and_stops_the_others(tmp_path, m
             raise RuntimeError("probe broke")
 
     monkeypatch.setattr(probes, "get", lambda name, **kw: {"ok": Ok, "broken": Broken}[name]())
+    monkeypatch.setattr(probes, "available", lambda: {"ok": "", "broken": ""})  # known at load
     body = FAST.format(reps=1).replace('probes = ["pm_events", "nstat"]', 'probes = ["ok", "broken"]')
     body = body.replace('"params.direction" = ["up", "down"]', "")
     summary = sweep(sc.load(write(tmp_path, body)), tmp_path / "out", progress=False)

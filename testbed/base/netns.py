@@ -1,4 +1,4 @@
-"""Run Python code inside another network namespace without forking.
+"""Run Python code, or a program, inside another network namespace.
 
 setns(CLONE_NEWNET) only affects the calling thread, so we run the function in
 a short-lived thread that first joins the target namespace. Plain sockets
@@ -10,14 +10,20 @@ Exception: a pyroute2 (0.9) IPRoute keeps its netlink socket per *thread*, so
 one created in run_in_netns and used from another thread talks to that thread's
 namespace. Use it inside the function, or keep a NetnsWorker (a thread that
 lives in the namespace with its own IPRoute) for repeated, fast calls.
+
+Programs (tc, ethtool, nft, iperf3, tcpdump, ...) run through `run_command`
+(to completion, output captured) or `start_command` (in the background), both
+`nsenter --net=<namespace file>`: the one way the project runs a command in a
+namespace, for Mininet nodes (by pid) and held namespaces (by file) alike.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import queue
+import subprocess
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from testbed.base.errors import TestbedError
 
@@ -38,6 +44,25 @@ def setns_current_thread(ns_path: str) -> None:
 
 def ns_path(pid: int) -> str:
     return f"/proc/{pid}/ns/net"
+
+
+def _nsenter(ns: int | str, argv: Sequence[str]) -> list[str]:
+    return ["nsenter", f"--net={ns_path(ns) if isinstance(ns, int) else ns}", "--", *argv]
+
+
+def run_command(ns: int | str, argv: Sequence[str], timeout: float = 10.0,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv to completion in a network namespace: a process's (pid) or one
+    named by a file; stdout/stderr captured as text, killed at the timeout."""
+    return subprocess.run(_nsenter(ns, argv), input=input, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_command(ns: int | str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+    """Start argv in a network namespace (pid or file), in a session of its own
+    so that a signal meant for us does not reach it; the caller owns the process."""
+    popen_kwargs.setdefault("start_new_session", True)
+    return subprocess.Popen(_nsenter(ns, argv), **popen_kwargs)
 
 
 def run_in_netns(pid: int, fn: Callable[[], T]) -> T:

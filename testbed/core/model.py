@@ -5,14 +5,22 @@ in a TOML file is an error naming the key, never a silently ignored setting.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from testbed.base.strict import FrozenStrict
 
+if TYPE_CHECKING:
+    from testbed.core.addressing import Graph
+
 MAX_PATHS = 8  # the kernel's hard maximum of subflows per connection
 PATH_NAME = r"^[a-z][a-z0-9]{0,6}$"  # short: it becomes part of interface names
+# HTB takes its rate in whole kbit/s: below 10 kbit/s the rounding error passes
+# 5 %, and under 0.5 kbit/s the rate becomes "0kbit".
+MIN_RATE_MBIT = 0.01
+MAX_QUEUE_PKTS = 1_000_000  # a bottleneck queue's limit in packets (pfifo holds a u32)
+INT_MAX = 2**31 - 1  # the kernel's MPTCP sysctls are C ints
 
 
 class GilbertElliott(FrozenStrict):
@@ -32,12 +40,12 @@ class GilbertElliott(FrozenStrict):
 class LinkParams(FrozenStrict):
     """What one direction of an emulated link does to packets."""
 
-    rate_mbit: float | None = Field(None, gt=0, le=100_000, description="None: unshaped")
+    rate_mbit: float | None = Field(None, ge=MIN_RATE_MBIT, le=100_000, description="None: unshaped")
     delay_ms: float = Field(0, ge=0, le=10_000, description="one-way propagation delay")
     jitter_ms: float = Field(0, ge=0, le=10_000)
     loss_pct: float = Field(0, ge=0, le=100, description="independent random loss")
     gilbert: GilbertElliott | None = None
-    queue_pkts: int | None = Field(None, ge=1, le=1_000_000)
+    queue_pkts: int | None = Field(None, ge=1, le=MAX_QUEUE_PKTS)
     queue_bdp: float | None = Field(None, gt=0, le=100, description="queue as multiple of BDP")
     reorder: bool = Field(False, description="let jitter reorder packets")
 
@@ -59,16 +67,24 @@ class LinkParams(FrozenStrict):
         bdp_pkts = (self.rate_mbit or 1000) * 1e6 / 8 * rtt_ms / 1000 / mtu
         return max(20, round(bdp_pkts * (self.queue_bdp or 1.0)))
 
+    def check_queue(self, rtt_ms: float, mtu: int) -> None:
+        """Refuse a queue in BDPs larger than a queue can hold (ValueError naming the bound)."""
+        limit = self.queue_limit_pkts(max(rtt_ms, 1.0), mtu)
+        if limit > MAX_QUEUE_PKTS:
+            raise ValueError(f"queue of {limit} packets ({self.queue_bdp or 1:g} BDP at "
+                             f"{self.rate_mbit} Mbit/s, RTT {rtt_ms:g} ms) is more than "
+                             f"{MAX_QUEUE_PKTS} packets: lower queue_bdp or give queue_pkts")
+
 
 class DirectionOverride(FrozenStrict):
     """Per-direction overrides; unset fields inherit from the path."""
 
-    rate_mbit: float | None = Field(None, gt=0, le=100_000)
+    rate_mbit: float | None = Field(None, ge=MIN_RATE_MBIT, le=100_000)
     delay_ms: float | None = Field(None, ge=0, le=10_000)
     jitter_ms: float | None = Field(None, ge=0, le=10_000)
     loss_pct: float | None = Field(None, ge=0, le=100)
     gilbert: GilbertElliott | None = None
-    queue_pkts: int | None = Field(None, ge=1, le=1_000_000)
+    queue_pkts: int | None = Field(None, ge=1, le=MAX_QUEUE_PKTS)
 
 
 EndpointFlag = Literal["subflow", "signal", "fullmesh"]
@@ -101,6 +117,8 @@ class PathSpec(LinkParams):
                 raise ValueError(f"{side}: fullmesh needs subflow too")
             if "fullmesh" in flags and "signal" in flags:
                 raise ValueError(f"{side}: fullmesh and signal exclude each other")
+        for which in ("up", "down"):
+            self.direction(which).check_queue(self.rtt_ms(), self.mtu)
         return self
 
     def direction(self, which: Literal["up", "down"]) -> LinkParams:
@@ -119,25 +137,82 @@ class BottleneckSpec(LinkParams):
 
     mtu: int = Field(1500, ge=576, le=9000)
 
+    @model_validator(mode="after")
+    def _queue_fits(self) -> "BottleneckSpec":
+        self.check_queue(2 * self.delay_ms, self.mtu)
+        return self
+
+
+NODE_NAME = r"^[a-z][a-z0-9]{0,5}$"  # short: "<node>-<link>" names an interface
+LINK_NAME = r"^[a-z][a-z0-9]{0,9}$"
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+NodeRole = Literal["client", "server", "host", "router"]
+
+
+class NodeSpec(FrozenStrict):
+    """A node of a general topology: an MPTCP client, a server, a cross-traffic
+    host, or a router (the only role that forwards)."""
+
+    name: str = Field(pattern=NODE_NAME)
+    role: NodeRole
+
+
+class LinkSpec(PathSpec):
+    """A link between nodes `a` and `b`, emulated like a path (`up` is a -> b).
+
+    `emulated = false` makes it a plain veth pair (no emulator, no changes during
+    a run); `cost` is the routing metric (a loop needs costs that pick one way);
+    `net` picks its subnet 10.<net>.0.0/24 (default: its 1-based position).
+    Endpoint flags apply where the link touches a client (client_endpoint,
+    backup) or a server (server_endpoint).
+    """
+
+    name: str = Field(pattern=LINK_NAME)
+    a: str = Field(pattern=NODE_NAME)
+    b: str = Field(pattern=NODE_NAME)
+    emulated: bool = True
+    cost: int = Field(1, ge=1, le=1000)
+    net: int | None = Field(None, ge=1, le=254)
+
+    def path_spec(self) -> PathSpec:
+        """This link's characteristics as a PathSpec (the path it starts, as built)."""
+        return PathSpec(**{k: getattr(self, k) for k in PathSpec.model_fields})
+
 
 class TopologySpec(FrozenStrict):
-    """A client and a server joined by 1..8 paths.
+    """Clients, servers, cross-traffic hosts and routers joined by emulated links.
 
-    server_side = "router": every path ends at a router in front of a
-    single-homed server (WiFi + LTE to a server on the Internet); with a
-    `bottleneck` the router-server link is emulated and shared by all paths.
-    server_side = "multihomed": each path ends at its own server interface.
+    Two ways to write one (docs/topologies.md):
+    - `paths` (the shorthand): one client and one server joined by 1..8 paths.
+      server_side = "router": every path ends at a router in front of a
+      single-homed server (WiFi + LTE to a server on the Internet); with a
+      `bottleneck` the router-server link is emulated and shared by all paths.
+      server_side = "multihomed": each path ends at its own server interface.
+    - `nodes` and `links`: any graph. Addresses and routes are derived
+      (testbed.core.addressing); a path is what routing gives from a client's
+      interface to the server.
+    Both compile to the same graph (`graph()`), which is what Testbed builds.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
-    paths: list[PathSpec] = Field(min_length=1, max_length=MAX_PATHS)
+    paths: list[PathSpec] = Field(default_factory=list, max_length=MAX_PATHS)
     default_path: str | None = Field(None, description="path holding the default route")
     server_side: Literal["router", "multihomed"] = "router"
     bottleneck: BottleneckSpec | None = None
+    nodes: list[NodeSpec] = Field(default_factory=list, max_length=64)
+    links: list[LinkSpec] = Field(default_factory=list, max_length=254)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TopologySpec":
+        if self.nodes or self.links:
+            if self.paths or self.bottleneck is not None or self.server_side != "router":
+                raise ValueError("give either paths (with server_side, bottleneck) or nodes "
+                                 "and links, not both")
+            self.graph()  # a graph that cannot be routed is refused here, at load
+            return self
+        if not self.paths:
+            raise ValueError("paths: give at least 1 path (or nodes and links)")
         names = [p.name for p in self.paths]
         if len(set(names)) != len(names):
             raise ValueError(f"path names must be unique, got {names}")
@@ -150,22 +225,30 @@ class TopologySpec(FrozenStrict):
                              "(a single-homed server has one address)")
         return self
 
+    def graph(self) -> "Graph":
+        """The topology as built: nodes, addressed links, routes and paths."""
+        # Imported here: addressing derives from this model, so it imports it.
+        from testbed.core.addressing import compile_graph
+        return compile_graph(self)
+
+    def path_specs(self) -> list[PathSpec]:
+        """Every client's paths (the first client's first), as PathSpecs."""
+        return [p.spec for p in self.graph().paths]
+
     @property
     def default(self) -> PathSpec:
-        name = self.default_path or self.paths[0].name
-        return next(p for p in self.paths if p.name == name)
+        """The first client's path holding its default route."""
+        return self.graph().default_path().spec
 
     def path(self, name: str) -> PathSpec:
-        for p in self.paths:
+        for p in self.path_specs():
             if p.name == name:
                 return p
         raise KeyError(name)
 
     def needs_delay_line(self) -> bool:
-        links: list[LinkParams] = [p.direction(d) for p in self.paths for d in ("up", "down")]
-        if self.bottleneck is not None:
-            links.append(self.bottleneck)
-        return any(link.needs_delay_line() for link in links)
+        return any(link.spec.direction(d).needs_delay_line()
+                   for link in self.graph().links if link.spec.emulated for d in ("up", "down"))
 
 
 class HostSettings(FrozenStrict):
@@ -178,12 +261,12 @@ class HostSettings(FrozenStrict):
 
     enabled: Literal[0, 1] = 1
     path_manager: Literal["kernel", "userspace"] = "kernel"
-    blackhole_timeout: int = Field(0, ge=0)
+    blackhole_timeout: int = Field(0, ge=0, le=INT_MAX)
     syn_retrans_before_tcp_fallback: int = Field(2, ge=0, le=255)
-    stale_loss_cnt: int = Field(4, ge=1)
-    add_addr_timeout: int = Field(120, ge=0)
+    stale_loss_cnt: int = Field(4, ge=1, le=INT_MAX)
+    add_addr_timeout: int = Field(120, ge=0, le=INT_MAX)
     checksum_enabled: Literal[0, 1] = 0
-    close_timeout: int = Field(60, ge=0)
+    close_timeout: int = Field(60, ge=0, le=INT_MAX)
     allow_join_initial_addr_port: Literal[0, 1] = 1
     scheduler: str = "default"
     congestion_control: Literal["cubic", "reno", "bbr"] = Field(

@@ -8,6 +8,7 @@ from pyroute2 import MPTCP, IPRoute
 
 from testbed.base.errors import TestbedError
 from testbed.core.model import HostSettings
+from testbed.mptcp import pm
 from testbed.base.netns import read_sysctl, run_in_netns, write_sysctl
 
 FLAG_BITS = {"signal": 0x1, "subflow": 0x2, "backup": 0x4, "fullmesh": 0x8}
@@ -72,6 +73,16 @@ ABSENT_MEANS = {
 }
 
 
+def available_schedulers() -> list[str]:
+    """MPTCP packet schedulers this kernel offers (the same in every namespace);
+    ["default"] where the kernel has one built-in scheduler and no knob."""
+    try:
+        with open("/proc/sys/net/mptcp/available_schedulers") as f:  # read-only
+            return f.read().split() or ["default"]
+    except FileNotFoundError:
+        return ["default"]
+
+
 def _present_mptcp_sysctls() -> list[str]:
     return [f"net.mptcp.{n}" for n in os.listdir("/proc/sys/net/mptcp")]
 
@@ -97,6 +108,13 @@ def add_endpoints(pid: int, endpoints: list[Endpoint]) -> None:
                            if_idx=ifidx.to_bytes(4, "little", signed=True))
 
     run_in_netns(pid, apply)
+
+
+def set_backup(pid: int, endpoint: Endpoint, backup: bool) -> None:
+    """Set or clear the backup flag of an endpoint added by add_endpoints (MP_PRIO
+    on its established subflows); its other flags stay as they are."""
+    flags = {f for f in endpoint.flags if f != "backup"} | ({"backup"} if backup else set())
+    pm.set_endpoint_flags(pid, endpoint.addr, endpoint.id, sum(FLAG_BITS[f] for f in flags))
 
 
 def snapshot(pid: int) -> dict:

@@ -1,15 +1,16 @@
-"""Testbed: build a TopologySpec as Mininet nodes running kernel MPTCP.
+"""Testbed: build a TopologySpec's graph as Mininet nodes running kernel MPTCP.
 
     with Testbed(load("two-path")) as tb:
         tb.client.cmd("ping -c1", tb.server_addr)
 
-Shape (no switches, no controller, no Open vSwitch):
+Every graph node (client, server, cross-traffic host, router) is a namespace;
+every emulated link is an emulator namespace between its two ends (no
+switches, no controller, no Open vSwitch), e.g. the two-path shorthand:
 
-    client --c-<path>==[x<i> emulator]==r-<path>-- router --r-srv==s-eth0-- server
+    c --c-wifi==[x1 emulator]==r-wifi-- r --r-bottleneck== s-bottleneck-- s
 
-The emulator node of each path (and of an optional shared bottleneck between
-router and server) holds the link emulation; with server_side="multihomed" the
-paths end at the server itself. Teardown removes everything, also on
+Addresses, routes and paths come from TopologySpec.graph()
+(testbed.core.addressing). Teardown removes everything, also on
 exceptions, SIGINT and SIGTERM; a state file lets `invoke clean` finish the job
 after a kill -9.
 """
@@ -22,8 +23,9 @@ import subprocess
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from mininet.net import Mininet
 from mininet.node import Node
@@ -38,7 +40,7 @@ from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.core import mptcp_config
 from testbed.base.netns import run_in_netns, write_sysctl
 from testbed.base.rtnl import RawRtnl
-from testbed.core.state import RunState, kill_recorded, namespace_members
+from testbed.core.state import RunState, alive, end_recorded, namespace_members
 
 T = TypeVar("T")
 
@@ -83,7 +85,8 @@ class NamespacedMininet(Mininet):
 
 @dataclass
 class Path:
-    """A built path: its spec, addresses, interfaces and emulated link."""
+    """A built path: its spec, addresses, interfaces and emulated link (the
+    client's access link; `graph.links` names every link it crosses)."""
 
     spec: PathSpec
     index: int
@@ -91,6 +94,7 @@ class Path:
     client_if: str
     far_if: str
     link: EmulatedLink
+    graph: A.GraphPath
 
     @property
     def name(self) -> str:
@@ -107,21 +111,24 @@ class Testbed:
         self.backend = emulation.select(backend, topology)
         self.settings = {"client": client or HostSettings(), "server": server or HostSettings()}
         self.run_id = run_id or f"tb-{uuid.uuid4().hex[:8]}"
-        self.paths: list[Path] = []
+        self.graph = topology.graph()  # what is built: nodes, addressed links, routes, paths
+        self.paths: list[Path] = []  # the first client's paths
+        self.all_paths: list[Path] = []  # every client's
+        self._links: list[EmulatedLink] = []
         self.bottleneck: EmulatedLink | None = None
         self.net: Mininet | None = None
         self._state: RunState | None = None
         self._procs: list[subprocess.Popen] = []
-        self._old_sigterm: Any = None
+        self._old_handlers: dict[int, Any] = {}
         self._client_rtnl: RawRtnl | None = None  # hot-path netlink in the client's namespace
         self._client_ifindex: dict[str, int] = {}
         self._on_stop: list[Callable[[], None]] = []
         # Nodes exist from start() on; declared here so that every attribute has one home.
         self.client: Node = None  # type: ignore[assignment]
         self.server: Node = None  # type: ignore[assignment]
-        self.router: Node | None = None
-        self._emulators: list[Node] = []
-        self._bottleneck_node: Node | None = None
+        self.router: Node | None = None  # the first router, if any
+        self._nodes: dict[str, Node] = {}  # graph node name -> node
+        self._emulators: dict[str, Node] = {}  # emulated link name -> its emulator node
         self.not_applied: dict[str, dict[str, str]] = {}  # per host: MPTCP knobs this kernel lacks
         # Every change during a run, in the order applied (apply_event), and the
         # faults in force per link (its parameters live in the EmulatedLink).
@@ -130,16 +137,27 @@ class Testbed:
 
     # ---- lifecycle -----------------------------------------------------
     def __enter__(self) -> "Testbed":
-        self._install_sigterm()
+        self._install_exit_signals()
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self._stop_quietly()
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.stop()
+        else:
+            self._stop_quietly()
+
+    def _stop_quietly(self) -> None:
+        """stop() while another exception propagates: that one stays the error,
+        a teardown problem becomes a warning (and its state file stays for clean)."""
+        try:
+            self.stop()
+        except TestbedError as err:
+            warnings.warn(str(err))
 
     def start(self) -> None:
         self._state = RunState(self.run_id)
@@ -171,12 +189,50 @@ class Testbed:
         self._on_stop.append(fn)
 
     def stop(self) -> None:
-        """Idempotent teardown: processes, emulation, nodes (and their namespaces)."""
-        while self._on_stop:
+        """Idempotent teardown, step by step: each step runs even if an earlier one
+        failed, and the signals that end a run are held until the last one is
+        done (then delivered). The state file goes only when no recorded process
+        survives; otherwise TestbedError names what failed or survived, and
+        `./tb clean` finishes the job once this process is gone."""
+        with _signals_deferred():
+            problems = self._teardown()
+        if problems:
+            raise TestbedError(f"testbed {self.run_id}: teardown incomplete: " + "; ".join(problems))
+
+    def _teardown(self) -> list[str]:
+        problems: list[str] = []
+
+        def step(what: str, fn: Callable[[], object]) -> None:
             try:
-                self._on_stop.pop()()
-            except Exception as exc:  # teardown goes on; the rest must still be released
-                warnings.warn(f"testbed {self.run_id}: on_stop callback failed: {exc}")
+                fn()
+            except Exception as exc:  # noqa: BLE001 - collected; the next steps must still run
+                problems.append(f"{what}: {type(exc).__name__}: {exc}".splitlines()[0])
+
+        while self._on_stop:
+            step("on_stop callback", self._on_stop.pop())
+        step("processes started in the namespaces", self._end_started_processes)
+        step("client netlink socket", self._close_client_rtnl)
+        if self.net is not None:
+            step("link emulation", lambda: self.backend.stop_many(self.links))
+            # Whatever else runs inside our namespaces (e.g. started from the
+            # CLI), except the node shells, which net.stop() ends itself.
+            step("other processes in the namespaces", lambda: self._end_namespace_members(
+                spare={n.pid for n in self.net.hosts} if self.net is not None else set()))
+            step("nodes", self.net.stop)
+            self.net = None
+        if self._state is not None:
+            survivors: list[int] = []
+            step("recorded processes", lambda: survivors.extend(self._end_namespace_members(set())))
+            if survivors or not _all_gone(self._state):
+                problems.append(f"still running: PIDs {', '.join(map(str, survivors)) or '(recorded)'}; "
+                                f"state file {self._state.path} kept for `./tb clean`")
+            else:
+                step("state file", self._state.remove)
+                self._state = None
+        self._restore_exit_signals()
+        return problems
+
+    def _end_started_processes(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
@@ -184,52 +240,54 @@ class Testbed:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                pass
+                pass  # the last teardown step finds it and reports it
         self._procs.clear()
-        if self._client_rtnl is not None:
-            self._client_rtnl.close()
-            self._client_rtnl = None
-        if self.net is not None:
-            self.backend.stop_many(self.links)
-            if self._state is not None:
-                # Whatever still runs inside our namespaces (e.g. started from the
-                # CLI) except the node shells, which net.stop() ends itself.
-                shells = {n.pid for n in self.net.hosts}
-                kill_recorded([m for m in namespace_members(self._state.data["pids"])
-                               if m[0] not in shells])
-            self.net.stop()
-            self.net = None
-        if self._state is not None:
-            self._state.remove()
-            self._state = None
-        self._restore_sigterm()
 
-    def _install_sigterm(self) -> None:
-        # SIGTERM becomes an exception so that `with` blocks unwind and clean up.
+    def _close_client_rtnl(self) -> None:
+        if self._client_rtnl is not None:
+            rtnl, self._client_rtnl = self._client_rtnl, None
+            rtnl.close()
+
+    def _end_namespace_members(self, spare: set[int]) -> list[int]:
+        """SIGKILL every recorded process and every process in our namespaces,
+        except spare; returns those still alive after a few seconds."""
+        assert self._state is not None
+        pids = self._state.data["pids"]
+        members = namespace_members(pids, self._state.data["netns"])
+        return end_recorded([m for m in pids + members if m[0] not in spare])
+
+    def _install_exit_signals(self) -> None:
+        # SIGTERM and SIGHUP become exceptions so that `with` blocks unwind and
+        # clean up (SIGINT already raises KeyboardInterrupt).
         if _in_main_thread():
             def raise_exit(signum: int, frame: object) -> None:
                 raise SystemExit(128 + signum)
-            self._old_sigterm = signal.signal(signal.SIGTERM, raise_exit)
+            self._old_handlers = {sig: signal.signal(sig, raise_exit) for sig in EXIT_SIGNALS}
 
-    def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None and _in_main_thread():
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
+    def _restore_exit_signals(self) -> None:
+        if self._old_handlers and _in_main_thread():
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self._old_handlers = {}
 
     # ---- build steps ---------------------------------------------------
     def _add_node(self, name: str) -> Node:
         assert self.net is not None and self._state is not None
         node = self.net.addHost(name, cls=Node, ip=None, inNamespace=True)
         self._state.add_pid(node.pid)
+        self._state.add_netns(node.pid)  # clean finds it even after its shell died
         return node
 
     def _create_nodes(self) -> None:
-        topo = self.topology
-        self.client = self._add_node("c")
-        self.server = self._add_node("s")
-        self.router = self._add_node("r") if topo.server_side == "router" else None
-        self._emulators = [self._add_node(f"x{i + 1}") for i in range(len(topo.paths))]
-        self._bottleneck_node = self._add_node("xb") if topo.bottleneck else None
+        """One namespace per graph node and one per emulated link (its emulator)."""
+        g = self.graph
+        self._nodes = {name: self._add_node(name) for name in g.roles}
+        self._emulators = {link.name: self._add_node(link.emulator)
+                           for link in g.links if link.emulator is not None}
+        self.client = self._nodes[g.client]
+        self.server = self._nodes[g.server]
+        routers = g.nodes("router")
+        self.router = self._nodes[routers[0]] if routers else None
 
     def _pin_namespace_sysctls(self) -> None:
         """NAMESPACE_SYSCTLS in every node's namespace (those the kernel has per namespace)."""
@@ -250,90 +308,66 @@ class Testbed:
         self.net.addLink(n1, n2, intfName1=if1, intfName2=if2)
 
     def _create_links(self) -> None:
-        topo = self.topology
-        far = self.router or self.server
-        far_prefix = "r" if self.router else "s"
-        for i, (spec, emu) in enumerate(zip(topo.paths, self._emulators), start=1):
-            client_if, far_if = f"c-{spec.name}", f"{far_prefix}-{spec.name}"
-            port_a, port_b = f"x{i}-a", f"x{i}-b"
-            self._link(self.client, client_if, emu, port_a)
-            self._link(emu, port_b, far, far_if)
-            link = EmulatedLink(name=spec.name, node=emu, port_a=port_a, port_b=port_b,
-                                up=spec.direction("up"), down=spec.direction("down"), mtu=spec.mtu)
-            self.paths.append(Path(spec, i, A.PathAddresses(i), client_if, far_if, link))
-        if self.router is not None:
-            if topo.bottleneck is not None:
-                bn = self._bottleneck_node
-                self._link(self.router, "r-srv", bn, "xb-a")
-                self._link(bn, "xb-b", self.server, "s-eth0")
-                params = LinkParams(**{k: getattr(topo.bottleneck, k) for k in LinkParams.model_fields})
-                self.bottleneck = EmulatedLink("bottleneck", bn, "xb-a", "xb-b", params, params,
-                                               mtu=topo.bottleneck.mtu)
-            else:
-                self._link(self.router, "r-srv", self.server, "s-eth0")
+        """A veth pair per plain link; two, through the emulator, per emulated one."""
+        for built in self.graph.links:
+            a, b = self._nodes[built.a.node], self._nodes[built.b.node]
+            emu = self._emulators.get(built.name)
+            if emu is None:
+                self._link(a, built.a.ifname, b, built.b.ifname)
+                continue
+            port_a, port_b = f"{built.emulator}-a", f"{built.emulator}-b"
+            self._link(a, built.a.ifname, emu, port_a)
+            self._link(emu, port_b, b, built.b.ifname)
+            spec = built.spec
+            self._links.append(EmulatedLink(name=built.name, node=emu, port_a=port_a, port_b=port_b,
+                                            up=spec.direction("up"), down=spec.direction("down"),
+                                            mtu=spec.mtu))
+        by_name = {link.name: link for link in self._links}
+        # A path's link is its access link, or (a plain access link) the first
+        # emulated one it crosses.
+        self.all_paths = [Path(gp.spec, gp.index, gp.addr, gp.client_if, gp.far.ifname,
+                               next((by_name[n] for n in gp.links if n in by_name), None),  # type: ignore[arg-type]
+                               gp)
+                          for gp in self.graph.paths]
+        self.paths = [p for p in self.all_paths if p.graph.client == self.graph.client]
+        self.bottleneck = by_name.get(A.BOTTLENECK)
 
     def _configure_addresses_and_routes(self) -> None:
-        client_addrs = []
-        for p in self.paths:
-            client_addrs.append((p.client_if, p.addr.client, p.spec.mtu))
-        default = self.path(self.topology.default.name)
+        """Addresses, routes and rules from the graph (testbed.core.addressing)."""
+        g = self.graph
+        for name, role in g.roles.items():
+            ends = [(link.end(name), link.spec.mtu) for link in g.links_of(name)]
 
-        def client() -> None:
-            with IPRoute() as ipr:
-                _up(ipr, "lo")
-                for p in self.paths:
-                    idx = _addr(ipr, p.client_if, p.addr.client, p.spec.mtu)
+            def configure(ends=ends, name=name) -> None:
+                with IPRoute() as ipr:
+                    _up(ipr, "lo")
+                    for end, mtu in ends:
+                        _addr(ipr, end.ifname, end.addr, mtu)
+                    for r in g.routes[name]:
+                        idx = ipr.link_lookup(ifname=r.dev)[0]
+                        extra = {"table": r.table} if r.table is not None else {}
+                        ipr.route("add", dst=r.dst, gateway=r.via, oif=idx, **extra)
                     # One table per source address: without it a join SYN from
                     # this address would leave by the default path and never
                     # establish (the classic "subflows never come up").
-                    ipr.route("add", dst="0.0.0.0/0", gateway=p.addr.far, oif=idx, table=p.addr.table)
-                    ipr.rule("add", src=p.addr.client, src_len=32, table=p.addr.table,
-                             priority=1000 + p.index)
-                idx = ipr.link_lookup(ifname=default.client_if)[0]
-                ipr.route("add", dst="0.0.0.0/0", gateway=default.addr.far, oif=idx)
+                    for rule in g.rules[name]:
+                        ipr.rule("add", src=rule.src, src_len=32, table=rule.table,
+                                 priority=rule.priority)
 
-        run_in_netns(self.client.pid, client)
+            run_in_netns(self._nodes[name].pid, configure)
+            if role == "router":
+                write_sysctl(self._nodes[name].pid, {"net.ipv4.ip_forward": 1})
         for link in self.links:
             run_in_netns(link.pid, lambda link=link: _emulator_ports(link))
-        if self.router is not None:
-            def router() -> None:
-                with IPRoute() as ipr:
-                    _up(ipr, "lo")
-                    for p in self.paths:
-                        _addr(ipr, p.far_if, p.addr.far, p.spec.mtu)
-                    _addr(ipr, "r-srv", A.ROUTER_SERVER_SIDE, self._server_mtu())
-
-            run_in_netns(self.router.pid, router)
-            write_sysctl(self.router.pid, {"net.ipv4.ip_forward": 1})
-
-            def server() -> None:
-                with IPRoute() as ipr:
-                    _up(ipr, "lo")
-                    _addr(ipr, "s-eth0", A.SERVER, self._server_mtu())
-                    ipr.route("add", dst="0.0.0.0/0", gateway=A.ROUTER_SERVER_SIDE)
-
-            run_in_netns(self.server.pid, server)
-        else:
-            def server_multihomed() -> None:
-                # Connected routes send each reply back over the path it came by.
-                with IPRoute() as ipr:
-                    _up(ipr, "lo")
-                    for p in self.paths:
-                        _addr(ipr, p.far_if, p.addr.far, p.spec.mtu)
-
-            run_in_netns(self.server.pid, server_multihomed)
 
     def _static_neighbours(self) -> None:
         """Permanent ARP entries on both ends of every segment. Otherwise the
         first handshake on a path pays an extra RTT for ARP, and a blackholed
         path (WiFi associated, no Internet: ARP still answers) would turn into
         EHOSTUNREACH after ~3 s instead of the kernel's SYN retries."""
-        far = self.router or self.server
-        segments = [(self.client, p.client_if, p.addr.client, far, p.far_if, p.addr.far)
-                    for p in self.paths]
-        if self.router is not None:
-            segments.append((self.router, "r-srv", A.ROUTER_SERVER_SIDE, self.server, "s-eth0", A.SERVER))
-        for n1, if1, ip1, n2, if2, ip2 in segments:
+        for link in self.graph.links:
+            n1, n2 = self._nodes[link.a.node], self._nodes[link.b.node]
+            if1, ip1, if2, ip2 = link.a.ifname, link.a.addr, link.b.ifname, link.b.addr
             mac1 = run_in_netns(n1.pid, lambda i=if1: _mac(i))
             mac2 = run_in_netns(n2.pid, lambda i=if2: _mac(i))
             run_in_netns(n1.pid, lambda i=if1, ip=ip2, m=mac2: _neigh(i, ip, m))
@@ -344,14 +378,9 @@ class Testbed:
         MTU-sized packets (not 64 KB GSO super-packets), loss hits single
         packets, and a user-space forwarder never sees partial checksums."""
         ends: dict[Node, list[str]] = {}
-        far = self.router or self.server
-        for p in self.paths:
-            ends.setdefault(self.client, []).append(p.client_if)
-            ends.setdefault(far, []).append(p.far_if)
-        if self.bottleneck is not None:
-            assert self.router is not None
-            ends.setdefault(self.router, []).append("r-srv")
-            ends.setdefault(self.server, []).append("s-eth0")
+        for built in self.graph.links:
+            for end in (built.a, built.b):
+                ends.setdefault(self._nodes[end.node], []).append(end.ifname)
         for link in self.links:
             ends.setdefault(link.node, []).extend([link.port_a, link.port_b])
         for node, ifs in ends.items():
@@ -360,37 +389,52 @@ class Testbed:
             if out.strip():
                 raise TestbedError(f"ethtool on {node.name}: {out.strip().splitlines()[0]}")
 
-    def _server_mtu(self) -> int:
-        return self.topology.bottleneck.mtu if self.topology.bottleneck else 1500
-
     def _configure_mptcp(self) -> None:
-        n = len(self.paths)
-        hosts = {"client": self.client, "server": self.server}
+        """Settings and limits on every client and server; kernel-PM endpoints on
+        each client's non-default paths and on the server's flagged addresses."""
+        g = self.graph
+        n = max(len(g.paths_of(c)) for c in g.nodes("client"))
         self.not_applied: dict[str, dict[str, str]] = {}
-        for role, node in hosts.items():
-            self.not_applied[role] = mptcp_config.apply_settings(node.pid, self.settings[role])
-            mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)), add_addr_accepted=min(8, n))
-        default = self.topology.default.name
+        for role in ("client", "server"):
+            for name in g.nodes(role):
+                node = self._nodes[name]
+                lacks = mptcp_config.apply_settings(node.pid, self.settings[role])
+                self.not_applied[role if name in (g.client, g.server) else name] = lacks
+                mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)),
+                                        add_addr_accepted=min(8, n))
         if self.settings["client"].path_manager == "kernel":
-            eps = [ep for ep in map(self._client_endpoint, self.paths) if ep is not None]
-            mptcp_config.add_endpoints(self.client.pid, eps)
-        if self.settings["server"].path_manager == "kernel" and self.router is None:
-            eps = [mptcp_config.Endpoint(p.addr.far, p.far_if, tuple(p.spec.server_endpoint), id=p.index)
-                   for p in self.paths if p.spec.server_endpoint and p.name != default]
+            for name in g.nodes("client"):
+                eps = [ep for ep in map(self._client_endpoint, self.all_paths)
+                       if ep is not None and self._path_client(ep) == name]
+                mptcp_config.add_endpoints(self._nodes[name].pid, eps)
+        if self.settings["server"].path_manager == "kernel":
+            primary = g.server_addr
+            eps = [mptcp_config.Endpoint(link.end(g.server).addr, link.end(g.server).ifname,
+                                         tuple(link.spec.server_endpoint), id=link.net)
+                   for link in g.links_of(g.server)
+                   if link.spec.server_endpoint and link.end(g.server).addr != primary]
             mptcp_config.add_endpoints(self.server.pid, eps)
+
+    def _path_client(self, ep: mptcp_config.Endpoint) -> str:
+        return next(p.graph.client for p in self.all_paths if p.addr.client == ep.addr)
 
     # ---- queries and helpers -------------------------------------------
     @property
     def links(self) -> list[EmulatedLink]:
-        out = [p.link for p in self.paths]
-        return out + ([self.bottleneck] if self.bottleneck else [])
+        """Every emulated link, in the order the topology lists them."""
+        return list(self._links)
 
     @property
     def server_addr(self) -> str:
         """The address the client connects to (over the default path)."""
-        if self.router is not None:
-            return A.SERVER
-        return self.path(self.topology.default.name).addr.far
+        return self.graph.server_addr
+
+    def node(self, name: str) -> Node:
+        """The node the topology calls `name` (a client, server, host or router)."""
+        if name not in self._nodes:
+            raise TestbedError(f"no node {name!r} in topology {self.topology.name!r} "
+                               f"(nodes: {', '.join(self.graph.roles)})")
+        return self._nodes[name]
 
     @property
     def nodes(self) -> dict[str, Node]:
@@ -398,16 +442,20 @@ class Testbed:
         return {n.name: n for n in self.net.hosts}
 
     def path(self, name: str) -> Path:
-        for p in self.paths:
+        """Path `name` of any client (paths are named after their access link)."""
+        for p in self.all_paths:
             if p.name == name:
                 return p
         raise TestbedError(f"no path {name!r} in topology {self.topology.name!r} "
-                           f"(paths: {', '.join(p.name for p in self.paths)})")
+                           f"(paths: {', '.join(p.name for p in self.all_paths)})")
 
     def link(self, name: str) -> EmulatedLink:
-        if name == "bottleneck" and self.bottleneck is not None:
-            return self.bottleneck
-        return self.path(name).link
+        """Emulated link `name` (a path's access link, "bottleneck", any other link)."""
+        for link in self._links:
+            if link.name == name:
+                return link
+        raise TestbedError(f"no emulated link {name!r} in topology {self.topology.name!r} "
+                           f"(links: {', '.join(link.name for link in self._links)})")
 
     def in_ns(self, node: Node, fn: Callable[[], T]) -> T:
         """Run fn() in node's network namespace (sockets created there stay there)."""
@@ -457,12 +505,15 @@ class Testbed:
         """Every link's state (the run stores them as links_at_end)."""
         return {link.name: self.link_state(link.name) for link in self.links}
 
+    def _path_names(self) -> set[str]:
+        return {p.name for p in self.all_paths}
+
     def _link_names(self) -> set[str]:
         return {link.name for link in self.links}
 
     def _initial_state(self, name: str) -> LinkState:
         link = self.link(name)
-        ep = None if name == "bottleneck" else self._client_endpoint(self.path(name))
+        ep = self._client_endpoint(self.path(name)) if name in self._path_names() else None
         kernel_pm = self.settings["client"].path_manager == "kernel"
         return LinkState(up=link.up, down=link.down,
                          backup="backup" in ep.flags if ep is not None and kernel_pm else None)
@@ -474,8 +525,9 @@ class Testbed:
         """Carry out one event; the emulator's own apply time where it has one."""
         a, link = e.action, self.link(e.path)
         if a in ("link_down", "link_up"):
-            if e.path == "bottleneck":
-                raise TestbedError("the bottleneck has no carrier to take down; use 'blackhole'")
+            if e.path not in self._path_names():
+                what = "the bottleneck" if e.path == A.BOTTLENECK else f"link {e.path!r}"
+                raise TestbedError(f"{what} has no carrier to take down; use 'blackhole'")
             self._set_carrier(e.path, up=a == "link_up")
             self._set_fault(e.path, carrier=a == "link_up")
             return None
@@ -497,8 +549,10 @@ class Testbed:
             return max((t for t in times if t is not None), default=None)
         p = self.path(e.path)
         if a in MIDDLEBOXES or a in ("syn_pass", "middlebox_off"):
-            node = self.router or self.server
-            faults.set_middlebox(node.pid, "forward" if self.router else "input", p.name, p.far_if,
+            # Where the path's access link ends: a router forwards, a server takes it in.
+            far = p.graph.far.node
+            hook = "forward" if self.graph.roles[far] == "router" else "input"
+            faults.set_middlebox(self._nodes[far].pid, hook, p.name, p.far_if,
                                  a if a in MIDDLEBOXES else None)
             self._set_fault(e.path, middlebox=a if a in MIDDLEBOXES else None)
             return None
@@ -507,14 +561,15 @@ class Testbed:
             if ep is None or self.settings["client"].path_manager != "kernel":
                 raise TestbedError(f"{a}: path {p.name!r} has no kernel path-manager endpoint "
                                    "on the client")
-            mptcp_config.set_backup(self.client.pid, ep, a == "backup_on")
+            mptcp_config.set_backup(self._nodes[p.graph.client].pid, ep, a == "backup_on")
             self._set_fault(e.path, backup=a == "backup_on")
             return None
         raise TestbedError(f"unknown event action {a!r}")  # EventSpec lists every action
 
     def _client_endpoint(self, p: Path) -> mptcp_config.Endpoint | None:
         """The client's kernel-PM endpoint on path p as built (none on the default path)."""
-        if p.name == self.topology.default.name or not (p.spec.client_endpoint or p.spec.backup):
+        default = self.graph.default_links[p.graph.client]
+        if p.name == default or not (p.spec.client_endpoint or p.spec.backup):
             return None
         flags = (*p.spec.client_endpoint, *(("backup",) if p.spec.backup else ()))
         return mptcp_config.Endpoint(p.addr.client, p.client_if, flags, id=p.index)
@@ -525,12 +580,22 @@ class Testbed:
         so a timed failure lands well within a millisecond of its schedule."""
         assert self._client_rtnl is not None, "testbed not started"
         p = self.path(name)
-        idx = self._client_ifindex[p.client_if]
-        self._client_rtnl.set_link(idx, up)
+        if p.graph.client != self.graph.client:  # another client: a socket just for this
+            pid = self._nodes[p.graph.client].pid
+            rtnl = RawRtnl(pid)
+            try:
+                self._carrier(rtnl, p, run_in_netns(pid, lambda: _ifindex(p.client_if)), up)
+            finally:
+                rtnl.close()
+            return
+        self._carrier(self._client_rtnl, p, self._client_ifindex[p.client_if], up)
+
+    def _carrier(self, rtnl: RawRtnl, p: Path, idx: int, up: bool) -> None:
+        rtnl.set_link(idx, up)
         if up:  # the kernel dropped the path's routes with the carrier
-            self._client_rtnl.replace_default(p.addr.far, idx, p.addr.table)
-            if p.name == self.topology.default.name:
-                self._client_rtnl.replace_default(p.addr.far, idx)
+            rtnl.replace_default(p.addr.far, idx, p.addr.table)
+            if p.name == self.graph.default_links[p.graph.client]:
+                rtnl.replace_default(p.addr.far, idx)
 
     def interface_bytes(self) -> dict[str, dict[str, int]]:
         """Bytes sent/received by the client on each path's interface."""
@@ -569,8 +634,11 @@ class Testbed:
             "topology": self.topology.model_dump(mode="json"),
             "emulation": self.backend.describe(),
             "server_addr": self.server_addr,
-            "paths": [{"name": p.name, "client_addr": p.addr.client, "far_addr": p.addr.far,
-                       "client_if": p.client_if, "table": p.addr.table} for p in self.paths],
+            "paths": [{"name": p.name, "client": p.graph.client, "client_addr": p.addr.client,
+                       "far_addr": p.addr.far, "client_if": p.client_if, "table": p.addr.table,
+                       "server_addr": p.graph.server_addr, "links": list(p.graph.links)}
+                      for p in self.all_paths],
+            "graph": self.graph.describe(),
             "hosts": {role: {**mptcp_config.snapshot(node.pid),
                              "not_applied": self.not_applied.get(role, {})}
                       for role, node in (("client", self.client), ("server", self.server))},
@@ -581,6 +649,43 @@ class Testbed:
 def _in_main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+# What ends a run (Ctrl-C, kill, a closed terminal, the runner's per-run timer).
+TEARDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold TEARDOWN_SIGNALS until the block is done, then deliver them.
+
+    Blocked in the main thread (threads started inside inherit the mask); one
+    sent to the process can still land on an older thread, so the handlers
+    record it for the same delivery. Only the main thread runs Python signal
+    handlers: elsewhere the block runs as it is."""
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def defer(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    old = {sig: signal.signal(sig, defer) for sig in TEARDOWN_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, TEARDOWN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # held ones reach defer() now
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def _all_gone(state: RunState) -> bool:
+    return not any(alive(pid, st) for pid, st in state.data["pids"])
 
 
 def _up(ipr: IPRoute, ifname: str) -> int:
@@ -595,6 +700,11 @@ def _addr(ipr: IPRoute, ifname: str, address: str, mtu: int) -> int:
     ipr.addr("add", index=idx, address=address, prefixlen=A.PREFIX)
     ipr.link("set", index=idx, state="up")
     return idx
+
+
+def _ifindex(ifname: str) -> int:
+    with IPRoute() as ipr:
+        return ipr.link_lookup(ifname=ifname)[0]
 
 
 def _mac(ifname: str) -> str:

@@ -14,12 +14,16 @@ import abc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from testbed.base.registry import Parametrized, Registry
 from testbed.base.strict import Strict
+
+if TYPE_CHECKING:  # only for the annotations: importing Testbed pulls in Mininet
+    from testbed.core.net import Testbed
+    from testbed.harness.scenario import RunSpec
 
 
 ExperimentParams = Strict
@@ -27,6 +31,8 @@ ExperimentParams = Strict
 
 @dataclass
 class RunOutput:
+    """An experiment's result: metrics, tables, and its own verdict on the run."""
+
     metrics: dict[str, Any]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     status: str = "complete"  # an experiment may judge its own run "invalid"
@@ -35,9 +41,11 @@ class RunOutput:
 
 @dataclass
 class RunContext:
-    tb: Any  # testbed.core.net.Testbed
-    spec: Any  # testbed.harness.scenario.RunSpec
-    params: Any  # the experiment's validated Params
+    """What an experiment's run() gets: the built testbed, its run, and where to write."""
+
+    tb: Testbed
+    spec: RunSpec
+    params: Any  # the experiment's validated Params (each type has its own class)
     raw_dir: Path
     t0_ns: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)

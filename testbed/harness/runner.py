@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from testbed.core.emulation.calibrate import capacity_warning, emulator_counters, judge_run
 from testbed.harness import experiment as experiments
 from testbed.harness import probes
 from testbed.harness.experiment import RunContext, RunOutput
@@ -52,6 +54,8 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
     """Run every planned run that is not stored yet; several processes may sweep
     one store at once: each run is written by whoever takes its lock first."""
     specs = expand(scenario)
+    for warning in capacity_warnings(specs):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     remove_abandoned(root, scenario.experiment)
     todo = []
     for spec in specs:
@@ -88,6 +92,24 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
     return summary
 
 
+def capacity_warnings(specs: list[RunSpec]) -> list[str]:
+    """Runs asking the link emulator for more aggregate rate than this machine
+    measured it can carry in time (one line per distinct topology)."""
+    from testbed.core import emulation
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        topology = spec.scenario.topology.resolve()
+        try:
+            backend = emulation.select(spec.scenario.backend, topology).name
+        except Exception:  # noqa: BLE001 - an unusable backend fails the run itself, with its reason
+            continue
+        line = capacity_warning(topology, backend)
+        if line is not None:
+            out.setdefault(line, line)
+    return list(out)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled or total == 0:
         return None
@@ -121,13 +143,21 @@ def run_one(spec: RunSpec, root: Path) -> Path:
             manifest["namespace_sysctls"] = namespace_sysctls(tb)
             calibration = _calibrate(tb) if sc.calibrate else None
             ctx = RunContext(tb, spec, params, writer.raw_dir)
+            emulator_before = emulator_counters(tb)
             output = _run_with_probes(exp_cls(), ctx, sc)
+            # The emulator is judged over the run too: each path passing calibration
+            # alone does not mean all of them kept time together under load.
+            emulation_run = judge_run(emulator_before, emulator_counters(tb))
             if (output.status == "complete" and calibration is not None
                     and not calibration.get("valid", True)):
                 output.status = "invalid"
                 output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
+            elif output.status == "complete" and not emulation_run["valid"]:
+                output.status = "invalid"
+                output.reason = f"emulation during the run: {emulation_run['reason']}"
             # At the end: the emulator's counters (drops by cause, lateness) cover the run.
-            manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration}
+            manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration,
+                                     "run": emulation_run}
             manifest["qdiscs"] = _qdisc_dump(tb)
             manifest["probes"] = ctx.probe_summaries
             # What the links were when the workload ended and every change that got
@@ -205,6 +235,10 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
         for key, value in probe.metrics().items():
             output.metrics.setdefault(key, value)
         ctx.probe_summaries[probe.name] = probe.summary()
+    missed = [f"probe {probe.name}: {msg}" for probe in started for msg in probe.problems()]
+    if missed and output.status == "complete":  # data with holes the tables would not show
+        output.status = "invalid"
+        output.reason = "; ".join(missed)
     output.tables = tables
     return output
 

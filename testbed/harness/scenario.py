@@ -15,15 +15,18 @@
     [grid]                           # cross product over dotted keys
     "params.cc" = ["cubic", "bbr"]
 
-Everything is validated before anything starts: unknown keys, wrong types, an
-unknown experiment type and a grid over a key that does not exist are each a
-one-line error naming the key.
+Everything is validated before anything starts: unknown keys, wrong types,
+values out of the model's ranges, unknown names (experiment type, topology,
+backend, probe, MPTCP scheduler), events this topology cannot carry out and a
+grid over a key that does not exist or larger than MAX_GRID_POINTS are each a
+one-line error naming the key and the bound.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,8 @@ from pydantic import Field, ValidationError
 from testbed.base.errors import TestbedError, format_validation_error
 from testbed.base.strict import Strict
 from testbed.base.tomlfile import read_toml
-from testbed.core.events import EventSpec
+from testbed.core import emulation, mptcp_config
+from testbed.core.events import EventSpec, check_events
 from testbed.core.model import HostSettings, TopologySpec
 from testbed.core.topology import apply_overrides, from_dict, load as load_topology, set_dotted
 
@@ -57,12 +61,19 @@ class Hosts(Strict):
     server: HostSettings = Field(default_factory=HostSettings)
 
 
+MAX_TIMEOUT_S = 86_400.0  # a day per run
+MAX_GRID_POINTS = 10_000  # grid points per scenario (each is validated at load)
+MAX_RUNS = 100_000  # grid points x repetitions
+
+
 class Scenario(Strict):
+    """One scenario file, validated: what to run, on what, how often."""
+
     experiment: str
     description: str = ""
     repetitions: int = Field(1, ge=1, le=10_000)
     seed: int = 1
-    timeout_s: float = Field(300, gt=0)
+    timeout_s: float = Field(300, gt=0, le=MAX_TIMEOUT_S)
     backend: str = "auto"
     calibrate: bool = True
     topology: TopologyRef
@@ -105,7 +116,10 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None,
          repetitions: int | None = None) -> Scenario:
     p = Path(path)
     data = read_toml(p, "scenario file")
-    data = apply_overrides(data, overrides or {})
+    try:
+        data = apply_overrides(data, overrides or {})
+    except TestbedError as exc:
+        raise TestbedError(f"{p}: {exc}") from None
     if repetitions is not None:
         data["repetitions"] = repetitions
     data["path"] = str(p)
@@ -127,13 +141,43 @@ def validate(data: dict[str, Any], where: str = "scenario") -> Scenario:
             raise TestbedError(f"{where}: grid.{key}: empty list of values")
         if not _exists(plain, key) and not _experiment_param(experiment, key):
             raise TestbedError(f"{where}: grid.{key}: no such parameter in the scenario")
+    points = math.prod(len(v) for v in scenario.grid.values())
+    if points > MAX_GRID_POINTS:
+        raise TestbedError(f"{where}: grid: {' x '.join(str(len(v)) for v in scenario.grid.values())} "
+                           f"= {points} points, more than MAX_GRID_POINTS = {MAX_GRID_POINTS}")
+    if points * scenario.repetitions > MAX_RUNS:
+        raise TestbedError(f"{where}: repetitions: {points} grid points x {scenario.repetitions} "
+                           f"= {points * scenario.repetitions} runs, more than MAX_RUNS = {MAX_RUNS}")
     for spec in expand(scenario, validate_only=True):
         try:
-            spec.scenario.topology.resolve()
+            _check_names(spec.scenario)
+            topology = spec.scenario.topology.resolve()
+            check_events(spec.scenario.events, topology, spec.scenario.hosts.client.path_manager)
             experiment.validate_params(spec.scenario.params)
         except TestbedError as exc:
-            raise TestbedError(f"{where}: {exc}") from None
+            point = f" (grid point {spec.params})" if spec.params else ""
+            raise TestbedError(f"{where}: {exc}{point}") from None
     return scenario
+
+
+def _check_names(scenario: Scenario) -> None:
+    """Names that only a registry or this kernel knows: backend, probes, MPTCP scheduler."""
+    known_backends = emulation.backends()
+    if scenario.backend != "auto" and scenario.backend not in known_backends:
+        raise TestbedError(f"backend: unknown link-emulation backend {scenario.backend!r} "
+                           f"(known: auto, {', '.join(known_backends)})")
+    from testbed.harness import probes
+
+    known = probes.available()
+    for i, name in enumerate(scenario.probes):
+        if name not in known:
+            raise TestbedError(f"probes.{i}: unknown probe {name!r} (known: {', '.join(known)})")
+    schedulers = mptcp_config.available_schedulers()
+    for role in ("client", "server"):
+        name = getattr(scenario.hosts, role).scheduler
+        if name not in schedulers:
+            raise TestbedError(f"hosts.{role}.scheduler: {name!r} is not an MPTCP scheduler of "
+                               f"this kernel (available: {', '.join(schedulers)})")
 
 
 def _exists(data: dict[str, Any], key: str) -> bool:

@@ -249,6 +249,10 @@ class PMEventListener:
         if self._thread is not None:
             self._thread.join(5)
 
+    def alive(self) -> bool:
+        """Still receiving events (started, not stopped, no socket error)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def events(self) -> list[PMEvent]:
         with self._lock:
             return list(self._events)
@@ -314,6 +318,14 @@ def _request(pid: int, command: str, attrs: list[tuple[str, Any]]) -> None:
         raise PMError(command, exc.code, hint) from None
 
 
+def set_endpoint_flags(pid: int, addr: str, id: int, flags: int) -> None:
+    """In-kernel PM: give endpoint `id` (address `addr`) of the namespace of `pid`
+    these flags (ADDR_FLAGS bits). The kernel changes only backup and fullmesh,
+    so pass the endpoint's other flags unchanged; a backup change sends MP_PRIO
+    on every subflow from the endpoint."""
+    _request(pid, "set_flags", [("MPTCP_PM_ATTR_ADDR", _addr(addr, id=id, flags=flags))])
+
+
 class UserspacePM:
     """Userspace path-manager commands for the namespace of `pid` (a host whose
     net.mptcp.path_manager is "userspace"). Each call is one netlink request;
@@ -374,5 +386,5 @@ class UserspacePM:
             raise TestbedError(f"mptcp_pm: token must be a non-zero u32, got {token!r}")
 
 
-__all__ = ["PMEvent", "PMEventListener", "UserspacePM", "PMError", "decode_event",
+__all__ = ["PMEvent", "PMEventListener", "UserspacePM", "PMError", "decode_event", "set_endpoint_flags",
            "pm_cmd_msg", "pm_event_msg", "EVENTS", "CMD"]

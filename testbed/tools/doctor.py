@@ -58,8 +58,7 @@ def _kernel_checks() -> list[Check]:
 
 def _backend_checks() -> list[Check]:
     out = []
-    emulation._load_optional()
-    for name, cls in emulation.BACKENDS.items():
+    for name, cls in emulation.backends().items():
         problem = cls.check()
         out.append(Check(f"link emulation: {name}", problem is None,
                          "usable" if problem is None else problem, problem or "", required=False))

@@ -16,6 +16,13 @@ def register(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+def backends() -> dict[str, type[Backend]]:
+    """Every backend this installation has, by name (usable here or not: each
+    one's check() says)."""
+    _load_optional()
+    return dict(BACKENDS)
+
+
 def select(name: str, topology: TopologySpec | None = None) -> Backend:
     """Instantiate backend `name` ("auto": the best usable one) or explain why not."""
     _load_optional()
@@ -47,4 +54,4 @@ def _load_optional() -> None:
                 raise
 
 
-__all__ = ["Backend", "EmulatedLink", "select", "register", "BACKENDS"]
+__all__ = ["Backend", "EmulatedLink", "backends", "select", "register", "BACKENDS"]

@@ -56,12 +56,16 @@ class Backend(abc.ABC):
         """Make the link carry packets with its configured parameters."""
 
     @abc.abstractmethod
-    def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
-        """Change one direction's parameters while traffic flows."""
+    def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> float | None:
+        """Change one direction's parameters while traffic flows. Returns when the
+        change took effect by the emulator's own clock (time.monotonic()), or None
+        where the backend has no such clock (the caller's return time is then the
+        best estimate)."""
 
     @abc.abstractmethod
-    def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> None:
-        """Drop every packet of `direction` while the interfaces stay up."""
+    def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> float | None:
+        """Drop every packet of `direction` while the interfaces stay up; returns
+        as update() does."""
 
     def stop(self, link: EmulatedLink) -> None:
         """Release what start() created outside the emulator's namespace (if any)."""

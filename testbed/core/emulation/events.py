@@ -5,10 +5,10 @@
               EventSpec(at_s=6.0, action="blackhole", path="wifi", direction="up")]
     with EventScheduler(tb, events) as sched:   # t = 0 is when the block starts
         ... run traffic ...
-    sched.records   # scheduled vs applied time of every event
+    sched.records   # AppliedEvent per event: scheduled vs applied time, link after
 
-What each action does is testbed.core.faults.apply (the scenario files' `[[events]]`
-are the same EventSpec). A scheduler thread (SCHED_FIFO where permitted) sleeps
+Each event is applied by Testbed.apply_event, the one route for every change
+during a run (the scenario files' `[[events]]` are the same EventSpec). A scheduler thread (SCHED_FIFO where permitted) sleeps
 until ~2 ms before each event and busy-waits the rest (timer wake-ups overshoot
 by up to a few hundred microseconds), so a change starts within well under
 1 ms of its schedule. Each record has the scheduled time, when applying began
@@ -20,28 +20,26 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from testbed.core import faults
-from testbed.base.errors import TestbedError
 from testbed.base.netns import realtime_thread
-from testbed.core.events import EventSpec
+from testbed.core.events import AppliedEvent, EventSpec, check_events
+
+if TYPE_CHECKING:
+    from testbed.core.net import Testbed
 
 BUSY_WAIT_S = 0.002
 SWITCH_INTERVAL_S = 0.0002  # GIL hand-over while events are pending (Python's default: 5 ms)
-T = TypeVar("T")
 
 
 class EventScheduler:
-    def __init__(self, tb: Any, events: list[EventSpec]):
+    """Applies events at their times (relative to start()) on a thread of its own."""
+
+    def __init__(self, tb: Testbed, events: list[EventSpec]):
+        check_events(events, tb.topology, tb.settings["client"].path_manager)  # before any time passes
         self.tb = tb
         self.events = sorted(events, key=lambda e: e.at_s)
-        for e in self.events:
-            if e.action in ("link_down", "link_up") and e.path == "bottleneck":
-                raise TestbedError("event: the bottleneck has no carrier to take down; "
-                                   "use action 'blackhole'")
-            tb.link(e.path)  # fails early on an unknown path name
-        self.records: list[dict[str, Any]] = []
+        self.records: list[AppliedEvent] = []
         self.t0: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,14 +76,6 @@ class EventScheduler:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _apply(self, e: EventSpec) -> float | None:
-        faults.apply(self.tb, e)
-        if e.action in ("set_link", "blackhole", "unblackhole"):
-            applied = self.tb.link(e.path).state.get("applied")
-            if applied:  # the forwarder's own timestamp of the (last) change
-                return max(applied.values())
-        return None
-
     def _run(self) -> None:
         assert self.t0 is not None
         self.realtime = realtime_thread()
@@ -100,29 +90,16 @@ class EventScheduler:
                 return
             while time.monotonic() < target:
                 pass
-            began = time.monotonic()
-            rec: dict[str, Any] = {"t": e.at_s, "event": faults.describe(e), "scheduled": target,
-                                   "began": began}
             try:
-                emu = self._apply(e)
-                rec["ok"] = True
-            except Exception as exc:  # recorded; the experiment decides what it means
-                rec["ok"] = False
-                rec["error"] = str(exc)
+                self.tb.apply_event(e, scheduled=target)
+            except Exception as exc:  # recorded by the testbed; the runner decides what it means
                 self.error = exc
-                emu = None
-            done = time.monotonic()
-            rec["done"] = done
-            rec["emulator_applied"] = emu if emu is not None and began <= emu <= done else None
-            applied = rec["emulator_applied"] or done
-            rec["start_lateness_ms"] = round((began - target) * 1000, 3)
-            rec["applied_lateness_ms"] = round((applied - target) * 1000, 3)
-            rec["duration_ms"] = round((done - began) * 1000, 3)
-            self.records.append(rec)
+            self.records.append(self.tb.applied_events[-1])
 
     def summary(self) -> dict[str, Any]:
-        late = [r["applied_lateness_ms"] for r in self.records]
-        return {"events": len(self.events), "applied": sum(r["ok"] for r in self.records),
+        """Counts and the worst lateness (applied - scheduled) of the events so far."""
+        late = [r.applied_lateness_ms for r in self.records]
+        return {"events": len(self.events), "applied": sum(r.ok for r in self.records),
                 "realtime": self.realtime,
                 "max_applied_lateness_ms": max(late) if late else None,
                 "within_1ms": all(x <= 1.0 for x in late)}

@@ -14,7 +14,8 @@ from testbed.base.netns import run_in_netns
 UNSHAPED_MBIT = 10_000  # HTB still holds the queue when no rate is given
 
 
-def _htb_args(params: LinkParams, mtu: int) -> dict:
+def htb_args(params: LinkParams, mtu: int) -> dict:
+    """The HTB class attributes (rate, ceil, bursts, quantum) for params at this MTU."""
     mbit = params.rate_mbit or UNSHAPED_MBIT
     # Burst of ~1 ms at rate (at least two MTUs) keeps HTB accurate at high
     # rates without letting more than a millisecond of bursting through.
@@ -37,7 +38,7 @@ def install(link: EmulatedLink, direction: Direction) -> None:
             idx = ipr.link_lookup(ifname=port)[0]
             ipr.tc("add", "htb", index=idx, handle="1:", default=0x10)
             ipr.tc("add-class", "htb", index=idx, handle="1:10", parent="1:",
-                   **_htb_args(params, link.mtu))
+                   **htb_args(params, link.mtu))
             ipr.tc("add", "pfifo", index=idx, handle="10:", parent="1:10", limit=limit)
 
     run_in_netns(link.pid, apply)
@@ -51,7 +52,7 @@ def change(link: EmulatedLink, direction: Direction, params: LinkParams) -> None
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=port)[0]
             ipr.tc("change-class", "htb", index=idx, handle="1:10", parent="1:",
-                   **_htb_args(params, link.mtu))
+                   **htb_args(params, link.mtu))
             ipr.tc("change", "pfifo", index=idx, handle="10:", parent="1:10", limit=limit)
 
     run_in_netns(link.pid, apply)

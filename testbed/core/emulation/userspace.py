@@ -27,7 +27,7 @@ from testbed.base.rtnl import RawRtnl, attr
 from testbed.base.errors import TestbedError
 from testbed.core.model import LinkParams
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # testbed/core/emulation/ -> the repository
 START_TIMEOUT_S = 10.0
 CTL_TIMEOUT_S = 5.0
 SHAPING_FIELDS = ("rate_mbit", "queue_pkts", "queue_bdp")
@@ -225,9 +225,9 @@ class UserspaceBackend(Backend):
             pass  # pyroute2 through the worker then
         link.state["forwarder_pid"] = self._handles[id(link)].pid
 
-    def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
-        """Apply at once; returns after the forwarder acknowledged (its apply time in
-        link.state['applied'][direction])."""
+    def update(self, link: EmulatedLink, direction: Direction, params: LinkParams) -> float | None:
+        """Apply at once; returns after the forwarder acknowledged, with its apply
+        time (for a rate or queue change: when the qdisc change was acknowledged)."""
         old = link.params(direction)
         shaping_changed = any(getattr(old, f) != getattr(params, f) for f in SHAPING_FIELDS)
         line_changed = any(getattr(old, f) != getattr(params, f)
@@ -240,7 +240,7 @@ class UserspaceBackend(Backend):
             reply = self._handle(link).request({"op": "set", "dir": direction,
                                                 "params": params.model_dump(mode="json")})
             applied = reply["t"] if applied is None else max(applied, reply["t"])
-        link.state.setdefault("applied", {})[direction] = applied
+        return applied
 
     @staticmethod
     def _change_shaping(link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
@@ -250,7 +250,7 @@ class UserspaceBackend(Backend):
             shaping.change(link, direction, params)
             return
         idx = link.state["ifindex"][direction]
-        htb = shaping._htb_args(params, link.mtu)
+        htb = shaping.htb_args(params, link.mtu)
         limit = shaping.queue_limit(link, params)
         limits = link.state.setdefault("queue_limit", {})
         old_limit = limits.get(direction, shaping.queue_limit(link, link.params(direction)))
@@ -269,9 +269,9 @@ class UserspaceBackend(Backend):
             nl.call(apply)
         limits[direction] = limit
 
-    def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> None:
+    def set_blackhole(self, link: EmulatedLink, direction: Direction, on: bool) -> float | None:
         reply = self._handle(link).request({"op": "blackhole", "dir": direction, "on": on})
-        link.state.setdefault("applied", {})[direction] = reply["t"]
+        return reply["t"]
 
     def stats(self, link: EmulatedLink) -> dict[str, Any]:
         """Counters of the link's forwarder: per direction rx/tx/drops per cause,

@@ -36,7 +36,8 @@ from typing import Any
 
 import pandas as pd
 
-from testbed.core.emulation import BACKENDS, _load_optional
+from testbed.core import emulation
+from testbed.core.events import EventSpec
 from testbed.core.emulation.calibrate import ping_rtts, tcp_goodput
 from testbed.core.net import Testbed
 from testbed.base.netns import write_sysctl
@@ -192,7 +193,7 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
         for node in (tb.client, tb.server):  # one flow must be able to fill 1 Gbit/s x 100 ms
             write_sysctl(node.pid, TCP_BUFFERS)
         link = tb.paths[0].link
-        fwd_pid = link.state.get("forwarder_pid")
+        fwd_pid = next(iter(tb.backend.pids()), None)  # one path: its forwarder, if any
         server = tb.popen(tb.server, ["iperf3", "-s", "-p", str(IPERF_PORT)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         idle = ping_rtts(tb.client.pid, tb.server_addr, pings, interval=0.002)
@@ -212,12 +213,14 @@ def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[
                           if cpu0 is not None and cpu1 is not None else math.nan)
         stats0 = tb.backend.stats(link)["up"] if hasattr(tb.backend, "stats") else None
         if backend != "bridge":
-            tb.update_link(tb.paths[0].name, "up", loss_pct=LOSS_PCT)
+            tb.apply_event(EventSpec(at_s=0, action="set_link", path=tb.paths[0].name, direction="up",
+                                     changes={"loss_pct": LOSS_PCT}))
             q0 = tb.backend.stats(link)["up"]["drop_queue"] if stats0 is not None else 0
             loss = udp_loss(tb, pps=min(5000, int(rate * 1e6 / 8 / 106 * 0.4)))
             if stats0 is not None:  # any queue drop would falsify the loss figure
                 row["loss_queue_drops"] = tb.backend.stats(link)["up"]["drop_queue"] - q0
-            tb.update_link(tb.paths[0].name, "up", loss_pct=0)
+            tb.apply_event(EventSpec(at_s=0, action="set_link", path=tb.paths[0].name, direction="up",
+                                     changes={"loss_pct": 0}))
             lo, hi = binomial_interval(LOSS_PACKETS, LOSS_PCT / 100)
             lost = loss["sent"] - loss["received"]
             row.update({"loss_cfg_pct": LOSS_PCT, "loss_pct": loss["loss_pct"], "loss_packets": loss["sent"],
@@ -294,12 +297,12 @@ def _verdicts(row: dict[str, Any]) -> dict[str, Any]:
 
 def usable_backends(only: list[str] | None = None) -> dict[str, str | None]:
     """name -> None if usable, else the reason."""
-    _load_optional()
+    known = emulation.backends()
     out = {}
     for name in ("netem", "userspace", "bridge"):
         if only and name not in only:
             continue
-        cls = BACKENDS.get(name)
+        cls = known.get(name)
         out[name] = "not installed" if cls is None else cls.check()
     return out
 
