@@ -4,19 +4,31 @@
     robe proxy --listen 127.0.0.1:8080 --strategy sim HOST PORT
 
 Paths: `--bind-path NAME=ADDR[%IFNAME]` (repeatable, the first is the default
-path) or discovered from the local interfaces (default route first).
+path) or discovered from the local interfaces that carry a route to HOST
+(default route first).
 Errors are one line on stderr with a non-zero exit status, never a traceback.
+
+On a shared host: subflow endpoints the kernel path manager needs are added
+only for addresses without one and deleted when their connection closes, at
+exit and on SIGINT/SIGTERM/SIGHUP. The proxy serves at most --max-connections
+clients at once (others wait in the listen backlog), drops a connection idle
+in both directions for --idle-timeout s, and survives clients that reset
+(SIGPIPE stays ignored; a failed connection is one line on stderr).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any
+import time
+from pathlib import Path
 
+from testbed.robe import endpoints
 from testbed.robe import paths as P
 from testbed.robe.history import History
 from testbed.robe.report import Report
@@ -25,7 +37,55 @@ from testbed.robe.timer import TimerPolicy
 
 
 class UsageError(Exception):
-    pass
+    """A one-line error for the user (exit status 1)."""
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP arrived (raised in the main thread by the handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+
+
+def missing_capabilities() -> list[str]:
+    """Capabilities robe needs that this process lacks (path manager, SO_BINDTODEVICE)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+                return [name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+                                               (CAP_NET_RAW, "CAP_NET_RAW"))
+                        if not eff >> bit & 1]
+    except (OSError, ValueError, IndexError):
+        pass
+    return []
+
+
+def _bounded(kind: type, lo: float, hi: float, unit: str = ""):
+    """argparse type: a finite int or float in [lo, hi]."""
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} {text!r}") from None
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}]{unit}, got {text}")
+        return v
+    return parse
+
+
+def _seconds(lo: float, hi: float):
+    """argparse type: a finite number of seconds in [lo, hi]."""
+    return _bounded(float, lo, hi, " s")
+
+
+def _count(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi]."""
+    return _bounded(int, lo, hi)
 
 
 def _port(text: str) -> int:
@@ -65,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--strategy", default="sim", choices=sorted(STRATEGIES))
     common.add_argument("--bind-path", action="append", default=[], metavar="NAME=ADDR[%IF]")
     common.add_argument("--paths", help="comma-separated subset/order of path names")
-    common.add_argument("--timeout", type=float, default=10.0, help="establishment deadline, s")
+    common.add_argument("--timeout", type=_seconds(0.001, 3600), default=10.0,
+                        help="establishment deadline, s (at most 3600)")
     common.add_argument("--timer", type=_timer, default=TimerPolicy(),
                         help="RobE_TIMER: rto (1 s, default), rtt, or seconds (0.5, 300ms)")
     common.add_argument("--join", default="auto", choices=["auto", "userspace", "kernel", "none"])
@@ -76,18 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("connect", parents=[common], help="netcat-like client")
     c.add_argument("host")
     c.add_argument("port", type=_port)
-    c.add_argument("--report-wait", type=float, default=2.0,
+    c.add_argument("--report-wait", type=_seconds(0, 60), default=2.0,
                    help="at exit, wait this long for pending joins before reporting")
     x = sub.add_parser("proxy", parents=[common], help="plain TCP in, RobE/MPTCP out")
     x.add_argument("--listen", type=_hostport, required=True, metavar="ADDR:PORT")
+    x.add_argument("--max-connections", type=_count(1, 10_000), default=64,
+                   help="clients served at once; more wait in the listen backlog (default 64)")
+    x.add_argument("--idle-timeout", type=_seconds(0.1, 86_400), default=300.0,
+                   help="close a connection idle in both directions this long, s (default 300)")
     x.add_argument("host")
     x.add_argument("port", type=_port)
     return ap
 
 
-def _setup(args: argparse.Namespace) -> tuple[list, Options]:
+def _setup(args: argparse.Namespace, dest: tuple[str, int]) -> tuple[list, Options]:
     try:
-        found = P.parse_bind(args.bind_path) if args.bind_path else P.discover()
+        found = P.parse_bind(args.bind_path) if args.bind_path else P.discover(dest[0])
         sel = P.select(found, [n.strip() for n in args.paths.split(",")] if args.paths else None)
         history = History.load(args.history)
     except ValueError as exc:
@@ -116,16 +181,24 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f} ms"
 
 
-def _pump(src: Any, dst: socket.socket, done: threading.Event) -> None:
-    """Copy until EOF, then half-close the destination."""
+def _pump(src: socket.socket | int, dst: socket.socket, done: threading.Event,
+          activity: list[float] | None = None) -> None:
+    """Copy until EOF or an error, then half-close the destination.
+    `activity[0]` is stamped whenever bytes moved (the proxy's idle watchdog)."""
     try:
         while True:
-            data = src.recv(65536) if isinstance(src, socket.socket) else src.read1(65536)
+            # A descriptor is read with os.read(): a daemon thread blocked in a
+            # buffered stdin read would abort the interpreter's shutdown on SIGTERM.
+            data = src.recv(65536) if isinstance(src, socket.socket) else os.read(src, 65536)
             if not data:
                 break
+            if activity is not None:
+                activity[0] = time.monotonic()
             dst.sendall(data)
+            if activity is not None:
+                activity[0] = time.monotonic()
     except OSError:
-        pass
+        pass  # reset, broken pipe, or shut down by the watchdog: this direction ends
     finally:
         try:
             dst.shutdown(socket.SHUT_WR)
@@ -135,15 +208,16 @@ def _pump(src: Any, dst: socket.socket, done: threading.Event) -> None:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    paths, opts = _setup(args)
+    """robe connect: stdin -> RobE connection -> stdout."""
     dest = _resolve(args.host, args.port)
+    paths, opts = _setup(args, dest)
     try:
         sock, rep = connect(dest, args.strategy, paths, args.timeout, options=opts)
     except RobeError as exc:
         _emit(exc.report, args.report)
         raise UsageError(f"{args.strategy}: {exc}") from None
     up_done = threading.Event()
-    threading.Thread(target=_pump, args=(sys.stdin.buffer, sock, up_done), daemon=True).start()
+    threading.Thread(target=_pump, args=(sys.stdin.fileno(), sock, up_done), daemon=True).start()
     out = sys.stdout.buffer
     try:
         while True:
@@ -152,6 +226,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
                 break
             out.write(data)
             out.flush()
+    except BrokenPipeError:
+        pass  # the reader of our stdout went away (robe connect ... | head)
     except OSError as exc:
         raise UsageError(f"connection: {exc.strerror or exc}") from None
     finally:
@@ -161,47 +237,131 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_proxy(args: argparse.Namespace) -> int:
-    paths, opts = _setup(args)
-    dest = _resolve(args.host, args.port)
-    try:
-        ls = socket.create_server(args.listen, reuse_port=False, backlog=64)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
-    print(f"robe: proxy {args.listen[0]}:{args.listen[1]} -> {dest[0]}:{dest[1]} "
-          f"({args.strategy}, paths {','.join(p.name for p in paths)})", file=sys.stderr, flush=True)
-    lock = threading.Lock()  # the history store is shared by the connections
+class Proxy:
+    """robe proxy: one serving thread (plus two copying threads) per client,
+    at most `max_connections` at once; every failure stays in its connection."""
 
-    def serve(client: socket.socket) -> None:
-        with client:
+    def __init__(self, args: argparse.Namespace, dest: tuple[str, int], paths: list,
+                 opts: Options, listener: socket.socket):
+        self.args, self.dest, self.paths, self.opts = args, dest, paths, opts
+        self.listener = listener
+        self.slots = threading.BoundedSemaphore(args.max_connections)
+        self.active = 0
+        self.served = 0
+        self._count_lock = threading.Lock()
+
+    def serve_forever(self) -> None:
+        """Accept clients until the process is told to stop."""
+        while True:
+            self.slots.acquire()  # at the cap: new clients wait in the backlog
             try:
-                with lock:
-                    o = Options(timer=opts.timer, join=opts.join, history=opts.history)
-                upstream, rep = connect(dest, args.strategy, paths, args.timeout, options=o)
-            except (RobeError, OSError) as exc:
-                if isinstance(exc, RobeError):
-                    _emit(exc.report, args.report, "failed: ")
-                print(f"robe: upstream {dest[0]}:{dest[1]}: {exc}", file=sys.stderr, flush=True)
+                client, _ = self.listener.accept()
+            except OSError as exc:  # EMFILE, ENOBUFS...: wait and accept again
+                self.slots.release()
+                _log(f"accept: {exc.strerror or exc}")
+                time.sleep(0.1)
+                continue
+            with self._count_lock:
+                self.active += 1
+            try:
+                threading.Thread(target=self._serve, args=(client,), name="robe-conn",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # can't start new thread
+                client.close()
+                self._done()
+                _log(f"client dropped: {exc}")
+
+    def _done(self) -> None:
+        with self._count_lock:
+            self.active -= 1
+            self.served += 1
+        self.slots.release()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = None
+        try:
+            o = Options(timer=self.opts.timer, join=self.opts.join, history=self.opts.history)
+            try:
+                upstream, rep = connect(self.dest, self.args.strategy, self.paths,
+                                        self.args.timeout, options=o)
+            except RobeError as exc:
+                _emit(exc.report, self.args.report, "failed: ")
+                _log(f"upstream {self.dest[0]}:{self.dest[1]}: {exc}")
                 return
-            if args.report == "text":
+            if self.args.report == "text":
                 _emit(rep, "text")
-            with upstream:
-                a, b = threading.Event(), threading.Event()
-                threading.Thread(target=_pump, args=(client, upstream, a), daemon=True).start()
-                _pump(upstream, client, b)
-                a.wait()
-            if args.report == "json":
+            self._relay(client, upstream)
+            if self.args.report == "json":
                 rep.wait_joins(0)
                 _emit(rep, "json")
+        except Exception as exc:  # noqa: BLE001 - one connection's failure never ends the proxy
+            _log(f"connection failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        finally:
+            if upstream is not None:
+                upstream.close()
+            client.close()
+            self._done()
 
-    while True:
-        c, _ = ls.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Both directions until both ended, or nothing moved for --idle-timeout s."""
+        a, b = threading.Event(), threading.Event()
+        activity = [time.monotonic()]
+        threading.Thread(target=_pump, args=(client, upstream, a, activity), name="robe-up",
+                         daemon=True).start()
+        threading.Thread(target=_pump, args=(upstream, client, b, activity), name="robe-down",
+                         daemon=True).start()
+        idle = self.args.idle_timeout
+        while not (a.is_set() and b.is_set()):
+            if time.monotonic() - activity[0] > idle:
+                _log(f"connection idle for {idle:g} s: closed")
+                for sock in (client, upstream):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes both copying threads
+                    except OSError:
+                        pass
+                break
+            a.wait(min(1.0, idle / 4))
+            if a.is_set():
+                b.wait(min(1.0, idle / 4))
+        a.wait(5)
+        b.wait(5)
+
+
+def _log(msg: str) -> None:
+    print(f"robe: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """robe proxy: plain TCP clients in, RobE/MPTCP connections out."""
+    dest = _resolve(args.host, args.port)
+    paths, opts = _setup(args, dest)
+    try:
+        ls = socket.create_server(args.listen, reuse_port=False, backlog=128)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
+    _log(f"proxy {args.listen[0]}:{args.listen[1]} -> {dest[0]}:{dest[1]} "
+         f"({args.strategy}, paths {','.join(p.name for p in paths)}, "
+         f"at most {args.max_connections} connections, idle timeout {args.idle_timeout:g} s)")
+    with ls:
+        Proxy(args, dest, paths, opts, ls).serve_forever()
+    return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    """Entry point; returns the exit status. SIGPIPE stays ignored (Python's
+    default): a client that resets is an error on its socket, not the end of robe."""
     args = build_parser().parse_args(argv)
+    missing = missing_capabilities()
+    if missing:
+        print(f"robe: needs root ({' and '.join(missing)} for the MPTCP path manager and "
+              f"SO_BINDTODEVICE): run it with sudo", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     try:
         return cmd_connect(args) if args.cmd == "connect" else cmd_proxy(args)
     except UsageError as exc:
@@ -209,9 +369,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Terminated as exc:
+        return 128 + exc.signum
     except OSError as exc:
         print(f"robe: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        print(f"robe: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    finally:
+        endpoints.release_all()  # the endpoints we added go with us, however we end
 
 
 if __name__ == "__main__":

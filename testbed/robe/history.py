@@ -14,16 +14,25 @@ RobE_TIMER would lose on it. Throughput is recorded and breaks ties only.
 Paths without history get the cost of a perfect path with the worst RTT seen,
 so a known-good path is preferred to an unknown one; with no history at all
 the default-route path is chosen (draft).
+
+One store, many writers: the threads of a proxy and concurrent `robe`
+processes share it. Every change goes through `History.update()`, which holds
+a thread lock and an flock on a sibling lock file, re-reads the file, applies
+the change to the fresh records and replaces the file atomically (write to a
+temporary file, fsync, rename): no update is lost and a reader never sees a
+half-written file.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from testbed.robe.sockets import PathSpec
 
@@ -77,38 +86,75 @@ class PathRecord:
 
 @dataclass
 class History:
+    """Per-path records for IPS; change them only through update()."""
     path: Path | None = None  # None: in memory only
     records: dict[str, PathRecord] = field(default_factory=dict)
     failure_penalty_s: float = DEFAULT_PENALTY_S
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "History":
-        p = Path(path) if path is not None else default_store()
-        h = cls(path=p)
-        try:
-            data = json.loads(p.read_text())
-            for name, rec in data.get("paths", {}).items():
-                h.records[name] = PathRecord(**{k: v for k, v in rec.items()
-                                                if k in PathRecord.__dataclass_fields__})
-        except FileNotFoundError:
-            pass
-        except (ValueError, TypeError) as exc:  # a corrupt store must not block connecting
-            raise ValueError(f"history store {p} is not valid: {exc}") from None
+        """The store at `path` (default: default_store()); a missing file is empty."""
+        h = cls(path=Path(path) if path is not None else default_store())
+        h.records = h._read()
         return h
 
-    def save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"version": 1, "paths": {n: asdict(r) for n, r in self.records.items()}}
-        # Atomic replace: a proxy and a CLI may write concurrently.
+    def _read(self) -> dict[str, PathRecord]:
+        assert self.path is not None
+        try:
+            data = json.loads(self.path.read_text())
+            return {name: PathRecord(**{k: v for k, v in rec.items()
+                                        if k in PathRecord.__dataclass_fields__})
+                    for name, rec in data.get("paths", {}).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"history store {self.path} is not valid: {exc}") from None
+
+    def update(self, change: Callable[[dict[str, PathRecord]], None]) -> None:
+        """Apply `change` to the newest records and store them (read-merge-write).
+
+        The change works on fresh copies, so a reader of `records` in another
+        thread sees either the old or the new records, never a half-applied change."""
+        with self._lock:
+            if self.path is None:
+                fresh = {n: PathRecord(**asdict(r)) for n, r in self.records.items()}
+                change(fresh)
+                self.records = fresh
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_path = self.path.with_name(self.path.name + ".lock")
+            with open(lock_path, "a") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)  # other processes: released on close
+                try:
+                    fresh = self._read()
+                except ValueError:
+                    fresh = {}  # a corrupt store is replaced, not merged
+                change(fresh)
+                self._write(fresh)
+                self.records = fresh
+
+    def _write(self, records: dict[str, PathRecord]) -> None:
+        assert self.path is not None
+        data = {"version": 1, "paths": {n: asdict(r) for n, r in records.items()}}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".history-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def record(self, name: str) -> PathRecord:
-        return self.records.setdefault(name, PathRecord())
+        """A copy of `name`'s record (empty if unknown); change records with update()."""
+        r = self.records.get(name)
+        return PathRecord(**asdict(r)) if r is not None else PathRecord()
 
     def known(self, name: str) -> bool:
         r = self.records.get(name)
@@ -124,16 +170,17 @@ class History:
 
     def rank(self, paths: list[PathSpec]) -> list[PathSpec]:
         """Paths best first. No history at all: unchanged order (default first)."""
+        records = self.records  # one snapshot: update() replaces, never mutates it
         costs = {p.name: self.cost_s(p.name) for p in paths}
         known = [c for c in costs.values() if c is not None]
         if not known:
             return list(paths)
-        unknown_cost = max(r.srtt_s or 0.0 for r in self.records.values()) + 1e-6
+        unknown_cost = max(r.srtt_s or 0.0 for r in records.values()) + 1e-6
         order = {p.name: i for i, p in enumerate(paths)}
 
         def key(p: PathSpec) -> tuple[float, float, int]:
             c = costs[p.name]
-            tput = (self.records.get(p.name) or PathRecord()).throughput_mbit or 0.0
+            tput = (records.get(p.name) or PathRecord()).throughput_mbit or 0.0
             return (c if c is not None else unknown_cost, -tput, order[p.name])
 
         return sorted(paths, key=key)

@@ -9,7 +9,8 @@ Two ways, selectable:
   moment and the paths, and see each step.
 - "kernel": the in-kernel PM joins from its `subflow` endpoints by itself once
   the connection is fully established; we make sure every path has an
-  endpoint and only observe.
+  endpoint and only observe. Endpoints we had to add are temporary
+  (endpoints.py): deleted once the connection's `closed` event arrived.
 In both modes `sub_established` events (matched by token and source address)
 stamp when each join completed, so the report is the same.
 """
@@ -21,10 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-from pyroute2 import MPTCP, IPRoute
-
 from testbed.mptcp.pm import PMError, PMEventListener, UserspacePM
+from testbed.robe import endpoints
 from testbed.robe import report as R
+from testbed.robe.history import PathRecord
 from testbed.robe.sockets import PathSpec
 
 MODES = ("auto", "userspace", "kernel", "none")
@@ -49,29 +50,6 @@ def resolve_mode(mode: str) -> str:
     if mode == "auto":
         return "userspace" if current_path_manager() == "userspace" else "kernel"
     return mode
-
-
-def ensure_endpoints(paths: list[PathSpec]) -> None:
-    """In-kernel PM: a `subflow` endpoint for every path that has none (ids
-    above the existing ones). The kernel skips the address the initial subflow
-    already uses, so the winner's own endpoint does no harm."""
-    with MPTCP() as m, IPRoute() as ipr:
-        have, used_ids = set(), set()
-        for e in m.endpoint("show"):
-            a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
-            have.add(a.get("MPTCP_PM_ADDR_ATTR_ADDR4"))
-            used_ids.add(a.get("MPTCP_PM_ADDR_ATTR_ID"))
-        next_id = max(used_ids | {0}) + 1
-        for p in paths:
-            if p.local_addr in have:
-                continue
-            kw = {}
-            if p.ifname:
-                idx = ipr.link_lookup(ifname=p.ifname)
-                if idx:  # pyroute2 wants IF_IDX as raw bytes
-                    kw["if_idx"] = idx[0].to_bytes(4, "little", signed=True)
-            m.endpoint("add", addr=p.local_addr, id=next_id, flags=0x2, **kw)
-            next_id += 1
 
 
 def _wait_event(lst: PMEventListener, type_: str, token: int, deadline: float):
@@ -107,8 +85,22 @@ class Joiner:
         # that itself entered a namespace with setns().
         self._ns_tid = threading.get_native_id()
         self.listener: PMEventListener | None = None
+        self.lease: endpoints.Lease | None = None  # kernel mode: endpoints we added
+        self._endpoint_error: str | None = None
         if self.mode != "none":
             self.listener = PMEventListener(self._ns_tid, poll_s=0.02).start()
+
+    def prepare(self, paths: list[PathSpec]) -> None:
+        """Kernel mode: `subflow` endpoints for the paths, before the first SYN.
+        The kernel decides at connect() whether its PM will ever act on the
+        connection (only if subflow endpoints exist then), and it skips the
+        address the initial subflow uses, so the winner's endpoint does no harm."""
+        if self.mode != "kernel":
+            return
+        try:
+            self.lease = endpoints.acquire(paths)
+        except Exception as exc:  # noqa: BLE001 - no joins, but connecting goes on
+            self._endpoint_error = f"cannot add a subflow endpoint: {type(exc).__name__}: {exc}"
 
     def start(self, token: int | None, dest: tuple[str, int], all_paths: list[PathSpec],
               winner: PathSpec | None) -> threading.Thread | None:
@@ -117,8 +109,11 @@ class Joiner:
         if self.mode == "none" or token is None or not others:
             self.close()
             return None
-        if self.mode == "kernel":
-            ensure_endpoints(others)
+        if self.mode == "kernel" and self._endpoint_error is not None:
+            for p in others:
+                self.report.add(R.JOIN_FAILED, p.name, reason=self._endpoint_error)
+            self.close()
+            return None
         ids = {p.name: i + 1 for i, p in enumerate(all_paths)}  # local ids must be non-zero
         self.report.joins_pending()
         t = threading.Thread(target=self._run, args=(token, dest, others, ids),
@@ -175,21 +170,43 @@ class Joiner:
         except Exception as exc:  # a join problem must never break the connection
             rep.add(R.JOIN_FAILED, None, reason=f"{type(exc).__name__}: {exc}")
         finally:
-            self.close()
             rep.joins_finished()
+            try:
+                if self.lease is not None and self.lease.keys:
+                    self._wait_closed(token)
+            finally:
+                self.close()
+
+    def _wait_closed(self, token: int) -> None:
+        """Until the connection's `closed` PM event (its endpoints are then unused)."""
+        lst = self.listener
+        seen = 0
+        while lst is not None:
+            evs = lst.events()
+            if any(ev.type == "closed" and ev.token == token for ev in evs[seen:]):
+                return
+            seen = len(evs)
+            if not lst.alive():
+                return
+            time.sleep(0.05)
 
     def _learn(self, path: str, handshake_s: float) -> None:
         if self.history is None:
             return
-        rec = self.history.record(path)
-        rec.add_rtt(handshake_s)
-        rec.add_outcome(True)
+        def change(records: dict) -> None:
+            rec = records.setdefault(path, PathRecord())
+            rec.add_rtt(handshake_s)
+            rec.add_outcome(True)
+
         try:
-            self.history.save()
+            self.history.update(change)
         except OSError:
             pass  # a read-only store must not break joining
 
     def close(self) -> None:
+        """Stop listening and give back the endpoints (idempotent)."""
         if self.listener is not None:
             self.listener.stop()
             self.listener = None
+        if self.lease is not None:
+            endpoints.release(self.lease)

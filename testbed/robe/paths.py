@@ -1,8 +1,9 @@
 """Which local paths a connection may use: given explicitly or discovered.
 
 A path is one source address (one interface). Discovery reads the current
-network namespace: every UP interface with an IPv4 address is a path, named
-after the interface; the one holding the main table's default route comes
+network namespace: every UP interface with an IPv4 address (and, given the
+destination, a route to it through that interface) is a path, named after the
+interface; the one holding the main table's default route comes
 first and is marked default — that is the path plain MPTCP would use.
 """
 from __future__ import annotations
@@ -21,8 +22,13 @@ class PathError(ValueError):
     """Bad path specification (reported as a one-line CLI error)."""
 
 
-def discover() -> list[PathSpec]:
-    """Local paths of the calling thread's network namespace, default first."""
+def discover(dest: str | None = None) -> list[PathSpec]:
+    """Local paths of the calling thread's network namespace, default first.
+
+    With `dest`, only interfaces that carry a route to it: the route lookup
+    from the interface's address must leave through that interface (a bridge
+    such as docker0 or a VPN tunnel whose traffic to `dest` would go out by the
+    default interface is not a path)."""
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
                  if link["flags"] & 1}  # IFF_UP
@@ -36,11 +42,24 @@ def discover() -> list[PathSpec]:
             name = names.get(idx)
             if name is None or ipaddress.ip_address(addr).is_loopback:
                 continue
+            if dest is not None and _route_oif(ipr, dest, addr) != idx:
+                continue
             found.append(PathSpec(_short(name), addr, name, default=(idx == default_oif)))
     found.sort(key=lambda p: not p.default)
     if not found:
-        raise PathError("no usable local IPv4 address found (give --bind-path NAME=ADDR)")
+        where = f" with a route to {dest}" if dest is not None else ""
+        raise PathError(f"no usable local IPv4 address{where} found (give --bind-path NAME=ADDR)")
     return found
+
+
+def _route_oif(ipr: IPRoute, dest: str, src: str) -> int | None:
+    """Output interface of the route to dest from src (policy rules included)."""
+    try:
+        for route in ipr.route("get", dst=dest, src=src):
+            return route.get_attr("RTA_OIF")
+    except Exception:  # noqa: BLE001 - no route (ENETUNREACH) or a bad source: not a path
+        return None
+    return None
 
 
 def _short(ifname: str) -> str:

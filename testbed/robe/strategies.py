@@ -15,14 +15,14 @@ from __future__ import annotations
 import abc
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from testbed.robe import paths as P
 from testbed.robe import report as R
 from testbed.robe import sockets as S
 from testbed.robe.attempts import AttemptSet
-from testbed.robe.history import History
+from testbed.robe.history import History, PathRecord
 from testbed.robe.join import Joiner
 from testbed.robe.sockets import PathSpec
 from testbed.robe.timer import TimerPolicy
@@ -48,7 +48,8 @@ class Options:
     bind_device: bool = True           # SO_BINDTODEVICE in addition to bind()
 
     def describe(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("history", "timer")}
+        # Not asdict(): it would deep-copy the shared History and its lock.
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("history", "timer")}
         d["timer"] = self.timer.describe()
         d["history"] = str(self.history.path) if self.history and self.history.path else None
         return d
@@ -245,18 +246,20 @@ def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[PathSpec] 
     """Connect to dest with a RobE strategy; returns (connected socket, Report).
 
     Runs in the calling thread's network namespace. `paths` default to the
-    discovered local paths (default route first). Joins of the other paths
-    continue in the background: `report.wait_joins()` waits for them. Raises
+    discovered local paths with a route to dest (default route first). Joins
+    of the other paths continue in the background: `report.wait_joins()`
+    waits for them. Raises
     RobeError (with .report) when no attempt completed within `timeout`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     opts = options or Options()
     opts.timeout_s = timeout
-    selected = paths if paths else P.discover()
+    selected = paths if paths else P.discover(dest[0])
     impl = STRATEGIES[strategy]()
     rep = report or R.Report(strategy, dest, [p.name for p in selected])
     rep.options = opts.describe()
     joiner = Joiner(opts.join if impl.mptcp else "none", rep, opts.join_timeout_s, opts.history)
+    joiner.prepare(selected)
     rep.t0_ns = time.monotonic_ns()  # after the listener is up: not part of setup time
     ctx = Context(dest, selected, opts, rep, time.monotonic() + timeout)
     try:
@@ -283,18 +286,23 @@ def _learn(history: History | None, rep: R.Report) -> None:
     a SIM race that was still pending teaches nothing (neither good nor bad)."""
     if history is None:
         return
-    for ev in rep.find(R.CONNECT_COMPLETED):
-        rec = history.record(ev.path or "")
-        rec.add_outcome(True)
-        rec.add_rtt(ev.detail["handshake_ms"] / 1e3)
+    completed = [(ev.path or "", ev.detail["handshake_ms"] / 1e3)
+                 for ev in rep.find(R.CONNECT_COMPLETED)]
     failed = {e.path for e in rep.find(R.TIMER_EXPIRED) + rep.find(R.CONNECT_FAILED)}
     if rep.outcome == "failed":  # the attempts still pending at the deadline failed too
         failed |= {e.path for e in rep.find(R.ATTEMPT_STARTED)} - \
                   {e.path for e in rep.find(R.CONNECT_COMPLETED)}
-    for name in failed:
-        if name:
-            history.record(name).add_outcome(False)
+
+    def change(records: dict) -> None:
+        for name, rtt_s in completed:
+            rec = records.setdefault(name, PathRecord())
+            rec.add_outcome(True)
+            rec.add_rtt(rtt_s)
+        for name in failed:
+            if name:
+                records.setdefault(name, PathRecord()).add_outcome(False)
+
     try:
-        history.save()
+        history.update(change)
     except OSError:
         pass  # a read-only store must not break connecting
