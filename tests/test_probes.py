@@ -81,3 +81,70 @@ def test_all_probes_on_a_two_path_transfer(tmp_path):
     assert (pk[pk.subtype == 0].path == "wifi").all() and (pk[pk.subtype == 1].path == "lte").all()
     assert pk[(pk.subtype == 1) & pk.token.notna()].shape[0] >= 1
     assert pk.dsn.notna().sum() > 100
+
+
+# ---- probes never lie by omission ------------------------------------------------------
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_pcap_is_capturing_when_start_returns_and_counts_every_packet(tmp_path):
+    """The first packet of a connection opened the moment start() returned is in
+    the capture, and the capture holds every packet the interfaces moved."""
+    import socket
+
+    from testbed.mptcp.sockopt import listener
+
+    with Testbed(load("two-path", wifi_delay_ms=1, lte_delay_ms=1), backend="userspace") as tb:
+        ls = tb.in_ns(tb.server, lambda: listener(5730, backlog=8))
+        for i in range(3):
+            probe = probes.get("pcap")
+            probe.start(tb, tmp_path / str(i), time.monotonic_ns())
+            c = tb.in_ns(tb.client, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM,
+                                                          socket.IPPROTO_MPTCP))
+            c.settimeout(5)
+            c.connect((tb.server_addr, 5730))
+            s, _ = ls.accept()
+            c.sendall(b"x" * 20000)
+            assert len(s.recv(1)) == 1
+            c.close()
+            s.close()
+            probe.stop()
+            pk = probe.tables()["packets"]
+            first = pk.sort_values("t").iloc[0]
+            assert first["path"] == "wifi" and first["subtype"] == 0 and first["flags"] == "0x0002", pk.head()
+            assert probe.problems() == [], probe.summary()
+            counted = probe.counted()
+            assert counted["wifi"] >= 10 and probe.captured()["wifi"] >= counted["wifi"]
+        ls.close()
+
+
+def test_pcap_reports_a_capture_with_fewer_packets_than_the_interface(monkeypatch):
+    from testbed.harness.probes.pcap import PcapProbe
+
+    probe = PcapProbe()
+    probe._procs = {"wifi": None, "lte": None}  # as after start()
+    probe._ifnames = {"wifi": "c-wifi", "lte": "c-lte"}
+    monkeypatch.setattr(probe, "captured", lambda: {"wifi": 90, "lte": 40})
+    monkeypatch.setattr(probe, "counted", lambda: {"wifi": 100, "lte": 40})
+    assert probe.problems() == ["wifi: captured 90 packets, interface c-wifi moved 100 "
+                                "(bound: all of them)"]
+    monkeypatch.setattr(probe, "counted", lambda: {})
+    assert "could not be read" in probe.problems()[0]
+
+
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_runner_stores_a_run_whose_probe_missed_packets_as_invalid(tmp_path, monkeypatch):
+    from test_runner import FAST, write
+
+    from testbed.harness import scenario as sc
+    from testbed.harness.probes.pcap import PcapProbe
+    from testbed.harness.runner import sweep
+
+    monkeypatch.setattr(PcapProbe, "problems",
+                        lambda self: ["lte: captured 0 packets, interface c-lte moved 57 (bound: all of them)"])
+    body = FAST.format(reps=1).replace('probes = ["pm_events", "nstat"]', 'probes = ["pcap"]')
+    body = body.replace('"params.direction" = ["up", "down"]', "")
+    summary = sweep(sc.load(write(tmp_path, body)), tmp_path / "out", progress=False)
+    manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
+    assert manifest["status"] == "invalid"
+    assert manifest["reason"] == "probe pcap: lte: captured 0 packets, interface c-lte moved 57 (bound: all of them)"

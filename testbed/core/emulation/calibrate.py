@@ -14,6 +14,7 @@ by one TCP flow: that is the configuration, not an emulation error).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -21,6 +22,7 @@ import statistics
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from testbed.base.errors import TestbedError
@@ -177,6 +179,7 @@ def has_loss(p: LinkParams) -> bool:
 
 
 # ---- calibration ------------------------------------------------------------
+MIN_RTT_SAMPLES = 5
 def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
               rate_low: float = 0.90, rate_high: float = 1.01, pings: int = 50,
               flow_s: float = 2.0, measure_rate: bool = True) -> dict[str, Any]:
@@ -198,9 +201,16 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
             "rtt_configured_ms": cfg_rtt, "rtt_mean_ms": rtt["mean_ms"], "rtt_p99_ms": rtt["p99_ms"],
             "rtt_min_ms": rtt["min_ms"], "pings": n, "answered": rtt["answered"], "rtt_tolerance_ms": tol,
         }
-        if rtt["answered"] < max(5, n // 10) or rtt["n"] < 5:
+        need_answers = max(MIN_RTT_SAMPLES, n // 10)
+        if rtt["answered"] < need_answers:
             entry["rtt_ok"] = False
-            problems.append(f"{p.name}: only {rtt['answered']} of {n} pings answered")
+            problems.append(f"{p.name}: {rtt['answered']} of {n} pings answered, "
+                            f"need at least {need_answers}")
+        elif rtt["n"] < MIN_RTT_SAMPLES:
+            entry["rtt_ok"] = False
+            problems.append(f"{p.name}: {rtt['n']} usable RTT samples of {rtt['answered']} answered "
+                            f"pings ({rtt['discarded']} discarded: sending took over 0.2 ms), "
+                            f"need at least {MIN_RTT_SAMPLES}")
         else:
             entry["rtt_ok"] = abs(rtt["mean_ms"] - cfg_rtt) <= tol
             if not entry["rtt_ok"]:
@@ -237,3 +247,124 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
         "paths": paths,
         "duration_s": round(time.monotonic() - t_start, 2),
     }
+
+
+# ---- the emulator during a run ---------------------------------------------------
+# Stated tolerance, per link and direction, over the whole run: at most
+# LATE_FRACTION_MAX of the forwarded packets may leave more than 1 ms after
+# their deadline (the forwarder's late_1ms counter), and no packet may be
+# dropped for a reason the scenario did not configure (the configured ones are
+# loss, the bottleneck queue and blackholes).
+LATE_FRACTION_MAX = 0.001
+UNCONFIGURED_DROPS = {
+    "drop_rcvbuf": "dropped by the kernel before the forwarder read them",
+    "drop_sndbuf": "refused by the egress socket buffer",
+    "drop_error": "lost to send errors",
+}
+
+
+def emulator_counters(tb: Any) -> dict[str, dict[str, Any]] | None:
+    """The emulator's own counters per link now; None for a backend without
+    them (netem reports no lateness)."""
+    stats = getattr(tb.backend, "stats", None)
+    if stats is None:
+        return None
+    return {link.name: stats(link) for link in tb.links}
+
+
+def judge_run(before: dict[str, dict[str, Any]] | None,
+              after: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The counters' growth over a run against the stated tolerance; JSON-able,
+    with `valid` and a `reason` naming each measured value and its bound."""
+    tolerance = {"late_ms": 1.0, "late_fraction_max": LATE_FRACTION_MAX,
+                 "unconfigured_drops_max": 0}
+    if before is None or after is None:
+        return {"valid": True, "judged": False, "reason": None, "tolerance": tolerance,
+                "why": "the backend reports no per-packet counters"}
+    links: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, end in after.items():
+        start = before.get(name, {})
+        for d in ("up", "down"):
+            e, b = end.get(d), start.get(d, {})
+            if not isinstance(e, dict):
+                continue
+            delta = {k: e.get(k, 0) - b.get(k, 0) for k in ("tx", "late_1ms", *UNCONFIGURED_DROPS)}
+            late_fraction = delta["late_1ms"] / delta["tx"] if delta["tx"] else 0.0
+            links.setdefault(name, {})[d] = {**delta, "late_fraction": late_fraction,
+                                             "late_max_us_since_start": e.get("late_max_us")}
+            if late_fraction > LATE_FRACTION_MAX:
+                problems.append(f"{name} {d}: {delta['late_1ms']} of {delta['tx']} packets "
+                                f"({late_fraction:.2%}) left more than 1 ms late (max "
+                                f"{(e.get('late_max_us') or 0) / 1000:.1f} ms), bound "
+                                f"{LATE_FRACTION_MAX:.1%}")
+            for key, what in UNCONFIGURED_DROPS.items():
+                if delta[key] > 0:
+                    problems.append(f"{name} {d}: {delta[key]} packets {what} ({key}), bound 0")
+    return {"valid": not problems, "judged": True, "reason": "; ".join(problems) or None,
+            "tolerance": tolerance, "links": links}
+
+
+# ---- this machine's emulation capacity -------------------------------------------
+# Measured once by `./tb bench.capacity` (testbed/tools/bench/capacity.py): the
+# highest aggregate configured rate at which the user-space forwarders, fully
+# loaded by one MPTCP transfer over n-path (4 paths), still kept the run
+# tolerance above. Cached in the project's .cache/ directory and trusted only
+# on the same kernel, CPU count, Python and forwarder code.
+CAPACITY_FILE = Path(__file__).resolve().parents[3] / ".cache" / "emulation-capacity.json"
+
+
+def capacity_key() -> dict[str, Any]:
+    """What a cached capacity depends on."""
+    import hashlib
+    import platform
+
+    forwarder = Path(__file__).with_name("forwarder.py").read_bytes()
+    return {"kernel": platform.release(), "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "forwarder_sha256": hashlib.sha256(forwarder).hexdigest()[:16]}
+
+
+def load_capacity(path: Path = CAPACITY_FILE) -> dict[str, Any] | None:
+    """The cached measurement, or None when absent, unreadable or made on another setup."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != capacity_key():
+        return None
+    return data
+
+
+def save_capacity(measured: dict[str, Any], path: Path = CAPACITY_FILE) -> None:
+    """Cache a measurement (atomically) with the setup it holds for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**measured, "key": capacity_key()}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def aggregate_rate_mbit(topology: Any) -> float | None:
+    """What a topology asks the emulator to carry at most: per path the faster
+    direction, summed; None when some path is unshaped (no bound)."""
+    total = 0.0
+    for p in topology.paths:
+        rates = [p.direction(d).rate_mbit for d in ("up", "down")]
+        if any(r is None for r in rates):
+            return None
+        total += max(rates)
+    return total
+
+
+def capacity_warning(topology: Any, backend: str, path: Path = CAPACITY_FILE) -> str | None:
+    """One line when `topology` asks the user-space emulator for more aggregate
+    rate than this machine measured it can carry in time; None otherwise."""
+    if backend != "userspace":
+        return None
+    want = aggregate_rate_mbit(topology)
+    cap = load_capacity(path)
+    if want is None or cap is None or want <= cap["capacity_mbit"]:
+        return None
+    return (f"{topology.name}: {want:g} Mbit/s in all through the user-space link emulator, "
+            f"this machine keeps time up to {cap['capacity_mbit']:g} Mbit/s (measured "
+            f"{cap.get('measured', '?')} by ./tb bench.capacity): expect runs stored invalid")

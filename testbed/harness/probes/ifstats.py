@@ -23,11 +23,17 @@ class IfstatsParams(ProbeParams):
 
 def read_dev(pid: int) -> dict[str, tuple[int, int]]:
     """ifname -> (rx_bytes, tx_bytes)."""
+    return {name: (c["rx_bytes"], c["tx_bytes"]) for name, c in read_counters(pid).items()}
+
+
+def read_counters(pid: int) -> dict[str, dict[str, int]]:
+    """ifname -> {rx_bytes, rx_packets, tx_bytes, tx_packets} of pid's namespace."""
     out = {}
     for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
         name, _, rest = line.partition(":")
         f = rest.split()
-        out[name.strip()] = (int(f[0]), int(f[8]))
+        out[name.strip()] = {"rx_bytes": int(f[0]), "rx_packets": int(f[1]),
+                             "tx_bytes": int(f[8]), "tx_packets": int(f[9])}
     return out
 
 

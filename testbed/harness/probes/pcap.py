@@ -8,14 +8,25 @@ data-ack are u64 on the wire but the table's dtype is Int64: values >= 2**63
 are stored in two's complement (lossless; add 2**64 to negatives). Capture
 timestamps are wall-clock; they are moved onto the run's monotonic clock with a
 (monotonic, realtime) pair taken at start.
+
+Never a silent gap: start() returns only once every tcpdump reported on stderr
+that it is listening and its file has the pcap header (within
+READY_TIMEOUT_S, else the probe fails to start and the run fails). Every
+frame is captured (no filter), so the file's packet count (capinfos) can be
+held against the interface's own packet counters over the same window: a
+capture with fewer packets than the interface moved is a problem() and makes
+the run invalid (bound: not a single packet missing).
 """
 from __future__ import annotations
 
 import csv
 import io
+import os
+import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +36,13 @@ from pydantic import Field
 
 from testbed.base.errors import TestbedError
 from testbed.harness.probes.base import Probe, ProbeParams, concat, frame, register
+from testbed.harness.probes.ifstats import read_counters
+
+READY_TIMEOUT_S = 5.0
+PCAP_HEADER_BYTES = 24
+# After the last packet was counted by the interface, tcpdump gets this long
+# to write it before it is told to stop.
+DRAIN_S = 0.2
 
 FIELDS = {"time": "frame.time_epoch", "src": "ip.src", "dst": "ip.dst",
           "sport": "tcp.srcport", "dport": "tcp.dstport", "flags": "tcp.flags",
@@ -55,11 +73,17 @@ class PcapProbe(Probe):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        for tool in ("tcpdump", "tshark"):
+        for tool in ("tcpdump", "tshark", "capinfos"):
             if shutil.which(tool) is None:
-                raise TestbedError(f"probe 'pcap' needs {tool} (apt-get install {tool})")
+                raise TestbedError(f"probe 'pcap' needs {tool} (apt-get install "
+                                   f"{'wireshark-common' if tool == 'capinfos' else tool})")
         self._procs: dict[str, subprocess.Popen] = {}
         self._files: dict[str, Path] = {}
+        self._ifnames: dict[str, str] = {}
+        self._stderr: dict[str, list[str]] = {}
+        self._readers: list[threading.Thread] = []
+        self._counters: tuple[dict, dict] | None = None  # interface counters at start, at stop
+        self._pid = 0
         self._clock = (0, 0)
         self._t0_ns = 0
         self._stopped = False
@@ -68,25 +92,81 @@ class PcapProbe(Probe):
         raw = Path(run_dir) / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         self._t0_ns = t0_ns
+        self._pid = tb.client.pid
         self._clock = (time.monotonic_ns(), time.time_ns())
         snap = str(self.params.snaplen)  # type: ignore[attr-defined]
         for p in tb.paths:
             f = raw / f"pcap-{p.name}.pcap"
             self._files[p.name] = f
-            # -U: write each packet at once, so a stop loses nothing buffered
+            self._ifnames[p.name] = p.client_if
+            # Every frame (no filter): the count must match the interface counters.
+            # -U and --immediate-mode: each packet is written at once, so a stop
+            # loses nothing buffered; -Z root: write the file as root.
             self._procs[p.name] = tb.popen(tb.client, ["tcpdump", "-i", p.client_if, "-s", snap,
-                                                       "-U", "-n", "-w", str(f), "tcp"],
+                                                       "-U", "--immediate-mode", "-n", "-Z", "root",
+                                                       "-w", str(f)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 5  # tcpdump needs a moment before it captures
-        while time.monotonic() < deadline and not all(f.exists() for f in self._files.values()):
-            time.sleep(0.02)
-        time.sleep(0.1)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for name, proc in self._procs.items():
+            self._stderr[name] = []
+            if not self._wait_listening(name, proc, deadline):
+                self.stop()
+                said = " | ".join(self._stderr[name])[-200:] or "nothing"
+                raise TestbedError(f"probe pcap: tcpdump on {self._ifnames[name]} was not capturing "
+                                   f"{READY_TIMEOUT_S:g} s after its start (exit status "
+                                   f"{proc.poll()}, file {self._size(name)} bytes, said: {said})")
+            t = threading.Thread(target=self._drain_stderr, args=(name, proc), daemon=True,
+                                 name=f"pcap-stderr-{name}")
+            t.start()
+            self._readers.append(t)
+        self._counters = (read_counters(self._pid), {})
+
+    def _size(self, name: str) -> int:
+        f = self._files[name]
+        return f.stat().st_size if f.exists() else 0
+
+    def _wait_listening(self, name: str, proc: subprocess.Popen, deadline: float) -> bool:
+        """tcpdump said "listening on" and its file has the pcap header."""
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        buf = b""
+        listening = False
+        while time.monotonic() < deadline:
+            if listening and self._size(name) >= PCAP_HEADER_BYTES:
+                return True
+            if proc.poll() is not None and not listening:
+                break
+            if not listening and poller.poll(20):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    text = line.decode(errors="replace").strip()
+                    self._stderr[name].append(text)
+                    listening = listening or "listening on" in text
+            elif listening:
+                time.sleep(0.005)
+        return False
+
+    def _drain_stderr(self, name: str, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # tcpdump's summary at exit ("N packets captured", ...)
+            self._stderr[name].append(line.decode(errors="replace").strip())
 
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        time.sleep(0.1)  # let the last packets reach tcpdump
+        if self._counters is not None and self._procs:
+            try:
+                self._counters = (self._counters[0], read_counters(self._pid))
+            except OSError:
+                pass  # namespace gone: no verdict possible, problems() says so
+            time.sleep(DRAIN_S)
         for proc in self._procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # flushes and exits cleanly
@@ -95,6 +175,46 @@ class PcapProbe(Probe):
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+        for t in self._readers:
+            t.join(2)
+
+    def captured(self) -> dict[str, int]:
+        """Packets in each path's capture file (capinfos)."""
+        out = {}
+        for name, f in self._files.items():
+            if not f.exists() or f.stat().st_size < PCAP_HEADER_BYTES:
+                out[name] = 0
+                continue
+            res = subprocess.run(["capinfos", "-T", "-r", "-M", "-c", str(f)],
+                                 capture_output=True, text=True, timeout=60)
+            fields = res.stdout.strip().split("\t")
+            if res.returncode != 0 or len(fields) < 2:
+                raise TestbedError(f"capinfos on {f.name}: {res.stderr.strip()[-200:]}")
+            out[name] = int(fields[-1])
+        return out
+
+    def counted(self) -> dict[str, int]:
+        """Packets each path's client interface received + sent while capturing."""
+        if self._counters is None or not self._counters[1]:
+            return {}
+        first, last = self._counters
+        out = {}
+        for name, ifname in self._ifnames.items():
+            if ifname in first and ifname in last:
+                out[name] = sum(last[ifname][k] - first[ifname][k] for k in ("rx_packets", "tx_packets"))
+        return out
+
+    def problems(self) -> list[str]:
+        if not self._procs:
+            return []
+        counted = self.counted()
+        if not counted:
+            return ["interface counters at the end of the capture could not be read"]
+        captured = self.captured()
+        return [f"{name}: captured {captured.get(name, 0)} packets, interface "
+                f"{self._ifnames[name]} moved {n} (bound: all of them)"
+                for name, n in counted.items() if captured.get(name, 0) < n]
 
     def _extract(self, path: str, f: Path) -> pd.DataFrame:
         argv = ["tshark", "-r", str(f), "-n", "-Y", "mptcp", "-T", "fields", "-E", "separator=\t",
@@ -126,4 +246,6 @@ class PcapProbe(Probe):
 
     def summary(self) -> dict[str, Any]:
         return {"files": {p: f.name for p, f in self._files.items()},
-                "bytes": {p: f.stat().st_size for p, f in self._files.items() if f.exists()}}
+                "bytes": {p: f.stat().st_size for p, f in self._files.items() if f.exists()},
+                "interface_packets": self.counted(),
+                "tcpdump": {p: lines[-3:] for p, lines in self._stderr.items()}}

@@ -1,6 +1,8 @@
 """invoke tasks for benchmarks; the root tasks.py mounts `ns` as "bench".
 
     ./tb bench.emulation [--quick] [--out DIR] [--backend userspace]
+    ./tb bench.robe-proxy [--connections 1000] [--concurrency 50] [--abort-pct 20]
+    ./tb bench.capacity [--seconds 3]
 """
 from __future__ import annotations
 
@@ -20,5 +22,34 @@ def emulation(c, out="results/bench", quick=False, backend=None):
     guard(lambda: run_benchmark(out, quick=quick, backends=[backend] if backend else None))
 
 
+@task(name="robe-proxy",
+      help={"connections": "client connections in all (default 1000)",
+            "concurrency": "clients at once, also the proxy's --max-connections (default 50)",
+            "abort_pct": "percentage of clients that reset mid-stream (default 20)"})
+def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0):
+    """Soak `robe proxy` in a testbed: stays up, threads and descriptors flat, history valid."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.tools.bench.robe_proxy import format_report, run_soak
+
+    text, ok = format_report(guard(lambda: run_soak(int(connections), int(concurrency),
+                                                    float(abort_pct))))
+    print(text)
+    if not ok:
+        raise Exit("robe proxy soak: a target was missed", code=1)
+
+
+@task(help={"seconds": "transfer per rate step (default 3)"})
+def capacity(c, seconds=3.0):
+    """Measure and cache the aggregate rate the user-space link emulator carries in time."""
+    need_root()
+    from testbed.tools.bench.capacity import run
+
+    print(guard(lambda: run(float(seconds))))
+
+
 ns = Collection("bench")
 ns.add_task(emulation)
+ns.add_task(robe_proxy)
+ns.add_task(capacity)
