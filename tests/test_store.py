@@ -65,7 +65,8 @@ def test_two_sweeps_on_one_store_store_every_run_once(tmp_path):
     manifests = sorted((store / "establishment").glob("*/manifest.json"))
     assert len(manifests) == planned
     assert {json.loads(m.read_text())["status"] for m in manifests} == {"complete"}
-    assert not list((store / "establishment").glob(".tmp-*"))
+    assert sorted(p.name for p in (store / "establishment").iterdir()) == \
+        sorted(m.parent.name for m in manifests)  # runs only: no .tmp- left, locks kept elsewhere
     # two processes, two testbeds: their ids (and state files) never collide
     ids = [json.loads(m.read_text())["testbed"]["run_id"] for m in manifests]
     assert len(set(ids)) == planned

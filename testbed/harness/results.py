@@ -6,7 +6,7 @@ failed run is kept with status "failed" and its reason. A `.tmp-` directory
 whose writer is gone (kill -9) is removed and the run redone on resume.
 
 Several processes may write one store: whoever writes a run holds its lock
-(`RunLock`, flock on results/<experiment>/.locks/<run-id>), which the kernel
+(`RunLock`, flock on results/.locks/<experiment>/<run-id>), which the kernel
 releases when the process dies, so a held lock means "being written" and a
 free one over a `.tmp-` directory means "abandoned".
 """
@@ -34,7 +34,8 @@ class RunLock:
     kernel when its process dies (so it can never be left stale)."""
 
     def __init__(self, root: Path, experiment: str, run_id: str):
-        self.path = root / experiment / ".locks" / run_id
+        # outside results/<experiment>/, which holds run directories only
+        self.path = root / ".locks" / experiment / run_id
         self._fd: int | None = None
 
     @property
