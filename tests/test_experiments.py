@@ -54,6 +54,11 @@ def test_failover_keeps_data_flowing_and_intact(tmp_path, failure):
     assert r["stall_s"] < 3.0
     ts = r["_manifest"]["probes"]
     assert ts, "probes recorded nothing"
+    [applied] = r["_manifest"]["applied_events"]  # stored by the runner, not recomputed
+    assert applied["ok"] and applied["action"] == failure and applied["path"] == "wifi"
+    assert 0 <= applied["applied_lateness_ms"] < 50 and abs(applied["scheduled_s"] - 3.0) < 0.01
+    wifi = r["_manifest"]["links_at_end"]["wifi"]
+    assert (not wifi["carrier"]) if failure == "link_down" else wifi["blackholed"] == ["up", "down"]
 
 
 def establishment(tmp_path, strategies, conditions, timeout_s=6, hosts=None) -> dict:
@@ -71,6 +76,11 @@ def test_blackholed_default_path_blocks_plain_mptcp_but_healthy_connects_fast(tm
     assert healthy["outcome"] == "mptcp" and healthy["setup_s"] < 1.0
     assert broken["outcome"] == "failed" and broken["setup_s"] is None
     assert broken["syns_sent"] >= 3  # SYN+MP_CAPABLE retransmitted at 1 and 2 s
+    # The experiment's own condition went through the testbed's one route, and is stored.
+    [applied] = broken["_manifest"]["applied_events"]
+    assert applied["ok"] and (applied["action"], applied["path"]) == ("blackhole", "wifi")
+    assert broken["_manifest"]["links_at_end"]["wifi"]["blackholed"] == ["up", "down"]
+    assert healthy["_manifest"]["applied_events"] == []
 
 
 def test_mptcp_dropping_middlebox_is_reported_as_tcp_fallback(tmp_path):

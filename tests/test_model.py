@@ -89,3 +89,25 @@ def test_queue_defaults_to_one_bdp_with_a_floor():
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(args, needle):
     assert_one_line_error(run_tb(*args), needle)
+
+
+@pytest.mark.parametrize("field, bad", [("rate_mbit", 0.001), ("delay_ms", -1), ("jitter_ms", 10_001),
+                                        ("loss_pct", 500), ("queue_pkts", 0), ("queue_bdp", 101)])
+def test_set_link_changes_have_the_link_models_ranges(field, bad):
+    from pydantic import ValidationError
+
+    from testbed.core.events import LinkChanges
+
+    assert set(LinkChanges.model_fields) == set(LinkParams.model_fields)
+    for model in (LinkParams, LinkChanges):
+        with pytest.raises(ValidationError) as err:
+            model(**{field: bad})
+        assert err.value.errors()[0]["loc"] == (field,)
+
+
+def test_queue_and_rate_bounds_are_refused_in_the_model():
+    with pytest.raises(TestbedError, match=r"paths\.0: .*more than 1000000 packets"):
+        from_dict(two_paths(rate_mbit=100_000, delay_ms=10_000, queue_bdp=100))
+    with pytest.raises(TestbedError, match=r"paths\.0\.rate_mbit: .*0\.01"):
+        from_dict(two_paths(rate_mbit=0.0001))
+    assert from_dict(two_paths(rate_mbit=0.01, queue_bdp=100)).paths[0].rate_mbit == 0.01

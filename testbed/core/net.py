@@ -38,8 +38,9 @@ from testbed.core.events import MIDDLEBOXES, AppliedEvent, EventSpec, LinkState
 from testbed.base.errors import TestbedError
 from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.core import mptcp_config
-from testbed.base.netns import run_in_netns, write_sysctl
+from testbed.base.netns import run_in_netns, start_command, write_sysctl
 from testbed.base.rtnl import RawRtnl
+from testbed.core.emulation.offloads import disable_offloads
 from testbed.core.state import RunState, alive, end_recorded, namespace_members
 
 T = TypeVar("T")
@@ -384,10 +385,7 @@ class Testbed:
         for link in self.links:
             ends.setdefault(link.node, []).extend([link.port_a, link.port_b])
         for node, ifs in ends.items():
-            script = "; ".join(f"ethtool -K {i} tx off rx off tso off gso off gro off" for i in ifs)
-            out = node.cmd(f"{{ {script}; }} 2>&1 >/dev/null | grep -v 'not supported\\|Cannot change' ; true")
-            if out.strip():
-                raise TestbedError(f"ethtool on {node.name}: {out.strip().splitlines()[0]}")
+            disable_offloads(node.pid, ifs)
 
     def _configure_mptcp(self) -> None:
         """Settings and limits on every client and server; kernel-PM endpoints on
@@ -464,7 +462,7 @@ class Testbed:
     def popen(self, node: Node, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start a process in node's namespace; recorded, and killed at teardown."""
         assert self._state is not None
-        proc = subprocess.Popen(["mnexec", "-da", str(node.pid), *argv], **kwargs)
+        proc = start_command(node.pid, argv, **kwargs)
         self._procs.append(proc)
         self._state.add_pid(proc.pid)
         return proc
@@ -480,7 +478,7 @@ class Testbed:
         error: str | None = None
         try:
             emulator = self._apply(event)
-        except Exception as exc:
+        except BaseException as exc:  # also an interrupt mid-change: never recorded as ok
             error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise
         finally:
