@@ -165,6 +165,28 @@ def test_reader_upgrades_a_version_1_store(tmp_path):
     assert res.problems == [] and list(res.runs["status"]) == ["complete"]
 
 
+def test_reader_upgrades_a_version_2_establishment_run(tmp_path):
+    """Version 2 called the establishment condition `scenario`; the reader
+    presents it as `condition`, as version 3 writes it."""
+    from analysis import load
+
+    run = tmp_path / "store" / "establishment" / "bbbb-r000"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({
+        "schema_version": 2, "experiment": "establishment", "run_id": "bbbb-r000",
+        "scenario": {"experiment": "establishment", "params": {"timeout_s": 8, "scenario": "blackhole"},
+                     "grid": {}},
+        "params": {"params.scenario": "blackhole", "params.strategy": "sim"},
+        "repetition": 0, "seed": 1, "status": "complete", "reason": "",
+        "links_at_end": {}, "applied_events": []}))
+    (run / "metrics.json").write_text(json.dumps({"setup_s": 0.041}))
+    res = load(tmp_path / "store")
+    row = res.runs.iloc[0]
+    assert row["param.condition"] == "blackhole" and row["param.strategy"] == "sim"
+    assert "param.scenario" not in res.runs.columns
+    assert res.manifests[("establishment", "bbbb-r000")]["schema_version"] == 3
+
+
 @pytest.mark.parametrize("version, needle", [
     (schema.SCHEMA_VERSION + 1, "newer than this code reads"),
     ("1", "is not a version number"),

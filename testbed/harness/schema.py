@@ -18,7 +18,7 @@ import pandas as pd
 
 from testbed.base.errors import TestbedError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The table files of a run directory (<name>.parquet), without the experiment
 # and run_id keys the reader adds to every row.
@@ -93,8 +93,33 @@ def _v1_to_v2(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+ESTABLISHMENT = ("establishment", "robe_establishment")
+
+
+def _v2_to_v3(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 calls the establishment experiment's default-path condition
+    `condition` (version 2: `scenario`, a word that also names the TOML file), in
+    the scenario's params and in the grid point."""
+    out = dict(manifest)
+    if out.get("experiment") in ESTABLISHMENT:
+        scenario = out.get("scenario")
+        if isinstance(scenario, dict) and isinstance(scenario.get("params"), dict) \
+                and "scenario" in scenario["params"]:
+            params = {("condition" if k == "scenario" else k): v for k, v in scenario["params"].items()}
+            grid = scenario.get("grid")
+            out["scenario"] = {**scenario, "params": params}
+            if isinstance(grid, dict):
+                out["scenario"]["grid"] = {("params.condition" if k == "params.scenario" else k): v
+                                           for k, v in grid.items()}
+        if isinstance(out.get("params"), dict):
+            out["params"] = {("params.condition" if k == "params.scenario" else k): v
+                             for k, v in out["params"].items()}
+    out["schema_version"] = 3
+    return out
+
+
 # version -> the step that turns a manifest of that version into the next one
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def upgrade(manifest: dict[str, Any], where: str) -> dict[str, Any]:
