@@ -11,11 +11,12 @@ import pandas as pd
 from analysis import Results, paths
 from analysis.figures.establishment import data as establishment_data
 from analysis.stats import bootstrap_ci, clean
+from testbed.robe.timer import INITIAL_SYN_RTO_S
 
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 TOL_S = 0.005  # this testbed's target: within 5 ms of the physical bound
 EARLY_S = 0.001  # a setup faster than the RTT by more than this is an emulation/clock error
-TIMER_S = 1.0  # RobE_TIMER default: the initial SYN RTO (testbed.robe.timer)
+TIMER_S = INITIAL_SYN_RTO_S  # RobE_TIMER's default, from the library itself
 # Linux 6.x with default sysctls, measured on the wire: SYN+MP_CAPABLE at 0, 1, 2 s, then plain
 # TCP (tcp_syn_linear_timeouts=4, tcp_syn_retries=6)
 SYN_SCHEDULE_S = [0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67]
