@@ -392,3 +392,139 @@ def test_backup_path_carries_no_data_while_the_other_works(pair):
         subs = {s.local[0]: s for s in info.subflows + info.closed_subflows}
         assert subs["10.0.1.1"].backup and subs["10.0.1.1"].bytes_sent == 0
         assert subs["10.0.0.1"].bytes_sent >= len(data)
+
+
+def blackhole(pair: Pair, pid: int, dev: str) -> None:
+    """Drop every packet arriving on dev (a link that silently died)."""
+    pair.sh(pid, f"nft add table netdev mptb_fail && nft add chain netdev mptb_fail in "
+                 f"'{{ type filter hook ingress device {dev} priority 0; }}' && "
+                 f"nft add rule netdev mptb_fail in drop")
+
+
+def test_link_failure_mid_transfer_reinjects_and_data_is_intact(pair):
+    for dev in ("va0", "va1"):
+        shape(pair, pair.a, dev, 40)
+    t, result = kernel_server(pair)
+    data = os.urandom(10_000_000)
+    with Stack(pair.a) as st:
+        conn = st.connect(("10.0.0.2", 5000), paths=A_ADDRS, timeout=5)
+        sender = threading.Thread(target=lambda: (conn.send(data, timeout=60), conn.close()), daemon=True)
+        sender.start()
+        deadline = time.monotonic() + 10
+        while conn.info().bytes_sent < 3_000_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # path 1 dies in both directions while data is in flight on it
+        in_flight = {s.local[0]: s.inflight for s in conn.info().subflows}
+        blackhole(pair, pair.a, "va1")
+        blackhole(pair, pair.b, "vb1")
+        answer = conn.recv(100, timeout=60)
+        sender.join(5)
+        t.join(10)
+        assert answer.decode() == hashlib.sha256(data).hexdigest(), result
+        assert result["n"] == len(data)
+        assert in_flight["10.0.1.1"] > 0, in_flight
+        info = conn.info()
+        dead = [s for s in info.subflows + info.closed_subflows if s.local[0] == "10.0.1.1"][0]
+        assert dead.timeouts >= 1
+
+
+def strip_mptcp(pair: Pair, pid: int, hooks=("output", "prerouting")) -> None:
+    """A middlebox that removes the MPTCP option (turned into NOPs) from every packet."""
+    cmds = ["nft add table ip mptb_strip"]
+    for hook in hooks:
+        cmds.append(f"nft add chain ip mptb_strip {hook} '{{ type filter hook {hook} priority -400; }}'")
+        cmds.append(f"nft add rule ip mptb_strip {hook} tcp option mptcp exists reset tcp option mptcp")
+    pair.sh(pid, " && ".join(cmds))
+
+
+def test_option_stripping_user_client_falls_back(pair):
+    strip_mptcp(pair, pair.b)
+    t, result = kernel_server(pair)
+    data = os.urandom(1_000_000)
+    with Stack(pair.a, record=True) as st:
+        conn = st.connect(("10.0.0.2", 5000), timeout=5)
+        assert conn.info().fallback
+        conn.send(data)
+        conn.close()
+        assert conn.recv(100, timeout=20).decode() == hashlib.sha256(data).hexdigest()
+        assert conn.recv(100, timeout=10) == b""
+        t.join(10)
+        assert result["n"] == len(data)
+        assert conn.wait_closed(10)
+        # after the fallback the stack sends no MPTCP option at all
+        assert all(not any(type(o).__module__.endswith("options") for o in s.segment.options)
+                   for s in st.sent[1:])
+
+
+def test_option_stripping_user_server_falls_back(pair):
+    strip_mptcp(pair, pair.a)   # the kernel client's namespace: both directions
+    data = os.urandom(1_000_000)
+    with Stack(pair.b) as st:
+        lst = st.listen(5000)
+        t, result = kernel_client(pair, data)
+        conn = lst.accept(timeout=5)
+        n, sha = serve_sha(conn)
+        t.join(20)
+        assert "error" not in result, result
+        assert n == len(data) and result["answer"] == sha.encode() == hashlib.sha256(data).hexdigest().encode()
+        assert conn.info().fallback
+        # the kernel client fell back too: its SYN/ACK came without MP_CAPABLE
+        assert mib(pair, pair.a, "MPTcpExtMPCapableFallbackSYNACK") == 1
+
+
+def test_user_to_user_fallback_when_both_directions_are_stripped(pair):
+    strip_mptcp(pair, pair.a, hooks=("output",))
+    strip_mptcp(pair, pair.b, hooks=("output",))
+    data = os.urandom(300_000)
+    with Stack(pair.b) as server, Stack(pair.a) as client:
+        lst = server.listen(6000)
+        box = {}
+        th = threading.Thread(target=lambda: box.update(c=lst.accept(timeout=5)), daemon=True)
+        th.start()
+        conn = client.connect(("10.0.0.2", 6000), timeout=5)
+        th.join(5)
+        assert conn.info().fallback and box["c"].info().fallback
+        conn.send(data)
+        conn.close()
+        got = bytearray()
+        while chunk := box["c"].recv(1 << 16, timeout=10):
+            got += chunk
+        assert bytes(got) == data
+
+
+def test_abort_sends_mp_fastclose_and_kernel_resets(pair):
+    t, result = kernel_server(pair)
+    with Stack(pair.a) as st:
+        conn = st.connect(("10.0.0.2", 5000), timeout=5)
+        conn.send(b"x" * 10000)
+        time.sleep(0.2)
+        conn.abort()
+        t.join(10)
+        assert "error" in result and "Reset" in result["error"], result
+        assert mib(pair, pair.b, "MPTcpExtMPFastcloseRx") == 1
+        with pytest.raises(StackError, match="aborted"):
+            conn.send(b"more")
+
+
+def test_kernel_fastclose_resets_the_user_connection(pair):
+    def make():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 5000))
+        s.listen()
+        s.settimeout(10)
+        return s
+
+    srv = in_ns(pair.b, make)
+    with Stack(pair.a) as st:
+        conn = st.connect(("10.0.0.2", 5000), timeout=5)
+        c, _ = srv.accept()
+        conn.send(b"unread data makes Linux close with MP_FASTCLOSE")
+        time.sleep(0.2)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        c.close()
+        srv.close()
+        with pytest.raises(StackError, match="reset by peer"):
+            while conn.recv(100, timeout=5):
+                pass
+        assert mib(pair, pair.b, "MPTcpExtMPFastcloseTx") == 1

@@ -320,7 +320,9 @@ class Subflow:
         if self.rto_count >= MAX_DATA_RTOS:
             self.conn.on_subflow_failed(self, "retransmission timeouts")
             return
-        if self.rto_count >= 2 and not self.stale:
+        if not self.stale:
+            # Like Linux, reinject at the first RTO: the peer drops duplicates at the
+            # data level, and a dead path would otherwise hold the window's left edge.
             self.stale = True
             self.conn.on_subflow_stale(self)
         self.retransmit_lost()
