@@ -14,13 +14,13 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 
 from testbed.base.errors import TestbedError, format_validation_error
+from testbed.core.emulation.base import Direction
 from testbed.core.faults import MIDDLEBOX
 from testbed.core.model import LinkParams, TopologySpec
 
 Action = Literal["link_down", "link_up", "blackhole", "unblackhole", "set_link",
                  "syn_drop", "syn_pass", "mptcp_drop", "mptcp_strip", "middlebox_off",
                  "backup_on", "backup_off"]
-Direction = Literal["up", "down"]
 MIDDLEBOXES = tuple(MIDDLEBOX)
 # What a shared bottleneck (no carrier of its own, no endpoint, no router port) supports.
 BOTTLENECK_ACTIONS = ("set_link", "blackhole", "unblackhole")
@@ -65,7 +65,7 @@ class LinkChanges(_LinkChangesBase):  # type: ignore[misc,valid-type]
 
     def given(self) -> dict[str, Any]:
         """The fields this change sets (field -> new value)."""
-        return {f: getattr(self, f) for f in self.model_fields_set}
+        return {f: getattr(self, f) for f in type(self).model_fields if f in self.model_fields_set}
 
 
 class EventSpec(BaseModel):
@@ -97,9 +97,9 @@ class EventSpec(BaseModel):
         return ("up", "down") if self.direction == "both" else (self.direction,)
 
     def describe(self) -> str:
-        """One line for logs and the events table, e.g. 'set_link wifi/up {'loss_pct': 100.0}'."""
+        """One line for logs and the events table, e.g. "set_link wifi/up {'loss_pct': 100}"."""
         where = self.path + ("" if self.direction == "both" else f"/{self.direction}")
-        given = self.changes.given()
+        given = self.changes.as_written()
         return f"{self.action} {where}" + (f" {given}" if given else "")
 
 
@@ -144,7 +144,7 @@ class AppliedEvent:
         """JSON-ready, times in seconds relative to t0 (the stored `applied_events`)."""
         return {"at_s": self.event.at_s, "event": self.event.describe(),
                 "action": self.event.action, "path": self.event.path,
-                "direction": self.event.direction, "changes": self.event.changes.given(),
+                "direction": self.event.direction, "changes": self.event.changes.as_written(),
                 "scheduled_s": round(self.scheduled - t0, 6), "began_s": round(self.began - t0, 6),
                 "applied_s": round(self.applied - t0, 6), "done_s": round(self.done - t0, 6),
                 "emulator_clock": self.emulator_clock,

@@ -66,3 +66,99 @@ class SharedBottleneck(Topology):
             bottleneck={"rate_mbit": bottleneck_mbit},
             **over,
         )
+
+
+# ---- general graphs (nodes and links; docs/topologies.md) --------------------
+@register
+class Dumbbell(Topology):
+    name = "dumbbell"
+    description = ("K MPTCP clients (two subflows each) and M TCP senders through one "
+                   "bottleneck (disjoint=true: two bottlenecks, one per subflow)")
+
+    def spec(self, k: int = 1, m: int = 2, bottleneck_mbit: float = 20, delay_ms: float = 10,
+             access_mbit: float = 100, queue_bdp: float = 1.0, disjoint: bool = False,
+             **over: Any) -> TopologySpec:
+        """Clients m1..mK, TCP senders t1..tM, left router(s), right router r, server s.
+
+        Shared: every flow crosses link `bn` (l -> r). Disjoint: subflow a crosses
+        `bna` (la -> r), subflow b `bnb` (lb -> r); TCP senders alternate between them.
+        Delay and rate sit on the bottleneck(s); the clients' access links are
+        emulated (each subflow is its own path), the senders' and the server's
+        are plain veths.
+        """
+        if not 1 <= k <= 8 or not 0 <= m <= 16:
+            raise ValueError(f"dumbbell: k must be 1..8 and m 0..16, got k={k}, m={m}")
+        left = ["la", "lb"] if disjoint else ["l", "l"]
+        nodes = ([{"name": f"m{i}", "role": "client"} for i in range(1, k + 1)]
+                 + [{"name": f"t{j}", "role": "host"} for j in range(1, m + 1)]
+                 + [{"name": n, "role": "router"} for n in dict.fromkeys(left)]
+                 + [{"name": "r", "role": "router"}, {"name": "s", "role": "server"}])
+        links: list[dict[str, Any]] = []
+        for i in range(1, k + 1):
+            links += [{"name": f"m{i}{sub}", "a": f"m{i}", "b": router, "rate_mbit": access_mbit}
+                      for sub, router in zip("ab", left)]
+        links += [{"name": f"t{j}", "a": f"t{j}", "b": left[(j - 1) % 2], "emulated": False}
+                  for j in range(1, m + 1)]
+        bottleneck = {"rate_mbit": bottleneck_mbit, "delay_ms": delay_ms, "queue_bdp": queue_bdp}
+        if disjoint:
+            links += [{"name": "bna", "a": "la", "b": "r", **bottleneck},
+                      {"name": "bnb", "a": "lb", "b": "r", **bottleneck}]
+        else:
+            links.append({"name": "bn", "a": "l", "b": "r", **bottleneck})
+        links.append({"name": "srv", "a": "r", "b": "s", "emulated": False})
+        return TopologySpec(name=self.name, description=self.description, nodes=nodes,
+                            links=links, **over)
+
+
+@register
+class MultiClient(Topology):
+    name = "multi-client"
+    description = "N clients sharing a WiFi-like and an LTE-like access path to one server"
+
+    def spec(self, n: int = 2, wifi_mbit: float = 20, lte_mbit: float = 10,
+             wifi_delay_ms: float = 10, lte_delay_ms: float = 40, **over: Any) -> TopologySpec:
+        """Clients c1..cN reach access router `ap` (WiFi) and `bs` (LTE) over plain
+        links c<i>w and c<i>l (the paths' names); the shared links `wifi`
+        (ap -> core) and `lte` (bs -> core) carry the rate and delay."""
+        if not 1 <= n <= 16:
+            raise ValueError(f"multi-client: n must be 1..16, got {n}")
+        nodes = ([{"name": f"c{i}", "role": "client"} for i in range(1, n + 1)]
+                 + [{"name": r, "role": "router"} for r in ("ap", "bs", "core")]
+                 + [{"name": "s", "role": "server"}])
+        links: list[dict[str, Any]] = []
+        for i in range(1, n + 1):
+            links += [{"name": f"c{i}w", "a": f"c{i}", "b": "ap", "emulated": False},
+                      {"name": f"c{i}l", "a": f"c{i}", "b": "bs", "emulated": False}]
+        links += [{"name": "wifi", "a": "ap", "b": "core", "rate_mbit": wifi_mbit,
+                   "delay_ms": wifi_delay_ms},
+                  {"name": "lte", "a": "bs", "b": "core", "rate_mbit": lte_mbit,
+                   "delay_ms": lte_delay_ms},
+                  {"name": "srv", "a": "core", "b": "s", "emulated": False}]
+        return TopologySpec(name=self.name, description=self.description, nodes=nodes,
+                            links=links, **over)
+
+
+@register
+class Multihop(Topology):
+    name = "multihop"
+    description = "two paths of 3 and 4 router hops that share a middle link"
+
+    def spec(self, wifi_mbit: float = 20, lte_mbit: float = 20, middle_mbit: float = 30,
+             delay_ms: float = 5, **over: Any) -> TopologySpec:
+        """wifi: c -> a -> m1 -> m2 -> s; lte: c -> b -> h -> m1 -> m2 -> s; both
+        cross `mid` (m1 -> m2)."""
+        routers = ["a", "b", "h", "m1", "m2"]
+        nodes = ([{"name": "c", "role": "client"}] + [{"name": r, "role": "router"} for r in routers]
+                 + [{"name": "s", "role": "server"}])
+        plain = {"emulated": False}
+        links = [
+            {"name": "wifi", "a": "c", "b": "a", "rate_mbit": wifi_mbit, "delay_ms": delay_ms},
+            {"name": "lte", "a": "c", "b": "b", "rate_mbit": lte_mbit, "delay_ms": delay_ms},
+            {"name": "am", "a": "a", "b": "m1", **plain},
+            {"name": "bh", "a": "b", "b": "h", **plain},
+            {"name": "hm", "a": "h", "b": "m1", **plain},
+            {"name": "mid", "a": "m1", "b": "m2", "rate_mbit": middle_mbit, "delay_ms": delay_ms},
+            {"name": "srv", "a": "m2", "b": "s", **plain},
+        ]
+        return TopologySpec(name=self.name, description=self.description, nodes=nodes,
+                            links=links, **over)
