@@ -48,8 +48,13 @@ def clean(c):
     _need_root()
     from testbed.core.state import clean_stale
 
-    cleaned = clean_stale()
-    print(f"clean: removed {len(cleaned)} crashed run(s)" + (f": {', '.join(cleaned)}" if cleaned else ""))
+    report = _guard(clean_stale)
+    removed = report.removed
+    print(f"clean: removed {len(removed)} crashed run(s)" + (f": {', '.join(removed)}" if removed else ""))
+    for run_id, what in report.kept.items():
+        print(f"clean: kept the record of {run_id}: {what}")
+    if report.kept:
+        raise Exit("clean: something survived (see above); its record is kept for the next clean", code=1)
 
 
 @task
