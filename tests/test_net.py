@@ -89,7 +89,9 @@ def test_mptcp_socket_created_in_client_namespace():
         s = tb.in_ns(tb.client, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM,
                                                       socket.IPPROTO_MPTCP))
         s.settimeout(2)
-        with pytest.raises(OSError):  # nothing listens: refused, proving it is routed there
+        # Nothing listens: the server's kernel answers with a RST, proving the SYN
+        # was routed there (a timeout or unreachable would be another errno).
+        with pytest.raises(ConnectionRefusedError):
             s.connect((tb.server_addr, 9))
         s.close()
 
@@ -118,3 +120,14 @@ def test_server_signals_its_second_address_and_the_client_joins_it():
         assert [(e["addr"], e["flags"]) for e in server_eps] == [("10.2.0.2", ["signal"])]
         r = bulk_transfer(tb, seconds=4, warmup=1.5)
     assert r.subflows == 1 and r.path_goodput_mbit["lte"] > 5
+
+
+def test_offloads_are_off_on_every_end_of_every_emulated_link():
+    from testbed.core.emulation.offloads import offload_state
+
+    with Testbed(no_delay_two_path(), backend="bridge") as tb:
+        far = tb.router or tb.server
+        for p in tb.paths:
+            for ns, ifname in ((tb.client.pid, p.client_if), (far.pid, p.far_if),
+                               (p.link.pid, p.link.port_a), (p.link.pid, p.link.port_b)):
+                assert set(offload_state(ns, ifname).values()) == {"off"}, (p.name, ifname)

@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from testbed.base.netns import run_command
 from testbed.core.emulation.calibrate import capacity_warning, emulator_counters, judge_run
 from testbed.harness import experiment as experiments
 from testbed.harness import probes
@@ -160,12 +160,11 @@ def run_one(spec: RunSpec, root: Path) -> Path:
                                      "run": emulation_run}
             manifest["qdiscs"] = _qdisc_dump(tb)
             manifest["probes"] = ctx.probe_summaries
-            # What the links were when the workload ended and every change that got
-            # them there (timed events and the experiment's own): analysis reads
-            # these instead of recomputing what was applied.
+            # What the links were when the workload ended (with applied_events below,
+            # every change that got them there): analysis reads these instead of
+            # recomputing what was applied.
             manifest["links_at_end"] = {name: state.model_dump(mode="json")
                                         for name, state in tb.link_states().items()}
-            manifest["applied_events"] = [a.record(ctx.t0_ns / 1e9) for a in tb.applied_events]
     except KeyboardInterrupt:
         signal.setitimer(signal.ITIMER_REAL, 0)
         shutil.rmtree(writer.tmp, ignore_errors=True)  # no partial run passed off as data
@@ -182,6 +181,8 @@ def run_one(spec: RunSpec, root: Path) -> Path:
     manifest.update({"status": output.status, "reason": output.reason, "end": now_iso(),
                      "duration_s": round(time.monotonic() - started, 3)})
     if ctx is not None:
+        # Also for a failed run: which change failed, and what had been applied before it.
+        manifest["applied_events"] = [a.record(ctx.t0_ns / 1e9) for a in ctx.tb.applied_events]
         manifest["clock"] = {"t0_ns": ctx.t0_ns, "monotonic_ns": time.monotonic_ns(),
                              "realtime_ns": time.time_ns()}
         tables = dict(output.tables)
@@ -266,7 +267,6 @@ def _merge_events(ctx: RunContext, extra: pd.DataFrame | None) -> pd.DataFrame:
 def _qdisc_dump(tb) -> dict[str, str]:
     out = {}
     for link in tb.links:
-        res = subprocess.run(["mnexec", "-a", str(link.pid), "tc", "-s", "qdisc", "show"],
-                             capture_output=True, text=True, timeout=10)
+        res = run_command(link.pid, ["tc", "-s", "qdisc", "show"])
         out[link.node.name] = res.stdout
     return out

@@ -19,12 +19,9 @@ Availability is probed on a scratch veth pair in a scratch network namespace
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import platform
-import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,47 +32,33 @@ from testbed.core.emulation import register, shaping
 from testbed.core.emulation.base import Backend, Direction, EmulatedLink
 from testbed.base.errors import TestbedError
 from testbed.core.model import LinkParams
-from testbed.base.netns import run_in_netns
+from testbed.base.netns import ScratchNetns, run_command, run_in_netns
+from testbed.core.emulation.offloads import disable_offloads
 
-CLONE_NEWNET = 0x40000000
 NETEM_LIMIT = 1_000_000  # packets: the delay line must never be the queue
 NO_REORDER_RATE = "100gbit"  # netem rate mode keeps departures in order
-_libc = ctypes.CDLL(None, use_errno=True)
 _probe_cache: dict[str, str | None] = {}
 
 
 def _probe_in_scratch_netns() -> str | None:
     """Try a netem qdisc on a scratch veth; None on success, else the kernel's error."""
-    box: dict[str, Any] = {}
 
-    def target() -> None:
-        try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                box["error"] = f"cannot create a scratch namespace: {os.strerror(err)}"
-                return
-            with IPRoute() as ipr:
-                ipr.link("add", ifname="mptbprobe0", kind="veth", peer="mptbprobe1")
-                try:
-                    idx = ipr.link_lookup(ifname="mptbprobe0")[0]
-                    ipr.link("set", index=idx, state="up")
-                    ipr.tc("add", "netem", index=idx, handle="1:", delay=1000, limit=1000)
-                    ipr.tc("del", index=idx, handle="1:", root=True)
-                finally:
-                    ipr.link("del", ifname="mptbprobe0")
-            box["error"] = None
-        except NetlinkError as exc:
-            box["error"] = ("the kernel does not know qdisc kind 'netem'" if exc.code == errno.ENOENT
-                            else f"netlink error {exc.code}: {os.strerror(exc.code)}")
-        except Exception as exc:  # noqa: BLE001 - reported as the reason
-            box["error"] = f"{type(exc).__name__}: {exc}"
+    def probe() -> None:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname="mptbprobe0", kind="veth", peer="mptbprobe1")
+            idx = ipr.link_lookup(ifname="mptbprobe0")[0]
+            ipr.link("set", index=idx, state="up")
+            ipr.tc("add", "netem", index=idx, handle="1:", delay=1000, limit=1000)
 
-    t = threading.Thread(target=target, name="netem-probe", daemon=True)
-    t.start()
-    t.join(10)
-    if t.is_alive():
-        return "probe timed out"
-    return box.get("error", "probe failed")
+    try:
+        with ScratchNetns() as scratch:  # the veth goes with the namespace
+            scratch.run(probe)
+        return None
+    except NetlinkError as exc:
+        return ("the kernel does not know qdisc kind 'netem'" if exc.code == errno.ENOENT
+                else f"netlink error {exc.code}: {os.strerror(exc.code)}")
+    except Exception as exc:  # noqa: BLE001 - reported as the reason
+        return f"cannot probe in a scratch namespace: {type(exc).__name__}: {exc}"
 
 
 def _module_on_disk() -> Path | None:
@@ -145,8 +128,7 @@ class NetemBackend(Backend):
         return (link.port_a if direction == "up" else link.port_b) + "i"
 
     def _tc(self, link: EmulatedLink, argv: list[str]) -> None:
-        proc = subprocess.run(["mnexec", "-a", str(link.pid), "tc", *argv],
-                              capture_output=True, text=True, timeout=10)
+        proc = run_command(link.pid, ["tc", *argv])
         if proc.returncode != 0:
             raise TestbedError(f"link {link.name!r}: tc {' '.join(argv)}: "
                                f"{(proc.stderr or proc.stdout).strip().splitlines()[0:1]}")
@@ -167,10 +149,7 @@ class NetemBackend(Backend):
                     ipr.link("set", index=bidx, state="up")
 
         run_in_netns(link.pid, build)
-        for port in (ia, ib):
-            subprocess.run(["mnexec", "-a", str(link.pid), "ethtool", "-K", port, "tx", "off",
-                            "rx", "off", "tso", "off", "gso", "off", "gro", "off"],
-                           capture_output=True, timeout=10)
+        disable_offloads(link.pid, [ia, ib])
         for d in ("up", "down"):
             self._tc(link, ["qdisc", "add", "dev", self._internal(link, d), "root", "handle", "1:",
                             "netem", *netem_args(link.params(d))])  # type: ignore[arg-type]

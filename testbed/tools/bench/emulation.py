@@ -155,10 +155,10 @@ def udp_loss(tb: Testbed, n: int = LOSS_PACKETS, pps: int = 5000, port: int = 54
 
 
 def _iperf_udp(tb: Testbed, rate_mbit: float, seconds: float) -> subprocess.Popen:
-    argv = ["mnexec", "-a", str(tb.client.pid), "iperf3", "-c", tb.server_addr, "-p",
+    argv = ["iperf3", "-c", tb.server_addr, "-p",
             str(IPERF_PORT), "-u", "-b", f"{rate_mbit:g}M", "-l", "1400", "-t", f"{seconds:g}",
             "--pacing-timer", "100", "--json"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return tb.popen(tb.client, argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
 def rtt_under_load(tb: Testbed, rate_mbit: float, pings: int) -> dict[str, Any]:
