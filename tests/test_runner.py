@@ -141,6 +141,8 @@ def test_failed_run_is_stored_as_failed_and_retried_on_request(tmp_path):
     assert first.done == {"failed": 1}
     manifest = json.loads((first.run_dirs[0] / "manifest.json").read_text())
     assert "bridge" in manifest["reason"] and manifest["status"] == "failed"
+    [applied] = manifest["applied_events"]  # the failed change is stored with its error
+    assert not applied["ok"] and "bridge" in applied["error"] and applied["action"] == "set_link"
     assert sweep(s, out, progress=False).skipped == 1
     assert sweep(s, out, retry_failed=True, progress=False).done == {"failed": 1}
 
