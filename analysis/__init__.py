@@ -8,7 +8,10 @@
 Every table carries `experiment` and `run_id`. Columns and dtypes follow the
 documented schema even when a table is absent from every run (an empty frame with
 the right columns), so analysis code never has to special-case missing data.
-Unreadable files do not abort the load: they are listed in `Results.problems`.
+Columns, dtypes and the store's version come from testbed.harness.schema: older
+manifests are upgraded on load, a newer or unknown version is refused
+(ResultsError, one line). Unreadable files do not abort the load: they are
+listed in `Results.problems`.
 """
 from __future__ import annotations
 
