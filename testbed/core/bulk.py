@@ -256,3 +256,39 @@ def bulk_transfer(tb: Any, seconds: float = 6.0, warmup: float = 2.0, protocol: 
     return BulkResult(goodput_mbit=(b.received - a.received) * 8 / window / 1e6,
                       seconds=flow.seconds, bytes=flow.received, path_goodput_mbit=per_path,
                       subflows=flow.subflows, protocol=protocol)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """One of several competing flows: who sends, how, to which server port."""
+
+    name: str
+    src_pid: int
+    port: int
+    protocol: str = "tcp"
+    cc: str = "cubic"
+
+
+def run_flows(senders: list[Sender], dst_pid: int, dst_addr: str, marks_s: list[float],
+              **kw: Any) -> dict[str, Flow]:
+    """run_flow for every sender at once (one thread each): flows that compete
+    for the same links. Raises TestbedError naming each flow that could not
+    connect, after all have ended."""
+    flows: dict[str, Flow] = {}
+    failed: dict[str, str] = {}
+
+    def one(s: Sender) -> None:
+        try:
+            flows[s.name] = run_flow(s.src_pid, dst_pid, dst_addr, s.port, marks_s,
+                                     listen_addr="0.0.0.0", protocol=s.protocol, cc=s.cc, **kw)
+        except Exception as exc:  # noqa: BLE001 - reported below with the flow's name
+            failed[s.name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in senders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise TestbedError("competing flows failed: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+    return {s.name: flows[s.name] for s in senders}
