@@ -7,9 +7,9 @@ per testbed, deleted at teardown with the namespace. Events reach them through
 """
 from __future__ import annotations
 
-import subprocess
 
 from testbed.base.errors import TestbedError
+from testbed.base.netns import run_command
 
 TABLE = "mptb_faults"
 # Rule bodies per middlebox action.
@@ -30,8 +30,7 @@ def set_middlebox(pid: int, hook: str, path: str, far_if: str, action: str | Non
               "  }", "}", f"flush chain inet {TABLE} {chain}"]
     if action is not None:
         script.append(f'add rule inet {TABLE} {chain} iifname "{far_if}" {MIDDLEBOX[action]}')
-    res = subprocess.run(["mnexec", "-a", str(pid), "nft", "-f", "-"], input="\n".join(script) + "\n",
-                         capture_output=True, text=True, timeout=10)
+    res = run_command(pid, ["nft", "-f", "-"], input="\n".join(script) + "\n")
     if res.returncode != 0:
         raise TestbedError(f"nft for middlebox {action or 'off'} on path {path!r}: "
                            f"{res.stderr.strip().splitlines()[0]}")

@@ -19,13 +19,12 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.base.errors import TestbedError
-from testbed.base.netns import run_in_netns_file
+from testbed.base.netns import run_command, run_in_netns_file
 
 STATE_DIR = Path(os.environ.get("MPTB_STATE_DIR", "/run/mptcp-testbed"))
 SO_NETNS_COOKIE = 71  # Linux >= 5.14: a 64-bit id no other namespace ever gets
@@ -273,8 +272,7 @@ def _empty_namespace(ns_file: str) -> None:
                         pass
 
     run_in_netns_file(ns_file, links)
-    subprocess.run(["nsenter", f"--net={ns_file}", "nft", "flush", "ruleset"],
-                   capture_output=True, timeout=10)
+    run_command(ns_file, ["nft", "flush", "ruleset"])
 
 
 def _comm(pid: int) -> str:

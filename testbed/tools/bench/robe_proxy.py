@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from testbed.base.netns import ns_path, setns_current_thread
+from testbed.base.netns import ns_path, run_command, setns_current_thread
 from testbed.core.model import HostSettings
 from testbed.core.net import Testbed, wait_until
 from testbed.core.topology import load
@@ -133,8 +133,8 @@ def run_soak(connections: int = 1000, concurrency: int = 50, abort_pct: float = 
                                      tb.server_addr, str(PORT)],
                          stdout=subprocess.DEVNULL, stderr=log, cwd=str(REPO_ROOT))
         try:
-            if not wait_until(lambda: f":{PROXY_PORT}" in tb.client.cmd(
-                    f"ss -ltnH sport = :{PROXY_PORT}"), 15):
+            if not wait_until(lambda: f":{PROXY_PORT}" in run_command(
+                    tb.client.pid, ["ss", "-ltnH", "sport", "=", f":{PROXY_PORT}"]).stdout, 15):
                 raise RuntimeError("the proxy did not start listening")
             client_ns = ns_path(tb.client.pid)
             pool = ThreadPoolExecutor(concurrency, initializer=setns_current_thread,
@@ -195,6 +195,7 @@ def run_soak(connections: int = 1000, concurrency: int = 50, abort_pct: float = 
         lines = log.read().splitlines()
         log.close()
         out["proxy_log_lines"] = len(lines)
+        out["proxy_failures"] = [line for line in lines if "failed" in line][:3]
         out["proxy_tracebacks"] = sum("Traceback" in line for line in lines)
     return out
 
@@ -228,4 +229,6 @@ def format_report(m: dict[str, Any]) -> tuple[str, bool]:
         lines.append(f"{name:{width}}  {measured:>16}  {target:>16}  {'ok' if ok else 'MISSED'}")
     if m["first_errors"]:
         lines.append(f"client errors ({m['client_errors']}): {'; '.join(m['first_errors'])}")
+    for line in m["proxy_failures"]:
+        lines.append(f"proxy said: {line}")
     return "\n".join(lines), all(r[3] for r in rows)
