@@ -39,8 +39,13 @@ def _names(*args: str) -> list[str]:
 
 
 def domains(prefix: str) -> list[str]:
-    """Defined domains (running or not) whose name starts with prefix."""
-    return [n for n in _names("list", "--all", "--name") if n.startswith(prefix)]
+    """Defined domains (running or not) whose name starts with prefix; raises
+    VmError when libvirt cannot say (never an empty list that means "unknown")."""
+    res = virsh("list", "--all", "--name")
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines() or ["no output"]
+        raise VmError(f"cannot list libvirt's domains on {URI}: {lines[-1]}")
+    return [n for n in res.stdout.split() if n.startswith(prefix)]
 
 
 def volumes(prefix: str, pool: str = POOL) -> list[str]:
