@@ -297,6 +297,11 @@ def test_offline_box_boots_and_runs_netem_experiment(sandbox):
             building.set()
             sampler.join()
         assert not seen_mounts, f"the box build mounted in the host's namespace: {sorted(seen_mounts)}"
+        # Debian 13 with its 6.12 kernel and mptcpd (Debian's user-space path manager).
+        info = json.loads((boxmod.box_dir(ROOT) / "box-info.json").read_text())
+        assert info["suite"] == "trixie"
+        assert tuple(int(x) for x in info["kernel"].split(".")[:2]) >= (6, 12), info["kernel"]
+        assert "mptcpd" in info["packages"]
         up = step("up", ["vm.up", "--local"])
         assert "doctor: experiments can run here" in up  # provisioning's own check
         # results/ belongs to the group qemu runs as (it writes the demo below), mode 2775.
@@ -315,6 +320,9 @@ def test_offline_box_boots_and_runs_netem_experiment(sandbox):
         assert doc["result"]["protocol"] == "mptcp"
         assert doc["result"]["goodput_mbit"] > 0
         assert len(doc["result"]["path_goodput_mbit"]) == 2
+        # The 6.12 kernel has the SYN-fallback knob that 6.1 lacked (recorded as null there).
+        client = doc["testbed"]["hosts"]["client"]
+        assert client["sysctls"]["net.mptcp.syn_retrans_before_tcp_fallback"] is not None, client
         step("destroy", ["vm.destroy"])
         sandbox.assert_vm_gone()  # `vagrant destroy` alone removed the VM
     finally:

@@ -1,8 +1,8 @@
 """Build the offline libvirt box from Debian packages only.
 
 No box can be downloaded in CI (no Vagrant Cloud), and downloaded boxes rot, so
-the box is made here: debootstrap bookworm, Debian's stock kernel (MPTCP v1 and
-sch_netem as modules), openssh-server, then the project's own
+the box is made here: debootstrap trixie (Debian 13), Debian's stock kernel
+(6.12: MPTCP v1, sch_netem as a module), mptcpd, openssh-server, then the project's own
 scripts/bootstrap.sh run inside the chroot so the apt packages *and* the pinned
 venv are already in the image (in-VM provisioning is then a no-op and the guest
 never needs PyPI). The result is cached under /var/cache/mptcp-testbed keyed by
@@ -32,8 +32,8 @@ from pathlib import Path
 from testbed.base.safefs import remove_tree
 from testbed.tools.vm.errors import VmError
 
-BOX_NAME = "local/mptcp-testbed-bookworm"
-SUITE = "bookworm"
+BOX_NAME = "local/mptcp-testbed-trixie"
+SUITE = "trixie"
 MIRROR = os.environ.get("MPTB_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SECURITY_MIRROR = os.environ.get("MPTB_DEBIAN_SECURITY", "http://deb.debian.org/debian-security")
 GUEST_VENV = "/opt/mptcp-testbed/venv"
@@ -41,10 +41,13 @@ HOST_CA = "/tmp/host-ca.crt"  # inside the chroot, during the build only
 DISK_GB = 8
 # minbase keeps debootstrap short; what a bootable, ssh-able guest needs on top.
 DEBOOTSTRAP_INCLUDE = ["systemd-sysv", "udev", "dbus", "kmod", "iproute2", "ca-certificates"]
-# bookworm's stock kernel (6.1: MPTCP v1 built in, sch_netem a module); the
-# testbed copes with the MPTCP knobs 6.1 lacks (testbed/core/mptcp_config.py).
-# initramfs-tools named explicitly: the image's initrd must come from it.
-GUEST_PACKAGES = ["linux-image-amd64", "initramfs-tools", "openssh-server", "sudo", "e2fsprogs", "procps"]
+# trixie's stock kernel (6.12: MPTCP v1 built in with the SYN-fallback knob and
+# MPTCP_FULL_INFO, sch_netem a module). initramfs-tools named explicitly: the
+# image's initrd must come from it. mptcpd is Debian's user-space path-manager
+# daemon; its system service stays masked (guest_setup.sh): the testbed starts
+# it inside a host's namespace only.
+GUEST_PACKAGES = ["linux-image-amd64", "initramfs-tools", "openssh-server", "sudo", "e2fsprogs", "procps",
+                  "mptcpd"]
 # Files whose content decides the box; a change in any of them means a new box.
 INPUT_FILES = [
     "scripts/apt-packages.txt",
@@ -166,7 +169,7 @@ class _Builder:
         host_ca = _host_ca_bundle()
         if host_ca:
             shutil.copy(host_ca, self.root / HOST_CA.lstrip("/"))
-        self.say("kernel (bookworm's stock linux-image-amd64), ssh, security upgrades ...")
+        self.say(f"kernel ({SUITE}'s stock linux-image-amd64), mptcpd, ssh, security upgrades ...")
         self.chroot("apt-get", "update", "-qq")
         self.chroot("apt-get", "-y", "-qq", "dist-upgrade")
         self.chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES)

@@ -24,6 +24,10 @@ EOF
 systemctl enable systemd-networkd.service >/dev/null 2>&1
 systemctl enable systemd-resolved.service >/dev/null 2>&1 || true
 systemctl enable ssh.service >/dev/null 2>&1
+# mptcpd (Debian's user-space path manager) runs only where the testbed starts
+# it, inside a host's namespace; its system service would manage the VM's own
+# addresses, so it is masked.
+ln -sf /dev/null /etc/systemd/system/mptcp.service
 
 # Vagrant's conventions: user vagrant, passwordless sudo, insecure key (Vagrant
 # swaps it for a fresh per-VM key on first `vagrant up`).
