@@ -138,8 +138,10 @@ def test(c, quick=False, k=None, vm=False):
     "out": "results directory (default: results/)",
     "set_": "override a scenario key, e.g. --set params.seconds=5 (repeatable)",
     "retry_failed": "rerun runs stored as failed",
-    "no_progress": "no progress bar"})
-def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no_progress=False):
+    "no_progress": "no progress bar",
+    "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers (docs/distributed.md)"})
+def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no_progress=False,
+        cluster=None):
     """Run a scenario: grid x repetitions, resumable; results in OUT/<experiment>/<run-id>/."""
     _need_root()
     from testbed.harness import scenario as sc
@@ -148,10 +150,19 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
 
     def go():
         s = sc.load(scenario, parse_assignments(set_ or []), int(reps) if reps is not None else None)
-        summary = sweep(s, Path(out), retry_failed=retry_failed, progress=not no_progress)
+        if cluster:
+            from testbed.harness.distributed import check_address, cluster_sweep
+
+            check_address(cluster)
+            [(_, summary)] = cluster_sweep([s], Path(out), cluster, retry_failed=retry_failed,
+                                           progress=not no_progress)
+        else:
+            summary = sweep(s, Path(out), retry_failed=retry_failed, progress=not no_progress)
         print(f"{s.experiment}: {summary.line()} -> {Path(out) / s.experiment}")
         if summary.done.get("failed"):
             raise Exit(f"error: {summary.done['failed']} run(s) failed (see `./tb results.ls {out}`)", code=1)
+        if summary.done.get("lost"):
+            raise Exit(f"error: {summary.done['lost']} run(s) came back from no worker (see above)", code=1)
 
     _guard(go)
 
@@ -161,8 +172,10 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
             "report": "where the report goes (default: OUT/report)",
             "retry_failed": "rerun the runs stored as failed (resuming skips them otherwise)",
             "campaign": "campaign file listing the scenarios (default: experiments/paper.toml)",
-            "no_progress": "no progress bars"})
-def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=None, no_progress=False):
+            "no_progress": "no progress bars",
+            "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers"})
+def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=None, no_progress=False,
+          cluster=None):
     """Rerun the paper's scenarios end to end (resuming), then build the report."""
     _need_root()
     from testbed.harness import campaign as cp
@@ -171,8 +184,16 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=No
         plan = cp.load(campaign or cp.PAPER)
         results = Path(out or ("results-quick" if quick else "results"))
         t0 = time.monotonic()
-        for experiment, summary in cp.run(plan, results, quick=quick, progress=not no_progress,
-                                          retry_failed=retry_failed):
+        if cluster:
+            from testbed.harness.distributed import check_address, cluster_sweep
+
+            check_address(cluster)
+            summaries = cluster_sweep(plan.scenarios(quick), results, cluster,
+                                      retry_failed=retry_failed, progress=not no_progress)
+        else:
+            summaries = cp.run(plan, results, quick=quick, progress=not no_progress,
+                               retry_failed=retry_failed)
+        for experiment, summary in summaries:
             print(f"{experiment}: {summary.line()}")
         from analysis.report import build_report
 
@@ -184,6 +205,32 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=No
         if left.get("failed"):
             raise Exit(f"error: {left['failed']} stored run(s) failed; the report marks them "
                        f"(./tb results.ls {results}; rerun them with --retry-failed)", code=1)
+
+    _guard(go)
+
+
+@task(help={"address": "the Dask scheduler, tcp://HOST:PORT",
+            "runs": "runs this machine may do at once (the worker resource; default 1)",
+            "name": "worker name recorded in each manifest (default HOST-PID)",
+            "host": "address to listen on (default: the one that reaches the scheduler)"})
+def worker(c, address, runs=1, name=None, host=None):
+    """Serve runs for `./tb run/paper --cluster ADDRESS` on this machine (docs/distributed.md)."""
+    from testbed.harness.distributed import check_address, check_runs, check_worker_machine, serve_worker
+
+    def go():
+        check_address(address)
+        check_runs(int(runs))
+        problems = check_worker_machine()
+        if not problems:
+            from testbed.tools import doctor as d
+
+            problems = [f"worker: doctor: {ck.name}: {ck.detail} (./tb doctor says how to fix it)"
+                        for ck in d.run_checks() if ck.required and not ck.ok]
+        if problems:
+            raise Exit(problems[0], code=1)
+        print(f"worker: this machine is fit; serving up to {int(runs)} run(s) at once for {address}",
+              flush=True)
+        serve_worker(address, runs=int(runs), name=name, host=host)
 
     _guard(go)
 
@@ -251,7 +298,7 @@ def harness(c, repeats=5):
     _guard(run)
 
 
-ns = Collection(doctor, clean, topologies, shell, demo, test, run, paper)
+ns = Collection(doctor, clean, topologies, shell, demo, test, run, paper, worker)
 ns.add_collection(Collection("results", results_ls))
 bench = Collection("bench", harness)
 ns.add_collection(bench)

@@ -32,6 +32,19 @@ def _distinct(values: Iterable[Any]) -> str:
     return ", ".join(vals) if vals else "unknown"
 
 
+def _kernels(releases: Iterable[Any]) -> str:
+    """The kernel(s) the runs ran on; runs pooled from machines with different
+    kernels are flagged, since MPTCP's behaviour differs between releases."""
+    counts: dict[str, int] = {}
+    for r in releases:
+        if r not in (None, ""):
+            counts[str(r)] = counts.get(str(r), 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), "unknown")
+    per = ", ".join(f"{k} ({n} runs)" for k, n in sorted(counts.items()))
+    return f"MIXED: results from machines with different kernels are pooled: {per}"
+
+
 def provenance(res: Results) -> list[tuple[str, str]]:
     """What the numbers were measured on; several values mean mixed provenance (shown as such)."""
     mans = list(res.manifests.values())
@@ -53,7 +66,7 @@ def provenance(res: Results) -> list[tuple[str, str]]:
         ("describe", _distinct(get(m, "git", "describe") for m in mans)),
         ("working tree dirty", "yes (results may not match the commit)" if True in dirty
          else "no" if dirty else "unknown"),
-        ("kernel", _distinct(get(m, "kernel", "release") for m in mans)),
+        ("kernel", _kernels(get(m, "kernel", "release") for m in mans)),
         ("link-emulation backend", _distinct(backends)),
         ("machine", f"{_distinct(get(m, 'host', 'hostname') for m in mans)} "
                     f"({_distinct(get(m, 'host', 'machine') for m in mans)}, {cpus} CPUs, "

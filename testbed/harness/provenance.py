@@ -62,6 +62,7 @@ def static_provenance() -> dict:
                    "mptcp_enabled": _read("/proc/sys/net/mptcp/enabled"),
                    "netem_module": _netem_present()},
         "host": {"hostname": uname.node, "machine": uname.machine, "cpus": os.cpu_count(),
+                 "cpu_model": _cpu_model(),
                  "python": sys.version.split()[0],
                  "virtualisation": _run(["systemd-detect-virt"]) or None},
         "tools": {**tools, "python_packages": pkgs},
@@ -85,6 +86,16 @@ def namespace_sysctls(tb: Testbed) -> dict[str, Any]:
     return {"nodes": {name: run_in_netns(node.pid, read) for name, node in tb.nodes.items()},
             "host_wide": {name: _read("/proc/sys/" + name.replace(".", "/"))
                           for name in HOST_WIDE_SYSCTLS}}
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _netem_present() -> bool:

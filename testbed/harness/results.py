@@ -90,6 +90,11 @@ class RunWriter:
         _write_synced(self.tmp / "metrics.json", json.dumps(metrics, indent=1, default=_jsonable))
         manifest = {"schema_version": SCHEMA_VERSION, **manifest}
         _write_synced(self.tmp / "manifest.json", json.dumps(manifest, indent=1, default=_jsonable))
+        return self.commit()
+
+    def commit(self) -> Path:
+        """Rename the written .tmp- directory into place (a run stored by another
+        machine is written there by the caller, file by file, synced)."""
         if self.final.exists():  # a retried failed run replaces the old one
             shutil.rmtree(self.final)
         os.rename(self.tmp, self.final)
