@@ -3,6 +3,7 @@
     ./tb bench.emulation [--quick] [--out DIR] [--backend userspace]
     ./tb bench.robe-proxy [--connections 1000] [--concurrency 50] [--abort-pct 20]
     ./tb bench.capacity [--seconds 3]
+    ./tb bench.distributed [--reps 1]
 """
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0):
         raise Exit("robe proxy soak: a target was missed", code=1)
 
 
+@task(help={"reps": "repetitions of the establishment grid (default 1: 35 runs)"})
+def distributed(c, reps=1):
+    """Speed-up of an establishment sweep with two Dask workers over one (target >= 1.7x)."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.tools.bench.distributed import run_benchmark
+
+    text, ok = guard(lambda: run_benchmark(int(reps)))
+    print(text)
+    if not ok:
+        raise Exit("bench.distributed: speed-up target missed", code=1)
+
+
 @task(help={"seconds": "transfer per rate step (default 3)"})
 def capacity(c, seconds=3.0):
     """Measure and cache the aggregate rate the user-space link emulator carries in time."""
@@ -53,3 +68,4 @@ ns = Collection("bench")
 ns.add_task(emulation)
 ns.add_task(robe_proxy)
 ns.add_task(capacity)
+ns.add_task(distributed)
