@@ -27,6 +27,14 @@ if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   # tshark asks whether non-root users may capture; answer once, non-interactively.
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+  # mptcpd's system service would manage the machine's own MPTCP endpoints; the
+  # testbed starts mptcpd only inside a host's namespace. Masked before the
+  # package can enable and start it (only where systemd runs and nothing is there yet).
+  case " $missing " in *" mptcpd "*)
+    if [ -d /run/systemd/system ] && [ ! -e /etc/systemd/system/mptcp.service ]; then
+      ln -s /dev/null /etc/systemd/system/mptcp.service
+    fi;;
+  esac
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
