@@ -6,6 +6,7 @@ Bounds are generous: other test runs share the 2 CPUs.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -397,3 +398,22 @@ def test_a_forwarder_that_falls_behind_during_traffic_breaks_the_run_judge():
             os.kill(pid, sig.SIGCONT)
         bad = judge_run(before, emulator_counters(tb))
         assert not bad["valid"] and "more than 1 ms late" in bad["reason"], bad
+
+
+def test_capacity_warning_only_above_the_cached_measurement(tmp_path):
+    from testbed.core.emulation.calibrate import capacity_warning, save_capacity
+
+    cache = tmp_path / "capacity.json"
+    eight = load("n-path", n=8, rate_mbit=100)
+    assert capacity_warning(eight, "userspace", cache) is None  # never measured: nothing to say
+    save_capacity({"capacity_mbit": 400, "measured": "2026-11-30 10:00 UTC"}, cache)
+    line = capacity_warning(eight, "userspace", cache)
+    assert line == ("n-path: 800 Mbit/s in all through the user-space link emulator, this machine "
+                    "keeps time up to 400 Mbit/s (measured 2026-11-30 10:00 UTC by ./tb "
+                    "bench.capacity): expect runs stored invalid")
+    assert capacity_warning(load("n-path", n=4, rate_mbit=100), "userspace", cache) is None
+    assert capacity_warning(eight, "netem", cache) is None
+    data = json.loads(cache.read_text())
+    data["key"]["kernel"] = "another"  # measured on another kernel: not trusted
+    cache.write_text(json.dumps(data))
+    assert capacity_warning(eight, "userspace", cache) is None

@@ -148,3 +148,20 @@ def test_runner_stores_a_run_whose_probe_missed_packets_as_invalid(tmp_path, mon
     manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
     assert manifest["status"] == "invalid"
     assert manifest["reason"] == "probe pcap: lte: captured 0 packets, interface c-lte moved 57 (bound: all of them)"
+
+
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_runner_stores_a_run_whose_emulator_fell_behind_as_invalid(tmp_path, monkeypatch):
+    from test_runner import FAST, write
+
+    from testbed.harness import runner
+    from testbed.harness import scenario as sc
+
+    reason = "wifi up: 412 of 9000 packets (4.58%) left more than 1 ms late (max 8.1 ms), bound 0.1%"
+    monkeypatch.setattr(runner, "judge_run", lambda before, after: {"valid": False, "reason": reason})
+    body = FAST.format(reps=1).replace('"params.direction" = ["up", "down"]', "")
+    summary = runner.sweep(sc.load(write(tmp_path, body)), tmp_path / "out", progress=False)
+    manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
+    assert manifest["status"] == "invalid"
+    assert manifest["reason"] == f"emulation during the run: {reason}"

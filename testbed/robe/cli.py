@@ -182,11 +182,14 @@ def _ms(v: float | None) -> str:
 
 
 def _pump(src: socket.socket | int, dst: socket.socket, done: threading.Event,
-          activity: list[float] | None = None) -> None:
+          activity: list[float] | None = None, failures: list[str] | None = None) -> None:
     """Copy until EOF or an error, then half-close the destination.
-    `activity[0]` is stamped whenever bytes moved (the proxy's idle watchdog)."""
+    `activity[0]` is stamped whenever bytes moved (the proxy's idle watchdog);
+    an error is appended to `failures` as "reading: ..." or "writing: ..."."""
+    step = "reading"
     try:
         while True:
+            step = "reading"
             # A descriptor is read with os.read(): a daemon thread blocked in a
             # buffered stdin read would abort the interpreter's shutdown on SIGTERM.
             data = src.recv(65536) if isinstance(src, socket.socket) else os.read(src, 65536)
@@ -194,11 +197,13 @@ def _pump(src: socket.socket | int, dst: socket.socket, done: threading.Event,
                 break
             if activity is not None:
                 activity[0] = time.monotonic()
+            step = "writing"
             dst.sendall(data)
             if activity is not None:
                 activity[0] = time.monotonic()
-    except OSError:
-        pass  # reset, broken pipe, or shut down by the watchdog: this direction ends
+    except OSError as exc:  # reset, broken pipe, or shut down by the watchdog: this direction ends
+        if failures is not None:
+            failures.append(f"{step}: {exc.strerror or exc}")
     finally:
         try:
             dst.shutdown(socket.SHUT_WR)
@@ -306,10 +311,12 @@ class Proxy:
         """Both directions until both ended, or nothing moved for --idle-timeout s."""
         a, b = threading.Event(), threading.Event()
         activity = [time.monotonic()]
-        threading.Thread(target=_pump, args=(client, upstream, a, activity), name="robe-up",
-                         daemon=True).start()
-        threading.Thread(target=_pump, args=(upstream, client, b, activity), name="robe-down",
-                         daemon=True).start()
+        up_failed: list[str] = []    # client -> upstream: writing is the upstream's fault
+        down_failed: list[str] = []  # upstream -> client: reading is
+        threading.Thread(target=_pump, args=(client, upstream, a, activity, up_failed),
+                         name="robe-up", daemon=True).start()
+        threading.Thread(target=_pump, args=(upstream, client, b, activity, down_failed),
+                         name="robe-down", daemon=True).start()
         idle = self.args.idle_timeout
         while not (a.is_set() and b.is_set()):
             if time.monotonic() - activity[0] > idle:
@@ -325,6 +332,12 @@ class Proxy:
                 b.wait(min(1.0, idle / 4))
         a.wait(5)
         b.wait(5)
+        # A client that resets is its own business; the upstream failing is worth a line.
+        upstream_errors = [f for f in up_failed if f.startswith("writing")] + \
+                          [f for f in down_failed if f.startswith("reading")]
+        if upstream_errors:
+            _log(f"upstream {self.dest[0]}:{self.dest[1]} failed mid-connection, "
+                 f"{upstream_errors[0]}")
 
 
 def _log(msg: str) -> None:

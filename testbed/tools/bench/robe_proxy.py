@@ -113,13 +113,13 @@ def _client(abort: bool, payload: bytes) -> str:
 
 
 def run_soak(connections: int = 1000, concurrency: int = 50, abort_pct: float = 20,
-             seed: int = 1) -> dict[str, Any]:
+             seed: int = 1, strategy: str = "sim+ips") -> dict[str, Any]:
     """Run the soak; returns the measured figures (see the module docstring)."""
     rng = random.Random(seed)
     plan = [rng.random() * 100 < abort_pct for _ in range(connections)]
     payload = os.urandom(ECHO_BYTES)
     out: dict[str, Any] = {"connections": connections, "concurrency": concurrency,
-                           "aborting_clients": sum(plan)}
+                           "aborting_clients": sum(plan), "strategy": strategy}
     with tempfile.TemporaryDirectory(prefix="robe-soak-") as tmp, \
             Testbed(load("two-path", wifi_delay_ms=5, lte_delay_ms=10), backend="userspace",
                     client=HostSettings(path_manager="userspace")) as tb:
@@ -127,7 +127,7 @@ def run_soak(connections: int = 1000, concurrency: int = 50, abort_pct: float = 
         ls = mode_server(tb)
         log = open(Path(tmp) / "proxy.log", "w+")
         proxy = tb.popen(tb.client, [sys.executable, "-m", "testbed.robe.cli", "proxy",
-                                     "--listen", f"127.0.0.1:{PROXY_PORT}", "--strategy", "sim+ips",
+                                     "--listen", f"127.0.0.1:{PROXY_PORT}", "--strategy", strategy,
                                      "--history", str(history), "--max-connections",
                                      str(concurrency), "--idle-timeout", "30",
                                      tb.server_addr, str(PORT)],
@@ -222,7 +222,8 @@ def format_report(m: dict[str, Any]) -> tuple[str, bool]:
         ("tracebacks in the proxy's log", f"{m['proxy_tracebacks']}", "0", m["proxy_tracebacks"] == 0),
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [f"robe proxy soak: {m['connections']} connections, {m['concurrency']} at once, "
+    lines = [f"robe proxy soak ({m['strategy']}): {m['connections']} connections, "
+             f"{m['concurrency']} at once, "
              f"{m['aborting_clients']} clients abort mid-stream; {m['soak_s']} s",
              f"{'':{width}}  {'measured':>16}  {'target':>16}"]
     for name, measured, target, ok in rows:

@@ -26,8 +26,9 @@ def emulation(c, out="results/bench", quick=False, backend=None):
 @task(name="robe-proxy",
       help={"connections": "client connections in all (default 1000)",
             "concurrency": "clients at once, also the proxy's --max-connections (default 50)",
-            "abort_pct": "percentage of clients that reset mid-stream (default 20)"})
-def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0):
+            "abort_pct": "percentage of clients that reset mid-stream (default 20)",
+            "strategy": "the proxy's RobE strategy (default sim+ips)"})
+def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0, strategy="sim+ips"):
     """Soak `robe proxy` in a testbed: stays up, threads and descriptors flat, history valid."""
     need_root()
     from invoke.exceptions import Exit
@@ -35,7 +36,7 @@ def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0):
     from testbed.tools.bench.robe_proxy import format_report, run_soak
 
     text, ok = format_report(guard(lambda: run_soak(int(connections), int(concurrency),
-                                                    float(abort_pct))))
+                                                    float(abort_pct), strategy=strategy)))
     print(text)
     if not ok:
         raise Exit("robe proxy soak: a target was missed", code=1)
