@@ -165,6 +165,8 @@ class PathPort:
             data, anc, _flags, _addr = self.rx.recvmsg(262144, 64)
         except BlockingIOError:
             return None
+        except OSError:
+            return None   # the interface went down (a failed link): nothing to read
         verify = True
         for level, kind, cdata in anc:
             if level == SOL_PACKET and kind == PACKET_AUXDATA and len(cdata) >= 4:
