@@ -129,3 +129,12 @@ def test_backup_on_sends_mp_prio_on_an_established_subflow(tb):
     c.close()
     srv.close()
     ls.close()
+
+
+def test_a_change_built_in_code_is_held_to_the_models_ranges_too(tb):
+    before = tb.link_state("wifi")
+    huge = EventSpec(at_s=0, action="set_link", path="wifi",
+                     changes={"rate_mbit": 100_000, "delay_ms": 10_000, "queue_bdp": 100})
+    with pytest.raises(TestbedError, match=r"set_link on 'wifi': queue of \d+ packets .* 1000000"):
+        tb.apply_event(huge)
+    assert tb.link_state("wifi") == before and not tb.applied_events[-1].ok

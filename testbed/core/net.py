@@ -29,15 +29,17 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from mininet.net import Mininet
 from mininet.node import Node
+from pydantic import ValidationError
 from pyroute2 import IPRoute
 
 from testbed.core import addressing as A
 from testbed.core import emulation, faults
-from testbed.core.emulation.base import EmulatedLink
+from testbed.core.emulation.base import Direction, EmulatedLink
 from testbed.core.events import MIDDLEBOXES, AppliedEvent, EventSpec, LinkState
-from testbed.base.errors import TestbedError
+from testbed.base.errors import TestbedError, format_validation_error
 from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.core import mptcp_config
+from testbed.mptcp import pm
 from testbed.base.netns import run_in_netns, start_command, write_sysctl
 from testbed.base.rtnl import RawRtnl
 from testbed.core.emulation.offloads import disable_offloads
@@ -120,6 +122,7 @@ class Testbed:
         self.net: Mininet | None = None
         self._state: RunState | None = None
         self._procs: list[subprocess.Popen] = []
+        self._mptcpd: dict[str, subprocess.Popen] = {}  # node name -> its mptcpd (path_manager = mptcpd)
         self._old_handlers: dict[int, Any] = {}
         self._client_rtnl: RawRtnl | None = None  # hot-path netlink in the client's namespace
         self._client_ifindex: dict[str, int] = {}
@@ -400,20 +403,24 @@ class Testbed:
                 self.not_applied[role if name in (g.client, g.server) else name] = lacks
                 mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)),
                                         add_addr_accepted=min(8, n))
+                if self.settings[role].path_manager == "mptcpd":  # recorded, ended at teardown
+                    self._mptcpd[name] = mptcp_config.start_mptcpd(
+                        node.pid, lambda argv, node=node: self.popen(
+                            node, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         if self.settings["client"].path_manager == "kernel":
             for name in g.nodes("client"):
                 eps = [ep for ep in map(self._client_endpoint, self.all_paths)
                        if ep is not None and self._path_client(ep) == name]
-                mptcp_config.add_endpoints(self._nodes[name].pid, eps)
+                pm.add_endpoints(self._nodes[name].pid, eps)
         if self.settings["server"].path_manager == "kernel":
             primary = g.server_addr
-            eps = [mptcp_config.Endpoint(link.end(g.server).addr, link.end(g.server).ifname,
-                                         tuple(link.spec.server_endpoint), id=link.net)
+            eps = [pm.Endpoint(link.end(g.server).addr, link.end(g.server).ifname,
+                               tuple(link.spec.server_endpoint), id=link.net)
                    for link in g.links_of(g.server)
                    if link.spec.server_endpoint and link.end(g.server).addr != primary]
-            mptcp_config.add_endpoints(self.server.pid, eps)
+            pm.add_endpoints(self.server.pid, eps)
 
-    def _path_client(self, ep: mptcp_config.Endpoint) -> str:
+    def _path_client(self, ep: pm.Endpoint) -> str:
         return next(p.graph.client for p in self.all_paths if p.addr.client == ep.addr)
 
     # ---- queries and helpers -------------------------------------------
@@ -458,6 +465,10 @@ class Testbed:
     def in_ns(self, node: Node, fn: Callable[[], T]) -> T:
         """Run fn() in node's network namespace (sockets created there stay there)."""
         return run_in_netns(node.pid, fn)
+
+    def mptcpd_pids(self) -> dict[str, int]:
+        """PID of the mptcpd started in each host that chose path_manager = 'mptcpd'."""
+        return {name: proc.pid for name, proc in self._mptcpd.items()}
 
     def popen(self, node: Node, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start a process in node's namespace; recorded, and killed at teardown."""
@@ -538,7 +549,7 @@ class Testbed:
         if a == "set_link":
             times = []
             for d in e.directions():
-                params = LinkParams(**{**link.params(d).model_dump(), **e.changes.given()})
+                params = self._changed_params(e, link, d)
                 times.append(self.backend.update(link, d, params))
                 if d == "up":
                     link.up = params
@@ -564,13 +575,27 @@ class Testbed:
             return None
         raise TestbedError(f"unknown event action {a!r}")  # EventSpec lists every action
 
-    def _client_endpoint(self, p: Path) -> mptcp_config.Endpoint | None:
+    @staticmethod
+    def _changed_params(e: EventSpec, link: EmulatedLink, d: Direction) -> LinkParams:
+        """link's parameters in direction d with e's changes, within the model's ranges
+        (scenario events were checked at load; events built in code are checked here)."""
+        try:
+            params = LinkParams(**{**link.params(d).model_dump(), **e.changes.given()})
+            params.check_queue(params.delay_ms + link.params("down" if d == "up" else "up").delay_ms,
+                               link.mtu)
+        except ValidationError as exc:
+            raise TestbedError(format_validation_error(f"set_link on {e.path!r}", exc)) from None
+        except ValueError as exc:
+            raise TestbedError(f"set_link on {e.path!r}: {exc}") from None
+        return params
+
+    def _client_endpoint(self, p: Path) -> pm.Endpoint | None:
         """The client's kernel-PM endpoint on path p as built (none on the default path)."""
         default = self.graph.default_links[p.graph.client]
         if p.name == default or not (p.spec.client_endpoint or p.spec.backup):
             return None
         flags = (*p.spec.client_endpoint, *(("backup",) if p.spec.backup else ()))
-        return mptcp_config.Endpoint(p.addr.client, p.client_if, flags, id=p.index)
+        return pm.Endpoint(p.addr.client, p.client_if, flags, id=p.index)
 
     def _set_carrier(self, name: str, up: bool) -> None:
         """Link down/up: the client's interface of the path goes down (carrier
@@ -638,7 +663,8 @@ class Testbed:
                       for p in self.all_paths],
             "graph": self.graph.describe(),
             "hosts": {role: {**mptcp_config.snapshot(node.pid),
-                             "not_applied": self.not_applied.get(role, {})}
+                             "not_applied": self.not_applied.get(role, {}),
+                             "mptcpd": mptcp_config.mptcpd_info(self._mptcpd.get(node.name))}
                       for role, node in (("client", self.client), ("server", self.server))},
             "congestion_control": {r: s.congestion_control for r, s in self.settings.items()},
         }
