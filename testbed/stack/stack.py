@@ -74,7 +74,6 @@ class Listener:
         self.backlog = backlog
         self.checksum = checksum
         self.ready: list[Connection] = []
-        self.pending = 0
         self.cond = threading.Condition(stack.lock)
         self.closed = False
 
@@ -236,7 +235,6 @@ class Stack:
         """A server connection got established: hand it to its listener's accept()."""
         for lst in self.listeners.values():
             if conn.accept_queue is lst.ready:
-                lst.pending = max(0, lst.pending - 1)
                 lst.cond.notify_all()
 
     def log(self, msg: str) -> None:
@@ -305,7 +303,12 @@ class Stack:
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
         conn.wait_established(timeout)
         for addr in (paths or [])[1:]:
-            conn.add_subflow(addr, backup=addr in (backup or []), timeout=timeout)
+            try:
+                conn.add_subflow(addr, backup=addr in (backup or []), timeout=timeout)
+            except StackError as exc:
+                # The connection works without this path; the failure is in the
+                # event stream (sf_closed) and the log, like a kernel PM's join.
+                self.log(f"join from {addr}: {exc}")
         return conn
 
     def listen(self, port: int, backlog: int = 64, checksum: bool | None = None) -> Listener:
@@ -407,11 +410,11 @@ class Stack:
             sf.remote_nonce = join.nonce
             sf.local_nonce = crypto.new_nonce()
         else:
-            if lst.pending >= lst.backlog:
+            half_open = sum(1 for c in self.connections if c.accept_queue is lst.ready and c.state == "SYN_RCVD")
+            if half_open + len(lst.ready) >= lst.backlog:
                 return  # SYN queue full: drop, the peer retries
             conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc)
             conn.accept_queue = lst.ready
-            lst.pending += 1
             self.connections.add(conn)
             sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=False, active=False, cc=conn.cc)
         sf.learn_syn(seg)
