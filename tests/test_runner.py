@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, assert_one_line_error, run_tb
 from testbed.core.net import NAMESPACE_SYSCTLS
+from testbed.core.state import STATE_DIR
 from testbed.harness import scenario as sc
 from testbed.harness.runner import sweep
 
@@ -104,6 +105,17 @@ KILLABLE = textwrap.dedent("""
 """)
 
 
+def testbed_of(pid: int) -> Path | None:
+    """The state file of the testbed process pid holds up, if any."""
+    for f in STATE_DIR.glob("*.json"):
+        try:
+            if json.loads(f.read_text())["owner"][0] == pid:
+                return f
+        except (OSError, ValueError, KeyError):
+            pass  # being replaced, or another writer's
+    return None
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_sweep_killed_with_sigkill_resumes_each_run_exactly_once(tmp_path):
@@ -111,18 +123,24 @@ def test_sweep_killed_with_sigkill_resumes_each_run_exactly_once(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(scenario), str(out)], cwd=ROOT)
     deadline = time.time() + 90
-    # Kill while the second run is being written (a .tmp- directory exists).
+    # Kill mid-run: a run is stored, the next one is being written (a .tmp-
+    # directory exists) and its testbed is up (a state file of this runner).
     while time.time() < deadline:
         done = list((out / "throughput").glob("*-r*/manifest.json")) if out.exists() else []
         partial = list((out / "throughput").glob(".tmp-*")) if out.exists() else []
-        if done and partial:
+        if done and partial and testbed_of(proc.pid) is not None:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
+    else:
+        pytest.fail("never caught the runner mid-run")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
-    assert run_tb("clean").returncode == 0  # the killed runner's namespaces and processes
+    stored = len(list((out / "throughput").glob("*-r*/manifest.json")))
+    assert list((out / "throughput").glob(".tmp-*")), "the kill did not land mid-run"
+    res = run_tb("clean")  # the killed runner's namespaces and processes
+    assert res.returncode == 0 and "removed 1 crashed run" in res.stdout, res.stdout + res.stderr
     summary = sweep(sc.load(scenario), out, progress=False)
-    assert summary.skipped >= 1
+    assert summary.skipped == stored and summary.done == {"complete": 4 - stored}
     run_dirs = [d for d in (out / "throughput").iterdir()]
     assert not [d for d in run_dirs if d.name.startswith(".tmp-")], "half-written run left"
     ids = sorted(d.name for d in run_dirs)
