@@ -528,3 +528,28 @@ def test_kernel_fastclose_resets_the_user_connection(pair):
             while conn.recv(100, timeout=5):
                 pass
         assert mib(pair, pair.b, "MPTcpExtMPFastcloseTx") == 1
+
+
+def test_cli_send_to_cli_listen_over_two_paths(pair):
+    import json
+    import sys
+    cmd = [sys.executable, "-m", "testbed.stack"]
+    server = subprocess.Popen(cmd + ["--netns", str(pair.b), "--timeout", "10", "listen", "7000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)   # listening before the SYN: otherwise the kernel of B resets it
+        client = subprocess.run(cmd + ["--netns", str(pair.a), "send", "10.0.0.2", "7000", "--bytes", "2M",
+                                       "--paths", ",".join(A_ADDRS)], capture_output=True, text=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    sent, got = json.loads(client.stdout), json.loads(out)
+    assert sent["bytes"] == got["bytes"] == 2_000_000 and sent["sha256"] == got["sha256"]
+    assert len(sent["info"]["subflows"] + sent["info"]["closed_subflows"]) == 2
+    bad = subprocess.run(cmd + ["--netns", str(pair.a), "send", "10.0.0.2", "7001"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: connection refused (RST)"

@@ -5,3 +5,10 @@ packet (IPv4/TCP codec), attach (getting packets in and out of a namespace
 without the kernel's TCP answering), tcp (one subflow), mptcp (the connection
 and the stack's API). Imports only the standard library.
 """
+
+from testbed.stack.attach import AttachError
+from testbed.stack.connection import Connection, ConnectionInfo, Event, StackError, SubflowInfo
+from testbed.stack.stack import Listener, Stack
+
+__all__ = ["Stack", "Listener", "Connection", "ConnectionInfo", "SubflowInfo", "Event", "StackError",
+           "AttachError"]
