@@ -164,11 +164,12 @@ def _norm(value) -> int | str:
         return text.lower()
 
 
-def check_capture(path: str | Path, sent: list, src_addrs: set[str] | None = None) -> list[str]:
+def check_capture(path: str | Path, sent: list, src_addrs: set[str] | None = None,
+                  data_ports: set[int] | frozenset = frozenset()) -> list[str]:
     """Problems found in a capture: malformed or expert-error packets, and any
     packet of the stack (matched to `sent` by addresses, ports, seq, ack, length,
     flags and TSval) whose dissected MPTCP fields differ from what it meant to send."""
-    ports = {p for s in sent for p in (s.segment.sport, s.segment.dport)}
+    ports = {p for s in sent for p in (s.segment.sport, s.segment.dport)} | set(data_ports)
     rows = dissect(path, MATCH_FIELDS + MPTCP_FIELDS, display_filter="tcp", data_ports=ports)
     problems = []
     by_key: dict[tuple, list[Dissected]] = {}
