@@ -220,6 +220,11 @@ def attach_compare(packets: int = 20000) -> list[AttachResult]:
     for method, reflector, dst in (("af_packet+nft", _afpacket_reflector, "10.0.0.1"),
                                    ("tun", _tun_reflector, "10.9.0.1")):
         with NamespacePair() as pair:
+            # B's kernel would answer every reflected segment with a RST, which the
+            # reflector would bounce back: a storm. The probe's raw socket still sees all.
+            pair.sh(pair.b, "nft add table ip mptb_bench && nft add chain ip mptb_bench out "
+                            "'{ type filter hook output priority 0; }' && "
+                            "nft add rule ip mptb_bench out tcp flags rst drop")
             stop, ready = threading.Event(), threading.Event()
             t = threading.Thread(target=reflector, args=(pair, stop, ready), daemon=True)
             t.start()
