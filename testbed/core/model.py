@@ -260,7 +260,9 @@ class HostSettings(FrozenStrict):
     """
 
     enabled: Literal[0, 1] = 1
-    path_manager: Literal["kernel", "userspace"] = "kernel"
+    path_manager: Literal["kernel", "userspace", "mptcpd"] = Field(
+        "kernel", description="mptcpd: the in-kernel path manager with its endpoints made by "
+        "Debian's mptcpd daemon (addr_adv plugin), run in the host's namespace")
     blackhole_timeout: int = Field(0, ge=0, le=INT_MAX)
     syn_retrans_before_tcp_fallback: int = Field(2, ge=0, le=255)
     stale_loss_cnt: int = Field(4, ge=1, le=INT_MAX)
@@ -275,4 +277,7 @@ class HostSettings(FrozenStrict):
 
     def sysctls(self) -> dict[str, str | int]:
         skip = {"congestion_control"}
-        return {f"net.mptcp.{k}": v for k, v in self.model_dump().items() if k not in skip}
+        out = {f"net.mptcp.{k}": v for k, v in self.model_dump().items() if k not in skip}
+        if self.path_manager == "mptcpd":  # mptcpd drives the in-kernel PM
+            out["net.mptcp.path_manager"] = "kernel"
+        return out

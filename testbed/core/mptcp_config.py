@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from pyroute2 import MPTCP, IPRoute
 
@@ -76,6 +80,61 @@ ABSENT_MEANS = {
     "net.mptcp.scheduler": "absent (< 6.6): the one built-in scheduler, same as 'default'",
     "net.mptcp.close_timeout": "absent (< 6.8): fixed 60 s, same as the default",
 }
+
+
+MPTCPD = "/usr/libexec/mptcpd"  # Debian's path (package mptcpd)
+MPTCPD_READY_S = 10.0
+
+
+def mptcpd_argv() -> list[str]:
+    """mptcpd as the testbed runs it: the addr_adv plugin makes a `subflow`
+    endpoint of every address already there and of each new one, logs to stderr."""
+    return [MPTCPD, "--path-manager=addr_adv", "--addr-flags=subflow",
+            "--notify-flags=existing,skip_link_local,skip_loopback", "--log=stderr"]
+
+
+def start_mptcpd(pid: int, spawn: Callable[[list[str]], subprocess.Popen]) -> subprocess.Popen:
+    """Start mptcpd through `spawn` (which runs it in the namespace of `pid`
+    and owns it) and wait until it made an endpoint for each of the
+    namespace's IPv4 addresses; one-line TestbedError otherwise."""
+    if not os.access(MPTCPD, os.X_OK):
+        raise TestbedError(f"path_manager = 'mptcpd': mptcpd is not installed ({MPTCPD}; "
+                           "apt-get install mptcpd, with its system service masked)")
+    proc = spawn(mptcpd_argv())
+    wanted = set(run_in_netns(pid, _ipv4_addresses))
+    deadline = time.monotonic() + MPTCPD_READY_S
+    while True:
+        missing = wanted - {e.addr for e in pm.endpoints(pid)}
+        if not missing:
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = (f"exited with {proc.returncode}" if proc.poll() is not None
+                   else f"made none within {MPTCPD_READY_S:g} s")
+            raise TestbedError(f"mptcpd {why}: no endpoint for {', '.join(sorted(missing))}")
+        time.sleep(0.05)
+
+
+def mptcpd_info(proc: subprocess.Popen | None) -> dict | None:
+    """What the manifest records of a host's mptcpd (None without one)."""
+    if proc is None:
+        return None
+    return {"pid": proc.pid, "argv": mptcpd_argv(), "version": _mptcpd_version()}
+
+
+def _mptcpd_version() -> str | None:
+    try:
+        out = subprocess.run([MPTCPD, "--version"], capture_output=True, text=True, timeout=5)
+        return (out.stdout or out.stderr).strip().splitlines()[0] or None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def _ipv4_addresses() -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
+                if not a.get_attr("IFA_ADDRESS").startswith("127.")]
 
 
 def available_schedulers() -> list[str]:
