@@ -137,15 +137,17 @@ def test_two_workers_one_killed_mid_run_every_run_stored_once(tmp_path):
         while killed is None and time.monotonic() < deadline and sweep.poll() is None:
             for name, proc in cluster.workers.items():
                 runs = [c for c in _children(proc.pid) if "execute" in _cmdline(c)]
-                if runs:
-                    time.sleep(1.0)  # well inside the run: the testbed is up
+                if runs and _children(runs[0]):  # well inside the run: the testbed's nodes exist
+                    time.sleep(0.5)
                     child, argv = runs[0], _cmdline(runs[0])
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait()
                     killed = (name, argv[argv.index("execute") + 3], Path(argv[argv.index("execute") + 1]))
                     break
             time.sleep(0.05)
-        assert killed is not None, "no worker was seen running a run"
+        if killed is None:
+            sweep.kill()
+            pytest.fail(f"no worker was seen running a run; the sweep said: {sweep.communicate()[0][-3000:]}")
         out, _ = sweep.communicate(timeout=400)
         assert sweep.returncode == 0, out
         # The run's child went with its worker, and took its scratch store with it.

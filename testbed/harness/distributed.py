@@ -204,7 +204,9 @@ def execute_on_worker(spec_pickle: bytes) -> RunFiles:
 
     spec: RunSpec = pickle.loads(spec_pickle)
     worker = str(get_worker().name)
-    scratch = Path(tempfile.mkdtemp(prefix="mptb-worker-"))
+    # Created by the child once its SIGTERM handler is in place, so a worker
+    # killed at any moment leaves no scratch store behind.
+    scratch = Path(tempfile.gettempdir()) / f"mptb-worker-{uuid.uuid4().hex}"
     try:
         argv = [sys.executable, "-m", "testbed.harness.distributed", "execute", str(scratch),
                 worker, spec.run_id]
@@ -242,10 +244,17 @@ def _child_main(scratch: str, worker: str) -> int:
     """`python -m testbed.harness.distributed execute SCRATCH WORKER RUN_ID`: one run into SCRATCH."""
     from testbed.harness.runner import run_one
 
+    # SIGTERM (also from PR_SET_PDEATHSIG) unwinds like the testbed's own handler
+    # does, before and after the testbed exists, so the scratch store goes too.
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
     if os.getppid() == 1:
         return 1  # the worker died before PR_SET_PDEATHSIG took effect
-    spec: RunSpec = pickle.loads(sys.stdin.buffer.read())
     try:
+        Path(scratch).mkdir(mode=0o700)
+        spec: RunSpec = pickle.loads(sys.stdin.buffer.read())
         run_dir = run_one(spec, Path(scratch))
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)  # the worker may be gone: nobody else will
