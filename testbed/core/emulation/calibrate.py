@@ -252,10 +252,13 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
 # ---- the emulator during a run ---------------------------------------------------
 # Stated tolerance, per link and direction, over the whole run: at most
 # LATE_FRACTION_MAX of the forwarded packets may leave more than 1 ms after
-# their deadline (the forwarder's late_1ms counter), and no packet may be
-# dropped for a reason the scenario did not configure (the configured ones are
-# loss, the bottleneck queue and blackholes).
+# their deadline (the forwarder's late_1ms counter; up to LATE_PACKETS_FREE are
+# always accepted, so one scheduling hiccup does not void a run of a few
+# hundred packets), and no packet may be dropped for a reason the scenario did
+# not configure (the configured ones are loss, the bottleneck queue and
+# blackholes). Measured on this machine: ordinary runs stay below 0.06 %.
 LATE_FRACTION_MAX = 0.001
+LATE_PACKETS_FREE = 10
 UNCONFIGURED_DROPS = {
     "drop_rcvbuf": "dropped by the kernel before the forwarder read them",
     "drop_sndbuf": "refused by the egress socket buffer",
@@ -277,7 +280,7 @@ def judge_run(before: dict[str, dict[str, Any]] | None,
     """The counters' growth over a run against the stated tolerance; JSON-able,
     with `valid` and a `reason` naming each measured value and its bound."""
     tolerance = {"late_ms": 1.0, "late_fraction_max": LATE_FRACTION_MAX,
-                 "unconfigured_drops_max": 0}
+                 "late_packets_free": LATE_PACKETS_FREE, "unconfigured_drops_max": 0}
     if before is None or after is None:
         return {"valid": True, "judged": False, "reason": None, "tolerance": tolerance,
                 "why": "the backend reports no per-packet counters"}
@@ -293,7 +296,7 @@ def judge_run(before: dict[str, dict[str, Any]] | None,
             late_fraction = delta["late_1ms"] / delta["tx"] if delta["tx"] else 0.0
             links.setdefault(name, {})[d] = {**delta, "late_fraction": late_fraction,
                                              "late_max_us_since_start": e.get("late_max_us")}
-            if late_fraction > LATE_FRACTION_MAX:
+            if late_fraction > LATE_FRACTION_MAX and delta["late_1ms"] > LATE_PACKETS_FREE:
                 problems.append(f"{name} {d}: {delta['late_1ms']} of {delta['tx']} packets "
                                 f"({late_fraction:.2%}) left more than 1 ms late (max "
                                 f"{(e.get('late_max_us') or 0) / 1000:.1f} ms), bound "
