@@ -4,6 +4,7 @@
     ./tb bench.robe-proxy [--connections 1000] [--concurrency 50] [--abort-pct 20]
     ./tb bench.capacity [--seconds 3]
     ./tb bench.distributed [--reps 1]
+    ./tb bench.chaos [--runs 200] [--interrupts 20] [--out DIR]
 """
 from __future__ import annotations
 
@@ -65,8 +66,28 @@ def capacity(c, seconds=3.0):
     print(guard(lambda: run(float(seconds))))
 
 
+@task(help={"runs": "runs in the sweep (default 200)",
+            "interrupts": "attempts killed at a random moment (default runs/10)",
+            "seed": "seed of the moments and signals (default 1)",
+            "out": "a new directory for the scenario, store and chaos.json"})
+def chaos(c, runs=200, interrupts=None, seed=1, out="results/bench-chaos"):
+    """A sweep hit by kill -9, SIGINT and SIGTERM, each followed by clean and a resume:
+    every run stored once, nothing leaked, host sysctls unchanged."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.tools.bench.chaos import run_chaos
+
+    result = guard(lambda: run_chaos(int(runs), None if interrupts is None else int(interrupts),
+                                     int(seed), out))
+    print(result.render())
+    if not result.ok():
+        raise Exit("bench.chaos: a target was missed", code=1)
+
+
 ns = Collection("bench")
 ns.add_task(emulation)
 ns.add_task(robe_proxy)
 ns.add_task(capacity)
 ns.add_task(distributed)
+ns.add_task(chaos)
