@@ -1,6 +1,7 @@
 """The expectation table: what the drafts and physics say, what was measured, agreement.
 
 Rows come from draft-amend-tcpm-mptcp-robe-02 Table 1 and its combinations, RFC 8684,
+RFC 6356's three goals of coupled congestion control (fairness runs),
 the physical limits (one RTT of the fastest working path, the Linux SYN schedule,
 Σ rates) and this testbed's own targets (setup within 5 ms of the bound, the
 kernel's simult_flows selftest bound of 90 % of Σ rates, failover integrity).
@@ -163,6 +164,52 @@ def _failover_rows(res: Results) -> list[Row]:
     return rows
 
 
+RFC6356 = "RFC 6356, section 2.1"
+UNCOUPLED = "the user-space stack has no coupled congestion control yet"
+
+
+def _fairness_rows(res: Results) -> list[Row]:
+    """RFC 6356's three goals, judged on the fairness runs; the user-space
+    stack's LIA and OLIA rows stay "not measured" until it has them."""
+    runs = res.of("fairness")
+    need = {"metric.shared_bottleneck", "metric.mptcp_share_ratio", "metric.jain_index",
+            "metric.mptcp_goodput_mbit", "metric.tcp_max_goodput_mbit"}
+    goals = [("do no harm", "shared bottleneck",
+              "takes no more than one TCP flow's share, 1/(M+1)", "median share / (1/(M+1)) ≤ 1.1"),
+             ("improve throughput", "disjoint paths",
+              "at least what a TCP flow gets on the best path", "median MPTCP / best TCP goodput ≥ 0.9"),
+             ("balance congestion", "disjoint paths",
+              "moves traffic off the congested path: all flows near equal", "median Jain's index ≥ 0.95")]
+    rows: list[Row] = []
+    if runs.empty or not need <= set(runs.columns):
+        why = "not measured (no complete runs of fairness with its metrics)"
+        rows += [Row(RFC6356, "kernel MPTCP", f"{c} ({g})", e, k, why, NOT_MEASURED) for g, c, e, k in goals]
+    else:
+        shared = runs["metric.shared_bottleneck"].astype("boolean").fillna(False)
+        sh, dj = runs[shared], runs[~shared]
+        ratio = sh["metric.mptcp_share_ratio"].astype("float64")
+        best = (dj["metric.mptcp_goodput_mbit"].astype("float64")
+                / dj["metric.tcp_max_goodput_mbit"].astype("float64"))
+        jain = dj["metric.jain_index"].astype("float64")
+        checks = [(ratio, lambda x: x <= 1.1), (best, lambda x: x >= 0.9), (jain, lambda x: x >= 0.95)]
+        for (g, c, e, k), (vals, ok) in zip(goals, checks):
+            ci = bootstrap_ci(vals) if vals.notna().any() else None
+            if ci is None or ci.n == 0:
+                rows.append(Row(RFC6356, "kernel MPTCP", f"{c} ({g})", e, k,
+                                f"not measured (no complete {c} runs)", NOT_MEASURED))
+                continue
+            measured = f"median {ci.estimate:.2f}" + (
+                f" [{ci.low:.2f}, {ci.high:.2f}]" if np.isfinite(ci.low) else "") + f" (n={ci.n})"
+            rows.append(Row(RFC6356, "kernel MPTCP", f"{c} ({g})", e, k, measured,
+                            HOLDS if ok(ci.estimate) else FAILS))
+    for cc in ("LIA", "OLIA"):
+        rows.append(Row(RFC6356 if cc == "LIA" else "RFC 6356 goals, OLIA (Khalili et al.)",
+                        f"user-space stack, {cc}", "shared bottleneck and disjoint paths",
+                        "do no harm, improve throughput, balance congestion", "as for kernel MPTCP",
+                        f"not measured ({UNCOUPLED})", NOT_MEASURED))
+    return rows
+
+
 def table(res: Results) -> pd.DataFrame:
     E = Establishment(res)
     rows = _establishment_rows(E)
@@ -190,5 +237,6 @@ def table(res: Results) -> pd.DataFrame:
         lambda: setup_matches(E, "slow_default", "ips", "fastest"))
     rows += _throughput_rows(res)
     rows += _failover_rows(res)
+    rows += _fairness_rows(res)
     out = pd.DataFrame([asdict(r) for r in rows])
     return out.fillna("n/a").replace("", "n/a")

@@ -21,10 +21,10 @@ from jinja2 import Environment, select_autoescape
 
 from analysis import Results, ResultsError, load
 from analysis import expectations
-from analysis.figures import Section, emulation, establishment, failover, save, throughput
+from analysis.figures import Section, emulation, establishment, failover, fairness, save, throughput
 from testbed.base.safefs import open_for_write, write_file
 
-FAMILIES = (establishment, failover, throughput)
+FAMILIES = (establishment, failover, throughput, fairness)
 
 
 def _distinct(values: Iterable[Any]) -> str:

@@ -60,6 +60,13 @@ def shared_capacity_mbit(tb) -> float:
     return float(sum(r for r in rates if r))
 
 
+def paths_share_a_link(tb) -> bool:
+    """Whether the first client's paths cross a common emulated link."""
+    g = tb.graph
+    sets = [{n for n in p.links[1:] if g.link(n).spec.emulated} for p in g.paths_of(g.client)]
+    return bool(set.intersection(*sets)) if len(sets) > 1 else False
+
+
 @register
 class Fairness(Experiment):
     name = "fairness"
@@ -103,7 +110,8 @@ class Fairness(Experiment):
             "total_goodput_mbit": total, "jain_index": jain(list(df["goodput_mbit"])),
             "mptcp_share": float(mptcp["share"]), "fair_share": fair,
             "mptcp_share_ratio": float(mptcp["share"]) / fair,
-            "shared_capacity_mbit": capacity,
+            "shared_capacity_mbit": capacity, "shared_bottleneck": paths_share_a_link(tb),
+            "tcp_max_goodput_mbit": float(df["goodput_mbit"].iloc[1:].max()) if hosts else None,
             "utilisation": total / capacity if capacity else None,
             **{f"goodput.{r.flow}": r.goodput_mbit for r in df.itertuples()},
             **{f"share.{r.flow}": r.share for r in df.itertuples()},

@@ -35,6 +35,14 @@ repetitions = 1
 calibrate = false
 params = {{ seconds = 4 }}
 grid = {{ "topology.params.rates" = [[10, 10]] }}
+
+[[scenario]]
+file = "{ROOT}/experiments/fairness.toml"
+[scenario.quick]
+repetitions = 1
+calibrate = false
+params = {{ seconds = 6, warmup_s = 2 }}
+grid = {{ "topology.params.m" = [1] }}
 """
 
 
@@ -50,7 +58,7 @@ def test_tiny_paper_run_builds_a_complete_report(tmp_path):
 
     index = build_report(results, tmp_path / "report")
     html = index.read_text()
-    for section in ("Provenance", "Expected", "stablishment", "ailover", "hroughput"):
+    for section in ("Provenance", "Expected", "stablishment", "ailover", "hroughput", "airness"):
         assert section in html, section
     with open(tmp_path / "report" / "expectations.csv") as f:
         rows = list(csv.DictReader(f))
@@ -80,11 +88,12 @@ def test_paper_campaign_is_data_with_the_runs_it_always_had():
 
     plan = paper.load()
     files = [e.file for e in plan.scenario]
-    assert files == ["robe-establishment.toml", "failover.toml", "failover-mpprio.toml", "throughput.toml"]
+    assert files == ["robe-establishment.toml", "failover.toml", "failover-mpprio.toml", "throughput.toml",
+                     "fairness.toml"]
     runs = {q: sum(len(sc.expand(s)) for s in plan.scenarios(q)) for q in (True, False)}
-    assert runs == {True: 84, False: 760}
+    assert runs == {True: 88, False: 772}
     quick = plan.scenarios(True)
-    assert [s.repetitions for s in quick] == [2, 1, 1, 1]
+    assert [s.repetitions for s in quick] == [2, 1, 1, 1, 1]
     assert quick[3].params == {"seconds": 6} and quick[3].grid["topology.params.delays"] == [[0, 0], [25, 1]]
 
 
