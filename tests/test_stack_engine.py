@@ -205,3 +205,25 @@ def test_syn_without_answer_fails_after_retries():
     w.filter = lambda direction, seg: None if seg.flags & SYN else seg
     w.pump()
     assert w.client.state == "CLOSED" and w.client.error == "no answer to SYN"
+
+
+def test_a_full_receive_window_stops_the_sender_until_the_application_reads():
+    from testbed.stack.connection import RCVBUF
+    w = Wire()
+    data = os.urandom(3 * RCVBUF)
+    w.pump(until=lambda: w.server is not None and w.server.state == "ESTABLISHED")
+    w.client.tx += data
+    w.client.tx_closed = True
+    w.client.push()
+    w.pump()
+    # nobody read: the sender stopped at the advertised window, not beyond
+    assert len(w.server.rx) <= RCVBUF
+    assert w.client.snd_nxt - w.client.snd_una <= RCVBUF
+    got = bytearray()
+    for _ in range(1000):
+        if w.server.rx:
+            got += w.server.recv(1 << 20, timeout=0.01)   # the window update goes out with the next pump
+        w.pump()
+        if w.server.eof and not w.server.rx:
+            break
+    assert bytes(got) == data
