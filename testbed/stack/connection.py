@@ -349,6 +349,8 @@ class Connection:
         for old in sf.rx_maps:
             if old.ssn == m.ssn:
                 return
+        if len(sf.rx_maps) >= 4096:
+            del sf.rx_maps[0]   # mappings without data: bound the table, not the peer's luck
         sf.rx_maps.append(m)
         if sf.unmapped:
             pending, sf.unmapped = sf.unmapped, []
@@ -391,6 +393,8 @@ class Connection:
         if end <= self.rcv_nxt:
             return
         if dsn > self.rcv_nxt:
+            if end > self.rcv_nxt + RCVBUF:
+                return   # beyond anything we advertised: a broken or hostile peer
             old = self.rx_ooo.get(dsn)
             if old is None or len(old) < len(data):
                 self.rx_ooo[dsn] = data
