@@ -26,6 +26,7 @@ reachable from (or routed to) the machine's real network.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the model imports this module from TopologySpec.graph()
     from testbed.core.model import LinkSpec, PathSpec, TopologySpec
 
-SERVER_NET = "10.100.0"
-SERVER_NET_INDEX = 100  # the shorthand's router-server segment
+SERVER_NET_INDEX = 100  # the shorthand's router-server segment: 10.100.0.0/24
 TABLE_BASE = 100  # policy routing table of the interface on link net i is TABLE_BASE + i
 RULE_BASE = 1000  # its rule's priority is RULE_BASE + i
 PREFIX = 24
@@ -366,13 +366,14 @@ def _route_to(target: BuiltLink, links: list[BuiltLink], routers: set[str],
 def _next_link(node: str, addr: str, links: list[BuiltLink], routes: dict[str, list[Route]]
                ) -> BuiltLink | None:
     """The link `node` sends a packet for `addr` out on (connected or routed)."""
-    for link in links:
-        if node in (link.a.node, link.b.node) and addr.startswith(f"10.{link.net}.0."):
+    ip = ipaddress.ip_address(addr)
+    mine = [link for link in links if node in (link.a.node, link.b.node)]
+    for link in mine:
+        if ip in ipaddress.ip_network(link.subnet):
             return link
     for r in routes[node]:
-        if r.table is None and r.dst != "0.0.0.0/0" and addr.startswith(r.dst.rsplit(".", 2)[0] + "."):
-            return next(link for link in links if link.end(node).ifname == r.dev
-                        and node in (link.a.node, link.b.node))
+        if r.table is None and r.dst != "0.0.0.0/0" and ip in ipaddress.ip_network(r.dst):
+            return next(link for link in mine if link.end(node).ifname == r.dev)
     return None
 
 
@@ -420,7 +421,3 @@ def _server_address(server: str, server_links: list[BuiltLink], default_links: d
     name = primary_link or default_links.get(server) or server_links[0].name
     return next(link for link in server_links if link.name == name).end(server).addr
 
-
-# The shorthand's router-server segment, by name (kept for callers of the old plan).
-ROUTER_SERVER_SIDE = f"{SERVER_NET}.1"
-SERVER = f"{SERVER_NET}.2"
