@@ -5,17 +5,15 @@ import os
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-from pyroute2 import MPTCP, IPRoute
+from pyroute2 import MPTCP
 
 from testbed.base.errors import TestbedError
 from testbed.core.model import HostSettings
 from testbed.mptcp import pm
 from testbed.base.netns import read_sysctl, run_in_netns, write_sysctl
 
-FLAG_BITS = {"signal": 0x1, "subflow": 0x2, "backup": 0x4, "fullmesh": 0x8}
 # Recorded with every run in addition to the MPTCP ones: they shape SYN timing.
 RECORDED_TCP_SYSCTLS = [
     "net.ipv4.tcp_syn_retries",
@@ -23,14 +21,6 @@ RECORDED_TCP_SYSCTLS = [
     "net.ipv4.tcp_congestion_control",
     "net.ipv4.tcp_no_metrics_save",
 ]
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    addr: str
-    ifname: str
-    flags: tuple[str, ...]
-    id: int
 
 
 def apply_settings(pid: int, settings: HostSettings) -> dict[str, str]:
@@ -159,26 +149,11 @@ def set_limits(pid: int, subflows: int, add_addr_accepted: int) -> None:
     run_in_netns(pid, apply)
 
 
-def add_endpoints(pid: int, endpoints: list[Endpoint]) -> None:
-    def apply() -> None:
-        with IPRoute() as ipr, MPTCP() as m:
-            for ep in endpoints:
-                flags = 0
-                for f in ep.flags:
-                    flags |= FLAG_BITS[f]
-                ifidx = ipr.link_lookup(ifname=ep.ifname)[0]
-                # pyroute2 encodes IF_IDX as raw bytes ("hex"), hence the packing.
-                m.endpoint("add", addr=ep.addr, id=ep.id, flags=flags,
-                           if_idx=ifidx.to_bytes(4, "little", signed=True))
-
-    run_in_netns(pid, apply)
-
-
-def set_backup(pid: int, endpoint: Endpoint, backup: bool) -> None:
-    """Set or clear the backup flag of an endpoint added by add_endpoints (MP_PRIO
+def set_backup(pid: int, endpoint: pm.Endpoint, backup: bool) -> None:
+    """Set or clear the backup flag of an endpoint added by pm.add_endpoints (MP_PRIO
     on its established subflows); its other flags stay as they are."""
     flags = {f for f in endpoint.flags if f != "backup"} | ({"backup"} if backup else set())
-    pm.set_endpoint_flags(pid, endpoint.addr, endpoint.id, sum(FLAG_BITS[f] for f in flags))
+    pm.set_endpoint_flags(pid, endpoint.addr, endpoint.id, pm.flag_bits(flags))
 
 
 def snapshot(pid: int) -> dict:
@@ -193,18 +168,11 @@ def snapshot(pid: int) -> dict:
         except FileNotFoundError:
             values[name] = None  # sysctl absent on this kernel: recorded as such
 
-    def pm() -> dict:
+    def limits() -> dict:
         with MPTCP() as m:
-            limits = dict(m.limits("show")[0]["attrs"])
-            eps = []
-            for e in m.endpoint("show"):
-                a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
-                eps.append({"id": a.get("MPTCP_PM_ADDR_ATTR_ID"),
-                            "addr": a.get("MPTCP_PM_ADDR_ATTR_ADDR4"),
-                            "flags": [n for n, b in FLAG_BITS.items()
-                                      if a.get("MPTCP_PM_ADDR_ATTR_FLAGS", 0) & b]})
-        return {"subflows": limits.get("MPTCP_PM_ATTR_SUBFLOWS"),
-                "add_addr_accepted": limits.get("MPTCP_PM_ATTR_RCV_ADD_ADDRS"),
-                "endpoints": eps}
+            return dict(m.limits("show")[0]["attrs"])
 
-    return {"sysctls": values, **run_in_netns(pid, pm)}
+    lim = run_in_netns(pid, limits)
+    eps = [{"id": e.id, "addr": e.addr, "flags": list(e.flags)} for e in pm.endpoints(pid)]
+    return {"sysctls": values, "subflows": lim.get("MPTCP_PM_ATTR_SUBFLOWS"),
+            "add_addr_accepted": lim.get("MPTCP_PM_ATTR_RCV_ADD_ADDRS"), "endpoints": eps}

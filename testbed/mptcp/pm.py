@@ -35,14 +35,14 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
 from testbed.base.errors import TestbedError
-from testbed.base.netns import ns_path, run_in_netns, setns_current_thread
+from testbed.base.netns import ns_path, run_in_netns, run_in_netns_file, setns_current_thread
 
 FAMILY = "mptcp_pm"
 EVENTS_GROUP = "mptcp_pm_events"
@@ -56,6 +56,10 @@ EVENTS = {1: "created", 2: "established", 3: "closed", 6: "announced", 7: "remov
           10: "sub_established", 11: "sub_closed", 13: "sub_priority",
           15: "listener_created", 16: "listener_closed"}
 ADDR_FLAGS = {"signal": 1, "subflow": 2, "backup": 4, "fullmesh": 8, "implicit": 16}
+T = TypeVar("T")
+# Where a command runs: a process's namespace (pid), one named by a file, or
+# None for the calling thread's own.
+Namespace = int | str | None
 
 
 class pm_cmd_msg(genlmsg):
@@ -293,7 +297,13 @@ def _addr(addr: str, id: int | None = None, port: int | None = None, flags: int 
     return {"attrs": attrs}
 
 
-def _request(pid: int, command: str, attrs: list[tuple[str, Any]]) -> None:
+def _in_ns(ns: Namespace, fn: Callable[[], T]) -> T:
+    if ns is None:
+        return fn()
+    return run_in_netns(ns, fn) if isinstance(ns, int) else run_in_netns_file(ns, fn)
+
+
+def _request(ns: Namespace, command: str, attrs: list[tuple[str, Any]]) -> None:
     msg = pm_cmd_msg()
     msg["cmd"] = CMD[command]
     msg["version"] = VERSION
@@ -309,7 +319,7 @@ def _request(pid: int, command: str, attrs: list[tuple[str, Any]]) -> None:
             tuple(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
 
     try:
-        run_in_netns(pid, send)
+        _in_ns(ns, send)
     except NetlinkError as exc:
         # The kernel's extended-ack text, when it sent one, names the problem.
         said = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else ""
@@ -318,12 +328,82 @@ def _request(pid: int, command: str, attrs: list[tuple[str, Any]]) -> None:
         raise PMError(command, exc.code, hint) from None
 
 
-def set_endpoint_flags(pid: int, addr: str, id: int, flags: int) -> None:
-    """In-kernel PM: give endpoint `id` (address `addr`) of the namespace of `pid`
+# ---- in-kernel PM endpoints ----------------------------------------------------
+@dataclass(frozen=True)
+class Endpoint:
+    """An in-kernel path-manager endpoint: a local address (and optionally its
+    interface) the kernel PM may use, with its id and flags (ADDR_FLAGS names)."""
+
+    addr: str
+    ifname: str | None
+    flags: tuple[str, ...]
+    id: int
+
+
+def flag_bits(flags: Iterable[str]) -> int:
+    """ADDR_FLAGS names -> the kernel's flag bits."""
+    bits = 0
+    for f in flags:
+        bits |= ADDR_FLAGS[f]
+    return bits
+
+
+def flag_names(bits: int) -> tuple[str, ...]:
+    """The kernel's flag bits -> ADDR_FLAGS names."""
+    return tuple(n for n, b in ADDR_FLAGS.items() if bits & b)
+
+
+def add_endpoints(ns: Namespace, endpoints: Iterable[Endpoint]) -> None:
+    """Add in-kernel PM endpoints in the namespace `ns` (pyroute2's MPTCP API)."""
+    from pyroute2 import MPTCP, IPRoute
+
+    def apply() -> None:
+        with IPRoute() as ipr, MPTCP() as m:
+            for ep in endpoints:
+                kw = {}
+                idx = ipr.link_lookup(ifname=ep.ifname) if ep.ifname else []
+                if idx:  # pyroute2 encodes IF_IDX as raw bytes ("hex"), hence the packing
+                    kw["if_idx"] = idx[0].to_bytes(4, "little", signed=True)
+                m.endpoint("add", addr=ep.addr, id=ep.id, flags=flag_bits(ep.flags), **kw)
+
+    _in_ns(ns, apply)
+
+
+def delete_endpoint(ns: Namespace, id: int) -> None:
+    """Delete the in-kernel PM endpoint with this id in the namespace `ns`."""
+    from pyroute2 import MPTCP
+
+    def apply() -> None:
+        with MPTCP() as m:
+            m.endpoint("del", id=id)
+
+    _in_ns(ns, apply)
+
+
+def endpoints(ns: Namespace) -> list[Endpoint]:
+    """The in-kernel PM endpoints of the namespace `ns` (ifname is not reported: None)."""
+    from pyroute2 import MPTCP
+
+    def show() -> list[Endpoint]:
+        with MPTCP() as m:
+            out = []
+            for e in m.endpoint("show"):
+                a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
+                out.append(Endpoint(a.get("MPTCP_PM_ADDR_ATTR_ADDR4") or a.get("MPTCP_PM_ADDR_ATTR_ADDR6"),
+                                    None, flag_names(a.get("MPTCP_PM_ADDR_ATTR_FLAGS", 0)),
+                                    a.get("MPTCP_PM_ADDR_ATTR_ID")))
+            return out
+
+    return _in_ns(ns, show)
+
+
+def set_endpoint_flags(ns: Namespace, addr: str, id: int, flags: int) -> None:
+    """In-kernel PM: give endpoint `id` (address `addr`) of the namespace `ns`
     these flags (ADDR_FLAGS bits). The kernel changes only backup and fullmesh,
     so pass the endpoint's other flags unchanged; a backup change sends MP_PRIO
-    on every subflow from the endpoint."""
-    _request(pid, "set_flags", [("MPTCP_PM_ATTR_ADDR", _addr(addr, id=id, flags=flags))])
+    on every subflow from the endpoint. (pyroute2 has no set-flags command: our
+    own message layout, sent the same way.)"""
+    _request(ns, "set_flags", [("MPTCP_PM_ATTR_ADDR", _addr(addr, id=id, flags=flags))])
 
 
 class UserspacePM:
@@ -386,5 +466,6 @@ class UserspacePM:
             raise TestbedError(f"mptcp_pm: token must be a non-zero u32, got {token!r}")
 
 
-__all__ = ["PMEvent", "PMEventListener", "UserspacePM", "PMError", "decode_event", "set_endpoint_flags",
+__all__ = ["PMEvent", "PMEventListener", "UserspacePM", "PMError", "decode_event", "Endpoint",
+           "add_endpoints", "delete_endpoint", "endpoints", "set_endpoint_flags", "flag_bits", "flag_names",
            "pm_cmd_msg", "pm_event_msg", "EVENTS", "CMD"]

@@ -18,12 +18,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from pyroute2 import MPTCP, IPRoute
-
-from testbed.base.netns import setns_current_thread
+from testbed.mptcp import pm
 from testbed.robe.sockets import PathSpec
-
-SUBFLOW_FLAG = 0x2  # MPTCP_PM_ADDR_FLAG_SUBFLOW
 
 
 @dataclass
@@ -53,14 +49,10 @@ def acquire(paths: list[PathSpec]) -> Lease:
     namespace; returns the lease to release when the connection closed."""
     ino = _ns_inode()
     lease = Lease()
-    with _lock, MPTCP() as m, IPRoute() as ipr:
-        have: set[str] = set()
-        used_ids: set[int] = set()
-        for e in m.endpoint("show"):
-            a = dict(e.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
-            have.add(a.get("MPTCP_PM_ADDR_ATTR_ADDR4"))
-            used_ids.add(a.get("MPTCP_PM_ADDR_ATTR_ID"))
-        next_id = max(used_ids | {0}) + 1
+    with _lock:
+        existing = pm.endpoints(None)
+        have = {e.addr for e in existing}
+        next_id = max({e.id for e in existing} | {0}) + 1
         for p in paths:
             key = (ino, p.local_addr)
             ours = _endpoints.get(key)
@@ -74,12 +66,7 @@ def acquire(paths: list[PathSpec]) -> Lease:
             if ours is not None:  # ours, but deleted by someone else: add it again
                 os.close(ours.ns_fd)
                 users += ours.users
-            kw = {}
-            if p.ifname:
-                idx = ipr.link_lookup(ifname=p.ifname)
-                if idx:  # pyroute2 wants IF_IDX as raw bytes
-                    kw["if_idx"] = idx[0].to_bytes(4, "little", signed=True)
-            m.endpoint("add", addr=p.local_addr, id=next_id, flags=SUBFLOW_FLAG, **kw)
+            pm.add_endpoints(None, [pm.Endpoint(p.local_addr, p.ifname, ("subflow",), next_id)])
             _endpoints[key] = _Endpoint(os.open("/proc/thread-self/ns/net", os.O_RDONLY),
                                         next_id, users=users)
             lease.keys.append(key)
@@ -118,17 +105,10 @@ def added() -> list[tuple[int, str]]:
 
 def _delete(ep: _Endpoint) -> None:
     """Delete in the endpoint's own namespace, whichever thread releases it."""
-    def run() -> None:
-        try:
-            setns_current_thread(f"/proc/self/fd/{ep.ns_fd}")
-            with MPTCP() as m:
-                m.endpoint("del", id=ep.endpoint_id)
-        except Exception:  # noqa: BLE001 - already gone (namespace or endpoint): nothing left
-            pass
-
-    t = threading.Thread(target=run, name="robe-endpoint-del", daemon=True)
-    t.start()
-    t.join(5)
+    try:
+        pm.delete_endpoint(f"/proc/self/fd/{ep.ns_fd}", ep.endpoint_id)
+    except Exception:  # noqa: BLE001 - already gone (namespace or endpoint): nothing left
+        pass
     os.close(ep.ns_fd)
 
 
