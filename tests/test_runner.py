@@ -105,7 +105,7 @@ KILLABLE = textwrap.dedent("""
 """)
 
 
-def testbed_of(pid: int) -> Path | None:
+def _testbed_of(pid: int) -> Path | None:
     """The state file of the testbed process pid holds up, if any."""
     for f in STATE_DIR.glob("*.json"):
         try:
@@ -128,7 +128,7 @@ def test_sweep_killed_with_sigkill_resumes_each_run_exactly_once(tmp_path):
     while time.time() < deadline:
         done = list((out / "throughput").glob("*-r*/manifest.json")) if out.exists() else []
         partial = list((out / "throughput").glob(".tmp-*")) if out.exists() else []
-        if done and partial and testbed_of(proc.pid) is not None:
+        if done and partial and _testbed_of(proc.pid) is not None:
             break
         time.sleep(0.02)
     else:
