@@ -143,7 +143,7 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
         if progress and futures:
             from tqdm import tqdm
             bar = tqdm(total=len(futures), desc="cluster", unit="run", dynamic_ncols=True)
-        for fut in as_completed(list(futures)):
+        for fut in as_completed(list(futures), loop=client.loop):
             experiment, run_id = futures[fut]
             summary = summaries[experiment]
             try:
