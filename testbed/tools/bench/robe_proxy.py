@@ -1,6 +1,7 @@
 """Soak benchmark of `robe proxy`: many short connections, some clients abort.
 
     ./tb bench.robe-proxy [--connections 1000] [--concurrency 50] [--abort-pct 20]
+                          [--strategy sim+ips] [--join auto]
 
 On a two-path testbed (wifi 2x5 ms, lte 2x10 ms, user-space emulation, client
 path manager userspace) the proxy runs in the client namespace as the `robe`
@@ -113,13 +114,13 @@ def _client(abort: bool, payload: bytes) -> str:
 
 
 def run_soak(connections: int = 1000, concurrency: int = 50, abort_pct: float = 20,
-             seed: int = 1, strategy: str = "sim+ips") -> dict[str, Any]:
+             seed: int = 1, strategy: str = "sim+ips", join: str = "auto") -> dict[str, Any]:
     """Run the soak; returns the measured figures (see the module docstring)."""
     rng = random.Random(seed)
     plan = [rng.random() * 100 < abort_pct for _ in range(connections)]
     payload = os.urandom(ECHO_BYTES)
     out: dict[str, Any] = {"connections": connections, "concurrency": concurrency,
-                           "aborting_clients": sum(plan), "strategy": strategy}
+                           "aborting_clients": sum(plan), "strategy": f"{strategy}, join {join}"}
     with tempfile.TemporaryDirectory(prefix="robe-soak-") as tmp, \
             Testbed(load("two-path", wifi_delay_ms=5, lte_delay_ms=10), backend="userspace",
                     client=HostSettings(path_manager="userspace")) as tb:
@@ -127,7 +128,7 @@ def run_soak(connections: int = 1000, concurrency: int = 50, abort_pct: float = 
         ls = mode_server(tb)
         log = open(Path(tmp) / "proxy.log", "w+")
         proxy = tb.popen(tb.client, [sys.executable, "-m", "testbed.robe.cli", "proxy",
-                                     "--listen", f"127.0.0.1:{PROXY_PORT}", "--strategy", strategy,
+                                     "--listen", f"127.0.0.1:{PROXY_PORT}", "--strategy", strategy, "--join", join,
                                      "--history", str(history), "--max-connections",
                                      str(concurrency), "--idle-timeout", "30",
                                      tb.server_addr, str(PORT)],

@@ -28,8 +28,10 @@ def emulation(c, out="results/bench", quick=False, backend=None):
       help={"connections": "client connections in all (default 1000)",
             "concurrency": "clients at once, also the proxy's --max-connections (default 50)",
             "abort_pct": "percentage of clients that reset mid-stream (default 20)",
-            "strategy": "the proxy's RobE strategy (default sim+ips)"})
-def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0, strategy="sim+ips"):
+            "strategy": "the proxy's RobE strategy (default sim+ips)",
+            "join": "the proxy's join mode: auto, userspace, kernel, none (default auto)"})
+def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0, strategy="sim+ips",
+               join="auto"):
     """Soak `robe proxy` in a testbed: stays up, threads and descriptors flat, history valid."""
     need_root()
     from invoke.exceptions import Exit
@@ -37,7 +39,7 @@ def robe_proxy(c, connections=1000, concurrency=50, abort_pct=20.0, strategy="si
     from testbed.tools.bench.robe_proxy import format_report, run_soak
 
     text, ok = format_report(guard(lambda: run_soak(int(connections), int(concurrency),
-                                                    float(abort_pct), strategy=strategy)))
+                                                    float(abort_pct), strategy=strategy, join=join)))
     print(text)
     if not ok:
         raise Exit("robe proxy soak: a target was missed", code=1)
