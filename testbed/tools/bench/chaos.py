@@ -40,7 +40,7 @@ SCENARIO = textwrap.dedent("""
     name = "two-path"
     params = {{ rate_mbit = 20, wifi_delay_ms = 2, lte_delay_ms = 2 }}
     [params]
-    seconds = 1
+    seconds = 1.5
 """)
 SWEEP = textwrap.dedent("""
     import sys
@@ -165,9 +165,10 @@ def run_chaos(runs: int = 200, interrupts: int | None = None, seed: int = 1,
     invoke = Path(sys.executable).parent / "invoke"
     while True:
         result.attempts += 1
+        errors = (out / "sweep.stderr").open("w")
         proc = subprocess.Popen([sys.executable, "-c", SWEEP, str(scenario), str(store)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        left = interrupts - sum(result.interrupts.values())
+                                stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        left, interrupted = interrupts - sum(result.interrupts.values()), False
         if left > 0:
             stored = len(list(store.glob("*/*/manifest.json")))
             # A random moment within the next few runs: build, workload, teardown or store.
@@ -178,6 +179,7 @@ def run_chaos(runs: int = 200, interrupts: int | None = None, seed: int = 1,
             except subprocess.TimeoutExpired:
                 proc.send_signal(SIGNALS[name])
                 result.interrupts[name] += 1
+                interrupted = True
                 if progress:
                     print(f"[chaos] attempt {result.attempts}: {name} after {delay:.1f} s "
                           f"({stored} runs stored)", flush=True)
@@ -186,11 +188,15 @@ def run_chaos(runs: int = 200, interrupts: int | None = None, seed: int = 1,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
+        errors.close()
         clean = subprocess.run([str(invoke), "clean"], cwd=ROOT, capture_output=True, text=True)
         result.clean_failures += clean.returncode != 0
         if proc.returncode == 0:
             break
+        if not interrupted:  # a sweep failing on its own would loop for ever
+            last = (out / "sweep.stderr").read_text().strip().splitlines() or ["(no output)"]
+            raise TestbedError(f"the sweep failed without being interrupted (exit {proc.returncode}): "
+                               f"{last[-1]}")
     result.seconds = time.monotonic() - started
     _judge_store(result, scenario, store)
     time.sleep(0.5)  # namespaces go a moment after their last process
