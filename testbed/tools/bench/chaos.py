@@ -88,7 +88,7 @@ def footprint() -> dict[str, set[str]]:
 
     return {"netns": netns,
             "processes": {p for ns, ps in members.items() for p in ps if ns not in _host_netns()},
-            "veths": {line.split(":")[1].strip() for line in lines(["ip", "-o", "link", "show"])},
+            "host interfaces": {line.split(":")[1].strip() for line in lines(["ip", "-o", "link", "show"])},
             "qdiscs": lines(["tc", "qdisc", "show"]),
             "nft tables": lines(["nft", "list", "tables"]),
             "state files": {p.name for p in STATE_DIR.glob("*.json")} if STATE_DIR.exists() else set()}
