@@ -11,17 +11,12 @@ import pandas as pd
 from analysis import Results, paths
 from analysis.figures.establishment import data as establishment_data
 from analysis.stats import bootstrap_ci, clean
-from testbed.robe.timer import INITIAL_SYN_RTO_S
+from testbed.mptcp.linux import FALLBACK_S, INITIAL_SYN_RTO_S, SYN_SCHEDULE_S
 
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 TOL_S = 0.005  # this testbed's target: within 5 ms of the physical bound
 EARLY_S = 0.001  # a setup faster than the RTT by more than this is an emulation/clock error
 TIMER_S = INITIAL_SYN_RTO_S  # RobE_TIMER's default, from the library itself
-# Linux 6.x with default sysctls, measured on the wire: SYN+MP_CAPABLE at 0, 1, 2 s, then plain
-# TCP (tcp_syn_linear_timeouts=4, tcp_syn_retries=6)
-SYN_SCHEDULE_S = [0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67]
-LINUX_SYN_GIVEUP_S = 133.7
-FALLBACK_S = 3.0  # first plain-TCP SYN after SYN+MP_CAPABLE at 0, 1, 2 s
 # The kernel's 1 s SYN retransmission timers sit on a coarse timer-wheel level
 # and fire late: measured on the wire here at 0, 1.009, 2.033, 3.057 s. Allow up
 # to 64 ms per timer (that level's granularity at HZ=1000), three timers.
@@ -33,12 +28,14 @@ SIMULT_FLOWS = 0.90
 
 
 def fmt_s(x: float) -> str:
+    """Seconds as text: milliseconds below 1 s, 'n/a' for a missing value."""
     if x is None or not np.isfinite(x):
         return "n/a"
     return f"{x * 1000:.1f} ms" if abs(x) < 1 else f"{x:.2f} s"
 
 
 def ci_text(v: pd.Series, stat: str = "median") -> str:
+    """The statistic with its bootstrap 95 % confidence interval, as text."""
     ci = bootstrap_ci(v, stat)
     if ci.n == 0:
         return "n/a"
@@ -48,6 +45,7 @@ def ci_text(v: pd.Series, stat: str = "median") -> str:
 
 
 def pct95(v: pd.Series) -> float:
+    """95th percentile of the finite values (NaN when there are none)."""
     a = clean(v)
     return float(np.percentile(a, 95)) if len(a) else float("nan")
 
@@ -60,12 +58,14 @@ class Establishment:
         self.df = establishment_data(res)
 
     def cell(self, condition: str, strategy: str) -> pd.DataFrame:
+        """The complete runs of one (condition, strategy) cell."""
         d = self.df
         if d.empty:
             return d
         return d[(d["param.condition"] == condition) & (d["param.strategy"] == strategy)]
 
     def missing(self, condition: str, strategy: str) -> str:
+        """The 'not measured' text for a cell without runs."""
         return f"not measured (no complete runs of establishment, strategy {strategy}, condition {condition})"
 
     def paths(self, cell: pd.DataFrame) -> list[dict]:
@@ -90,10 +90,12 @@ class Establishment:
         return min(others) if others else None
 
     def timeout(self, cell: pd.DataFrame) -> float | None:
+        """The experiment timeout the cell's runs used, if recorded."""
         t = pd.to_numeric(cell.get("param.timeout_s", pd.Series(dtype=float)), errors="coerce").dropna()
         return float(t.iloc[0]) if len(t) else None
 
     def timer(self, cell: pd.DataFrame) -> float:
+        """The RobE_TIMER value the cell's runs used (the library default if not recorded)."""
         t = pd.to_numeric(cell.get("param.timer_s", pd.Series(dtype=float)), errors="coerce").dropna()
         return float(t.iloc[0]) if len(t) else TIMER_S
 
@@ -148,6 +150,7 @@ def timer_floor(E: Establishment, sc: str, st: str) -> tuple[str, str, str]:
 
 
 def no_connection(E: Establishment, sc: str, st: str) -> tuple[str, str, str]:
+    """Expectation check: no run of the cell connected within the timeout."""
     cell = E.cell(sc, st)
     t = E.timeout(cell)
     crit = f"no run connected within the experiment timeout ({fmt_s(t) if t else 'timeout'})"
@@ -158,6 +161,7 @@ def no_connection(E: Establishment, sc: str, st: str) -> tuple[str, str, str]:
 
 
 def bounded(E: Establishment, sc: str, st: str, with_timer: bool) -> tuple[str, str, str]:
+    """Expectation check: setup is bounded by the timer (or the other path's RTT) plus one handshake."""
     cell = E.cell(sc, st)
     alt = E.alt_rtt(cell)
     if cell.empty or alt is None:
@@ -199,6 +203,7 @@ def setup_matches(E: Establishment, sc: str, st: str, which: str) -> tuple[str, 
 
 
 def multipath_after(E: Establishment, sc: str, st: str) -> tuple[str, str, str]:
+    """Expectation check: multipath is available one MP_JOIN handshake after setup."""
     cell = E.cell(sc, st)
     rtt, default = E.rtts(cell)
     crit = "p95 of (multipath − setup) ≤ one MP_JOIN handshake: RTT of the joined path + 5 ms"
@@ -227,6 +232,7 @@ def multipath_after(E: Establishment, sc: str, st: str) -> tuple[str, str, str]:
 
 
 def guaranteed(E: Establishment, st: str, mode: str) -> tuple[str, str, str]:
+    """Expectation check: whether every run of a strategy connected, in every condition."""
     d = E.df[E.df["param.strategy"] == st] if not E.df.empty else E.df
     if d.empty:
         return "every run connected, in every condition", \
@@ -250,6 +256,7 @@ def guaranteed(E: Establishment, st: str, mode: str) -> tuple[str, str, str]:
 
 
 def fastest_working(E: Establishment) -> tuple[str, str, str]:
+    """Physical limit: no setup beats one RTT of the fastest working path."""
     crit = "every run of every strategy: setup ≥ one RTT of the fastest working path − 1 ms"
     if E.df.empty or "metric.setup_s" not in E.df:
         return crit, "not measured (no complete establishment runs)", NOT_MEASURED
@@ -272,6 +279,7 @@ def fastest_working(E: Establishment) -> tuple[str, str, str]:
 
 
 def syn_schedule(E: Establishment, st: str) -> tuple[str, str, str]:
+    """Expectation check: SYNs sent on a blackholed path follow Linux's SYN schedule."""
     cell = E.cell("blackhole", st)
     t = E.timeout(cell)
     col = "metric.syns_sent"
@@ -305,6 +313,7 @@ def _kernel_without_fallback(E: Establishment, cell: pd.DataFrame) -> bool:
 
 
 def fallback(E: Establishment) -> tuple[str, str, str]:
+    """Expectation check: behind a middlebox dropping MPTCP SYNs the kernel falls back to TCP on time."""
     cell = E.cell("mptcp_drop", "mptcp")
     rtt, default = E.rtts(cell)
     if not cell.empty and _kernel_without_fallback(E, cell):

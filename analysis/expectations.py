@@ -23,11 +23,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import Results, paths
-from analysis.establishment_checks import (FAILS, HOLDS, LINUX_SYN_GIVEUP_S, NOT_MEASURED,
+from analysis.establishment_checks import (FAILS, HOLDS, NOT_MEASURED,
                                            SIMULT_FLOWS, Establishment, bounded, ci_text, delayed,
                                            fallback, fastest_working, guaranteed, multipath_after,
                                            no_connection, setup_matches, syn_schedule, timer_floor)
 from analysis.stats import bootstrap_ci
+from testbed.mptcp.linux import SYN_GIVEUP_S
 
 __all__ = ["table", "Row", "HOLDS", "FAILS", "NOT_MEASURED"]
 
@@ -39,6 +40,7 @@ SIMULT = TARGET + " (Linux simult_flows selftest: 90 % of Σ rates)"
 
 @dataclass
 class Row:
+    """One row of the expectation table: source, subject, condition, expectation, criterion, measurement, verdict."""
     source: str
     subject: str
     condition: str
@@ -211,6 +213,7 @@ def _fairness_rows(res: Results) -> list[Row]:
 
 
 def table(res: Results) -> pd.DataFrame:
+    """The expectation table: every row checked against the results."""
     E = Establishment(res)
     rows = _establishment_rows(E)
     lim = "physical limit"
@@ -223,7 +226,7 @@ def table(res: Results) -> pd.DataFrame:
     add(lim, "TIMER", "broken (blackhole)", "cannot connect before the timer + one RTT of the next path",
         lambda: timer_floor(E, "blackhole", "timer"))
     add(lim + " (Linux SYN schedule)", "MPTCP", "broken (blackhole)",
-        f"no connection (Linux gives up after ~{LINUX_SYN_GIVEUP_S} s); SYNs at 0,1,2 s (MP_CAPABLE), 3,4,5,7,11,… s",
+        f"no connection (Linux gives up after ~{SYN_GIVEUP_S} s); SYNs at 0,1,2 s (MP_CAPABLE), 3,4,5,7,11,… s",
         lambda: syn_schedule(E, "mptcp"))
     add(lim + " (Linux SYN schedule)", "TCP", "broken (blackhole)", "SYNs at 0,1,2,3,4,5,7,11,… s",
         lambda: syn_schedule(E, "tcp"))

@@ -32,13 +32,14 @@ from testbed.core.model import TopologySpec  # noqa: E402
 from testbed.harness import scenario as sc  # noqa: E402
 from testbed.harness.overrides import flatten  # noqa: E402
 from testbed.harness.results import RunWriter  # noqa: E402
+from testbed.mptcp.linux import INITIAL_SYN_RTO_S, MPTCP_SYNS_BEFORE_FALLBACK, SYN_SCHEDULE_S  # noqa: E402
 
-SYN_TIMES = [0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67]  # Linux: when SYNs leave (made-up data follows it)
-MP_SYNS = 3  # SYN+MP_CAPABLE at 0, 1, 2 s, then plain-TCP SYNs
+SYN_TIMES = SYN_SCHEDULE_S  # Linux: when SYNs leave (made-up data follows it)
+MP_SYNS = MPTCP_SYNS_BEFORE_FALLBACK  # SYN+MP_CAPABLE at 0, 1, 2 s, then plain-TCP SYNs
 CONDITIONS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
 ROBE = ["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
 TIMEOUT_S = 10.0
-TIMER_S = 1.0
+TIMER_S = INITIAL_SYN_RTO_S  # RobE_TIMER's default
 SLOW_DELAY_MS = 100.0
 T0 = 1000.0  # the runs' clock origin (monotonic seconds)
 

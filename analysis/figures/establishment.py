@@ -16,10 +16,12 @@ from analysis import Results
 from analysis.figures import (OUTCOME_COLORS, OUTCOMES, STRATEGIES, Figure, Section, change_words, grid,
                               order, setup_style, strategy_color, strategy_dash)
 from analysis.stats import ecdf, share, summarize
+from testbed.mptcp.linux import MPTCP_SYNS_BEFORE_FALLBACK, SYN_SCHEDULE_S
 
 EXPERIMENTS = ("establishment", "robe_establishment")
 CONDITIONS = ["healthy", "lossy10", "lossy30", "lossy50", "blackhole", "slow_default", "mptcp_drop"]
-SYN_TIMES_S = [1, 2, 3]  # SYN+MP_CAPABLE retransmissions; plain TCP from 3 s (Linux)
+# The SYN+MP_CAPABLE retransmissions and the first plain-TCP SYN (Linux).
+SYN_TIMES_S = SYN_SCHEDULE_S[1:MPTCP_SYNS_BEFORE_FALLBACK + 1]
 
 
 def seconds_label(x: float, _pos: object = None) -> str:
@@ -46,10 +48,12 @@ OUTCOME_ALIASES = {"connected": "mptcp", "fallback_tcp": "fallback", "timeout": 
 
 
 def normalize_outcome(s: pd.Series) -> pd.Series:
+    """Outcome names in one spelling (lower case, aliases merged)."""
     return s.astype("string").str.lower().replace(OUTCOME_ALIASES)
 
 
 def data(res: Results) -> pd.DataFrame:
+    """The establishment runs with a condition and a strategy, outcomes normalised."""
     runs = res.of(*EXPERIMENTS)
     need = {"param.condition", "param.strategy"}
     if runs.empty or not need <= set(runs.columns):
@@ -95,6 +99,7 @@ def _strategy_legend(fig, strategies: list[str], extra: list = ()) -> None:
 
 
 def setup_ecdf(df: pd.DataFrame) -> Figure:
+    """ECDF of setup time per condition, one line per strategy."""
     conditions = order(df["param.condition"], CONDITIONS)
     strategies = order(df["param.strategy"], STRATEGIES)
     fig, axes = grid(len(conditions), max_cols=4, panel=(3.3, 2.6))
@@ -132,6 +137,7 @@ def setup_ecdf(df: pd.DataFrame) -> Figure:
 
 
 def multipath_strip(df: pd.DataFrame) -> Figure:
+    """Setup time and time to multipath per condition and strategy."""
     conditions = order(df["param.condition"], CONDITIONS)
     strategies = order(df["param.strategy"], STRATEGIES)
     fig, axes = grid(len(conditions), max_cols=4, panel=(3.3, 2.9), sharey=True)
@@ -182,6 +188,7 @@ def multipath_strip(df: pd.DataFrame) -> Figure:
 
 
 def outcome_bars(df: pd.DataFrame) -> Figure:
+    """Share of each outcome per condition and strategy."""
     conditions = order(df["param.condition"], CONDITIONS)
     strategies = order(df["param.strategy"], STRATEGIES)
     sh = share(df, ["param.condition", "param.strategy"], "metric.outcome")
@@ -213,6 +220,7 @@ def outcome_bars(df: pd.DataFrame) -> Figure:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (condition, strategy): medians with confidence intervals of the timing metrics and outcome shares."""
     keys = ["param.condition", "param.strategy"]
     out = None
     for col, name in (("metric.setup_s", "setup_s"), ("metric.ttfb_s", "ttfb_s"),
@@ -235,6 +243,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build(res: Results) -> Section:
+    """The establishment section of the report."""
     setup_style()
     sec = Section("establishment", "Establishment",
                   "Time from connect() to an established connection, until multipath is available, "

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from testbed.mptcp.linux import INITIAL_SYN_RTO_S, TCP_RTO_MIN_S
 from testbed.robe.sockets import PathSpec
 
 ALPHA_RTT = 1 / 8     # RFC 6298 gains
@@ -43,6 +44,7 @@ DEFAULT_PENALTY_S = 1.0
 
 
 def default_store() -> Path:
+    """The history file: $ROBE_HISTORY or the user's state directory."""
     env = os.environ.get("ROBE_HISTORY")
     if env:
         return Path(env)
@@ -52,6 +54,7 @@ def default_store() -> Path:
 
 @dataclass
 class PathRecord:
+    """What is known about one path: attempts, success rate and RTT estimates."""
     attempts: int = 0
     successes: int = 0
     ok: float = 1.0              # EWMA success rate
@@ -62,6 +65,7 @@ class PathRecord:
     updated: float = 0.0         # wall clock, for humans
 
     def add_outcome(self, success: bool) -> None:
+        """Count an attempt and update the success rate."""
         self.ok = (1.0 if success else 0.0) if self.attempts == 0 else \
             (1 - ALPHA_OK) * self.ok + ALPHA_OK * (1.0 if success else 0.0)
         self.attempts += 1
@@ -69,6 +73,7 @@ class PathRecord:
         self.updated = time.time()
 
     def add_rtt(self, rtt_s: float) -> None:
+        """Update the smoothed RTT and its variation (RFC 6298)."""
         if self.srtt_s is None or self.rttvar_s is None:
             self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
         else:
@@ -77,8 +82,8 @@ class PathRecord:
         self.rtt_samples += 1
         self.updated = time.time()
 
-    def rto_s(self, floor_s: float = 0.2, ceil_s: float = 1.0) -> float | None:
-        """RFC 6298 RTO from this path's history (Linux-like 200 ms floor)."""
+    def rto_s(self, floor_s: float = TCP_RTO_MIN_S, ceil_s: float = INITIAL_SYN_RTO_S) -> float | None:
+        """RFC 6298 RTO from this path's history, clamped like Linux's (floor TCP_RTO_MIN)."""
         if self.srtt_s is None or self.rttvar_s is None:
             return None
         return min(ceil_s, max(floor_s, self.srtt_s + max(0.001, 4 * self.rttvar_s)))
@@ -157,11 +162,13 @@ class History:
         return PathRecord(**asdict(r)) if r is not None else PathRecord()
 
     def known(self, name: str) -> bool:
+        """True when the path has been tried at least once."""
         r = self.records.get(name)
         return r is not None and r.attempts > 0
 
     # ---- the IPS heuristic -------------------------------------------------
     def cost_s(self, name: str) -> float | None:
+        """The path's expected setup cost in seconds (RTT plus failure penalty); None when unknown."""
         r = self.records.get(name)
         if r is None or r.attempts == 0:
             return None
@@ -191,4 +198,5 @@ class History:
                    for p in paths)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every path's record with its cost, as a dict."""
         return {n: {**asdict(r), "cost_s": self.cost_s(n)} for n, r in self.records.items()}

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from testbed.mptcp.linux import INITIAL_SYN_RTO_S, TCP_RTO_MIN_S
 from testbed.robe.history import History
 from testbed.robe.sockets import PathSpec
-
-INITIAL_SYN_RTO_S = 1.0
 
 
 @dataclass
 class TimerPolicy:
+    """How long RobE_TIMER gives one path: the initial SYN RTO, a fixed value, or from RTT history."""
     mode: str = "initial-rto"     # initial-rto | fixed | rtt
     fixed_s: float = INITIAL_SYN_RTO_S
-    floor_s: float = 0.2
+    floor_s: float = TCP_RTO_MIN_S
     ceil_s: float = INITIAL_SYN_RTO_S
 
     def __post_init__(self) -> None:
@@ -50,6 +50,7 @@ class TimerPolicy:
         return cls(mode="fixed", fixed_s=v)
 
     def value(self, path: PathSpec, history: History | None) -> float:
+        """The timer for this path, in seconds."""
         if self.mode == "fixed":
             return self.fixed_s
         if self.mode == "rtt" and history is not None:
@@ -60,6 +61,7 @@ class TimerPolicy:
         return INITIAL_SYN_RTO_S
 
     def describe(self) -> dict:
+        """The policy as a JSON-able dict."""
         if self.mode == "fixed":
             return {"mode": "fixed", "s": self.fixed_s}
         if self.mode == "rtt":
