@@ -1,4 +1,6 @@
-"""Load a results store (docs/results.md) into tidy pandas tables.
+"""Load a results store (docs/results.md) into tidy pandas tables; figures and
+the report. Above the harness: may use testbed.harness (the results schema) and
+the layers below it, never the experiments.
 
     from analysis import load
     res = load("results")           # or results/<experiment>, or one run directory
@@ -41,6 +43,7 @@ class ResultsError(TestbedError):
 
 @dataclass
 class Results:
+    """A results store as loaded: runs, events and per-run tables, with selection helpers."""
     root: Path
     runs: pd.DataFrame
     events: pd.DataFrame
@@ -134,6 +137,7 @@ def _run_dirs(root: Path) -> list[Path]:
 
 
 def load(results_dir: str | Path) -> Results:
+    """Load the results store at results_dir (upgraded to the current schema) into a Results."""
     root = Path(results_dir)
     if not root.is_dir():
         raise ResultsError(f"{root} is not a directory")

@@ -80,6 +80,7 @@ def provenance(res: Results) -> list[tuple[str, str]]:
 
 
 def overview(res: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs per experiment and status, and the reasons of the failed and invalid ones."""
     r = res.runs
     if r.empty:
         return pd.DataFrame(), pd.DataFrame()

@@ -21,6 +21,7 @@ _STATS: dict[str, Callable[..., np.ndarray]] = {
 
 @dataclass(frozen=True)
 class CI:
+    """An estimate with its confidence interval and sample size."""
     estimate: float
     low: float
     high: float

@@ -26,6 +26,7 @@ StrategyName = Literal["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+
 
 
 class Params(ExperimentParams):
+    """Parameters of the establishment experiment: default-path condition, strategy, timeouts."""
     condition: Condition = "healthy"
     strategy: StrategyName = "mptcp"
     timeout_s: float = Field(10, gt=0, le=300, description="give up after this long")
@@ -56,6 +57,7 @@ def apply_condition(tb: Testbed, condition: str, slow_delay_ms: float) -> None:
 
 @register
 class Establishment(Experiment):
+    """Connection setup over a degraded default path, per strategy."""
     name = "establishment"
     description = "connection setup over a healthy/lossy/blackholed/slow/filtered default path"
     Params = Params

@@ -19,6 +19,7 @@ FAILURES = {"link_down", "blackhole", "set_link"}
 
 
 class Params(ExperimentParams):
+    """Parameters of the failover experiment."""
     seconds: float = Field(12, gt=2, le=600)
     direction: Literal["up", "down"] = "up"
     recovery_window_s: float = Field(0.5, gt=0, description="goodput averaging window")
@@ -53,6 +54,7 @@ def connect_start(events: pd.DataFrame | None) -> float | None:
 
 @register
 class Failover(Experiment):
+    """The primary path fails during a bulk transfer: stall, recovery and integrity."""
     name = "failover"
     description = "primary path fails during a bulk transfer: stall, recovery, integrity"
     Params = Params

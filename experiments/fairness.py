@@ -30,6 +30,7 @@ BASE_PORT = 5400
 
 
 class Params(ExperimentParams):
+    """Parameters of the fairness experiment."""
     seconds: float = Field(20, gt=2, le=600)
     warmup_s: float = Field(5, ge=0, le=300, description="left out of the goodput window")
     tcp_cc: Literal["cubic", "reno", "bbr"] | None = Field(
@@ -69,6 +70,7 @@ def paths_share_a_link(tb) -> bool:
 
 @register
 class Fairness(Experiment):
+    """One MPTCP connection against M TCP flows at shared or disjoint bottlenecks."""
     name = "fairness"
     description = "one MPTCP connection vs M TCP flows at shared or disjoint bottlenecks"
     Params = Params

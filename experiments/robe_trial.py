@@ -57,6 +57,7 @@ _histories: dict[str, History] = {}
 
 
 def payload(n: int) -> bytes:
+    """n bytes of the trial's fixed response payload."""
     return (hashlib.sha256(b"robe").digest() * (n // 32 + 1))[:n]
 
 
@@ -124,6 +125,7 @@ def _counters() -> dict[str, int]:
 
 
 def tb_paths(tb: Any) -> list[PathSpec]:
+    """The testbed's client paths as RobE paths, the default-route path first."""
     default = tb.topology.default.name
     ps = [PathSpec(p.name, p.addr.client, p.client_if, default=(p.name == default)) for p in tb.paths]
     return sorted(ps, key=lambda p: not p.default)
@@ -136,6 +138,7 @@ def _history(tb: Any, params: dict[str, Any]) -> History:
 
 
 def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, Any]) -> dict[str, Any]:
+    """One RobE connect over the testbed against a kernel MPTCP server; the trial's metrics."""
     p = dict(scenario_params or {})
     timeout = float(p.get("timeout_s", 8))
     port = int(p.get("port", 5600))

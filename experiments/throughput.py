@@ -15,6 +15,7 @@ from testbed.harness.experiment import Experiment, ExperimentParams, RunContext,
 
 
 class Params(ExperimentParams):
+    """Parameters of the throughput experiment."""
     seconds: float = Field(10, gt=1, le=600)
     direction: Literal["up", "down"] = "up"
     protocol: Literal["mptcp", "tcp"] = "mptcp"
@@ -22,6 +23,7 @@ class Params(ExperimentParams):
 
 
 def configured_rates(tb, direction: str) -> dict[str, float]:
+    """Each path's configured rate in one direction, capped by a shared bottleneck."""
     rates = {p.name: p.spec.direction(direction).rate_mbit or 0.0 for p in tb.paths}
     bottleneck = tb.topology.bottleneck
     if bottleneck is not None and bottleneck.rate_mbit:
@@ -34,6 +36,7 @@ def configured_rates(tb, direction: str) -> dict[str, float]:
 
 @register
 class Throughput(Experiment):
+    """A bulk transfer over 1..N paths: goodput, efficiency and per-path share."""
     name = "throughput"
     description = "bulk transfer over 1..N paths: goodput, efficiency, per-path share"
     Params = Params

@@ -1,4 +1,5 @@
-"""Figure families. Each module has `build(res: Results) -> Section`.
+"""Figure families of the report. Part of analysis: may use what analysis may.
+Each module has `build(res: Results) -> Section`.
 
 Shared here: the Section/Figure records the report consumes, one colour per
 strategy across every figure, and the helpers that keep figures readable.
@@ -37,6 +38,7 @@ PATH_COLORS = ["#0173b2", "#de8f05", "#029e73", "#cc78bc", "#ca9161", "#56b4e9",
 
 @dataclass
 class Figure:
+    """A report figure: the matplotlib figure with its file stem, title and caption."""
     name: str  # file stem: <name>.png / .pdf
     title: str
     caption: str
@@ -45,6 +47,7 @@ class Figure:
 
 @dataclass
 class Section:
+    """A report section: title, introduction, figures and tables."""
     key: str
     title: str
     intro: str
@@ -54,16 +57,19 @@ class Section:
 
 
 def setup_style() -> None:
+    """Apply the report's seaborn/matplotlib style."""
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.15,
                   rc={"figure.dpi": 110, "savefig.dpi": 150, "axes.titleweight": "bold",
                       "legend.frameon": False, "figure.constrained_layout.use": True})
 
 
 def strategy_color(s: str) -> tuple:
+    """The report's colour for a strategy (grey for an unknown one)."""
     return STRATEGY_COLORS.get(s, (0.3, 0.3, 0.3))
 
 
 def strategy_dash(s: str) -> object:
+    """The report's line style for a strategy."""
     return STRATEGY_DASHES.get(s, "-")
 
 
@@ -173,6 +179,7 @@ def pretty_value(v: object) -> str:
 
 
 def save(fig: Figure, out_dir: Path) -> list[Path]:
+    """Write the figure as PNG and PDF into out_dir; returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "pdf"):

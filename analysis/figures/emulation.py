@@ -25,10 +25,12 @@ RATE_OK = (0.90, 1.01)  # calibrate()'s default acceptance band
 
 
 def find_benchmarks(root: Path) -> list[Path]:
+    """The emulation benchmark CSV files below root."""
     return sorted(p for p in root.rglob("*bench*.csv") if not any(x.startswith(".tmp-") for x in p.parts))
 
 
 def load_benchmarks(files: Iterable[Path]) -> pd.DataFrame:
+    """The benchmark CSV files as one frame (unreadable files skipped)."""
     frames = []
     for f in files:
         try:
@@ -97,6 +99,7 @@ def _identity(ax, lo: float, hi: float, label: str = "measured = configured") ->
 
 
 def benchmark_figure(df: pd.DataFrame) -> Figure | None:
+    """Configured vs measured RTT, rate and loss per backend from the benchmarks."""
     backends = sorted(df["backend"].dropna().unique())
     pal = dict(zip(backends, sns.color_palette("colorblind", len(backends))))
     panels = []
@@ -165,6 +168,7 @@ def benchmark_figure(df: pd.DataFrame) -> Figure | None:
 
 
 def calibration_figure(cal: pd.DataFrame) -> Figure | None:
+    """Measured vs configured values from the runs' calibrations."""
     kinds = [q for q in ("rtt_ms", "rate_mbit", "loss_pct") if (cal["quantity"] == q).any()]
     if not kinds:
         return None
@@ -209,6 +213,7 @@ def calibration_figure(cal: pd.DataFrame) -> Figure | None:
 
 
 def build(res: Results, bench_csv: Iterable[Path] | None = None) -> Section:
+    """The emulation-fidelity section of the report."""
     setup_style()
     sec = Section("emulation", "Emulation fidelity",
                   "Does the link emulation deliver what was configured? From the emulation "

@@ -84,6 +84,7 @@ def _representative(g: pd.DataFrame) -> pd.Series:
 
 
 def timeline(res: Results, runs: pd.DataFrame) -> Figure | None:
+    """Goodput over time around the failure, one representative run per variant."""
     variants = list(dict.fromkeys(runs["variant"]))
     picks = [(v, _representative(runs[runs["variant"] == v])) for v in variants]
     series = [(v, r, goodput(res, r)) for v, r in picks]
@@ -133,6 +134,7 @@ def timeline(res: Results, runs: pd.DataFrame) -> Figure | None:
 
 
 def distributions(runs: pd.DataFrame) -> Figure | None:
+    """Stall and recovery times per failover variant."""
     metrics = [(c, lbl) for c, lbl in (("metric.stall_s", "longest stall (s)"),
                                        ("metric.recovery_s", "recovery to ≥ 90 % (s)"))
                if c in runs and runs[c].notna().any()]
@@ -160,6 +162,7 @@ def distributions(runs: pd.DataFrame) -> Figure | None:
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per failover variant: medians with confidence intervals of stall, recovery and goodput."""
     out = None
     for col in ("metric.stall_s", "metric.recovery_s", "metric.goodput_mbit", "metric.bytes_delivered"):
         if col not in runs:
@@ -177,6 +180,7 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def build(res: Results) -> Section:
+    """The failover section of the report."""
     setup_style()
     sec = Section("failover", "Failover",
                   "Bulk transfer over two paths; the primary path fails during the transfer "

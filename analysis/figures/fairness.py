@@ -28,6 +28,7 @@ def layout(runs: pd.DataFrame) -> pd.Series:
 
 
 def share_figure(runs: pd.DataFrame) -> Figure:
+    """The MPTCP connection's share of the bottleneck and Jain's index against M TCP flows."""
     df = pd.DataFrame({"M": runs["metric.tcp_flows"].astype(int), "layout": layout(runs),
                        "share": runs["metric.mptcp_share"].astype("float64"),
                        "jain": runs["metric.jain_index"].astype("float64")})
@@ -61,6 +62,7 @@ def share_figure(runs: pd.DataFrame) -> Figure:
 
 
 def build(res: Results) -> Section:
+    """The fairness section of the report."""
     setup_style()
     sec = Section("fairness", "Fairness",
                   "One MPTCP connection (two subflows) and M TCP flows through one shared bottleneck "

@@ -30,6 +30,7 @@ def _rates_param(runs: pd.DataFrame) -> str | None:
 
 
 def efficiency_figure(runs: pd.DataFrame) -> Figure:
+    """Goodput as a fraction of the sum of configured rates, per rate and delay configuration."""
     rp = _rates_param(runs)
     sums = runs["metric.sum_rates_mbit"].astype("float64")
     # x: the rate configuration ordered by Σ rates; "10/10" and "15/5" share a sum
@@ -99,6 +100,7 @@ def path_shares(res: Results, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFrame] | None:
+    """Each path's share of the bytes against its share of the configured rate."""
     pb = path_shares(res, runs)
     if pb.empty:
         return None
@@ -141,6 +143,7 @@ def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFram
 
 
 def build(res: Results) -> Section:
+    """The throughput section of the report."""
     setup_style()
     sec = Section("throughput", "Throughput",
                   "Bulk transfers over 1..N paths with equal and unbalanced rates and delays "

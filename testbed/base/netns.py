@@ -33,6 +33,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def setns_current_thread(ns_path: str) -> None:
+    """Move the calling thread into the network namespace that ns_path names."""
     fd = os.open(ns_path, os.O_RDONLY)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
@@ -43,6 +44,7 @@ def setns_current_thread(ns_path: str) -> None:
 
 
 def ns_path(pid: int) -> str:
+    """The network-namespace file of process pid."""
     return f"/proc/{pid}/ns/net"
 
 
@@ -158,6 +160,7 @@ def write_sysctl(pid: int, values: dict[str, str | int]) -> None:
 
 
 def read_sysctl(pid: int, names: list[str]) -> dict[str, str]:
+    """Read sysctls (dotted names) in pid's namespace."""
     def read() -> dict[str, str]:
         out = {}
         for name in names:
@@ -232,6 +235,7 @@ class NetnsWorker:
             ipr.close()
 
     def call(self, fn: Callable[[Any], T], timeout: float = 10.0) -> T:
+        """Run fn(ipr) on the worker's thread; its result, or its exception raised here."""
         if not self._thread.is_alive():
             raise TestbedError("netns worker is not running")
         box: dict[str, Any] = {}
@@ -244,6 +248,7 @@ class NetnsWorker:
         return box["value"]
 
     def close(self) -> None:
+        """Stop the worker thread and close its IPRoute."""
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join(5)

@@ -35,6 +35,7 @@ class Parametrized:
 
     @classmethod
     def validate_params(cls, params: dict[str, Any]) -> Any:
+        """Validate params with the class's Params model; TestbedError naming the field."""
         try:
             return cls.Params(**params)
         except ValidationError as exc:
@@ -42,6 +43,7 @@ class Parametrized:
 
 
 class Registry(Generic[T]):
+    """Classes registered by name, discovered from their package on first use."""
     def __init__(self, kind: str, package: str, skip: frozenset[str] | set[str] = frozenset()):
         self.kind = kind
         self.package = package
@@ -49,6 +51,7 @@ class Registry(Generic[T]):
         self._classes: dict[str, type[T]] = {}
 
     def register(self, cls: type[T]) -> type[T]:
+        """Class decorator: register cls under its `name`."""
         name = getattr(cls, "name", "")
         if not name:
             raise TypeError(f"{cls.__name__} needs a name")
@@ -63,6 +66,7 @@ class Registry(Generic[T]):
                 importlib.import_module(f"{self.package}.{mod.name}")
 
     def cls(self, name: str) -> type[T]:
+        """The class registered under name; TestbedError listing the known names."""
         self._discover()
         if name not in self._classes:
             known = ", ".join(sorted(self._classes))
@@ -74,6 +78,7 @@ class Registry(Generic[T]):
         return self.cls(name)(**params)
 
     def available(self) -> dict[str, str]:
+        """Registered names with their descriptions."""
         self._discover()
         return {n: getattr(c, "description", "") for n, c in sorted(self._classes.items())}
 

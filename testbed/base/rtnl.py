@@ -30,6 +30,7 @@ def attr(kind: int, payload: bytes) -> bytes:
 
 
 class RawRtnl:
+    """A raw NETLINK_ROUTE socket opened in one namespace: hand-packed requests, one ack each."""
     def __init__(self, pid: int):
         def make() -> socket.socket:
             s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
@@ -58,6 +59,7 @@ class RawRtnl:
                     return
 
     def set_link(self, ifindex: int, up: bool) -> None:
+        """Set an interface's carrier state (IFF_UP) up or down."""
         # ifinfomsg: family, pad, type, index, flags, change mask
         body = struct.pack("BxHiII", 0, 0, ifindex, IFF_UP if up else 0, IFF_UP)
         self.request(RTM_NEWLINK, 0, body)
@@ -72,4 +74,5 @@ class RawRtnl:
         self.request(RTM_NEWROUTE, F_CREATE | F_REPLACE, body)
 
     def close(self) -> None:
+        """Close the netlink socket."""
         self.sock.close()

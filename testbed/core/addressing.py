@@ -52,10 +52,12 @@ class PathAddresses:
 
     @property
     def subnet(self) -> str:
+        """The path's /24 subnet."""
         return f"10.{self.index}.0.0/{PREFIX}"
 
     @property
     def table(self) -> int:
+        """The policy-routing table of the path's client address."""
         return TABLE_BASE + self.index
 
 
@@ -80,10 +82,12 @@ class BuiltLink:
 
     @property
     def name(self) -> str:
+        """The link's name (its spec's)."""
         return self.spec.name
 
     @property
     def subnet(self) -> str:
+        """The link's /24 subnet."""
         return f"10.{self.net}.0.0/{PREFIX}"
 
     def end(self, node: str) -> LinkEnd:
@@ -129,6 +133,7 @@ class GraphPath:
 
     @property
     def name(self) -> str:
+        """The path's name (its first link's spec's)."""
         return self.spec.name
 
     @property
@@ -138,6 +143,7 @@ class GraphPath:
 
     @property
     def addr(self) -> PathAddresses:
+        """The path's client and far addresses and routing table."""
         return PathAddresses(self.index, self.client_addr, self.far.addr)
 
 
@@ -158,10 +164,12 @@ class Graph:
 
     @property
     def client(self) -> str:
+        """The first client node."""
         return self.nodes("client")[0]
 
     @property
     def server(self) -> str:
+        """The first server node."""
         return self.nodes("server")[0]
 
     @property
@@ -170,6 +178,7 @@ class Graph:
         return self.default_path().server_addr
 
     def link(self, name: str) -> BuiltLink:
+        """The link with this name; TestbedError naming the known ones."""
         for link in self.links:
             if link.name == name:
                 return link
@@ -180,6 +189,7 @@ class Graph:
         return [link for link in self.links if node in (link.a.node, link.b.node)]
 
     def paths_of(self, client: str) -> list[GraphPath]:
+        """The paths that start at this client."""
         return [p for p in self.paths if p.client == client]
 
     def default_path(self, client: str | None = None) -> GraphPath:

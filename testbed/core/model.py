@@ -32,6 +32,7 @@ class GilbertElliott(FrozenStrict):
     good_loss_pct: float = Field(0, ge=0, le=100)
 
     def mean_loss_pct(self) -> float:
+        """The long-run loss rate of the two-state model, in percent."""
         p, r = self.p_pct / 100, self.r_pct / 100
         bad_share = p / (p + r) if p + r else 0.0
         return bad_share * self.bad_loss_pct + (1 - bad_share) * self.good_loss_pct
@@ -58,6 +59,7 @@ class LinkParams(FrozenStrict):
         return self
 
     def needs_delay_line(self) -> bool:
+        """True when these parameters need delay, jitter or loss emulation."""
         return bool(self.delay_ms or self.jitter_ms or self.loss_pct or self.gilbert)
 
     def queue_limit_pkts(self, rtt_ms: float, mtu: int = 1500) -> int:
@@ -122,6 +124,7 @@ class PathSpec(LinkParams):
         return self
 
     def direction(self, which: Literal["up", "down"]) -> LinkParams:
+        """The link parameters of one direction: the path's own with that direction's overrides."""
         base = {k: getattr(self, k) for k in LinkParams.model_fields}
         override = self.up if which == "up" else self.down
         if override is not None:
@@ -129,6 +132,7 @@ class PathSpec(LinkParams):
         return LinkParams(**base)
 
     def rtt_ms(self) -> float:
+        """The configured round-trip delay (up + down)."""
         return self.direction("up").delay_ms + self.direction("down").delay_ms
 
 
@@ -241,12 +245,14 @@ class TopologySpec(FrozenStrict):
         return self.graph().default_path().spec
 
     def path(self, name: str) -> PathSpec:
+        """The path with this name; ValueError naming the known ones."""
         for p in self.path_specs():
             if p.name == name:
                 return p
         raise KeyError(name)
 
     def needs_delay_line(self) -> bool:
+        """True when any emulated link needs delay, jitter or loss."""
         return any(link.spec.direction(d).needs_delay_line()
                    for link in self.graph().links if link.spec.emulated for d in ("up", "down"))
 
@@ -276,6 +282,7 @@ class HostSettings(FrozenStrict):
     )
 
     def sysctls(self) -> dict[str, str | int]:
+        """The net.mptcp.* sysctls these settings pin."""
         skip = {"congestion_control"}
         out = {f"net.mptcp.{k}": v for k, v in self.model_dump().items() if k not in skip}
         if self.path_manager == "mptcpd":  # mptcpd drives the in-kernel PM

@@ -142,6 +142,7 @@ def _present_mptcp_sysctls() -> list[str]:
 
 
 def set_limits(pid: int, subflows: int, add_addr_accepted: int) -> None:
+    """Set the in-kernel PM's subflow and ADD_ADDR limits in pid's namespace."""
     def apply() -> None:
         with MPTCP() as m:
             m.limits("set", subflows=subflows, add_addr_accepted=add_addr_accepted)

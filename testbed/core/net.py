@@ -101,10 +101,12 @@ class Path:
 
     @property
     def name(self) -> str:
+        """The path's name."""
         return self.spec.name
 
 
 class Testbed:
+    """A topology built as namespaces running kernel MPTCP, torn down on exit, error and signal."""
     __test__ = False  # not a pytest class despite the name
 
     def __init__(self, topology: TopologySpec, backend: str = "auto",
@@ -164,6 +166,7 @@ class Testbed:
             warnings.warn(str(err))
 
     def start(self) -> None:
+        """Build everything: nodes, links, addresses, routes, MPTCP settings, emulation."""
         self._state = RunState(self.run_id)
         self.net = NamespacedMininet(topo=None, controller=None, build=False, autoSetMacs=False)
         self._create_nodes()
@@ -443,6 +446,7 @@ class Testbed:
 
     @property
     def nodes(self) -> dict[str, Node]:
+        """The Mininet nodes by name."""
         assert self.net is not None
         return {n.name: n for n in self.net.hosts}
 
@@ -751,6 +755,7 @@ def _emulator_ports(link: EmulatedLink) -> None:
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll pred until it is true or timeout passes; its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():

@@ -109,6 +109,7 @@ class RunState:
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
+        """Delete the state file (the run ended cleanly)."""
         self.path.unlink(missing_ok=True)
 
 

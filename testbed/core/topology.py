@@ -24,6 +24,7 @@ class Topology:
     description: str = ""
 
     def spec(self, **params: Any) -> TopologySpec:
+        """The TopologySpec for these parameters."""
         raise NotImplementedError
 
 
@@ -51,6 +52,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], where: str = "topology") -> TopologySpec:
+    """A validated TopologySpec from a dict; TestbedError naming the bad key."""
     try:
         return TopologySpec(**data)
     except ValidationError as exc:
@@ -94,6 +96,7 @@ def apply_overrides(data: dict[str, Any], params: dict[str, Any]) -> dict[str, A
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set data[key] for a dotted key (list entries by index)."""
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):

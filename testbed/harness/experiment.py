@@ -57,15 +57,18 @@ class RunContext:
         return self.t0_ns
 
     def t(self, ns: int | None = None) -> float:
+        """Seconds since the run's clock origin (now, or at monotonic ns)."""
         return ((ns if ns is not None else time.monotonic_ns()) - self.t0_ns) / 1e9
 
     def record(self, source: str, host: str, event: str, token: int | None = None,
                ns: int | None = None, **detail: Any) -> None:
+        """Add an event to the run's event log."""
         self.events.append({"t_ns": ns or time.monotonic_ns(), "source": source, "host": host,
                             "event": event, "token": token, "detail": detail})
 
 
 class Experiment(Parametrized, abc.ABC):
+    """An experiment type: run() does one run on a built testbed and returns its output."""
     kind = "experiment"
 
     @abc.abstractmethod
@@ -78,4 +81,5 @@ register, available = EXPERIMENTS.register, EXPERIMENTS.available
 
 
 def experiment_class(name: str) -> type[Experiment]:
+    """The experiment class registered under name."""
     return EXPERIMENTS.cls(name)

@@ -16,6 +16,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings (values as TOML) -> a dict of dotted keys."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

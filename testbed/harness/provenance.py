@@ -30,6 +30,7 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 
 def git_state() -> dict:
+    """The repository's commit, whether it is dirty, and `git describe`."""
     commit = _run(["git", "rev-parse", "HEAD"], ROOT)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], ROOT)
     return {"commit": commit or None, "dirty": bool(status), "describe": _run(["git", "describe", "--always", "--dirty"], ROOT)}

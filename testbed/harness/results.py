@@ -26,6 +26,7 @@ from testbed.harness.schema import SCHEMA_VERSION, TABLES, conform
 
 
 def now_iso() -> str:
+    """The current UTC time in ISO 8601 with milliseconds."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -77,9 +78,11 @@ class RunWriter:
 
     @property
     def raw_dir(self) -> Path:
+        """Where the run's raw tool outputs go."""
         return self.tmp / "raw"
 
     def write_tables(self, tables: dict[str, pd.DataFrame]) -> None:
+        """Write the run's tables (known table names only) as Parquet."""
         for name, frame in tables.items():
             if name not in TABLES:
                 raise ValueError(f"unknown table {name!r}")
@@ -87,6 +90,7 @@ class RunWriter:
                 conform(frame, TABLES[name]).to_parquet(self.tmp / f"{name}.parquet", index=False)
 
     def finish(self, manifest: dict[str, Any], metrics: dict[str, Any]) -> Path:
+        """Write metrics and manifest, then move the run into the store atomically."""
         _write_synced(self.tmp / "metrics.json", json.dumps(metrics, indent=1, default=_jsonable))
         manifest = {"schema_version": SCHEMA_VERSION, **manifest}
         _write_synced(self.tmp / "manifest.json", json.dumps(manifest, indent=1, default=_jsonable))
@@ -165,6 +169,7 @@ def remove_abandoned(root: Path, experiment: str) -> list[str]:
 
 
 def list_runs(root: Path) -> pd.DataFrame:
+    """One row per stored run: experiment, id, status and reason."""
     rows = []
     for manifest in sorted(root.glob("*/*/manifest.json")):
         if manifest.parent.name.startswith(".tmp-"):

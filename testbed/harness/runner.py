@@ -32,11 +32,13 @@ from testbed.harness.scenario import RunSpec, Scenario, expand
 
 
 class RunTimeout(Exception):
+    """A run took longer than its scenario's timeout_s."""
     pass
 
 
 @dataclass
 class SweepSummary:
+    """What a sweep planned, skipped and ran, by status."""
     planned: int = 0
     skipped: int = 0
     elsewhere: int = 0  # being written by another process sweeping the same store
@@ -44,6 +46,7 @@ class SweepSummary:
     run_dirs: list[Path] = field(default_factory=list)
 
     def line(self) -> str:
+        """The summary in one line."""
         parts = ", ".join(f"{n} {s}" for s, n in sorted(self.done.items())) or "nothing run"
         busy = f", {self.elsewhere} left to another process" if self.elsewhere else ""
         return f"{self.planned} runs planned, {self.skipped} already stored{busy}, {parts}"
@@ -118,6 +121,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_one(spec: RunSpec, root: Path) -> Path:
+    """Build the testbed, run one grid point's repetition with its probes, store it."""
     sc = spec.scenario
     exp_cls = experiments.experiment_class(sc.experiment)
     writer = RunWriter(root, sc.experiment, spec.run_id)

@@ -44,11 +44,13 @@ from testbed.core.topology import apply_overrides, from_dict, load as load_topol
 
 
 class TopologyRef(Strict):
+    """The scenario's topology: a registered name with parameters, or an inline spec."""
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     spec: dict[str, Any] | None = None  # an inline topology
 
     def resolve(self) -> TopologySpec:
+        """The TopologySpec this reference names, overrides applied."""
         if self.spec is not None:
             return from_dict({"name": "inline", **self.spec}, where="scenario topology.spec")
         if self.name is None:
@@ -57,6 +59,7 @@ class TopologyRef(Strict):
 
 
 class Hosts(Strict):
+    """MPTCP settings of the client and the server."""
     client: HostSettings = Field(default_factory=HostSettings)
     server: HostSettings = Field(default_factory=HostSettings)
 
@@ -109,11 +112,13 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
+        """The run's id: its grid point's id and repetition number."""
         return f"{self.point_id}-r{self.repetition:03d}"
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None,
          repetitions: int | None = None) -> Scenario:
+    """Load and validate a scenario file with --set overrides; TestbedError naming the key."""
     p = Path(path)
     data = read_toml(p, "scenario file")
     try:

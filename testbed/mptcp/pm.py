@@ -158,6 +158,7 @@ _HINTS = {107: "connection not fully established yet: wait for the 'established'
 # ---- events --------------------------------------------------------------------
 @dataclass
 class PMEvent:
+    """One path-manager event: when it arrived, its type, token and attributes."""
     t_ns: int  # time.monotonic_ns() when the reader thread received it
     type: str
     token: int | None
@@ -165,6 +166,7 @@ class PMEvent:
 
 
 def decode_event(msg: pm_event_msg, t_ns: int) -> PMEvent:
+    """A PMEvent from a decoded netlink message."""
     attrs: dict[str, Any] = {}
     for name, value in msg["attrs"]:
         attrs[name[len("MPTCP_ATTR_"):].lower()] = value
@@ -203,6 +205,7 @@ class PMEventListener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "PMEventListener":
+        """Start listening; TestbedError if the listener cannot join the namespace."""
         self._thread = threading.Thread(target=self._run, name=f"pm-events-{self.pid}", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -249,6 +252,7 @@ class PMEventListener:
             sock.close()
 
     def stop(self) -> None:
+        """Stop listening (within poll_s)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
@@ -258,6 +262,7 @@ class PMEventListener:
         return self._thread is not None and self._thread.is_alive()
 
     def events(self) -> list[PMEvent]:
+        """The events received so far."""
         with self._lock:
             return list(self._events)
 
@@ -416,6 +421,7 @@ class UserspacePM:
 
     def subflow_create(self, token: int, local_addr: str, local_id: int, remote_addr: str,
                        remote_port: int, if_idx: int | None = None) -> None:
+        """Open a subflow of the connection from a local address to a remote one."""
         self._check_token(token)
         _request(self.pid, "subflow_create", [
             ("MPTCP_PM_ATTR_TOKEN", token),

@@ -105,10 +105,12 @@ class MptcpInfo:
 
     @property
     def fallback(self) -> bool:
+        """True when the connection fell back to TCP."""
         return bool(self.flags & MPTCP_INFO_FLAG_FALLBACK)
 
     @property
     def remote_key_received(self) -> bool:
+        """True once the peer's key arrived."""
         return bool(self.flags & MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED)
 
 
@@ -143,6 +145,7 @@ class TcpInfo:
 
 @dataclass(frozen=True)
 class SubflowAddrs:
+    """A subflow's local and remote (address, port)."""
     local: tuple[str, int]
     remote: tuple[str, int]
 
@@ -164,6 +167,7 @@ class Subflow:
 
 @dataclass(frozen=True)
 class FullInfo:
+    """MPTCP_FULL_INFO: the connection's mptcp_info and every subflow."""
     mptcp: MptcpInfo
     subflows: list[Subflow]
     num_subflows: int  # real count (may exceed len(subflows) if the array was short)
@@ -265,10 +269,12 @@ def mptcp_info(sock: socket.socket | int) -> MptcpInfo:
 
 
 def subflow_tcpinfo(sock: socket.socket | int) -> list[TcpInfo]:
+    """MPTCP_TCPINFO: TCP_INFO of every subflow."""
     return [_decode_tcp_info(raw) for raw in _subflow_array(sock, MPTCP_TCPINFO, TCP_INFO_LEN)]
 
 
 def subflow_addrs(sock: socket.socket | int) -> list[SubflowAddrs]:
+    """MPTCP_SUBFLOW_ADDRS: the addresses of every subflow."""
     return [_decode_addrs(raw) for raw in _subflow_array(sock, MPTCP_SUBFLOW_ADDRS, ADDRS_LEN)]
 
 
@@ -372,6 +378,7 @@ def listener(port: int, addr: str = "0.0.0.0", protocol: str = "mptcp", cc: str 
 
 
 def congestion_control(sock: socket.socket) -> str:
+    """The socket's congestion-control algorithm."""
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode()
 
 

@@ -19,6 +19,7 @@ from testbed.robe.sockets import PathSpec
 
 @dataclass
 class Attempt:
+    """One connection attempt: its path, socket and when it started."""
     path: PathSpec
     sock: socket.socket
     started_ns: int
@@ -28,6 +29,7 @@ class Attempt:
 
 @dataclass
 class AttemptSet:
+    """The attempts of one establishment: started, completed and aborted together."""
     dest: tuple[str, int]
     report: R.Report
     mptcp: bool = True
@@ -59,6 +61,7 @@ class AttemptSet:
         return att
 
     def start(self, path: PathSpec) -> Attempt:
+        """Start an attempt on path now."""
         return self.fire(self.prepare(path))
 
     def try_start(self, path: PathSpec) -> Attempt | None:
@@ -129,6 +132,7 @@ class AttemptSet:
                     att.sock.close()
 
     def abort(self, att: Attempt, reason: str) -> None:
+        """Abort one attempt (RST when established) and record why."""
         if att in self.active:
             self.active.remove(att)
         if att in self.done:
@@ -140,6 +144,7 @@ class AttemptSet:
                         established=on_wire, on_wire=on_wire or self.mptcp)
 
     def abort_all(self, reason: str) -> None:
+        """Abort every attempt still held."""
         for att in list(self.active) + list(self.done):
             self.abort(att, reason)
 

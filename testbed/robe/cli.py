@@ -119,6 +119,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `robe` command line: connect, proxy, paths, history."""
     ap = _Parser(prog="robe", description="Robust MPTCP session establishment (RobE) client")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     common = _Parser(add_help=False)

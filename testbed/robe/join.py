@@ -45,6 +45,7 @@ def current_path_manager() -> str:
 
 
 def resolve_mode(mode: str) -> str:
+    """The join mode to use ('auto' resolved from the namespace's path manager)."""
     if mode not in MODES:
         raise ValueError(f"join mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":

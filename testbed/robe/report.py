@@ -31,6 +31,7 @@ GAVE_UP = "gave_up"                      # no attempt completed before the deadl
 
 @dataclass
 class Event:
+    """One thing that happened during an establishment."""
     t_ns: int
     kind: str
     path: str | None = None
@@ -39,6 +40,7 @@ class Event:
 
 @dataclass
 class Report:
+    """What an establishment did: its events, winner, outcome and timings."""
     strategy: str
     dest: tuple[str, int]
     paths: list[str]
@@ -58,15 +60,18 @@ class Report:
     # ---- recording -------------------------------------------------------
     def add(self, kind: str, path: str | None = None, t_ns: int | None = None,
             **detail: Any) -> Event:
+        """Record an event (thread-safe) and return it."""
         ev = Event(t_ns if t_ns is not None else time.monotonic_ns(), kind, path, detail)
         with self._lock:  # the join thread records concurrently
             self.events.append(ev)
         return ev
 
     def joins_pending(self) -> None:
+        """Mark the joins as started."""
         self._joins_done.clear()
 
     def joins_finished(self) -> None:
+        """Mark the joins as done."""
         self._joins_done.set()
 
     def wait_joins(self, timeout: float | None = None) -> bool:
@@ -75,14 +80,17 @@ class Report:
 
     # ---- queries -----------------------------------------------------------
     def find(self, kind: str, path: str | None = None) -> list[Event]:
+        """The events of this kind (and path)."""
         with self._lock:
             return [e for e in self.events if e.kind == kind and (path is None or e.path == path)]
 
     def first(self, kind: str, path: str | None = None) -> Event | None:
+        """The earliest event of this kind (and path)."""
         found = self.find(kind, path)
         return min(found, key=lambda e: e.t_ns) if found else None
 
     def since_start_s(self, ev: Event | None) -> float | None:
+        """Seconds from the start of the establishment to ev."""
         return None if ev is None else (ev.t_ns - self.t0_ns) / 1e9
 
     @property
@@ -98,6 +106,7 @@ class Report:
         return self.since_start_s(self.first(JOIN_ESTABLISHED))
 
     def summary(self) -> dict[str, Any]:
+        """Setup and multipath times, winner, outcome and packet counts."""
         return {"setup_s": self.setup_s, "multipath_s": self.multipath_s,
                 "winner": self.winner, "outcome": self.outcome,
                 "syns": len(self.find(ATTEMPT_STARTED)) + len(self.find(JOIN_STARTED)),
@@ -105,6 +114,7 @@ class Report:
                 "joined": sorted({e.path for e in self.find(JOIN_ESTABLISHED) if e.path})}
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole report as a JSON-able dict."""
         with self._lock:
             events = sorted(self.events, key=lambda e: e.t_ns)
         return {

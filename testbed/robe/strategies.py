@@ -39,6 +39,7 @@ class RobeError(OSError):
 
 @dataclass
 class Options:
+    """How a strategy establishes: timeout, timer, join mode, history, congestion control."""
     timeout_s: float = 10.0            # whole establishment, all attempts
     timer: TimerPolicy = field(default_factory=TimerPolicy)
     join: str = "auto"                 # auto | userspace | kernel | none
@@ -48,6 +49,7 @@ class Options:
     bind_device: bool = True           # SO_BINDTODEVICE in addition to bind()
 
     def describe(self) -> dict:
+        """The options as a JSON-able dict."""
         # Not asdict(): it would deep-copy the shared History and its lock.
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("history", "timer")}
         d["timer"] = self.timer.describe()
@@ -57,6 +59,7 @@ class Options:
 
 @dataclass
 class Context:
+    """What a strategy works with: destination, paths, options, report, deadline."""
     dest: tuple[str, int]
     paths: list[PathSpec]          # selected paths, default-route path first
     options: Options
@@ -64,10 +67,12 @@ class Context:
     deadline: float                # time.monotonic()
 
     def left(self) -> float:
+        """Seconds left until the deadline."""
         return max(0.0, self.deadline - time.monotonic())
 
 
 class Strategy(abc.ABC):
+    """A RobE strategy: which attempts to start, when to give up on one, which wins."""
     name: ClassVar[str]
     mptcp: ClassVar[bool] = True
     requires_server_support: ClassVar[bool] = False
@@ -78,6 +83,7 @@ class Strategy(abc.ABC):
 
     def after_establish(self, ctx: Context, sock: socket.socket, winner: PathSpec,
                         joiner: Joiner) -> None:
+        """Add the remaining paths to the won connection (MP_JOIN subflows by default)."""
         token = S.mptcp_token(sock) if self.mptcp else None
         joiner.start(token, ctx.dest, ctx.paths, winner)
 
@@ -86,6 +92,7 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its name."""
     STRATEGIES[cls.name] = cls
     return cls
 
@@ -135,6 +142,7 @@ class Timer(Strategy):
     name = "timer"
 
     def order(self, ctx: Context) -> list[PathSpec]:
+        """The order in which paths are tried: the default-route path first."""
         return list(ctx.paths)
 
     def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
@@ -237,6 +245,7 @@ class TimerIPS(Timer):
     name = "timer+ips"
 
     def order(self, ctx: Context) -> list[PathSpec]:
+        """The order in which paths are tried: IPS's ranking."""
         return _ips_order(ctx)
 
 

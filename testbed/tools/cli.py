@@ -15,6 +15,7 @@ USER_ERROR = 2
 
 
 def fail(msg: str) -> Exit:
+    """The invoke Exit for a user error: one line, the project's user-error exit code."""
     return Exit(f"error: {msg}", code=USER_ERROR)
 
 
@@ -31,5 +32,6 @@ def guard(fn: Callable[[], T]) -> T:
 
 
 def need_root() -> None:
+    """Exit with a user error unless running as root."""
     if os.geteuid() != 0:
         raise fail("this task needs root (network namespaces, tc, nftables)")

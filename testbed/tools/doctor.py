@@ -16,6 +16,7 @@ from testbed.core.emulation.offloads import disable_offloads, offload_state
 
 @dataclass
 class Check:
+    """One doctor check: its result, detail and how to fix it."""
     name: str
     ok: bool
     detail: str
@@ -109,6 +110,7 @@ def _offload_check() -> Check:
 
 
 def run_checks() -> list[Check]:
+    """Run every check (only the root check when not root)."""
     checks = [Check("running as root", os.geteuid() == 0, f"euid={os.geteuid()}", "run as root")]
     if os.geteuid() != 0:
         return checks
@@ -120,6 +122,7 @@ def run_checks() -> list[Check]:
 
 
 def render(checks: list[Check]) -> str:
+    """The checks as aligned lines, with the fix under each failed one."""
     width = max(len(c.name) for c in checks)
     lines = []
     for c in checks:
@@ -132,6 +135,7 @@ def render(checks: list[Check]) -> str:
 
 
 def healthy(checks: list[Check]) -> bool:
+    """True when every required check passed."""
     return all(c.ok for c in checks if c.required)
 
 

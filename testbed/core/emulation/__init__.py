@@ -1,4 +1,5 @@
-"""Link emulation backends, chosen automatically or by name."""
+"""Link emulation backends (bridge, netem, our user-space forwarder), chosen
+automatically or by name; calibration and offloads. Part of testbed.core."""
 from __future__ import annotations
 
 from testbed.core.emulation.base import Backend, EmulatedLink
@@ -12,6 +13,7 @@ AUTO_ORDER = ["netem", "userspace", "bridge"]
 
 
 def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend selectable by its name."""
     BACKENDS[cls.name] = cls
     return cls
 

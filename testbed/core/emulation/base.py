@@ -18,6 +18,7 @@ Direction = Literal["up", "down"]
 
 @dataclass
 class EmulatedLink:
+    """One emulated link: the emulator node, its two ports and the parameters per direction."""
     name: str  # path name, or "bottleneck"
     node: Any  # mininet Node hosting the emulation
     port_a: str  # towards the client
@@ -29,13 +30,16 @@ class EmulatedLink:
 
     @property
     def pid(self) -> int:
+        """The pid whose namespace holds the emulation."""
         return self.node.pid
 
     @property
     def rtt_ms(self) -> float:
+        """The configured round-trip delay (up + down)."""
         return self.up.delay_ms + self.down.delay_ms
 
     def params(self, direction: Direction) -> LinkParams:
+        """The parameters of one direction."""
         return self.up if direction == "up" else self.down
 
     def egress_port(self, direction: Direction) -> str:
@@ -44,6 +48,7 @@ class EmulatedLink:
 
 
 class Backend(abc.ABC):
+    """A link-emulation backend: builds, changes and tears down emulated links."""
     name: ClassVar[str]
 
     @classmethod
@@ -88,4 +93,5 @@ class Backend(abc.ABC):
         return []
 
     def describe(self) -> dict[str, Any]:
+        """What the backend is and does, for the run manifest."""
         return {"backend": self.name}

@@ -15,6 +15,7 @@ from testbed.base.netns import run_in_netns
 
 
 def refuse_delay_line(backend: str, link: str, params: LinkParams) -> None:
+    """TestbedError when a link asks for delay, jitter or loss a backend cannot apply."""
     if params.needs_delay_line():
         raise TestbedError(
             f"link {link!r} asks for delay/jitter/loss but the {backend!r} backend "
@@ -23,6 +24,7 @@ def refuse_delay_line(backend: str, link: str, params: LinkParams) -> None:
 
 
 class BridgeBackend(Backend):
+    """Rate and queue only (a bridge, HTB + pfifo): for links without delay or loss."""
     name = "bridge"
 
     @classmethod

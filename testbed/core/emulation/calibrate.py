@@ -146,6 +146,7 @@ def ping_rtts(pid: int, dst: str, count: int, interval: float = 0.01, src: str |
 
 
 def rtt_summary(rtts: list[float], sent: int) -> dict[str, Any]:
+    """Count, mean, median, p99, min and max of RTT samples in ms (NaN when none)."""
     if not rtts:
         return {"n": 0, "sent": sent, "mean_ms": math.nan, "p50_ms": math.nan,
                 "p99_ms": math.nan, "min_ms": math.nan, "max_ms": math.nan}
@@ -175,6 +176,7 @@ def tcp_goodput(src_pid: int, dst_pid: int, src_addr: str | None, dst_addr: str,
 
 
 def has_loss(p: LinkParams) -> bool:
+    """True when the parameters lose packets (uniform or Gilbert-Elliott)."""
     return bool(p.loss_pct or (p.gilbert is not None and p.gilbert.mean_loss_pct() > 0))
 
 

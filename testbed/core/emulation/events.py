@@ -48,6 +48,7 @@ class EventScheduler:
         self.realtime = False
 
     def start(self, t0: float | None = None) -> EventScheduler:
+        """Start applying the events on time, counted from t0 (now by default)."""
         self.t0 = time.monotonic() if t0 is None else t0
         # Other threads of this process (traffic generators, probes) would keep
         # the GIL for up to 5 ms after each of our syscalls; hand it over faster
@@ -59,6 +60,7 @@ class EventScheduler:
         return self
 
     def stop(self) -> None:
+        """Stop the scheduler; events not yet due are not applied."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -67,6 +69,7 @@ class EventScheduler:
             self._old_switch = None
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait for the scheduler thread to end (all events applied)."""
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -101,6 +101,7 @@ class Dir:
         self.set(params)
 
     def set(self, params: dict[str, Any]) -> None:
+        """Take new parameters for this direction (effective for the next packet)."""
         self.params = dict(params)
         self.delay = float(params.get("delay_ms") or 0) / 1000
         self.jitter = float(params.get("jitter_ms") or 0) / 1000
@@ -121,6 +122,7 @@ class Dir:
             self.reorder = reorder
 
     def stats(self) -> dict[str, Any]:
+        """This direction's counters, queue length and lateness."""
         out: dict[str, Any] = dict(self.c)
         out["queued"] = len(self.queue)
         out["late_mean_us"] = round(self.late_sum / self.c["tx"] * 1e6, 1) if self.c["tx"] else 0.0
@@ -131,6 +133,7 @@ class Dir:
 
 
 def open_port(ifname: str, mtu: int) -> socket.socket:
+    """An AF_PACKET socket on ifname for forwarding (outgoing copies ignored)."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
     s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
@@ -148,6 +151,7 @@ def open_port(ifname: str, mtu: int) -> socket.socket:
 
 
 class Forwarder:
+    """Forwarding between two ports: delay, jitter, loss, rate and queue per direction."""
     def __init__(self, port_a: str, port_b: str, ctl: socket.socket, config: dict[str, Any],
                  mtu: int = 1500, seed: int | None = None):
         self.sa = open_port(port_a, mtu)
@@ -215,6 +219,7 @@ class Forwarder:
 
     # ---- transmit: everything due ----------------------------------------
     def flush(self, d: Dir, sock: socket.socket, now: float) -> None:
+        """Send the packets of direction d that are due."""
         q = d.queue
         if not q or q[0][0] > now + EARLY_S:
             return
@@ -250,6 +255,7 @@ class Forwarder:
 
     # ---- control channel --------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """Both directions' counters, with the kernel's socket drops."""
         for name, sock in (("up", self.sa), ("down", self.sb)):
             raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
             _packets, drops = struct.unpack("II", raw)
@@ -271,6 +277,7 @@ class Forwarder:
         return out
 
     def handle_ctl(self) -> None:
+        """Answer one control request (set parameters, blackhole, stats, stop)."""
         try:
             raw = self.ctl.recv(65536)
         except BlockingIOError:
@@ -307,6 +314,7 @@ class Forwarder:
 
     # ---- main loop --------------------------------------------------------
     def run(self) -> None:
+        """Forward packets until told to stop."""
         sa, sb, ctl = self.sa, self.sb, self.ctl
         up, down = self.up, self.down
         ingest, flush = self.ingest, self.flush
@@ -372,6 +380,7 @@ def set_scheduling(policy: str, priority: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: join the namespace, open the ports, forward until stopped."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--netns", help="network namespace to join, e.g. /proc/PID/ns/net")
     ap.add_argument("--port-a", required=True)

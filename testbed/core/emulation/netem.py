@@ -93,6 +93,7 @@ def netem_args(p: LinkParams, blackhole: bool = False) -> list[str]:
 
 
 class NetemBackend(Backend):
+    """The kernel backend: netem delay line and HTB + pfifo shaping per direction."""
     name = "netem"
 
     def __init__(self) -> None:
@@ -175,6 +176,7 @@ class NetemBackend(Backend):
             self._blackholed.pop((id(link), d), None)
 
     def describe(self) -> dict[str, Any]:
+        """The backend, kernel release, delay-line and shaping set-up, for the manifest."""
         return {"backend": self.name, "kernel": platform.release(),
                 "delay_line": f"netem limit {NETEM_LIMIT}, jitter in order via rate {NO_REORDER_RATE}",
                 "shaping": "HTB + pfifo on the egress port"}

@@ -25,10 +25,12 @@ def htb_args(params: LinkParams, mtu: int) -> dict:
 
 
 def queue_limit(link: EmulatedLink, params: LinkParams) -> int:
+    """The link's queue limit in packets for these parameters."""
     return params.queue_limit_pkts(max(link.rtt_ms, 1.0), link.mtu)
 
 
 def install(link: EmulatedLink, direction: Direction) -> None:
+    """Install HTB + pfifo for one direction on its egress port."""
     params = link.params(direction)
     port = link.egress_port(direction)
     limit = queue_limit(link, params)
@@ -45,6 +47,7 @@ def install(link: EmulatedLink, direction: Direction) -> None:
 
 
 def change(link: EmulatedLink, direction: Direction, params: LinkParams) -> None:
+    """Change the HTB rate and the pfifo limit of one direction in place."""
     port = link.egress_port(direction)
     limit = queue_limit(link, params)
 

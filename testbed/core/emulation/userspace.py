@@ -77,9 +77,11 @@ class ForwarderHandle:
 
     @property
     def pid(self) -> int:
+        """The forwarder process's pid."""
         return self.proc.pid
 
     def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send one control request to the forwarder and return its answer."""
         with self.lock:
             if self.proc.poll() is not None:
                 raise TestbedError(f"link {self.link.name!r}: forwarder exited "
@@ -97,6 +99,7 @@ class ForwarderHandle:
         return reply
 
     def request_stop(self) -> None:
+        """Ask the forwarder to stop (no wait)."""
         if self.proc.poll() is None:
             try:
                 self.request({"op": "stop"})
@@ -104,6 +107,7 @@ class ForwarderHandle:
                 pass
 
     def stop(self) -> None:
+        """Stop the forwarder: asked first, killed by its handle if it does not exit."""
         self.request_stop()
         if self.proc.poll() is None:
             try:
@@ -113,6 +117,7 @@ class ForwarderHandle:
         self.kill()
 
     def kill(self) -> None:
+        """Kill the forwarder by its own process handle."""
         if self.proc.poll() is None:
             self.proc.kill()  # by our own Popen handle, never by name
             try:
@@ -140,6 +145,7 @@ class RawTc(RawRtnl):
         self.request(msg_type, 0, struct.pack("BxxxiIII", 0, ifindex, handle, parent, 0) + attrs)
 
     def change(self, ifindex: int, htb: dict[str, Any], limit: int | None) -> None:
+        """Change an HTB class's rate and its pfifo's limit in one netlink round trip each."""
         from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime, get_rate
 
         rate = int(get_rate(htb["rate"]))  # bytes/s
@@ -159,6 +165,7 @@ class RawTc(RawRtnl):
 
 
 class UserspaceBackend(Backend):
+    """Our AF_PACKET forwarder for delay, jitter and loss; HTB + pfifo for rate and queue."""
     name = "userspace"
 
     def __init__(self, seed: int | None = None, sched: str | None = None):
@@ -303,6 +310,7 @@ class UserspaceBackend(Backend):
         return [h.pid for h in self._handles.values()]
 
     def describe(self) -> dict[str, Any]:
+        """The backend and its forwarders' counters, for the manifest."""
         counters = dict(self._final_stats)
         for key, h in self._handles.items():
             try:

@@ -1,4 +1,5 @@
-"""Built-in topologies (Python). TOML topologies live next to this file."""
+"""Built-in topologies (Python), registered by name; TOML topologies live next
+to this file. Part of testbed.core: may use the model and testbed.base."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +10,7 @@ from testbed.core.topology import Topology, register
 
 @register
 class TwoPath(Topology):
+    """WiFi-like and LTE-like paths from a client to a server behind a router."""
     name = "two-path"
     description = "WiFi-like + LTE-like paths from a client to a server behind a router"
 
@@ -39,11 +41,13 @@ def _pair(name: str, value: list[float] | None, default: tuple[float, float]) ->
 
 @register
 class NPath(Topology):
+    """n identical paths (1..8) from a client to a server behind a router."""
     name = "n-path"
     description = "n identical paths (1..8) from a client to a server behind a router"
 
     def spec(self, n: int = 4, rate_mbit: float = 10, delay_ms: float = 10,
              **over: Any) -> TopologySpec:
+        """The topology with n paths of this rate and one-way delay."""
         n = int(n)
         paths = [{"name": f"p{i + 1}", "rate_mbit": rate_mbit, "delay_ms": delay_ms}
                  for i in range(max(n, 0))]
@@ -52,11 +56,13 @@ class NPath(Topology):
 
 @register
 class SharedBottleneck(Topology):
+    """Two access paths joining a shared router-server bottleneck."""
     name = "shared-bottleneck"
     description = "two access paths joining a shared router-server bottleneck (simult_flows shape)"
 
     def spec(self, access_rate_mbit: float = 100, bottleneck_mbit: float = 20,
              delay_ms: float = 5, **over: Any) -> TopologySpec:
+        """The topology with these access rates, bottleneck rate and delay."""
         return TopologySpec(
             name=self.name, description=self.description,
             paths=[
@@ -71,6 +77,7 @@ class SharedBottleneck(Topology):
 # ---- general graphs (nodes and links; docs/topologies.md) --------------------
 @register
 class Dumbbell(Topology):
+    """K MPTCP clients and M TCP senders through one bottleneck (or two, disjoint)."""
     name = "dumbbell"
     description = ("K MPTCP clients (two subflows each) and M TCP senders through one "
                    "bottleneck (disjoint=true: two bottlenecks, one per subflow)")
@@ -112,6 +119,7 @@ class Dumbbell(Topology):
 
 @register
 class MultiClient(Topology):
+    """N clients sharing a WiFi-like and an LTE-like access path to one server."""
     name = "multi-client"
     description = "N clients sharing a WiFi-like and an LTE-like access path to one server"
 
@@ -140,6 +148,7 @@ class MultiClient(Topology):
 
 @register
 class Multihop(Topology):
+    """Two paths of 3 and 4 router hops that share a middle link."""
     name = "multihop"
     description = "two paths of 3 and 4 router hops that share a middle link"
 

@@ -51,6 +51,7 @@ def _int_or_na(v: Any) -> int | None:
 
 
 def concat(frames: Iterable[pd.DataFrame], table: str) -> pd.DataFrame:
+    """Concatenate a table's frames (an empty frame of the table when none)."""
     frames = [f for f in frames if not f.empty]
     if not frames:
         return frame(table, [])
@@ -66,6 +67,7 @@ ProbeParams = Strict
 
 
 class Probe(Parametrized, abc.ABC):
+    """A measurement running alongside a run: started before the workload, stopped after it."""
     kind = "probe"
 
     @abc.abstractmethod
@@ -78,9 +80,11 @@ class Probe(Parametrized, abc.ABC):
         """Stop observing; idempotent, and must not raise for a probe that never started."""
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        """The probe's tables for the results store (none by default)."""
         return {}
 
     def summary(self) -> dict[str, Any]:
+        """A JSON-able summary for the manifest (empty by default)."""
         return {}
 
     def metrics(self) -> dict[str, float | int | str | bool | None]:

@@ -18,6 +18,7 @@ from testbed.harness.probes.base import Probe, ProbeParams, frame, register, rel
 
 
 class IfstatsParams(ProbeParams):
+    """Parameters of the ifstats probe."""
     interval_ms: float = Field(100, gt=0, le=60_000)
 
 
@@ -39,6 +40,7 @@ def read_counters(pid: int) -> dict[str, dict[str, int]]:
 
 @register
 class IfstatsProbe(Probe):
+    """Client interface bytes per path, sampled at an interval."""
     name = "ifstats"
     description = "client interface bytes per path, sampled (path_tx_bytes / path_rx_bytes)"
     Params = IfstatsParams
@@ -73,6 +75,7 @@ class IfstatsProbe(Probe):
             self._thread.join(2)
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        """Bytes per path per interval (path_tx_bytes / path_rx_bytes)."""
         rows = []
         for (_, prev), (t, cur) in zip(self._samples, self._samples[1:]):
             for ifname, path in self._paths.items():
@@ -83,6 +86,7 @@ class IfstatsProbe(Probe):
         return {"timeseries": frame("timeseries", rows)}
 
     def summary(self) -> dict[str, Any]:
+        """Bytes per path over the whole run."""
         if len(self._samples) < 2:
             return {}
         first, last = self._samples[0][1], self._samples[-1][1]

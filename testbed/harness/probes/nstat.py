@@ -17,11 +17,13 @@ PREFIXES = ("MPTcpExt", "Tcp")
 
 
 class NstatParams(ProbeParams):
+    """Parameters of the nstat probe."""
     interval_ms: float | None = None  # accepted for uniformity; two snapshots only
     hosts: list[str] = ["client", "server"]
 
 
 def snapshot(tb: Any, host: str) -> dict[str, int]:
+    """The host's MPTcpExt* and Tcp* counters now (nstat -asz --json)."""
     node = getattr(tb, host)
     proc = tb.popen(node, ["nstat", "-asz", "--json"], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True)
@@ -38,6 +40,7 @@ def snapshot(tb: Any, host: str) -> dict[str, int]:
 
 @register
 class NstatProbe(Probe):
+    """MPTcpExt*/Tcp* counter deltas per host over the run."""
     name = "nstat"
     description = "MPTcpExt*/Tcp* counter deltas per host (nstat)"
     Params = NstatParams
@@ -66,6 +69,7 @@ class NstatProbe(Probe):
             self._delta[host] = {k: v - before.get(k, 0) for k, v in after.items()}
 
     def summary(self) -> dict[str, Any]:
+        """The non-zero counter deltas per host."""
         return {host: {k: v for k, v in d.items() if v} for host, d in self._delta.items()}
 
     def metrics(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ FIELDS = {"time": "frame.time_epoch", "src": "ip.src", "dst": "ip.dst",
 
 
 class PcapParams(ProbeParams):
+    """Parameters of the pcap probe."""
     interval_ms: float | None = None  # accepted for uniformity
     snaplen: int = Field(128, ge=64, le=65535, description="headers + options only")
     max_packets: int | None = Field(None, ge=1, description="tshark -c limit per path")
@@ -67,6 +68,7 @@ def _int(v: str) -> int | None:
 
 @register
 class PcapProbe(Probe):
+    """tcpdump on every client path; tshark extracts the MPTCP options."""
     name = "pcap"
     description = "tcpdump per client path + tshark MPTCP option extraction (packets table)"
     Params = PcapParams
@@ -240,11 +242,13 @@ class PcapProbe(Probe):
         return frame("packets", rows)
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        """The packets table dissected from every capture."""
         frames = [self._extract(path, f) for path, f in self._files.items()
                   if f.exists() and f.stat().st_size > 24]
         return {"packets": concat(frames, "packets")}
 
     def summary(self) -> dict[str, Any]:
+        """Capture files, their sizes and the packets the interfaces counted."""
         return {"files": {p: f.name for p, f in self._files.items()},
                 "bytes": {p: f.stat().st_size for p, f in self._files.items() if f.exists()},
                 "interface_packets": self.counted(),

@@ -18,12 +18,14 @@ from testbed.harness.probes.base import Probe, ProbeParams, frame, register, rel
 
 
 class PMEventsParams(ProbeParams):
+    """Parameters of the pm_events probe."""
     interval_ms: float | None = None  # accepted for uniformity; events are pushed, not polled
     hosts: list[str] = ["client", "server"]
 
 
 @register
 class PMEventsProbe(Probe):
+    """The MPTCP path manager's netlink events per host."""
     name = "pm_events"
     description = "netlink MPTCP PM events (created, established, sub_established, ...)"
     Params = PMEventsParams
@@ -43,12 +45,14 @@ class PMEventsProbe(Probe):
             lst.stop()
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        """The events as rows of the events table."""
         rows = [{"t": rel_s(ev.t_ns, self._t0_ns), "source": "pm", "host": host, "event": ev.type,
                  "token": ev.token, "detail": json.dumps(ev.attrs, sort_keys=True)}
                 for host, lst in self._listeners.items() for ev in lst.events()]
         return {"events": frame("events", sorted(rows, key=lambda r: r["t"]))}
 
     def summary(self) -> dict[str, Any]:
+        """How many events of each type each host saw."""
         return {host: dict(Counter(ev.type for ev in lst.events()))
                 for host, lst in self._listeners.items()}
 

@@ -31,11 +31,13 @@ STATES = sum(1 << s for s in TCP_STATES if s not in (6, 10))
 
 
 class SubflowsParams(ProbeParams):
+    """Parameters of the subflows probe."""
     interval_ms: float = Field(50, gt=0, le=60_000)
     hosts: list[str] = ["client", "server"]
 
 
 def sample(ds: DiagSocket) -> list[dict[str, Any]]:
+    """TCP_INFO of every TCP socket of the namespace (sock_diag), one row each."""
     out = []
     for msg in ds.get_sock_stats(family=socket.AF_INET, states=STATES,
                                  protocol=socket.IPPROTO_TCP, extensions=INET_DIAG_INFO_EXT):
@@ -57,6 +59,7 @@ def sample(ds: DiagSocket) -> list[dict[str, Any]]:
 
 @register
 class SubflowsProbe(Probe):
+    """Per-subflow TCP_INFO (cwnd, srtt, bytes, retransmits) sampled via sock_diag."""
     name = "subflows"
     description = "per-subflow TCP_INFO (cwnd, srtt, bytes, retransmits) via sock_diag"
     Params = SubflowsParams
@@ -115,11 +118,13 @@ class SubflowsProbe(Probe):
             t.join(5)
 
     def tables(self) -> dict[str, pd.DataFrame]:
+        """The samples as the subflows table."""
         with self._lock:
             rows = list(self._rows)
         return {"subflows": frame("subflows", rows)}
 
     def summary(self) -> dict[str, Any]:
+        """Sample count and the subflows seen per host."""
         with self._lock:
             seen = {(r["host"], r["subflow"]) for r in self._rows}
         out: dict[str, Any] = {"samples": len(self._rows),

@@ -1,4 +1,5 @@
-"""Traffic workloads, registered by name: see base.py.
+"""Traffic workloads, registered by name: see base.py. Part of the harness: may
+use testbed.core (the bulk engine), testbed.mptcp and testbed.base.
 
 Imported lazily: the app program (`python -m testbed.harness.workload.app`) runs in
 the namespaces and must start fast; importing base.py would pull in pandas

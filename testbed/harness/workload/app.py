@@ -46,6 +46,7 @@ class Payload:
         self.pos = 0
 
     def take(self, n: int) -> bytes:
+        """The next n bytes of the stream."""
         n = min(n, BLOCK_LEN)
         out = self.block[self.pos:self.pos + n]
         self.pos = (self.pos + n) % BLOCK_LEN
@@ -109,6 +110,7 @@ class Conn:
             self.sample()
 
     def sample(self) -> None:
+        """Record the byte counters and every subflow's state now."""
         now = time.monotonic_ns()
         self.samples.append((now, self.rx, self.tx))
         try:
@@ -127,11 +129,13 @@ class Conn:
                 rec["gone_ns"] = now
 
     def finish(self) -> None:
+        """Stop sampling, after one last sample."""
         self._stop.set()
         self._thread.join(2)
         self.sample()  # final per-subflow counters, before the socket closes
 
     def report(self) -> dict[str, Any]:
+        """The connection's counters, hashes, timestamps and samples."""
         return {"bytes_sent": self.tx, "bytes_received": self.rx,
                 "sha256_sent": self.tx_hash.hexdigest(), "sha256_received": self.rx_hash.hexdigest(),
                 "first_rx_ns": self.first_rx_ns, "last_rx_ns": self.last_rx_ns,
@@ -174,6 +178,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 # ---- the two roles ---------------------------------------------------------------
 def run_client(a: argparse.Namespace) -> dict[str, Any]:
+    """The client role: connect, exchange as the arguments say, report."""
     out: dict[str, Any] = {"role": "client", "protocol": a.protocol, "cc": a.cc, "mode": a.mode,
                            "direction": a.direction, "pid": os.getpid()}
     sock = so.mptcp_socket(a.cc, protocol=a.protocol)
@@ -240,6 +245,7 @@ def _send_bulk(conn: Conn, n: int | None, seconds: float | None) -> None:
 
 
 def run_server(a: argparse.Namespace) -> dict[str, Any]:
+    """The server role: accept one connection, serve what the client's header asks, report."""
     out: dict[str, Any] = {"role": "server", "protocol": a.protocol, "pid": os.getpid()}
     # Stays open for the whole run: MP_JOIN SYNs need the listener.
     ls = so.listener(a.port, a.bind, a.protocol, a.cc, backlog=4)
@@ -293,6 +299,7 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: run one role and write its result as JSON."""
     p = argparse.ArgumentParser(prog="python -m testbed.harness.workload.app")
     p.add_argument("role", choices=["client", "server"])
     p.add_argument("--out", required=True)

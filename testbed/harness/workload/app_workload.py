@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class AppParams(WorkloadParams):
+    """Parameters of the app workload."""
     mode: Literal["bulk", "rr"] = "bulk"
     direction: Literal["up", "down"] = "down"
     bytes: int | None = Field(None, gt=0)
@@ -61,6 +62,7 @@ class AppParams(WorkloadParams):
 
 
 def path_of(tb: Any, addr: str) -> str | None:
+    """The name of the path that has this address, if any."""
     for p in tb.paths:
         if addr in (p.addr.client, p.addr.far):
             return p.name
@@ -69,6 +71,7 @@ def path_of(tb: Any, addr: str) -> str | None:
 
 @register
 class AppWorkload(Workload):
+    """Our own MPTCP client/server: bulk or request/response, exact timestamps, sha256."""
     name = "app"
     description = "own MPTCP client/server: bulk or request/response, exact timestamps, sha256"
     Params = AppParams

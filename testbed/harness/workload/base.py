@@ -28,6 +28,7 @@ Scalar = float | int | str | bool | None
 
 @dataclass
 class WorkloadResult:
+    """A workload's metrics, tables and raw files."""
     metrics: dict[str, Scalar]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     raw_files: list[Path] = field(default_factory=list)
@@ -37,6 +38,7 @@ WorkloadParams = Strict
 
 
 class Workload(Parametrized, abc.ABC):
+    """Traffic for a run: started on a built testbed, waited for, its result collected."""
     kind = "workload"
 
     @abc.abstractmethod
@@ -45,6 +47,7 @@ class Workload(Parametrized, abc.ABC):
 
 
 def raw_dir(run_dir: Path) -> Path:
+    """The run's raw-output directory (created)."""
     d = Path(run_dir) / "raw"
     d.mkdir(parents=True, exist_ok=True)
     return d

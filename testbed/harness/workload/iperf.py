@@ -26,6 +26,7 @@ from testbed.harness.workload.base import Workload, WorkloadParams, WorkloadResu
 
 @functools.lru_cache(maxsize=1)
 def iperf_has_mptcp() -> bool:
+    """True when iperf3 has --mptcp itself (else mptcpize is needed)."""
     if shutil.which("iperf3") is None:
         raise TestbedError("iperf3 is not installed (apt-get install iperf3)")
     out = subprocess.run(["iperf3", "--help"], capture_output=True, text=True, timeout=10)
@@ -42,6 +43,7 @@ def mptcp_argv(argv: list[str]) -> list[str]:
 
 
 class IperfParams(WorkloadParams):
+    """Parameters of the iperf workload."""
     seconds: float = Field(10, gt=0, le=3600)
     reverse: bool = Field(False, description="server sends (download)")
     parallel: int = Field(1, ge=1, le=128)
@@ -69,6 +71,7 @@ def _listening(pid: int, port: int) -> bool:
 
 @register
 class IperfWorkload(Workload):
+    """iperf3 with JSON output; MPTCP via --mptcp or mptcpize."""
     name = "iperf"
     description = "iperf3 (JSON), MPTCP via --mptcp or mptcpize"
     Params = IperfParams

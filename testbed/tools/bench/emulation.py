@@ -93,11 +93,13 @@ def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
 
 
 def rtt_tolerance_ms(cfg_ms: float) -> float:
+    """The benchmark's RTT tolerance for a configured RTT: 2 %, at least 0.3 ms."""
     return max(0.02 * cfg_ms, 0.3)
 
 
 # ---- measurements -----------------------------------------------------------
 def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used; None when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -162,6 +164,7 @@ def _iperf_udp(tb: Testbed, rate_mbit: float, seconds: float) -> subprocess.Pope
 
 
 def rtt_under_load(tb: Testbed, rate_mbit: float, pings: int) -> dict[str, Any]:
+    """Ping RTT while a UDP flow loads the path to 80 % of its rate."""
     ping_s = pings * 0.002
     proc = _iperf_udp(tb, 0.8 * rate_mbit, ping_s + 1.5)
     try:
@@ -184,6 +187,7 @@ def rtt_under_load(tb: Testbed, rate_mbit: float, pings: int) -> dict[str, Any]:
 
 
 def measure_point(backend: str, rate: float, delay: float, quick: bool) -> dict[str, Any]:
+    """One benchmark point (backend, rate, delay): idle/loaded RTT, goodput, CPU, loss."""
     pings = 500 if quick else 2000
     flow_s = 6.0 if quick else 12.0
     row: dict[str, Any] = {"backend": backend, "rate_mbit": rate, "delay_ms": delay,
@@ -270,6 +274,7 @@ def event_timing(backend: str, rounds: int = 10) -> pd.DataFrame:
 
 
 def format_events(ev: pd.DataFrame) -> str:
+    """The timed-link-change results as a table with verdicts."""
     lines = ["Timed link changes (target: applied within 1 ms of schedule):",
              f"  {'backend':<9} {'change':<16} {'n':>3} {'start max':>9} {'applied p50':>11} "
              f"{'applied max':>11}  verdict"]
@@ -310,6 +315,7 @@ def usable_backends(only: list[str] | None = None) -> dict[str, str | None]:
 def run_benchmark(out_dir: str | Path, quick: bool = False, backends: list[str] | None = None,
                   rates: tuple[float, ...] = GRID_RATES, delays: tuple[float, ...] = GRID_DELAYS,
                   progress: bool = True) -> pd.DataFrame:
+    """Measure every grid point on every backend; the rows, also written as CSV."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"quick": quick, "tcp_buffers": TCP_BUFFERS, "kernel": platform.release(), "cpus": os.cpu_count(),
@@ -375,6 +381,7 @@ def _f(x: Any, fmt: str = ".2f") -> str:
 
 
 def format_report(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> str:
+    """The benchmark rows as a table: measured against configured, with verdicts."""
     lines = []
     hdr = (f"{'backend':<9} {'rate':>5} {'dly':>3} {'cfgRTT':>6} | {'idle':>7} {'err':>6} {'p99':>6} | "
            f"{'load':>7} {'err':>6} {'loadMb':>6} | {'goodput':>7} {'ratio':>6} | {'loss%':>5} "

@@ -81,10 +81,12 @@ end
 
 
 def boot_prefix(inputs_sha256: str) -> Path:
+    """Where the box's kernel and initrd for these inputs go."""
     return BOOT_DIR / f"mptcp-testbed-{inputs_sha256[:16]}"
 
 
 def cache_root() -> Path:
+    """The build cache: $MPTB_CACHE or /var/cache/mptcp-testbed."""
     return Path(os.environ.get("MPTB_CACHE", "/var/cache/mptcp-testbed"))
 
 
@@ -101,14 +103,17 @@ def inputs_hash(repo: Path) -> str:
 
 
 def box_dir(repo: Path) -> Path:
+    """The cache directory of the box built from this repository's inputs."""
     return cache_root() / "boxes" / inputs_hash(repo)[:16]
 
 
 def box_file(repo: Path) -> Path:
+    """The box file built from this repository's inputs."""
     return box_dir(repo) / "mptcp-testbed.box"
 
 
 def vagrant_home() -> Path:
+    """Vagrant's home directory ($VAGRANT_HOME or ~/.vagrant.d)."""
     return Path(os.environ.get("VAGRANT_HOME", Path.home() / ".vagrant.d"))
 
 

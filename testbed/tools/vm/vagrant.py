@@ -29,6 +29,7 @@ def _need(tool: str, hint: str) -> str:
 
 def vagrant(*args: str, env: dict[str, str] | None = None, capture: bool = False,
             check: bool = True) -> subprocess.CompletedProcess:
+    """Run `vagrant ARGS` in the repository; VmError on failure when check is set."""
     exe = _need("vagrant", "install Vagrant (see docs/vagrant.md) or run scripts/vm-host-setup.sh")
     full_env = {**os.environ, **(env or {})}
     res = subprocess.run([exe, *args], cwd=repo_root(), env=full_env, text=True,
@@ -66,6 +67,7 @@ def machine_provider() -> str | None:
 
 
 def require_libvirt() -> None:
+    """VmError unless virsh is installed and libvirtd answers."""
     _need("virsh", "run scripts/vm-host-setup.sh (installs and starts libvirt)")
     if libvirt.virsh("version").returncode != 0:
         raise VmError(f"libvirtd does not answer on {libvirt.URI}: run scripts/vm-host-setup.sh")
