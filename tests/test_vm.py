@@ -301,7 +301,7 @@ def test_offline_box_boots_and_runs_netem_experiment(sandbox):
         info = json.loads((boxmod.box_dir(ROOT) / "box-info.json").read_text())
         assert info["suite"] == "trixie"
         assert tuple(int(x) for x in info["kernel"].split(".")[:2]) >= (6, 12), info["kernel"]
-        assert "mptcpd" in info["packages"]
+        assert "mptcpd" in info["packages"] and "mptcpd-plugins" in info["packages"]
         up = step("up", ["vm.up", "--local"])
         assert "doctor: experiments can run here" in up  # provisioning's own check
         # results/ belongs to the group qemu runs as (it writes the demo below), mode 2775.

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 from pyroute2 import MPTCP
@@ -74,23 +76,29 @@ ABSENT_MEANS = {
 
 MPTCPD = "/usr/libexec/mptcpd"  # Debian's path (package mptcpd)
 MPTCPD_READY_S = 10.0
+MPTCPD_PLUGINS = "/usr/lib/x86_64-linux-gnu/mptcpd"  # package mptcpd-plugins
 
 
 def mptcpd_argv() -> list[str]:
     """mptcpd as the testbed runs it: the addr_adv plugin makes a `subflow`
     endpoint of every address already there and of each new one, logs to stderr."""
-    return [MPTCPD, "--path-manager=addr_adv", "--addr-flags=subflow",
+    return [MPTCPD, f"--plugin-dir={MPTCPD_PLUGINS}", "--path-manager=addr_adv", "--addr-flags=subflow",
             "--notify-flags=existing,skip_link_local,skip_loopback", "--log=stderr"]
 
 
-def start_mptcpd(pid: int, spawn: Callable[[list[str]], subprocess.Popen]) -> subprocess.Popen:
-    """Start mptcpd through `spawn` (which runs it in the namespace of `pid`
-    and owns it) and wait until it made an endpoint for each of the
-    namespace's IPv4 addresses; one-line TestbedError otherwise."""
+def start_mptcpd(pid: int, spawn: Callable[..., subprocess.Popen]) -> subprocess.Popen:
+    """Start mptcpd through `spawn(argv, **popen_kwargs)` (which runs it in the
+    namespace of `pid` and owns it) and wait until it made an endpoint for each
+    of the namespace's IPv4 addresses; one-line TestbedError otherwise."""
     if not os.access(MPTCPD, os.X_OK):
         raise TestbedError(f"path_manager = 'mptcpd': mptcpd is not installed ({MPTCPD}; "
-                           "apt-get install mptcpd, with its system service masked)")
-    proc = spawn(mptcpd_argv())
+                           "apt-get install mptcpd mptcpd-plugins, with its system service masked)")
+    if not (Path(MPTCPD_PLUGINS) / "addr_adv.so").exists():
+        raise TestbedError(f"path_manager = 'mptcpd': its addr_adv plugin is not installed "
+                           f"({MPTCPD_PLUGINS}; apt-get install mptcpd-plugins)")
+    # An unnamed file: mptcpd's log is there to quote when it fails, and goes with it.
+    log = tempfile.TemporaryFile()
+    proc = spawn(mptcpd_argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     wanted = set(run_in_netns(pid, _ipv4_addresses))
     deadline = time.monotonic() + MPTCPD_READY_S
     while True:
@@ -100,7 +108,10 @@ def start_mptcpd(pid: int, spawn: Callable[[list[str]], subprocess.Popen]) -> su
         if proc.poll() is not None or time.monotonic() > deadline:
             why = (f"exited with {proc.returncode}" if proc.poll() is not None
                    else f"made none within {MPTCPD_READY_S:g} s")
-            raise TestbedError(f"mptcpd {why}: no endpoint for {', '.join(sorted(missing))}")
+            log.seek(0)
+            said = log.read().decode(errors="replace").strip().splitlines()
+            raise TestbedError(f"mptcpd {why}: no endpoint for {', '.join(sorted(missing))}"
+                               + (f" (it said: {said[-1]})" if said else ""))
         time.sleep(0.05)
 
 

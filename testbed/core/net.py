@@ -408,8 +408,7 @@ class Testbed:
                                         add_addr_accepted=min(8, n))
                 if self.settings[role].path_manager == "mptcpd":  # recorded, ended at teardown
                     self._mptcpd[name] = mptcp_config.start_mptcpd(
-                        node.pid, lambda argv, node=node: self.popen(
-                            node, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                        node.pid, lambda argv, node=node, **kw: self.popen(node, argv, **kw))
         if self.settings["client"].path_manager == "kernel":
             for name in g.nodes("client"):
                 eps = [ep for ep in map(self._client_endpoint, self.all_paths)

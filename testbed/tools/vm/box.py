@@ -47,7 +47,7 @@ DEBOOTSTRAP_INCLUDE = ["systemd-sysv", "udev", "dbus", "kmod", "iproute2", "ca-c
 # daemon; its system service stays masked (guest_setup.sh): the testbed starts
 # it inside a host's namespace only.
 GUEST_PACKAGES = ["linux-image-amd64", "initramfs-tools", "openssh-server", "sudo", "e2fsprogs", "procps",
-                  "mptcpd"]
+                  "mptcpd", "mptcpd-plugins"]
 # Files whose content decides the box; a change in any of them means a new box.
 INPUT_FILES = [
     "scripts/apt-packages.txt",
