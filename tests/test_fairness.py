@@ -21,7 +21,8 @@ def test_mptcp_competes_with_tcp_flows(tmp_path, disjoint):
     """Kernel MPTCP has no coupled congestion control: at one shared bottleneck
     its two cubic subflows take more than one TCP flow's share; the bottleneck
     stays busy and every flow gets something."""
-    [r] = run(tmp_path, {"experiment": "fairness", "calibrate": False,
+    # Calibrated when disjoint: each path's rate is measured to its own left router.
+    [r] = run(tmp_path, {"experiment": "fairness", "calibrate": disjoint,
                          "topology": {"name": "dumbbell", "params": {
                              "m": 2, "bottleneck_mbit": 10, "delay_ms": 5, "disjoint": disjoint}},
                          "params": {"seconds": 12, "warmup_s": 4}})

@@ -188,7 +188,6 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
     """Measure every path against its configuration; see the module docstring.
     Returns a JSON-able dict with per-path numbers, `valid` and `reason`."""
     t_start = time.monotonic()
-    far = tb.router or tb.server
     paths: dict[str, Any] = {}
     problems: list[str] = []
     for i, p in enumerate(tb.paths):
@@ -227,6 +226,7 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
             if lossy:
                 entry[key] = {"skipped": "path has loss: one TCP flow cannot fill it"}
                 continue
+            far = tb.node(p.graph.far.node)  # where this path's access link ends
             src, dst = (tb.client, far) if d == "up" else (far, tb.client)
             saddr, daddr = (p.addr.client, p.addr.far) if d == "up" else (p.addr.far, p.addr.client)
             g = tcp_goodput(src.pid, dst.pid, saddr, daddr, duration=flow_s,
