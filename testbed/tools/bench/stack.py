@@ -121,8 +121,9 @@ def _probe(pair: NamespacePair, dst: str, packets: int, stop: threading.Event) -
         # Paced flood: send in bursts of 64 and count answers, so neither side's socket buffer overflows.
         got = 0
         start = time.monotonic()
+        give_up = start + 30   # a reflector that stopped answering must not hang the benchmark
         sent = 0
-        while sent < packets:
+        while sent < packets and time.monotonic() < give_up:
             for _ in range(64):
                 tx.sendto(pkt(sent), (dst, 0))
                 sent += 1
@@ -133,7 +134,7 @@ def _probe(pair: NamespacePair, dst: str, packets: int, stop: threading.Event) -
                     break
                 if data[20:22] == struct.pack("!H", 62000):
                     got += 1
-        while got < sent:
+        while got < sent and time.monotonic() < give_up:
             try:
                 data = rx.recv(2048)
             except socket.timeout:
@@ -143,13 +144,15 @@ def _probe(pair: NamespacePair, dst: str, packets: int, stop: threading.Event) -
         pps = got / (time.monotonic() - start)
         rx.settimeout(0.05)
         try:
-            while rx.recv(2048):   # late flood answers must not count as ping-pong replies
+            while rx.recv(2048) and time.monotonic() < give_up:   # late flood answers are no ping replies
                 pass
         except socket.timeout:
             pass
-        rx.settimeout(0.5)
+        rx.settimeout(0.2)
         rtts = []
         for i in range(500):
+            if time.monotonic() > give_up + 10:
+                break
             seq = 10 ** 6 + i
             t0 = time.perf_counter()
             tx.sendto(pkt(seq), (dst, 0))
@@ -233,8 +236,10 @@ def attach_compare(packets: int = 20000) -> list[AttachResult]:
             pps, rtts = _probe(pair, dst, packets, stop)
             t.join(5)
             rtts.sort()
+            if not rtts:
+                raise RuntimeError(f"{method}: no ping-pong answered ({pps:.0f} packets/s in the flood)")
             out.append(AttachResult(method, round(pps), round(statistics.median(rtts), 1),
-                                    round(rtts[int(len(rtts) * 0.99) - 1], 1)))
+                                    round(rtts[max(0, int(len(rtts) * 0.99) - 1)], 1)))
     return out
 
 
