@@ -48,7 +48,7 @@ from typing import Any
 from testbed.robe import report as R
 from testbed.robe.history import History
 from testbed.mptcp.sockopt import listener
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 from testbed.robe.strategies import Options, RobeError, connect
 from testbed.robe.timer import TimerPolicy
 
@@ -124,10 +124,10 @@ def _counters() -> dict[str, int]:
     return out
 
 
-def tb_paths(tb: Any) -> list[PathSpec]:
+def tb_paths(tb: Any) -> list[LocalPath]:
     """The testbed's client paths as RobE paths, the default-route path first."""
     default = tb.topology.default.name
-    ps = [PathSpec(p.name, p.addr.client, p.client_if, default=(p.name == default)) for p in tb.paths]
+    ps = [LocalPath(p.name, p.addr.client, p.client_if, default=(p.name == default)) for p in tb.paths]
     return sorted(ps, key=lambda p: not p.default)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model,
+from pydantic import (BaseModel, Field, PrivateAttr, ValidationError, create_model,
                       field_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
 from testbed.base.errors import TestbedError, format_validation_error
+from testbed.base.strict import FrozenStrict, Strict
 from testbed.core.emulation.base import Direction
 from testbed.core.faults import MIDDLEBOX
 from testbed.core.model import LinkParams, TopologySpec
@@ -32,8 +33,7 @@ def _partial(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
     fields: dict[str, Any] = {
         f: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
         for f, info in model.model_fields.items()}
-    return create_model(name, __config__=ConfigDict(extra="forbid", frozen=True),
-                        __doc__=doc, **fields)
+    return create_model(name, __base__=FrozenStrict, __doc__=doc, **fields)
 
 
 _LinkChangesBase = _partial(LinkParams, "_LinkChangesBase", "")
@@ -68,10 +68,8 @@ class LinkChanges(_LinkChangesBase):  # type: ignore[misc,valid-type]
         return {f: getattr(self, f) for f in type(self).model_fields if f in self.model_fields_set}
 
 
-class EventSpec(BaseModel):
+class EventSpec(Strict):
     """A timed fault or change, relative to the workload start (at_s=0: before it)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     at_s: float = Field(ge=0, le=MAX_AT_S)
     action: Action
@@ -103,10 +101,8 @@ class EventSpec(BaseModel):
         return f"{self.action} {where}" + (f" {given}" if given else "")
 
 
-class LinkState(BaseModel):
+class LinkState(FrozenStrict):
     """One emulated link as it is now: parameters per direction and the faults in force."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     up: LinkParams
     down: LinkParams

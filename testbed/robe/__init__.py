@@ -4,9 +4,9 @@ A library of its own: may use testbed.mptcp and testbed.base only (its testbed
 adapter lives with the establishment experiment)."""
 from testbed.robe.history import History
 from testbed.robe.report import Report
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 from testbed.robe.strategies import STRATEGIES, Options, RobeError, Strategy, connect, register
 from testbed.robe.timer import TimerPolicy
 
-__all__ = ["connect", "Options", "Report", "RobeError", "PathSpec", "History", "TimerPolicy",
+__all__ = ["connect", "Options", "Report", "RobeError", "LocalPath", "History", "TimerPolicy",
            "Strategy", "STRATEGIES", "register"]

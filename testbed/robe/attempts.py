@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 from testbed.robe import report as R
 from testbed.robe import sockets as S
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 
 
 @dataclass
 class Attempt:
     """One connection attempt: its path, socket and when it started."""
-    path: PathSpec
+    path: LocalPath
     sock: socket.socket
     started_ns: int
     completed_ns: int | None = None
@@ -39,12 +39,12 @@ class AttemptSet:
     active: list[Attempt] = field(default_factory=list)
     done: list[Attempt] = field(default_factory=list)  # completed, not yet claimed
 
-    def prepare(self, path: PathSpec) -> tuple[PathSpec, socket.socket]:
+    def prepare(self, path: LocalPath) -> tuple[LocalPath, socket.socket]:
         """Create and bind the socket (the slow part: ~0.1-0.3 ms here)."""
         return path, S.new_socket(path if self.bind else None, mptcp=self.mptcp, cc=self.cc,
                                   bind_device=self.bind_device)
 
-    def fire(self, prepared: tuple[PathSpec, socket.socket]) -> Attempt:
+    def fire(self, prepared: tuple[LocalPath, socket.socket]) -> Attempt:
         """connect(): the SYN leaves now."""
         path, sock = prepared
         t = time.monotonic_ns()
@@ -60,11 +60,11 @@ class AttemptSet:
         self.report.add(R.ATTEMPT_STARTED, path.name, t_ns=t, mptcp=self.mptcp)
         return att
 
-    def start(self, path: PathSpec) -> Attempt:
+    def start(self, path: LocalPath) -> Attempt:
         """Start an attempt on path now."""
         return self.fire(self.prepare(path))
 
-    def try_start(self, path: PathSpec) -> Attempt | None:
+    def try_start(self, path: LocalPath) -> Attempt | None:
         """start() that records a local failure (no route, bad address) and
         returns None instead of raising: the other paths may still work."""
         try:
@@ -73,7 +73,7 @@ class AttemptSet:
             self._local_failure(path, exc)
             return None
 
-    def try_start_all(self, paths: list[PathSpec]) -> list[Attempt]:
+    def try_start_all(self, paths: list[LocalPath]) -> list[Attempt]:
         """All sockets first, then the connects back to back, so the SYNs
         leave within microseconds of each other."""
         prepared = []
@@ -90,7 +90,7 @@ class AttemptSet:
                 pass  # recorded by fire()
         return out
 
-    def _local_failure(self, path: PathSpec, exc: OSError) -> None:
+    def _local_failure(self, path: LocalPath, exc: OSError) -> None:
         if not self.report.find(R.CONNECT_FAILED, path.name):
             self.report.add(R.CONNECT_FAILED, path.name, errno=exc.errno,
                             reason=f"local: {exc.strerror or exc}")

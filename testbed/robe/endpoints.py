@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 
 from testbed.mptcp import pm
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _ns_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def acquire(paths: list[PathSpec]) -> Lease:
+def acquire(paths: list[LocalPath]) -> Lease:
     """A `subflow` endpoint for every path without one, in the calling thread's
     namespace; returns the lease to release when the connection closed."""
     ino = _ns_inode()

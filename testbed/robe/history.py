@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.mptcp.linux import INITIAL_SYN_RTO_S, TCP_RTO_MIN_S
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 
 ALPHA_RTT = 1 / 8     # RFC 6298 gains
 BETA_RTT = 1 / 4
@@ -175,7 +175,7 @@ class History:
         rtt = r.srtt_s if r.srtt_s is not None else self.failure_penalty_s
         return rtt + (1 - r.ok) * self.failure_penalty_s
 
-    def rank(self, paths: list[PathSpec]) -> list[PathSpec]:
+    def rank(self, paths: list[LocalPath]) -> list[LocalPath]:
         """Paths best first. No history at all: unchanged order (default first)."""
         records = self.records  # one snapshot: update() replaces, never mutates it
         costs = {p.name: self.cost_s(p.name) for p in paths}
@@ -185,14 +185,14 @@ class History:
         unknown_cost = max(r.srtt_s or 0.0 for r in records.values()) + 1e-6
         order = {p.name: i for i, p in enumerate(paths)}
 
-        def key(p: PathSpec) -> tuple[float, float, int]:
+        def key(p: LocalPath) -> tuple[float, float, int]:
             c = costs[p.name]
             tput = (records.get(p.name) or PathRecord()).throughput_mbit or 0.0
             return (c if c is not None else unknown_cost, -tput, order[p.name])
 
         return sorted(paths, key=key)
 
-    def complete_for(self, paths: list[PathSpec], min_attempts: int = 1) -> bool:
+    def complete_for(self, paths: list[LocalPath], min_attempts: int = 1) -> bool:
         """Every path has history (SIM+IPS switches from SIM to IPS then)."""
         return all((self.records.get(p.name) or PathRecord()).attempts >= min_attempts
                    for p in paths)

@@ -26,7 +26,7 @@ from testbed.mptcp.pm import PMError, PMEventListener, UserspacePM
 from testbed.robe import endpoints
 from testbed.robe import report as R
 from testbed.robe.history import PathRecord
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 
 MODES = ("auto", "userspace", "kernel", "none")
 
@@ -91,7 +91,7 @@ class Joiner:
         if self.mode != "none":
             self.listener = PMEventListener(self._ns_tid, poll_s=0.02).start()
 
-    def prepare(self, paths: list[PathSpec]) -> None:
+    def prepare(self, paths: list[LocalPath]) -> None:
         """Kernel mode: `subflow` endpoints for the paths, before the first SYN.
         The kernel decides at connect() whether its PM will ever act on the
         connection (only if subflow endpoints exist then), and it skips the
@@ -103,8 +103,8 @@ class Joiner:
         except Exception as exc:  # noqa: BLE001 - no joins, but connecting goes on
             self._endpoint_error = f"cannot add a subflow endpoint: {type(exc).__name__}: {exc}"
 
-    def start(self, token: int | None, dest: tuple[str, int], all_paths: list[PathSpec],
-              winner: PathSpec | None) -> threading.Thread | None:
+    def start(self, token: int | None, dest: tuple[str, int], all_paths: list[LocalPath],
+              winner: LocalPath | None) -> threading.Thread | None:
         """Join every path but the winner's, in the background."""
         others = [p for p in all_paths if winner is None or p.name != winner.name]
         if self.mode == "none" or token is None or not others:
@@ -122,7 +122,7 @@ class Joiner:
         t.start()
         return t
 
-    def _run(self, token: int, dest: tuple[str, int], others: list[PathSpec],
+    def _run(self, token: int, dest: tuple[str, int], others: list[LocalPath],
              ids: dict[str, int]) -> None:
         rep, lst = self.report, self.listener
         assert lst is not None

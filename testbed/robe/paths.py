@@ -13,7 +13,7 @@ import re
 
 from pyroute2 import IPRoute
 
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
@@ -22,7 +22,7 @@ class PathError(ValueError):
     """Bad path specification (reported as a one-line CLI error)."""
 
 
-def discover(dest: str | None = None) -> list[PathSpec]:
+def discover(dest: str | None = None) -> list[LocalPath]:
     """Local paths of the calling thread's network namespace, default first.
 
     With `dest`, only interfaces that carry a route to it: the route lookup
@@ -44,7 +44,7 @@ def discover(dest: str | None = None) -> list[PathSpec]:
                 continue
             if dest is not None and _route_oif(ipr, dest, addr) != idx:
                 continue
-            found.append(PathSpec(_short(name), addr, name, default=(idx == default_oif)))
+            found.append(LocalPath(_short(name), addr, name, default=(idx == default_oif)))
     found.sort(key=lambda p: not p.default)
     if not found:
         where = f" with a route to {dest}" if dest is not None else ""
@@ -67,10 +67,10 @@ def _short(ifname: str) -> str:
     return ifname.split("-", 1)[1] if ifname.startswith("c-") else ifname
 
 
-def parse_bind(specs: list[str]) -> list[PathSpec]:
+def parse_bind(specs: list[str]) -> list[LocalPath]:
     """`NAME=ADDR[%IFNAME]` items; the first one is treated as the default path.
     Without %IFNAME the interface holding ADDR is looked up (when present)."""
-    out: list[PathSpec] = []
+    out: list[LocalPath] = []
     for i, spec in enumerate(specs):
         name, sep, rest = spec.partition("=")
         if not sep or not NAME.match(name):
@@ -80,7 +80,7 @@ def parse_bind(specs: list[str]) -> list[PathSpec]:
             ipaddress.IPv4Address(addr)
         except ValueError:
             raise PathError(f"bad --bind-path {spec!r}: {addr!r} is not an IPv4 address") from None
-        out.append(PathSpec(name, addr, ifname or _ifname_of(addr), default=(i == 0)))
+        out.append(LocalPath(name, addr, ifname or _ifname_of(addr), default=(i == 0)))
     if len({p.name for p in out}) != len(out):
         raise PathError("--bind-path names must be unique")
     return out
@@ -97,7 +97,7 @@ def _ifname_of(addr: str) -> str | None:
     return None
 
 
-def select(paths: list[PathSpec], names: list[str] | None) -> list[PathSpec]:
+def select(paths: list[LocalPath], names: list[str] | None) -> list[LocalPath]:
     """Restrict to `names` (in that order); the default flag stays where it was."""
     if not names:
         return paths

@@ -16,9 +16,10 @@ from testbed.mptcp import sockopt
 
 
 @dataclass(frozen=True)
-class PathSpec:
-    """A local path: a name, the source address that selects it (policy
-    routing: one table per source address) and optionally its interface."""
+class LocalPath:
+    """A local path a connection attempt can start from: a name, the source
+    address that selects it (policy routing: one table per source address) and
+    optionally its interface."""
 
     name: str
     local_addr: str
@@ -26,7 +27,7 @@ class PathSpec:
     default: bool = False  # holds the default route
 
 
-def new_socket(path: PathSpec | None, mptcp: bool = True, cc: str | None = None,
+def new_socket(path: LocalPath | None, mptcp: bool = True, cc: str | None = None,
                bind_device: bool = True) -> socket.socket:
     """A non-blocking stream socket bound to `path` (any address when None)."""
     proto = sockopt.IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP

@@ -24,7 +24,7 @@ from testbed.robe import sockets as S
 from testbed.robe.attempts import AttemptSet
 from testbed.robe.history import History, PathRecord
 from testbed.robe.join import Joiner
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 from testbed.robe.timer import TimerPolicy
 from testbed.mptcp import sockopt
 
@@ -61,7 +61,7 @@ class Options:
 class Context:
     """What a strategy works with: destination, paths, options, report, deadline."""
     dest: tuple[str, int]
-    paths: list[PathSpec]          # selected paths, default-route path first
+    paths: list[LocalPath]          # selected paths, default-route path first
     options: Options
     report: R.Report
     deadline: float                # time.monotonic()
@@ -78,10 +78,10 @@ class Strategy(abc.ABC):
     requires_server_support: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         """Return the winning connected socket and its path, or raise RobeError."""
 
-    def after_establish(self, ctx: Context, sock: socket.socket, winner: PathSpec,
+    def after_establish(self, ctx: Context, sock: socket.socket, winner: LocalPath,
                         joiner: Joiner) -> None:
         """Add the remaining paths to the won connection (MP_JOIN subflows by default)."""
         token = S.mptcp_token(sock) if self.mptcp else None
@@ -103,7 +103,7 @@ def _fail(ctx: Context, att: AttemptSet, what: str) -> RobeError:
     return RobeError(what, ctx.report)
 
 
-def _single(ctx: Context, path: PathSpec, mptcp: bool, bind: bool) -> tuple[socket.socket, PathSpec]:
+def _single(ctx: Context, path: LocalPath, mptcp: bool, bind: bool) -> tuple[socket.socket, LocalPath]:
     """One attempt, left to the kernel's SYN retransmissions until the deadline."""
     att = AttemptSet(ctx.dest, ctx.report, mptcp=mptcp, cc=ctx.options.cc,
                      bind_device=ctx.options.bind_device, bind=bind)
@@ -120,7 +120,7 @@ class PlainTCP(Strategy):
     name = "tcp"
     mptcp = False
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         return _single(ctx, ctx.paths[0], mptcp=False, bind=False)
 
 
@@ -130,7 +130,7 @@ class PlainMPTCP(Strategy):
     route; other paths are joined afterwards like any MPTCP client does."""
     name = "mptcp"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         return _single(ctx, ctx.paths[0], mptcp=True, bind=False)
 
 
@@ -141,11 +141,11 @@ class Timer(Strategy):
     next path. The last path keeps its attempt until the overall deadline."""
     name = "timer"
 
-    def order(self, ctx: Context) -> list[PathSpec]:
+    def order(self, ctx: Context) -> list[LocalPath]:
         """The order in which paths are tried: the default-route path first."""
         return list(ctx.paths)
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         att = AttemptSet(ctx.dest, ctx.report, cc=ctx.options.cc,
                          bind_device=ctx.options.bind_device)
         order = self.order(ctx)
@@ -193,7 +193,7 @@ class Sim(Strategy):
     SYN/ACK wins, every other attempt is reset (also ones completing later)."""
     name = "sim"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         att = AttemptSet(ctx.dest, ctx.report, cc=ctx.options.cc,
                          bind_device=ctx.options.bind_device)
         # Sockets are created and bound first so the SYNs leave back to back
@@ -205,7 +205,7 @@ class Sim(Strategy):
         return att.claim(won), won.path
 
 
-def _ips_order(ctx: Context) -> list[PathSpec]:
+def _ips_order(ctx: Context) -> list[LocalPath]:
     h = ctx.options.history
     ranked = h.rank(ctx.paths) if h is not None else list(ctx.paths)
     ctx.report.add("ips_ranked", None, order=[p.name for p in ranked],
@@ -220,7 +220,7 @@ class IPS(Strategy):
     Table 1); the failure is recorded, so the next connection avoids it."""
     name = "ips"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         return _single(ctx, _ips_order(ctx)[0], mptcp=True, bind=True)
 
 
@@ -229,7 +229,7 @@ class SimIPS(Strategy):
     """SIM+IPS (draft): SIM while some selected path has no history, IPS after."""
     name = "sim+ips"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, PathSpec]:
+    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
         h = ctx.options.history
         if h is None or not h.complete_for(ctx.paths):
             ctx.report.add("mode", None, using="sim", why="paths without history")
@@ -244,12 +244,12 @@ class TimerIPS(Timer):
     chosen one does not answer."""
     name = "timer+ips"
 
-    def order(self, ctx: Context) -> list[PathSpec]:
+    def order(self, ctx: Context) -> list[LocalPath]:
         """The order in which paths are tried: IPS's ranking."""
         return _ips_order(ctx)
 
 
-def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[PathSpec] | None = None,
+def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[LocalPath] | None = None,
             timeout: float = 10.0, report: R.Report | None = None,
             options: Options | None = None) -> tuple[socket.socket, R.Report]:
     """Connect to dest with a RobE strategy; returns (connected socket, Report).

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from testbed.mptcp.linux import INITIAL_SYN_RTO_S, TCP_RTO_MIN_S
 from testbed.robe.history import History
-from testbed.robe.sockets import PathSpec
+from testbed.robe.sockets import LocalPath
 
 
 @dataclass
@@ -49,7 +49,7 @@ class TimerPolicy:
             raise ValueError(f"bad timer {text!r}: use rto, rtt, or seconds like 0.5 or 300ms") from None
         return cls(mode="fixed", fixed_s=v)
 
-    def value(self, path: PathSpec, history: History | None) -> float:
+    def value(self, path: LocalPath, history: History | None) -> float:
         """The timer for this path, in seconds."""
         if self.mode == "fixed":
             return self.fixed_s
