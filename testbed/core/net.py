@@ -1,7 +1,7 @@
 """Testbed: build a TopologySpec's graph as Mininet nodes running kernel MPTCP.
 
     with Testbed(load("two-path")) as tb:
-        tb.client.cmd("ping -c1", tb.server_addr)
+        run_command(tb.client.pid, ["ping", "-c1", tb.server_addr])
 
 Every graph node (client, server, cross-traffic host, router) is a namespace;
 every emulated link is an emulator namespace between its two ends (no

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from testbed.base.netns import run_command
 from testbed.stack.attach import NftGuard, run_in_netns
 from testbed.stack.packet import ACK, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
 from testbed.stack.stack import Stack
@@ -57,8 +58,7 @@ class NamespacePair:
     @staticmethod
     def sh(pid: int, cmd: str) -> str:
         """Run a shell command in pid's namespace; RuntimeError with its stderr on failure."""
-        out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "sh", "-c", cmd],
-                             capture_output=True, text=True, timeout=30)
+        out = run_command(pid, ["sh", "-c", cmd], timeout=30)
         if out.returncode != 0:
             raise RuntimeError(f"{cmd}: {out.stderr.strip()}")
         return out.stdout
