@@ -270,10 +270,20 @@ def results_ls(c, out):
     _guard(go)
 
 
-@task
-def harness(c, repeats=5):
-    """Benchmark: build + start + stop time of two-path and an 8-path topology."""
+@task(help={"store": "results of a paper run whose phases to break down "
+                     "(default: results-quick, as ./tb paper --quick writes)",
+            "repeats": "builds per topology for the build timing (0: none)"})
+def harness(c, store="results-quick", repeats=5):
+    """Benchmark: where a paper run's time goes (median seconds per phase and the
+    per-run overhead against its target), then build + stop time of two-path and 8-path."""
     _need_root()
+    from testbed.tools.bench.harness import breakdown
+
+    if Path(store).is_dir():
+        text, _ok = breakdown(Path(store))
+        print(text)
+    else:
+        print(f"{store}: no results there (run ./tb paper --quick, or pass --store)")
     from testbed.core.net import Testbed
     from testbed.core.topology import load
 

@@ -15,7 +15,9 @@ from conftest import ROOT, assert_one_line_error, run_tb
 from testbed.core.net import NAMESPACE_SYSCTLS
 from testbed.core.state import STATE_DIR
 from testbed.harness import scenario as sc
-from testbed.harness.runner import sweep
+from testbed.harness.runner import PhaseClock, sweep
+from testbed.harness import schema as sc_schema
+from testbed.harness.schema import PHASES
 
 FAST = textwrap.dedent("""
     experiment = "throughput"
@@ -36,7 +38,7 @@ FAST = textwrap.dedent("""
 
 MANIFEST_KEYS = {"schema_version", "experiment", "run_id", "scenario", "params", "repetition",
                  "seed", "git", "kernel", "host", "tools", "testbed", "emulation", "qdiscs",
-                 "status", "reason", "start", "end", "duration_s", "clock", "probes"}
+                 "status", "reason", "start", "end", "duration_s", "clock", "probes", "phases"}
 
 
 def write(tmp_path: Path, body: str, name: str = "s.toml") -> Path:
@@ -80,6 +82,12 @@ def test_run_writes_manifest_tables_and_metrics(tmp_path):
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert MANIFEST_KEYS <= set(manifest), MANIFEST_KEYS - set(manifest)
         assert manifest["status"] == "complete"
+        phases = manifest["phases"]  # where the run's wall time went, in the schema's order
+        assert list(phases) == [p for p in PHASES if p in phases]
+        assert {"prepare", "build", "probes_up", "workload", "collect", "teardown", "store"} <= set(phases)
+        assert phases["workload"] >= 2.0  # seconds = 2: the transfer itself
+        assert sum(v for k, v in phases.items() if k != "store") <= manifest["duration_s"] + 0.01
+        assert sum(phases.values()) >= 0.9 * manifest["duration_s"]
         assert manifest["git"]["commit"] and "dirty" in manifest["git"]
         assert manifest["kernel"]["release"]
         sysctls = manifest["testbed"]["hosts"]["client"]["sysctls"]
@@ -259,3 +267,41 @@ def test_a_sysctl_the_kernel_refuses_is_named_with_its_value(tmp_path):
     manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert "net.mptcp.add_addr_timeout = 2147483647" in manifest["reason"], manifest["reason"]
+
+
+def test_phase_clock_adds_up_in_schema_order():
+    clock = PhaseClock()
+    clock.begin("build")
+    time.sleep(0.05)
+    clock.begin("workload")
+    time.sleep(0.02)
+    clock.begin("build")  # a phase entered again adds up
+    time.sleep(0.05)
+    clock.end()
+    record = clock.record()
+    assert list(record) == ["build", "workload"]
+    assert record["build"] >= 0.1 and 0.02 <= record["workload"] < 0.1
+    with pytest.raises(ValueError, match="unknown phase"):
+        clock.begin("lunch")
+
+
+def test_bench_harness_breaks_a_store_down_by_phase(tmp_path):
+    from testbed.tools.bench.harness import breakdown
+
+    def stored(experiment, run_id, calibrate, phases):
+        run = tmp_path / "store" / experiment / run_id
+        run.mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps({
+            "schema_version": sc_schema.SCHEMA_VERSION, "experiment": experiment,
+            "run_id": run_id, "scenario": {"calibrate": calibrate}, "params": {},
+            "repetition": 0, "seed": 1, "status": "complete", "reason": "", "phases": phases}))
+        (run / "metrics.json").write_text("{}")
+
+    stored("establishment", "a-r000", False, {"build": 0.1, "workload": 3.0, "teardown": 0.1})
+    stored("throughput", "b-r000", True, {"build": 0.5, "calibrate": 1.5, "workload": 10.0})
+    text, ok = breakdown(tmp_path / "store")
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert rows["establishment"].split()[-3:] == ["0.3", "meets", "target"]
+    assert "0.200" in rows["establishment"]  # overhead: build + teardown
+    assert rows["throughput"].endswith("MISSES target") and "2.000" in rows["throughput"]
+    assert not ok

@@ -184,7 +184,15 @@ def test_reader_upgrades_a_version_2_establishment_run(tmp_path):
     row = res.runs.iloc[0]
     assert row["param.condition"] == "blackhole" and row["param.strategy"] == "sim"
     assert "param.scenario" not in res.runs.columns
-    assert res.manifests[("establishment", "bbbb-r000")]["schema_version"] == 3
+    assert res.manifests[("establishment", "bbbb-r000")]["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_reader_upgrades_a_version_3_run_without_phases(tmp_path):
+    """Version 3 did not time a run's phases: they read as not recorded (None)."""
+    from analysis import load
+
+    man = load(_store_in_old_format(tmp_path, 3)).manifests[("throughput", "aaaa-r000")]
+    assert man["schema_version"] == schema.SCHEMA_VERSION and man["phases"] is None
 
 
 @pytest.mark.parametrize("version, needle", [

@@ -29,6 +29,34 @@ from testbed.harness.overrides import flatten
 from testbed.harness.provenance import git_state, namespace_sysctls, static_provenance
 from testbed.harness.results import RunLock, RunWriter, now_iso, remove_abandoned, run_stamp
 from testbed.harness.scenario import RunSpec, Scenario, expand
+from testbed.harness.schema import PHASES
+
+
+class PhaseClock:
+    """Wall time of one run by phase (schema.PHASES): each phase runs until the next begins."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+        self._since = 0.0
+
+    def begin(self, phase: str) -> None:
+        """End the phase under way (if any) and start `phase`."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        self.end()
+        self._current, self._since = phase, time.monotonic()
+
+    def end(self) -> None:
+        """End the phase under way; a phase entered twice adds up."""
+        if self._current is not None:
+            spent = time.monotonic() - self._since
+            self.seconds[self._current] = round(self.seconds.get(self._current, 0.0) + spent, 4)
+            self._current = None
+
+    def record(self) -> dict[str, float]:
+        """Seconds per phase, in schema order, phases not reached left out."""
+        return {p: self.seconds[p] for p in PHASES if p in self.seconds}
 
 
 class RunTimeout(Exception):
@@ -123,6 +151,8 @@ def _progress(total: int, desc: str, enabled: bool):
 def run_one(spec: RunSpec, root: Path) -> Path:
     """Build the testbed, run one grid point's repetition with its probes, store it."""
     sc = spec.scenario
+    clock = PhaseClock()
+    clock.begin("prepare")
     exp_cls = experiments.experiment_class(sc.experiment)
     writer = RunWriter(root, sc.experiment, spec.run_id)
     manifest: dict[str, Any] = {
@@ -139,36 +169,41 @@ def run_one(spec: RunSpec, root: Path) -> Path:
     try:
         random.seed(spec.seed)
         params = exp_cls.validate_params(sc.params)
+        clock.begin("build")
         with Testbed(sc.topology.resolve(), backend=sc.backend, client=sc.hosts.client,
                      server=sc.hosts.server,
                      # per process: two sweeps of one store never share a state file
                      run_id=f"run-{spec.run_id}-{os.getpid()}") as tb:
-            manifest["testbed"] = tb.describe()
-            manifest["namespace_sysctls"] = namespace_sysctls(tb)
-            calibration = _calibrate(tb) if sc.calibrate else None
-            ctx = RunContext(tb, spec, params, writer.raw_dir)
-            emulator_before = emulator_counters(tb)
-            output = _run_with_probes(exp_cls(), ctx, sc)
-            # The emulator is judged over the run too: each path passing calibration
-            # alone does not mean all of them kept time together under load.
-            emulation_run = judge_run(emulator_before, emulator_counters(tb))
-            if (output.status == "complete" and calibration is not None
-                    and not calibration.get("valid", True)):
-                output.status = "invalid"
-                output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
-            elif output.status == "complete" and not emulation_run["valid"]:
-                output.status = "invalid"
-                output.reason = f"emulation during the run: {emulation_run['reason']}"
-            # At the end: the emulator's counters (drops by cause, lateness) cover the run.
-            manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration,
-                                     "run": emulation_run}
-            manifest["qdiscs"] = _qdisc_dump(tb)
-            manifest["probes"] = ctx.probe_summaries
-            # What the links were when the workload ended (with applied_events below,
-            # every change that got them there): analysis reads these instead of
-            # recomputing what was applied.
-            manifest["links_at_end"] = {name: state.model_dump(mode="json")
-                                        for name, state in tb.link_states().items()}
+            try:  # the finally marks where teardown (the with's exit) begins
+                manifest["testbed"] = tb.describe()
+                manifest["namespace_sysctls"] = namespace_sysctls(tb)
+                clock.begin("calibrate")
+                calibration = _calibrate(tb) if sc.calibrate else None
+                ctx = RunContext(tb, spec, params, writer.raw_dir)
+                emulator_before = emulator_counters(tb)
+                output = _run_with_probes(exp_cls(), ctx, sc, clock)
+                # The emulator is judged over the run too: each path passing calibration
+                # alone does not mean all of them kept time together under load.
+                emulation_run = judge_run(emulator_before, emulator_counters(tb))
+                if (output.status == "complete" and calibration is not None
+                        and not calibration.get("valid", True)):
+                    output.status = "invalid"
+                    output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
+                elif output.status == "complete" and not emulation_run["valid"]:
+                    output.status = "invalid"
+                    output.reason = f"emulation during the run: {emulation_run['reason']}"
+                # At the end: the emulator's counters (drops by cause, lateness) cover the run.
+                manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration,
+                                         "run": emulation_run}
+                manifest["qdiscs"] = _qdisc_dump(tb)
+                manifest["probes"] = ctx.probe_summaries
+                # What the links were when the workload ended (with applied_events below,
+                # every change that got them there): analysis reads these instead of
+                # recomputing what was applied.
+                manifest["links_at_end"] = {name: state.model_dump(mode="json")
+                                            for name, state in tb.link_states().items()}
+            finally:
+                clock.begin("teardown")
     except KeyboardInterrupt:
         signal.setitimer(signal.ITIMER_REAL, 0)
         shutil.rmtree(writer.tmp, ignore_errors=True)  # no partial run passed off as data
@@ -182,6 +217,7 @@ def run_one(spec: RunSpec, root: Path) -> Path:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_alarm)
+    clock.begin("store")
     manifest.update({"status": output.status, "reason": output.reason, "end": now_iso(),
                      "duration_s": round(time.monotonic() - started, 3)})
     if ctx is not None:
@@ -192,6 +228,9 @@ def run_one(spec: RunSpec, root: Path) -> Path:
         tables = dict(output.tables)
         tables["events"] = _merge_events(ctx, tables.get("events"))
         writer.write_tables(tables)
+    clock.end()
+    # store covers the tables; the manifest's own write and the rename come after
+    manifest["phases"] = clock.record()
     return writer.finish(manifest, output.metrics)
 
 
@@ -199,10 +238,11 @@ def _on_timeout(signum: int, frame: object) -> None:
     raise RunTimeout()
 
 
-def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
+def _run_with_probes(exp, ctx: RunContext, sc: Scenario, clock: PhaseClock) -> RunOutput:
     from testbed.core.emulation.events import EventScheduler
 
     tb = ctx.tb
+    clock.begin("probes_up")
     t0 = ctx.start_clock()
     started = []
     scheduler = None
@@ -213,8 +253,10 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario) -> RunOutput:
             started.append(probe)
         scheduler = EventScheduler(tb, sc.events)
         scheduler.start(t0 / 1e9)
+        clock.begin("workload")
         output = exp.run(ctx)
     finally:
+        clock.begin("collect")
         if scheduler is not None:
             scheduler.stop()
         for probe in started:

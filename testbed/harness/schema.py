@@ -18,7 +18,12 @@ import pandas as pd
 
 from testbed.base.errors import TestbedError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+# Where a run's wall time goes, in the order the runner goes through them
+# (manifest `phases`: seconds per phase). Documented in docs/results.md.
+PHASES: tuple[str, ...] = ("prepare", "build", "calibrate", "probes_up", "workload",
+                           "collect", "teardown", "store")
 
 # The table files of a run directory (<name>.parquet), without the experiment
 # and run_id keys the reader adds to every row.
@@ -118,8 +123,18 @@ def _v2_to_v3(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _v3_to_v4(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 records each run's wall time by phase (`phases`); version 3 did
+    not, so it becomes None ("not recorded")."""
+    out = dict(manifest)
+    out.setdefault("phases", None)
+    out["schema_version"] = 4
+    return out
+
+
 # version -> the step that turns a manifest of that version into the next one
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def upgrade(manifest: dict[str, Any], where: str) -> dict[str, Any]:
