@@ -133,7 +133,7 @@ def shares_figure(res: Results, runs: pd.DataFrame) -> tuple[Figure, pd.DataFram
     ax.xaxis.set_major_formatter(lambda x, _p: f"{x:.0%}")
     ax.set_xlabel("share of bytes per path (mean over repetitions)")
     handles = [Patch(color=PATH_COLORS[i % len(PATH_COLORS)], label=path_words(p)) for i, p in enumerate(order_paths)]
-    handles.append(Line2D([], [], color="0.1", lw=1.6, label=f"{first}: rate share"))
+    handles.append(Line2D([], [], color="0.1", lw=1.6, label=f"{path_words(first)}: rate share"))
     fig.legend(handles=handles, loc="outside right upper", title="path")
     fig_ = Figure("throughput_shares", "Per-path share of the delivered bytes",
                   f"Mean share of the bytes carried by each path per variant. Black tick: "
