@@ -18,9 +18,9 @@ def test_jain_index_bounds():
 @pytest.mark.slow
 @pytest.mark.parametrize("disjoint", [False, True])
 def test_mptcp_competes_with_tcp_flows(tmp_path, disjoint):
-    """Kernel MPTCP has no coupled congestion control: at one shared bottleneck
-    its two cubic subflows take more than one TCP flow's share; the bottleneck
-    stays busy and every flow gets something."""
+    """Three flows share the bottleneck(s): it stays busy, every flow gets
+    something, MPTCP uses both subflows and the metrics are consistent (where
+    MPTCP's share lands against 1/(M+1) is the report's question)."""
     # Calibrated when disjoint: each path's rate is measured to its own left router.
     [r] = run(tmp_path, {"experiment": "fairness", "calibrate": disjoint,
                          "topology": {"name": "dumbbell", "params": {
@@ -32,7 +32,6 @@ def test_mptcp_competes_with_tcp_flows(tmp_path, disjoint):
     assert r["shared_capacity_mbit"] == capacity
     assert 0.8 < r["utilisation"] <= 1.02, r
     assert 0.5 < r["jain_index"] <= 1.0
-    if not disjoint:
-        assert r["mptcp_share"] > 1 / 3, r  # uncoupled: two flows' worth
+    assert 0.15 < r["mptcp_share"] < 0.85, r  # neither starved nor taking all
     links = {p["name"]: p["links"] for p in r["_manifest"]["testbed"]["paths"]}
     assert links["m1b"][1] == ("bnb" if disjoint else "bn")

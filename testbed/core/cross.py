@@ -1,0 +1,224 @@
+"""Cross traffic: competing flows from a topology's nodes to a server, each
+started and stopped while a run goes on.
+
+- `tcp`: one bulk TCP connection with its own congestion control, set per
+  socket (a namespace cannot change the kernel default, bbr);
+- `udp`: constant-rate datagrams, or on/off (`on_s` sending, `off_s` silent).
+
+Sockets are created inside the nodes' namespaces and driven by threads of
+this process; `CrossTraffic.stop_all` runs at the testbed's stop. What each
+flow delivered is counted at the receiver (`delivered()`).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from testbed.base.errors import TestbedError
+from testbed.base.netns import run_in_netns
+from testbed.base.strict import FrozenStrict
+from testbed.core.bulk import filler, receive_stream, send_stream
+from testbed.core.model import MIN_RATE_MBIT, NODE_NAME
+from testbed.mptcp import sockopt
+
+DATAGRAM = 1200  # bytes of UDP payload: below every emulated MTU (576 is the floor of IPv4 too)
+
+
+class CrossFlow(FrozenStrict):
+    """One competing flow from node `src` to the server."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,15}$")
+    src: str = Field(pattern=NODE_NAME)
+    kind: Literal["tcp", "udp"] = "tcp"
+    cc: Literal["cubic", "reno", "bbr"] = "cubic"
+    rate_mbit: float | None = Field(None, ge=MIN_RATE_MBIT, le=10_000, description="udp: the sending rate")
+    on_s: float | None = Field(None, gt=0, le=3600, description="udp on/off: seconds sending")
+    off_s: float | None = Field(None, gt=0, le=3600, description="udp on/off: seconds silent")
+    port: int = Field(5600, ge=1024, le=65535)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CrossFlow":
+        if self.kind == "udp" and self.rate_mbit is None:
+            raise ValueError("udp cross traffic needs rate_mbit")
+        if self.kind == "tcp" and (self.rate_mbit or self.on_s or self.off_s):
+            raise ValueError("tcp cross traffic is as fast as its congestion control allows: "
+                             "rate_mbit, on_s and off_s are for udp")
+        if (self.on_s is None) != (self.off_s is None):
+            raise ValueError("give both on_s and off_s, or neither")
+        return self
+
+
+class _Running:
+    """A started flow: its sockets, threads and receiver count."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.delivered = 0
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.error: str | None = None
+
+
+class CrossTraffic:
+    """The cross traffic of one testbed: start(name) and stop(name) any time."""
+
+    def __init__(self, tb: Any, flows: list[CrossFlow]):
+        names = [f.name for f in flows]
+        if len(set(names)) != len(names):
+            raise TestbedError(f"cross traffic: flow names must be unique, got {names}")
+        self.tb = tb
+        self.flows = {f.name: f for f in flows}
+        for f in flows:
+            tb.node(f.src)  # an unknown node is a TestbedError naming the known ones
+        self._running: dict[str, _Running] = {}
+        self._done: dict[str, int] = {}
+        tb.on_stop(self.stop_all)
+
+    def start(self, name: str) -> None:
+        """Start flow `name` (no-op if it runs)."""
+        flow = self._flow(name)
+        if name in self._running:
+            return
+        run = _Running()
+        self._running[name] = run
+        try:
+            (self._start_tcp if flow.kind == "tcp" else self._start_udp)(flow, run)
+        except BaseException:
+            self.stop(name)
+            raise
+
+    def stop(self, name: str) -> None:
+        """Stop flow `name` (no-op if it does not run)."""
+        run = self._running.pop(self._flow(name).name, None)
+        if run is None:
+            return
+        run.stop.set()
+        for s in run.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected (udp) or already closed
+        for t in run.threads:
+            t.join(5)
+        for s in run.sockets:
+            s.close()
+        self._done[name] = self._done.get(name, 0) + run.delivered
+
+    def stop_all(self) -> None:
+        """Stop every running flow (the testbed's stop calls this)."""
+        for name in list(self._running):
+            self.stop(name)
+
+    def delivered(self) -> dict[str, int]:
+        """Bytes each flow's receiver got so far (all of its starts together)."""
+        out = dict.fromkeys(self.flows, 0)
+        out.update(self._done)
+        for name, run in self._running.items():
+            out[name] += run.delivered
+        return out
+
+    def errors(self) -> dict[str, str]:
+        """Flows whose sender stopped on an error, with the error."""
+        return {n: r.error for n, r in self._running.items() if r.error}
+
+    # ---- senders and receivers -------------------------------------------
+    def _flow(self, name: str) -> CrossFlow:
+        if name not in self.flows:
+            raise TestbedError(f"no cross-traffic flow {name!r} (flows: {', '.join(self.flows)})")
+        return self.flows[name]
+
+    def _thread(self, run: _Running, fn: Any) -> None:
+        t = threading.Thread(target=fn, daemon=True)
+        run.threads.append(t)
+        t.start()
+
+    def _start_tcp(self, flow: CrossFlow, run: _Running) -> None:
+        tb = self.tb
+        lsock = run_in_netns(tb.server.pid, lambda: sockopt.listener(flow.port, "0.0.0.0", "tcp", flow.cc, 1))
+        run.sockets.append(lsock)
+        sender = run_in_netns(tb.node(flow.src).pid, lambda: sockopt.mptcp_socket(flow.cc, "tcp"))
+        run.sockets.append(sender)
+        sender.settimeout(10)
+        try:
+            sender.connect((tb.server_addr, flow.port))
+        except OSError as exc:
+            raise TestbedError(f"cross traffic {flow.name}: connect to {tb.server_addr}:{flow.port} "
+                               f"failed: {exc}") from None
+        lsock.settimeout(5)
+        conn, _ = lsock.accept()
+        conn.settimeout(1)
+        run.sockets.append(conn)
+
+        def count(data: memoryview) -> None:
+            run.delivered += len(data)
+
+        def receive() -> None:
+            try:
+                receive_stream(conn, count, bufsize=1 << 20)
+            except OSError:
+                pass  # stopped: what arrived is counted
+
+        def send() -> None:
+            try:
+                send_stream(sender, filler, stop=run.stop)
+            except OSError as exc:
+                if not run.stop.is_set():
+                    run.error = f"send: {exc}"
+
+        self._thread(run, receive)
+        self._thread(run, send)
+
+    def _start_udp(self, flow: CrossFlow, run: _Running) -> None:
+        tb = self.tb
+
+        def receiver() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("0.0.0.0", flow.port))
+            return s
+
+        rsock = run_in_netns(tb.server.pid, receiver)
+        run.sockets.append(rsock)
+        ssock = run_in_netns(tb.node(flow.src).pid, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        run.sockets.append(ssock)
+        rsock.settimeout(0.2)
+        assert flow.rate_mbit is not None  # validated
+        gap = DATAGRAM * 8 / (flow.rate_mbit * 1e6)
+        payload = bytes(filler(DATAGRAM))
+
+        def receive() -> None:
+            while not run.stop.is_set():
+                try:
+                    run.delivered += len(rsock.recv(65535))
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+
+        def send() -> None:
+            # Paced by absolute send times: a late wake-up sends the backlog
+            # at once, so the mean rate holds even when a sleep overshoots.
+            start = nxt = time.monotonic()
+            while not run.stop.is_set():
+                if flow.on_s is not None and flow.off_s is not None:
+                    phase = (nxt - start) % (flow.on_s + flow.off_s)
+                    if phase >= flow.on_s:  # silent: skip to the next on period
+                        nxt += flow.on_s + flow.off_s - phase
+                        run.stop.wait(max(0.0, nxt - time.monotonic()))
+                        continue
+                try:
+                    ssock.sendto(payload, (tb.server_addr, flow.port))
+                except OSError as exc:
+                    if not run.stop.is_set():
+                        run.error = f"send: {exc}"
+                    return
+                nxt += gap
+                delay = nxt - time.monotonic()
+                if delay > 0:
+                    run.stop.wait(delay)
+
+        self._thread(run, receive)
+        self._thread(run, send)
