@@ -43,6 +43,7 @@ from pyroute2.netlink.generic import GenericNetlinkSocket
 
 from testbed.base.errors import TestbedError
 from testbed.base.netns import ns_path, run_in_netns, run_in_netns_file, setns_current_thread
+from testbed.base.sockbuf import force_buffers
 
 FAMILY = "mptcp_pm"
 EVENTS_GROUP = "mptcp_pm_events"
@@ -224,7 +225,7 @@ class PMEventListener:
                 gs.bind(FAMILY, pm_event_msg)
                 family_id, group = gs.prid, gs.mcast_groups[EVENTS_GROUP]
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            force_buffers(sock, rcvbuf=4 << 20)  # a burst of events must not overflow it
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
         except BaseException as exc:  # reported by start()

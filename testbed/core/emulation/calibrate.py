@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.base.errors import TestbedError
+from testbed.base.sockbuf import force_buffers
 from testbed.core.bulk import run_flow
 from testbed.core.model import LinkParams
 
@@ -61,7 +62,7 @@ def ping_rtts(pid: int, dst: str, count: int, interval: float = 0.01, src: str |
     def make() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        force_buffers(s, rcvbuf=4 << 20)
         if src:
             s.bind((src, 0))
         return s

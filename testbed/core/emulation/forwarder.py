@@ -45,12 +45,12 @@ import time
 from collections import deque
 from typing import Any
 
+from testbed.base.sockbuf import force_buffers
+
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
 
 # Busy-poll this long before a deadline: select() wake-ups overshoot. Measured
 # here (2 cores, load average 2) with timer slack 1 ns: SCHED_FIFO median 19 us,
@@ -136,8 +136,7 @@ def open_port(ifname: str, mtu: int) -> socket.socket:
     """An AF_PACKET socket on ifname for forwarding (outgoing copies ignored)."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-    s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
-    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    force_buffers(s, rcvbuf=RCVBUF, sndbuf=SNDBUF)
     s.bind((ifname, ETH_P_ALL))
     s.setblocking(False)
     # Frames from other interfaces may have arrived between socket() and bind().

@@ -41,6 +41,7 @@ from testbed.core.events import EventSpec
 from testbed.core.emulation.calibrate import ping_rtts, tcp_goodput
 from testbed.core.net import Testbed
 from testbed.base.netns import write_sysctl
+from testbed.base.sockbuf import force_buffers
 from testbed.core.topology import load
 
 GRID_RATES = (10, 100, 1000)
@@ -111,7 +112,7 @@ def udp_loss(tb: Testbed, n: int = LOSS_PACKETS, pps: int = 5000, port: int = 54
     """Send n numbered UDP datagrams client -> server, paced; count arrivals."""
     def rx_sock() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        force_buffers(s, rcvbuf=8 << 20)
         s.bind((tb.server_addr, port))
         s.settimeout(0.2)
         return s
