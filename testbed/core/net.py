@@ -16,6 +16,7 @@ after a kill -9.
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -40,7 +41,7 @@ from testbed.base.errors import TestbedError, format_validation_error
 from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.core import mptcp_config
 from testbed.mptcp import pm
-from testbed.base.netns import run_in_netns, start_command, write_sysctl
+from testbed.base.netns import run_command, run_in_netns, start_command, write_sysctl
 from testbed.base.rtnl import RawRtnl
 from testbed.core.emulation.offloads import disable_offloads
 from testbed.core.state import RunState, alive, end_recorded, namespace_members
@@ -397,30 +398,42 @@ class Testbed:
         """Settings and limits on every client and server; kernel-PM endpoints on
         each client's non-default paths and on the server's flagged addresses."""
         g = self.graph
-        n = max(len(g.paths_of(c)) for c in g.nodes("client"))
         self.not_applied: dict[str, dict[str, str]] = {}
+        subflows, add_addr_accepted = self._pm_limits()
         for role in ("client", "server"):
             for name in g.nodes(role):
                 node = self._nodes[name]
                 lacks = mptcp_config.apply_settings(node.pid, self.settings[role])
                 self.not_applied[role if name in (g.client, g.server) else name] = lacks
-                mptcp_config.set_limits(node.pid, subflows=min(8, max(n, 2)),
-                                        add_addr_accepted=min(8, n))
+                mptcp_config.set_limits(node.pid, subflows=subflows,
+                                        add_addr_accepted=add_addr_accepted)
                 if self.settings[role].path_manager == "mptcpd":  # recorded, ended at teardown
                     self._mptcpd[name] = mptcp_config.start_mptcpd(
                         node.pid, lambda argv, node=node, **kw: self.popen(node, argv, **kw))
+        for name, eps in self._spec_endpoints().items():
+            pm.add_endpoints(self._nodes[name].pid, eps)
+
+    def _pm_limits(self) -> tuple[int, int]:
+        """The in-kernel PM's (subflows, add_addr_accepted) limits every client and server gets."""
+        n = max(len(self.graph.paths_of(c)) for c in self.graph.nodes("client"))
+        return min(8, max(n, 2)), min(8, n)
+
+    def _spec_endpoints(self) -> dict[str, list[pm.Endpoint]]:
+        """The kernel-PM endpoints the testbed gives each node (name -> endpoints):
+        each client's non-default paths and the server's flagged addresses."""
+        g = self.graph
+        out: dict[str, list[pm.Endpoint]] = {}
         if self.settings["client"].path_manager == "kernel":
             for name in g.nodes("client"):
-                eps = [ep for ep in map(self._client_endpoint, self.all_paths)
-                       if ep is not None and self._path_client(ep) == name]
-                pm.add_endpoints(self._nodes[name].pid, eps)
+                out[name] = [ep for ep in map(self._client_endpoint, self.all_paths)
+                             if ep is not None and self._path_client(ep) == name]
         if self.settings["server"].path_manager == "kernel":
             primary = g.server_addr
-            eps = [pm.Endpoint(link.end(g.server).addr, link.end(g.server).ifname,
-                               tuple(link.spec.server_endpoint), id=link.net)
-                   for link in g.links_of(g.server)
-                   if link.spec.server_endpoint and link.end(g.server).addr != primary]
-            pm.add_endpoints(self.server.pid, eps)
+            out[g.server] = [pm.Endpoint(link.end(g.server).addr, link.end(g.server).ifname,
+                                         tuple(link.spec.server_endpoint), id=link.net)
+                             for link in g.links_of(g.server)
+                             if link.spec.server_endpoint and link.end(g.server).addr != primary]
+        return out
 
     def _path_client(self, ep: pm.Endpoint) -> str:
         return next(p.graph.client for p in self.all_paths if p.addr.client == ep.addr)
@@ -516,6 +529,80 @@ class Testbed:
     def link_states(self) -> dict[str, LinkState]:
         """Every link's state (the run stores them as links_at_end)."""
         return {link.name: self.link_state(link.name) for link in self.links}
+
+    # ---- reuse between runs ---------------------------------------------
+    def reset(self) -> list[str]:
+        """Undo what a run changed (link parameters, carrier, blackholes, middleboxes,
+        backup flags, kernel-PM endpoints and limits, learnt neighbours), then check
+        the testbed against its spec: the mismatches, each naming what and the value
+        found ([]: the testbed is as built and may carry the next run)."""
+        for link in self.links:
+            for d in ("up", "down"):
+                built = self._built_link(link.name).spec.direction(d)
+                if link.params(d) != built:
+                    self.backend.update(link, d, built)
+                    setattr(link, d, built)
+        for name, state in list(self._link_faults.items()):
+            if state.carrier is False:
+                self._set_carrier(name, True)
+            for d in state.blackholed or ():
+                self.backend.set_blackhole(self.link(name), d, False)
+            if state.middlebox is not None:
+                p = self.path(name)
+                far = p.graph.far.node
+                hook = "forward" if self.graph.roles[far] == "router" else "input"
+                faults.set_middlebox(self._nodes[far].pid, hook, p.name, p.far_if, None)
+        subflows, add_addr_accepted = self._pm_limits()
+        for name, eps in self._spec_endpoints().items():
+            pid = self._nodes[name].pid
+            if sorted(map(_endpoint_key, pm.endpoints(pid))) != sorted(map(_endpoint_key, eps)):
+                for ep in pm.endpoints(pid):
+                    pm.delete_endpoint(pid, ep.id)
+                pm.add_endpoints(pid, eps)
+        for role in ("client", "server"):
+            for name in self.graph.nodes(role):
+                mptcp_config.set_limits(self._nodes[name].pid, subflows=subflows,
+                                        add_addr_accepted=add_addr_accepted)
+        for node in self._nodes.values():  # learnt entries only: the static ones stay
+            run_command(node.pid, ["ip", "neigh", "flush", "all"])
+        self._link_faults.clear()
+        self.applied_events.clear()
+        return self.reset_problems()
+
+    def reset_problems(self) -> list[str]:
+        """Where the testbed differs from its spec, read from the kernel where it
+        can be (endpoints, limits, carrier) and from the emulator's settings."""
+        out = []
+        for link in self.links:
+            for d in ("up", "down"):
+                built = self._built_link(link.name).spec.direction(d)
+                if link.params(d) != built:
+                    out.append(f"link {link.name} {d}: {link.params(d)} (spec {built})")
+        for name, state in self._link_faults.items():
+            out.append(f"link {name}: faults still in force: {state}")
+        subflows, add_addr_accepted = self._pm_limits()
+        for name, eps in self._spec_endpoints().items():
+            found = sorted(map(_endpoint_key, pm.endpoints(self._nodes[name].pid)))
+            if found != sorted(map(_endpoint_key, eps)):
+                out.append(f"{name}: endpoints {found} (spec {sorted(map(_endpoint_key, eps))})")
+        for role in ("client", "server"):
+            for name in self.graph.nodes(role):
+                lim = mptcp_config.snapshot(self._nodes[name].pid)
+                got = (lim.get("subflows"), lim.get("add_addr_accepted"))
+                if got != (subflows, add_addr_accepted):
+                    out.append(f"{name}: PM limits (subflows, add_addr_accepted) {got} "
+                               f"(spec {(subflows, add_addr_accepted)})")
+        for p in self.all_paths:
+            pid = self._nodes[p.graph.client].pid
+            res = run_command(pid, ["ip", "-j", "link", "show", "dev", p.client_if])
+            flags = json.loads(res.stdout)[0].get("flags", []) if res.returncode == 0 else []
+            if "UP" not in flags:
+                out.append(f"path {p.name}: client interface {p.client_if} flags {flags} (spec UP)")
+        return out
+
+    def _built_link(self, name: str) -> Any:
+        """The graph's link `name` (its spec is what the link is built with)."""
+        return next(link for link in self.graph.links if link.name == name)
 
     def _path_names(self) -> set[str]:
         return {p.name for p in self.all_paths}
@@ -709,6 +796,11 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)
+
+
+def _endpoint_key(ep: pm.Endpoint) -> tuple[str, int, tuple[str, ...]]:
+    """What identifies an endpoint when comparing with the spec (the kernel does not report ifname)."""
+    return (ep.addr, ep.id, tuple(sorted(ep.flags)))
 
 
 def _all_gone(state: RunState) -> bool:

@@ -151,6 +151,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def run_one(spec: RunSpec, root: Path) -> Path:
     """Build the testbed, run one grid point's repetition with its probes, store it."""
     sc = spec.scenario
+    started = time.monotonic()
     clock = PhaseClock()
     clock.begin("prepare")
     exp_cls = experiments.experiment_class(sc.experiment)
@@ -163,7 +164,6 @@ def run_one(spec: RunSpec, root: Path) -> Path:
     }
     output = RunOutput(metrics={}, status="failed", reason="did not run")
     ctx: RunContext | None = None
-    started = time.monotonic()
     old_alarm = signal.signal(signal.SIGALRM, _on_timeout)
     signal.setitimer(signal.ITIMER_REAL, sc.timeout_s)
     try:
