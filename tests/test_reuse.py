@@ -2,6 +2,7 @@
 checked against the spec, and what it cannot verify is named."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 from testbed.core import mptcp_config
 from testbed.core.events import EventSpec
 from testbed.core.net import Testbed
+from testbed.core.state import STATE_DIR
+from testbed.harness import scenario
+from testbed.harness.runner import sweep
 from testbed.core.topology import load
 from testbed.mptcp import pm
 from testbed.mptcp.sockopt import listener, mptcp_socket
@@ -80,3 +84,43 @@ def test_a_change_the_reset_did_not_undo_is_named(tb):
     started = time.monotonic()
     tb.reset()
     assert time.monotonic() - started < 1.0  # generous: a reset is far cheaper than a build
+
+
+FAST = """
+experiment = "throughput"
+repetitions = 2
+seed = 4
+timeout_s = 60
+backend = "bridge"
+calibrate = false
+[topology]
+name = "two-path"
+params = { rate_mbit = 20, wifi_delay_ms = 0, lte_delay_ms = 0 }
+[params]
+seconds = 1.5
+"""
+
+
+def _manifests(summary) -> list[dict]:
+    return [json.loads((d / "manifest.json").read_text()) for d in summary.run_dirs]
+
+
+def test_a_sweep_reuses_its_testbed_and_says_so(tmp_path):
+    (tmp_path / "s.toml").write_text(FAST)
+    summary = sweep(scenario.load(tmp_path / "s.toml"), tmp_path / "store", progress=False)
+    assert summary.done == {"complete": 2}
+    first, second = _manifests(summary)
+    assert first["testbed_reuse"]["reused"] is False
+    assert second["testbed_reuse"] == {"reused": True, "reason": "reset verified against the spec"}
+    assert second["phases"]["build"] < 0.5 * first["phases"]["build"]  # a reset, not a build
+    assert not list(STATE_DIR.glob("run-*.json"))  # the kept testbed went with the sweep
+
+
+def test_a_reset_that_does_not_verify_gets_a_fresh_testbed(tmp_path, monkeypatch):
+    monkeypatch.setattr(Testbed, "reset", lambda self: ["link wifi up: delay 40 ms (spec 0 ms)"])
+    (tmp_path / "s.toml").write_text(FAST)
+    summary = sweep(scenario.load(tmp_path / "s.toml"), tmp_path / "store", progress=False)
+    assert summary.done == {"complete": 2}
+    second = _manifests(summary)[1]
+    assert second["testbed_reuse"] == {
+        "reused": False, "reason": "reset did not verify: link wifi up: delay 40 ms (spec 0 ms)"}

@@ -6,6 +6,7 @@ interrupted by kill -9 is redone. Ctrl-C stops after removing the partial run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -59,6 +60,68 @@ class PhaseClock:
         return {p: self.seconds[p] for p in PHASES if p in self.seconds}
 
 
+class TestbedPool:
+    """Keeps the last run's testbed for the next run with the same identity
+    (topology, backend, host settings): it is reset and checked against the spec
+    instead of being torn down and built again. Only for runs without calibration
+    and with the in-kernel path manager (what a reset can restore)."""
+    __test__ = False  # not a pytest class despite the name
+
+    def __init__(self) -> None:
+        self._kept: tuple[str, Testbed] | None = None
+        self._built = 0
+
+    @staticmethod
+    def identity(sc: Scenario) -> str | None:
+        """What makes two runs' testbeds interchangeable; None: this run gets its own."""
+        if sc.calibrate or "kernel" != sc.hosts.client.path_manager \
+                or "kernel" != sc.hosts.server.path_manager:
+            return None
+        return json.dumps([sc.topology.resolve().model_dump(mode="json"), sc.backend,
+                           sc.hosts.model_dump(mode="json")], sort_keys=True, default=str)
+
+    @contextlib.contextmanager
+    def testbed(self, sc: Scenario, fresh: Callable[[], Testbed],
+                note: dict[str, Any]) -> Iterator[Testbed]:
+        """A testbed for one run: the kept one when it resets to its spec, else a
+        new one (note says which, and why). Kept after the run unless it raised."""
+        key = self.identity(sc)
+        tb = None
+        if key is not None and self._kept is not None and self._kept[0] == key:
+            tb = self._kept[1]
+            self._kept = None
+            problems = tb.reset()
+            if problems:
+                note.update(reused=False, reason=f"reset did not verify: {problems[0]}")
+                tb.__exit__(None, None, None)
+                tb = None
+            else:
+                note.update(reused=True, reason="reset verified against the spec")
+        else:
+            self.close()
+            note.update(reused=False, reason="no kept testbed of this identity" if key
+                        else "calibrated or not the in-kernel path manager: a fresh testbed")
+        if tb is None:
+            self._built += 1
+            tb = fresh().__enter__()
+        try:
+            yield tb
+        except BaseException as exc:
+            tb.__exit__(type(exc), exc, None)
+            raise
+        if key is None:
+            tb.__exit__(None, None, None)
+        else:
+            self._kept = (key, tb)
+
+    def close(self) -> None:
+        """Tear down the kept testbed, if any."""
+        if self._kept is not None:
+            _key, tb = self._kept
+            self._kept = None
+            tb.__exit__(None, None, None)
+
+
 class RunTimeout(Exception):
     """A run took longer than its scenario's timeout_s."""
     pass
@@ -81,9 +144,12 @@ class SweepSummary:
 
 
 def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
-          progress: bool = True) -> SweepSummary:
+          progress: bool = True, reuse: bool = True) -> SweepSummary:
     """Run every planned run that is not stored yet; several processes may sweep
-    one store at once: each run is written by whoever takes its lock first."""
+    one store at once: each run is written by whoever takes its lock first.
+    With reuse, consecutive runs of one testbed identity share a testbed (reset
+    and verified between runs); runs are grouped by identity, keeping the seeded
+    shuffled order within each group."""
     specs = expand(scenario)
     for warning in capacity_warnings(specs):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -94,6 +160,9 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
         if seen is None or (retry_failed and seen[0] == "failed"):
             todo.append((spec, seen))
     summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
+    pool = TestbedPool() if reuse else None
+    if pool is not None:  # stable: the shuffled order holds within a group
+        todo.sort(key=lambda item: TestbedPool.identity(item[0].scenario) or "")
     bar = _progress(len(todo), scenario.experiment, progress)
     try:
         for spec, seen in todo:
@@ -108,7 +177,7 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
                         summary.skipped += 1
                         status = "stored meanwhile"
                     else:
-                        run_dir = run_one(spec, root)
+                        run_dir = run_one(spec, root, pool)
                         status = json.loads((run_dir / "manifest.json").read_text())["status"]
                         summary.done[status] = summary.done.get(status, 0) + 1
                         summary.run_dirs.append(run_dir)
@@ -118,6 +187,8 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
                 bar.set_postfix_str(f"last: {status}")
                 bar.update(1)
     finally:
+        if pool is not None:
+            pool.close()
         if bar is not None:
             bar.close()
     return summary
@@ -148,8 +219,9 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
 
 
-def run_one(spec: RunSpec, root: Path) -> Path:
-    """Build the testbed, run one grid point's repetition with its probes, store it."""
+def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
+    """Build the testbed (or take the pool's, reset and verified), run one grid
+    point's repetition with its probes, store it."""
     sc = spec.scenario
     started = time.monotonic()
     clock = PhaseClock()
@@ -170,10 +242,16 @@ def run_one(spec: RunSpec, root: Path) -> Path:
         random.seed(spec.seed)
         params = exp_cls.validate_params(sc.params)
         clock.begin("build")
-        with Testbed(sc.topology.resolve(), backend=sc.backend, client=sc.hosts.client,
-                     server=sc.hosts.server,
-                     # per process: two sweeps of one store never share a state file
-                     run_id=f"run-{spec.run_id}-{os.getpid()}") as tb:
+
+        def fresh() -> Testbed:
+            return Testbed(sc.topology.resolve(), backend=sc.backend, client=sc.hosts.client,
+                           server=sc.hosts.server,
+                           # per process: two sweeps of one store never share a state file
+                           run_id=f"run-{spec.run_id}-{os.getpid()}")
+
+        reuse: dict[str, Any] = {"reused": False, "reason": "no pool: a fresh testbed"}
+        manifest["testbed_reuse"] = reuse
+        with (pool.testbed(sc, fresh, reuse) if pool is not None else fresh()) as tb:
             try:  # the finally marks where teardown (the with's exit) begins
                 manifest["testbed"] = tb.describe()
                 manifest["namespace_sysctls"] = namespace_sysctls(tb)
