@@ -297,6 +297,8 @@ def harness(c, store="results-quick", repeats=5):
         return times
 
     def run():
+        if int(repeats) <= 0:
+            return
         print(f"{'topology':<12} {'median s':>9} {'max s':>7} {'target s':>9}  verdict")
         for name, topo, target in [("two-path", load("two-path"), 1.0),
                                    ("8-path", load("n-path", n=8), 3.0)]:
