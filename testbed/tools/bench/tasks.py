@@ -5,6 +5,7 @@
     ./tb bench.capacity [--seconds 3]
     ./tb bench.distributed [--reps 1]
     ./tb bench.chaos [--runs 200] [--interrupts 20] [--out DIR]
+    ./tb bench.stack [--seconds 3]
 """
 from __future__ import annotations
 
@@ -87,9 +88,42 @@ def chaos(c, runs=200, interrupts=None, seed=1, out="results/bench-chaos"):
         raise Exit("bench.chaos: a target was missed", code=1)
 
 
+@task(help={"seconds": "bulk transfer per direction (default 3)",
+            "connects": "connections timed for the connect latency (default 50)"})
+def stack(c, seconds=3.0, connects=50):
+    """The user-space MPTCP stack against the kernel over one unshaped path: figures vs targets."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.tools.bench.stack import attach_compare, run
+
+    for r in guard(attach_compare):
+        print(f"attachment {r.method:<9} {r.packets_per_s:>8} packets/s, RTT median "
+              f"{r.rtt_median_us} us, p99 {r.rtt_p99_us} us")
+    b = guard(lambda: run(float(seconds), int(connects)))
+    rows = [("user -> kernel, one unshaped path", f"{b.user_to_kernel_mbit} Mbit/s", ">= 100 Mbit/s",
+             b.user_to_kernel_mbit >= 100),
+            ("connect latency, user - kernel", f"{b.connect_user_ms - b.connect_kernel_ms:+.3f} ms",
+             "<= 1 ms", b.connect_user_ms - b.connect_kernel_ms <= 1.0),
+            ("CPU of the user sender", f"{b.user_cpu_s_per_gbit} CPU-s per Gbit", "(reported)", True),
+            ("kernel -> user (veth hands 64 KiB super-packets)", f"{b.kernel_to_user_mbit} Mbit/s",
+             "(reported)", True),
+            ("kernel -> kernel reference", f"{b.kernel_to_kernel_mbit} Mbit/s", "(reported)", True),
+            ("2 x 20 Mbit, 10/40 ms one way", "not measured", ">= 0.90 x sum of rates",
+             None)]
+    for what, measured, target, ok in rows:
+        verdict = "n/a" if ok is None else ("ok" if ok else "MISSED")
+        print(f"{what:<50} {measured:>24}   target {target:<24} {verdict}")
+    print("the two-path delay figure needs the stack attached inside a testbed topology "
+          "(not wired into the workloads yet)")
+    if any(ok is False for *_, ok in rows):
+        raise Exit("bench.stack: a target was missed", code=1)
+
+
 ns = Collection("bench")
 ns.add_task(emulation)
 ns.add_task(robe_proxy)
 ns.add_task(capacity)
 ns.add_task(distributed)
 ns.add_task(chaos)
+ns.add_task(stack)
