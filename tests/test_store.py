@@ -67,9 +67,14 @@ def test_two_sweeps_on_one_store_store_every_run_once(tmp_path):
     assert {json.loads(m.read_text())["status"] for m in manifests} == {"complete"}
     assert sorted(p.name for p in (store / "establishment").iterdir()) == \
         sorted(m.parent.name for m in manifests)  # runs only: no .tmp- left, locks kept elsewhere
-    # two processes, two testbeds: their ids (and state files) never collide
-    ids = [json.loads(m.read_text())["testbed"]["run_id"] for m in manifests]
-    assert len(set(ids)) == planned
+    # two processes never share a testbed id (nor its state file): every testbed
+    # built has an id of its own, named after the process that built it; a run
+    # that reused its predecessor's testbed carries that testbed's id
+    docs = [json.loads(m.read_text()) for m in manifests]
+    ids = [d["testbed"]["run_id"] for d in docs]
+    built = sum(1 for d in docs if not d["testbed_reuse"]["reused"])
+    assert len(set(ids)) == built, ids
+    assert {int(i.rsplit("-", 1)[1]) for i in ids} <= {p.pid for p in procs}, ids
 
 
 def test_run_lock_is_exclusive_and_released_with_its_process(tmp_path):
