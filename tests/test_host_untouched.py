@@ -32,6 +32,8 @@ SNAPSHOT = textwrap.dedent('''
         for d, _, files in os.walk("/proc/sys/net"):
             for f in files:
                 p = os.path.join(d, f)
+                if not os.stat(p).st_mode & 0o222:
+                    continue  # read-only: a counter (nf_conntrack_count), not a setting
                 try:
                     with open(p) as fh:
                         out[p] = fh.read()

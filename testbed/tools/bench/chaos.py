@@ -53,10 +53,15 @@ SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGINT": signal.SIGINT, "SIGTERM": signal
 
 
 def host_sysctls() -> dict[str, str]:
-    """Every readable file under /proc/sys/net of this namespace, and kernel.pty.max."""
+    """Every readable setting under /proc/sys/net of this namespace, and kernel.pty.max.
+
+    Read-only entries are counters (nf_conntrack_count moves with any traffic
+    on the host), not settings anyone changed: they are left out."""
     out = {}
     for d, _, files in os.walk("/proc/sys/net"):
         for f in files:
+            if not os.stat(os.path.join(d, f)).st_mode & 0o222:
+                continue
             try:
                 out[os.path.join(d, f)] = Path(d, f).read_text()
             except OSError:  # write-only or unreadable
