@@ -111,3 +111,36 @@ def test_queue_and_rate_bounds_are_refused_in_the_model():
     with pytest.raises(TestbedError, match=r"paths\.0\.rate_mbit: .*0\.01"):
         from_dict(two_paths(rate_mbit=0.0001))
     assert from_dict(two_paths(rate_mbit=0.01, queue_bdp=100)).paths[0].rate_mbit == 0.01
+
+
+# ---- a path's characteristics from its links -------------------------------------
+def test_a_path_composes_its_links_per_direction():
+    from testbed.core.model import Hop, compose_path
+    hops = [Hop("wifi", LinkParams(rate_mbit=20, delay_ms=5, loss_pct=1),
+                LinkParams(rate_mbit=20, delay_ms=5), 1500),
+            Hop("plain", LinkParams(), LinkParams(), 1500),
+            Hop("mid", LinkParams(rate_mbit=30, delay_ms=10, jitter_ms=1, loss_pct=2, queue_pkts=50),
+                LinkParams(rate_mbit=8, delay_ms=3, jitter_ms=0.5), 1400)]
+    c = compose_path(hops)
+    assert c.links == ("wifi", "plain", "mid") and c.mtu == 1400
+    assert (c.up.delay_ms, c.down.delay_ms, c.rtt_ms()) == (15, 8, 23)  # one-way delays add
+    assert (c.up.rate_mbit, c.down.rate_mbit) == (20, 8)  # the slowest link's
+    assert c.slowest == {"up": "wifi", "down": "mid"}
+    assert c.up.loss_pct == pytest.approx(100 * (1 - 0.99 * 0.98))  # 1 - prod(1 - p)
+    assert (c.up.jitter_ms, c.down.jitter_ms) == (1, 0.5)  # the widest deviation: jitters add
+    # The queue is the slowest link's, in packets as built (wifi: one BDP of its own RTT, at least 20).
+    assert c.up.queue_pkts == LinkParams(rate_mbit=20).queue_limit_pkts(10, 1500) == 20
+    assert c.down.queue_pkts == LinkParams(rate_mbit=8).queue_limit_pkts(13, 1400)
+
+
+def test_composed_loss_keeps_a_lone_gilbert_chain_and_averages_mixed_loss():
+    from testbed.core.model import GilbertElliott, Hop, compose_path
+    ge = GilbertElliott(p_pct=1, r_pct=20)
+    lone = compose_path([Hop("a", LinkParams(gilbert=ge), LinkParams(), 1500),
+                         Hop("b", LinkParams(delay_ms=1), LinkParams(), 1500)])
+    assert lone.up.gilbert == ge and lone.up.loss_pct == 0 and lone.up.rate_mbit is None
+    mixed = compose_path([Hop("a", LinkParams(gilbert=ge), LinkParams(), 1500),
+                          Hop("b", LinkParams(loss_pct=10), LinkParams(), 1500)])
+    mean = ge.mean_loss_pct() / 100
+    assert mixed.up.gilbert is None
+    assert mixed.up.loss_pct == pytest.approx(100 * (1 - (1 - mean) * 0.9))

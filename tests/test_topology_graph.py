@@ -52,6 +52,26 @@ def test_paths_follow_routing_through_shared_links():
     assert [p.links[1] for p in clients.paths] == ["wifi", "lte"] * 3
 
 
+def test_a_path_is_composed_from_every_link_it_crosses_in_its_direction():
+    g = load("multihop", delay_ms=5, wifi_mbit=20, lte_mbit=25, middle_mbit=15).graph()
+    wifi, lte = (g.composed(p) for p in g.paths)
+    assert wifi.links == ("wifi", "am", "mid", "srv") and lte.links[:3] == ("lte", "bh", "hm")
+    assert (wifi.up.delay_ms, wifi.rtt_ms(), wifi.up.rate_mbit) == (10, 20, 15)
+    assert wifi.slowest == lte.slowest == {"up": "mid", "down": "mid"}
+    assert [p["composed"]["up"]["rate_mbit"] for p in g.describe()["paths"]] == [15, 15]
+    # A link written server side first (a = s): its `up` is the path's down direction.
+    nodes = [{"name": "c", "role": "client"}, {"name": "r", "role": "router"},
+             {"name": "s", "role": "server"}]
+    links = [{"name": "acc", "a": "c", "b": "r", "rate_mbit": 100, "delay_ms": 1},
+             {"name": "back", "a": "s", "b": "r", "up": {"rate_mbit": 5, "delay_ms": 7},
+              "down": {"rate_mbit": 50, "delay_ms": 2}}]
+    c = from_dict({"name": "rev", "nodes": nodes, "links": links}).graph()
+    path = c.composed(c.paths[0])
+    assert (path.up.delay_ms, path.up.rate_mbit, path.down.delay_ms, path.down.rate_mbit) == (
+        3, 50, 8, 5)
+    assert path.slowest == {"up": "back", "down": "back"}
+
+
 def test_a_loop_needs_a_routing_choice():
     with pytest.raises(TestbedError) as err:
         from_dict(ring(costs=False))

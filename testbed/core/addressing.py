@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the model imports this module from TopologySpec.graph()
-    from testbed.core.model import LinkSpec, PathSpec, TopologySpec
+    from testbed.core.model import ComposedPath, Hop, LinkParams, LinkSpec, PathSpec, TopologySpec
 
 SERVER_NET_INDEX = 100  # the shorthand's router-server segment: 10.100.0.0/24
 TABLE_BASE = 100  # policy routing table of the interface on link net i is TABLE_BASE + i
@@ -198,15 +198,46 @@ class Graph:
         name = self.default_links[client]
         return next(p for p in self.paths if p.client == client and p.name == name)
 
+    def hops(self, path: GraphPath,
+             current: dict[str, tuple[LinkParams, LinkParams]] | None = None) -> list[Hop]:
+        """The links `path` crosses, client first, each with its parameters in the
+        path's directions (a link crossed from its end b to a has its `down` as
+        the path's up). Plain links add nothing but their MTU. `current`: an
+        emulated link's (up, down) as it is now (default: as the spec builds it)."""
+        from testbed.core.model import Hop, LinkParams  # noqa: PLC0415 - see TYPE_CHECKING above
+        node, out = path.client, []
+        for name in path.links:
+            link = self.link(name)
+            if not link.spec.emulated:
+                up = down = LinkParams()
+            else:
+                up, down = (current or {}).get(name) or (link.spec.direction("up"),
+                                                         link.spec.direction("down"))
+            if link.a.node != node:  # crossed b -> a
+                up, down = down, up
+            out.append(Hop(name, up, down, link.spec.mtu))
+            node = link.other(node).node
+        return out
+
+    def composed(self, path: GraphPath,
+                 current: dict[str, tuple[LinkParams, LinkParams]] | None = None) -> ComposedPath:
+        """What `path` does end to end: its links' characteristics composed
+        (model.compose_path; routes are symmetric, so a path's replies cross the
+        same links back)."""
+        from testbed.core.model import compose_path  # noqa: PLC0415 - see TYPE_CHECKING above
+        return compose_path(self.hops(path, current))
+
     def describe(self) -> dict[str, Any]:
-        """JSON-ready: nodes, links (subnet, ends, emulator) and every path's links."""
+        """JSON-ready: nodes, links (subnet, ends, emulator) and every path's links
+        and composed characteristics (as specified)."""
         return {
             "nodes": dict(self.roles),
             "links": [{"name": link.name, "subnet": link.subnet, "emulator": link.emulator,
                        "a": vars(link.a), "b": vars(link.b)} for link in self.links],
             "paths": [{"name": p.name, "client": p.client, "client_if": p.client_if,
                        "client_addr": p.addr.client, "server_addr": p.server_addr,
-                       "links": list(p.links)} for p in self.paths],
+                       "links": list(p.links),
+                       "composed": self.composed(p).model_dump(mode="json")} for p in self.paths],
         }
 
 

@@ -5,7 +5,8 @@ in a TOML file is an error naming the key, never a silently ignored setting.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import math
+from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence
 
 from pydantic import Field, model_validator
 
@@ -145,6 +146,69 @@ class BottleneckSpec(LinkParams):
     def _queue_fits(self) -> "BottleneckSpec":
         self.check_queue(2 * self.delay_ms, self.mtu)
         return self
+
+
+class Hop(NamedTuple):
+    """One link a path crosses: its parameters in the path's up (client -> server)
+    and down directions, and its MTU."""
+
+    name: str
+    up: LinkParams
+    down: LinkParams
+    mtu: int = 1500
+
+
+class ComposedPath(FrozenStrict):
+    """What a path does end to end, composed from the links it crosses
+    (`compose_path`; docs/topologies.md): per direction one LinkParams."""
+
+    links: tuple[str, ...]
+    up: LinkParams
+    down: LinkParams
+    mtu: int
+    slowest: dict[str, str | None]  # direction -> the link that sets its rate (None: unshaped)
+
+    def direction(self, which: Literal["up", "down"]) -> LinkParams:
+        """The composed parameters of one direction."""
+        return self.up if which == "up" else self.down
+
+    def rtt_ms(self) -> float:
+        """The configured round-trip delay (up + down)."""
+        return self.up.delay_ms + self.down.delay_ms
+
+
+def _loss_fraction(p: LinkParams) -> float:
+    return (p.gilbert.mean_loss_pct() if p.gilbert is not None else p.loss_pct) / 100
+
+
+def compose_path(hops: Sequence[Hop]) -> ComposedPath:
+    """A path's characteristics from its links, client first: per direction the
+    one-way delays add, the rate is the slowest link's (its queue, in packets as
+    that link is built, is where a standing queue forms), independent losses
+    combine as 1 - prod(1 - p) (a Gilbert-Elliott link by its mean, kept as the
+    chain when it is the only lossy link), the uniform jitters add (the widest
+    deviation they can sum to), reorder if any link reorders, and the MTU is the
+    smallest."""
+    out: dict[str, LinkParams] = {}
+    slowest: dict[str, str | None] = {}
+    for d in ("up", "down"):
+        params = [(h, h.up if d == "up" else h.down) for h in hops]
+        shaped = [(h, p) for h, p in params if p.rate_mbit is not None]
+        slow = min(shaped, key=lambda hp: hp[1].rate_mbit or 0, default=None)
+        slowest[d] = slow[0].name if slow is not None else None
+        queue = None
+        if slow is not None:
+            h, p = slow
+            queue = p.queue_limit_pkts(max(h.up.delay_ms + h.down.delay_ms, 1.0), h.mtu)
+        lossy = [p for _h, p in params if _loss_fraction(p) > 0]
+        keep = {"gilbert": lossy[0].gilbert} if len(lossy) == 1 and lossy[0].gilbert else {
+            "loss_pct": 100 * (1 - math.prod(1 - _loss_fraction(p) for p in lossy))}
+        out[d] = LinkParams(rate_mbit=slow[1].rate_mbit if slow is not None else None,
+                            delay_ms=sum(p.delay_ms for _h, p in params),
+                            jitter_ms=sum(p.jitter_ms for _h, p in params),
+                            queue_pkts=queue, reorder=any(p.reorder for _h, p in params), **keep)
+    return ComposedPath(links=tuple(h.name for h in hops), up=out["up"], down=out["down"],
+                        mtu=min((h.mtu for h in hops), default=1500), slowest=slowest)
 
 
 NODE_NAME = r"^[a-z][a-z0-9]{0,5}$"  # short: "<node>-<link>" names an interface
