@@ -144,8 +144,9 @@ class ScratchNetns:
             self.fd = -1
 
 
-def write_sysctl(pid: int, values: dict[str, str | int]) -> None:
-    """Write sysctls (dotted names, e.g. net.mptcp.enabled) in pid's namespace."""
+def write_sysctl(pid: int | str, values: dict[str, str | int]) -> None:
+    """Write sysctls (dotted names, e.g. net.mptcp.enabled) in pid's namespace
+    (or the one a file names, e.g. ScratchNetns.path)."""
 
     def apply() -> None:
         for name, value in values.items():
@@ -156,7 +157,7 @@ def write_sysctl(pid: int, values: dict[str, str | int]) -> None:
                 raise TestbedError(f"sysctl {name} = {value}: the kernel refused it "
                                    f"({exc.strerror or exc})") from None
 
-    run_in_netns(pid, apply)
+    run_in_netns_file(ns_path(pid) if isinstance(pid, int) else pid, apply)
 
 
 def read_sysctl(pid: int, names: list[str]) -> dict[str, str]:

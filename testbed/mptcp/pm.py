@@ -191,12 +191,13 @@ def _parse(data: bytes, family_id: int, t_ns: int) -> list[PMEvent]:
 
 
 class PMEventListener:
-    """Collect MPTCP PM events of one namespace (by pid), timestamped on arrival.
+    """Collect MPTCP PM events of one namespace (by pid, or a file naming it),
+    timestamped on arrival.
 
         with PMEventListener(tb.client.pid) as lst: ...; lst.events()
     """
 
-    def __init__(self, pid: int, poll_s: float = 0.05):
+    def __init__(self, pid: int | str, poll_s: float = 0.05):
         self.pid, self.poll_s = pid, poll_s
         self._events: list[PMEvent] = []
         self._lock = threading.Lock()
@@ -216,7 +217,7 @@ class PMEventListener:
 
     def _run(self) -> None:
         try:
-            setns_current_thread(ns_path(self.pid))
+            setns_current_thread(ns_path(self.pid) if isinstance(self.pid, int) else self.pid)
             # pyroute2 resolves the family and group ids; the events are then read
             # from a plain netlink socket: pyroute2's get() may keep already-read
             # messages in its own queue, where poll() cannot see them, so events
