@@ -353,9 +353,11 @@ def test_calibration_reason_names_what_was_short(monkeypatch):
     monkeypatch.setattr(cal, "ping_rtts", lambda *a, **kw: {
         "n": 3, "sent": 50, "answered": 50, "discarded": 47, "mean_ms": 20.0, "p50_ms": 20.0,
         "p99_ms": 20.0, "min_ms": 20.0, "max_ms": 20.0})
-    link = SimpleNamespace(up=LinkParams(delay_ms=10), down=LinkParams(delay_ms=10))
-    path = SimpleNamespace(name="lte", link=link, addr=SimpleNamespace(far="10.0.0.2", client="10.0.0.1"))
-    tb = SimpleNamespace(router=None, server=SimpleNamespace(pid=1), client=SimpleNamespace(pid=1),
+    graph = from_dict({"name": "one", "paths": [{"name": "lte", "delay_ms": 10}]}).graph()
+    link = SimpleNamespace(name="lte", up=LinkParams(delay_ms=10), down=LinkParams(delay_ms=10))
+    path = SimpleNamespace(name="lte", graph=graph.paths[0], addr=graph.paths[0].addr)
+    node = SimpleNamespace(pid=1)
+    tb = SimpleNamespace(graph=graph, links=[link], node=lambda name: node, client=node,
                          paths=[path], backend=SimpleNamespace(name="userspace"))
     res = cal.calibrate(tb, measure_rate=False)
     assert not res["valid"]

@@ -171,3 +171,26 @@ def test_every_client_of_multi_client_reaches_the_server_on_both_paths():
             assert ping_ok(tb.node(p.graph.client), p.addr.client, tb.server_addr), p.name
         assert {p.name: p.link.name for p in tb.all_paths} == {
             "c1w": "wifi", "c1l": "lte", "c2w": "wifi", "c2l": "lte"}
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_calibration_checks_a_multihop_path_against_all_of_its_links():
+    """The expected path is the composition of its links: the middle link (15
+    Mbit/s) sets both paths' rate, every emulated link's delay adds up. A middle
+    link changed behind the harness's back fails calibration, naming it."""
+    from testbed.core.emulation.calibrate import calibrate
+    from testbed.core.net import Testbed
+    with Testbed(load("multihop", delay_ms=2, wifi_mbit=20, lte_mbit=20, middle_mbit=15)) as tb:
+        good = calibrate(tb, pings=30, flow_s=1.5)
+        assert good["valid"], good["reason"]
+        wifi = good["paths"]["wifi"]
+        assert wifi["links"] == ["wifi", "am", "mid", "srv"] and wifi["rtt_configured_ms"] == 8
+        assert wifi["rate_up"]["configured_mbit"] == 15 and wifi["composed"]["slowest"]["up"] == "mid"
+        mid = tb.link("mid")
+        tb.backend.update(mid, "up", mid.up.model_copy(update={"delay_ms": 12}))  # tb still says 2
+        bad = calibrate(tb, pings=30, measure_rate=False)
+    assert not bad["valid"]
+    for name in ("wifi", "lte"):
+        assert re.search(rf"{name} \(emulated links {name}, mid\): RTT 1[78]\.\d+ ms, configured 8 ms",
+                         bad["reason"]), bad["reason"]

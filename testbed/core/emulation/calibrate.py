@@ -4,9 +4,12 @@
     if not result["valid"]:
         print("run INVALID:", result["reason"])
 
-Per path (client address -> the path's far address, so only that path's
-emulator is crossed): the idle RTT by ping against up + down delay, and the
-goodput of one TCP flow (cubic) against the configured rate. Goodput of a
+Per path (client address -> the server's address on the path, crossing every
+link of the path): what the path should do is its links composed
+(model.compose_path: one-way delays add, the slowest link's rate, losses
+combine, jitters add), from each link's parameters as the testbed set them.
+The idle RTT by ping is checked against the composed up + down delay, and the
+goodput of one TCP flow (cubic) against the composed rate. Goodput of a
 full-size TCP segment is at most 1448/1514 = 95.6 % of the HTB rate (HTB counts
 Ethernet frames), so the default rate tolerance accepts 90-101 % of the rate.
 The rate check is skipped for paths with loss (a lossy path cannot be filled
@@ -191,32 +194,38 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
     t_start = time.monotonic()
     paths: dict[str, Any] = {}
     problems: list[str] = []
+    current = {link.name: (link.up, link.down) for link in tb.links}  # as the testbed set them
     for i, p in enumerate(tb.paths):
-        link = p.link
-        up, down = link.up, link.down
-        cfg_rtt = up.delay_ms + down.delay_ms
+        # The whole path, client to server: every link it crosses, composed.
+        composed = tb.graph.composed(p.graph, current)
+        up, down = composed.up, composed.down
+        emulated = [h.name for h in tb.graph.hops(p.graph) if h.name in current]
+        where = f"{p.name} (emulated links {', '.join(emulated)})" if emulated != [p.name] else p.name
+        server = tb.node(p.graph.server)
+        cfg_rtt = composed.rtt_ms()
         lossy = has_loss(up) or has_loss(down)
         n = pings if not lossy else pings * 3
-        rtt = ping_rtts(tb.client.pid, p.addr.far, n, interval=0.01, src=p.addr.client)
+        rtt = ping_rtts(tb.client.pid, p.graph.server_addr, n, interval=0.01, src=p.addr.client)
         tol = max(cfg_rtt * rtt_tol_pct / 100, rtt_tol_ms) + up.jitter_ms + down.jitter_ms
         entry: dict[str, Any] = {
+            "links": list(composed.links), "composed": composed.model_dump(mode="json"),
             "rtt_configured_ms": cfg_rtt, "rtt_mean_ms": rtt["mean_ms"], "rtt_p99_ms": rtt["p99_ms"],
             "rtt_min_ms": rtt["min_ms"], "pings": n, "answered": rtt["answered"], "rtt_tolerance_ms": tol,
         }
         need_answers = max(MIN_RTT_SAMPLES, n // 10)
         if rtt["answered"] < need_answers:
             entry["rtt_ok"] = False
-            problems.append(f"{p.name}: {rtt['answered']} of {n} pings answered, "
+            problems.append(f"{where}: {rtt['answered']} of {n} pings answered, "
                             f"need at least {need_answers}")
         elif rtt["n"] < MIN_RTT_SAMPLES:
             entry["rtt_ok"] = False
-            problems.append(f"{p.name}: {rtt['n']} usable RTT samples of {rtt['answered']} answered "
+            problems.append(f"{where}: {rtt['n']} usable RTT samples of {rtt['answered']} answered "
                             f"pings ({rtt['discarded']} discarded: sending took over 0.2 ms), "
                             f"need at least {MIN_RTT_SAMPLES}")
         else:
             entry["rtt_ok"] = abs(rtt["mean_ms"] - cfg_rtt) <= tol
             if not entry["rtt_ok"]:
-                problems.append(f"{p.name}: RTT {rtt['mean_ms']:.2f} ms, configured {cfg_rtt:g} ms "
+                problems.append(f"{where}: RTT {rtt['mean_ms']:.2f} ms, configured {cfg_rtt:g} ms "
                                 f"(tolerance {tol:.2f} ms)")
         directions = [("up", up)] + ([("down", down)] if down.rate_mbit != up.rate_mbit else [])
         for d, params in directions:
@@ -227,9 +236,9 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
             if lossy:
                 entry[key] = {"skipped": "path has loss: one TCP flow cannot fill it"}
                 continue
-            far = tb.node(p.graph.far.node)  # where this path's access link ends
-            src, dst = (tb.client, far) if d == "up" else (far, tb.client)
-            saddr, daddr = (p.addr.client, p.addr.far) if d == "up" else (p.addr.far, p.addr.client)
+            src, dst = (tb.client, server) if d == "up" else (server, tb.client)
+            saddr, daddr = ((p.addr.client, p.graph.server_addr) if d == "up"
+                            else (p.graph.server_addr, p.addr.client))
             g = tcp_goodput(src.pid, dst.pid, saddr, daddr, duration=flow_s,
                             warmup=min(0.5 + 4 * cfg_rtt / 1000, flow_s / 2), port=5300 + i)
             ratio = g["goodput_mbit"] / params.rate_mbit
@@ -237,7 +246,7 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
             entry[key] = {"configured_mbit": params.rate_mbit, "goodput_mbit": g["goodput_mbit"],
                           "ratio": ratio, "ok": ok}
             if not ok:
-                problems.append(f"{p.name} {d}: goodput {g['goodput_mbit']:.2f} Mbit/s = "
+                problems.append(f"{where} {d}: goodput {g['goodput_mbit']:.2f} Mbit/s = "
                                 f"{ratio:.1%} of {params.rate_mbit:g} (accepted "
                                 f"{rate_low:.0%}-{rate_high:.0%})")
         paths[p.name] = entry
