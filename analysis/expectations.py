@@ -167,48 +167,63 @@ def _failover_rows(res: Results) -> list[Row]:
 
 
 RFC6356 = "RFC 6356, section 2.1"
-UNCOUPLED = "the user-space stack has no coupled congestion control yet"
+OLIA_SOURCE = "RFC 6356 goals, OLIA (Khalili et al.)"
+# Who the fairness rows judge: (subject, source, stack, the MPTCP connection's cc or None for any).
+IMPLEMENTATIONS = [("kernel MPTCP", RFC6356, "kernel", None),
+                   ("user-space stack, LIA", RFC6356, "user", "lia"),
+                   ("user-space stack, OLIA", OLIA_SOURCE, "user", "olia"),
+                   ("user-space stack, CUBIC (uncoupled control)", RFC6356, "user", "cubic")]
+FAIRNESS_GOALS = [("do no harm", "shared bottleneck",
+                   "takes no more than one TCP flow's share, 1/(M+1)", "median share / (1/(M+1)) ≤ 1.1"),
+                  ("improve throughput", "disjoint paths",
+                   "at least what a TCP flow gets on the best path", "median MPTCP / best TCP goodput ≥ 0.9"),
+                  ("balance congestion", "disjoint paths",
+                   "moves traffic off the congested path: all flows near equal", "median Jain's index ≥ 0.95")]
+FAIRNESS_NEEDS = {"metric.shared_bottleneck", "metric.mptcp_share_ratio", "metric.jain_index",
+                  "metric.mptcp_goodput_mbit", "metric.tcp_max_goodput_mbit"}
+
+
+def _fairness_runs_of(runs: pd.DataFrame, stack: str, cc: str | None) -> pd.DataFrame:
+    """The fairness runs of one implementation (runs from before the stack choice are kernel runs)."""
+    stacks = (runs["metric.stack"].astype("string").fillna("kernel") if "metric.stack" in runs
+              else pd.Series("kernel", index=runs.index, dtype="string"))
+    sel = runs[stacks == stack]
+    if cc is not None:
+        sel = sel[sel["metric.cc"].astype("string") == cc] if "metric.cc" in sel else sel.iloc[0:0]
+    return sel
 
 
 def _fairness_rows(res: Results) -> list[Row]:
-    """RFC 6356's three goals, judged on the fairness runs; the user-space
-    stack's LIA and OLIA rows stay "not measured" until it has them."""
+    """RFC 6356's three goals, judged on the fairness runs of each implementation:
+    kernel MPTCP (uncoupled), the user-space stack's LIA and OLIA, and its
+    uncoupled CUBIC as the control."""
     runs = res.of("fairness")
-    need = {"metric.shared_bottleneck", "metric.mptcp_share_ratio", "metric.jain_index",
-            "metric.mptcp_goodput_mbit", "metric.tcp_max_goodput_mbit"}
-    goals = [("do no harm", "shared bottleneck",
-              "takes no more than one TCP flow's share, 1/(M+1)", "median share / (1/(M+1)) ≤ 1.1"),
-             ("improve throughput", "disjoint paths",
-              "at least what a TCP flow gets on the best path", "median MPTCP / best TCP goodput ≥ 0.9"),
-             ("balance congestion", "disjoint paths",
-              "moves traffic off the congested path: all flows near equal", "median Jain's index ≥ 0.95")]
+    complete = not runs.empty and FAIRNESS_NEEDS <= set(runs.columns)
     rows: list[Row] = []
-    if runs.empty or not need <= set(runs.columns):
-        why = "not measured (no complete runs of fairness with its metrics)"
-        rows += [Row(RFC6356, "kernel MPTCP", f"{c} ({g})", e, k, why, NOT_MEASURED) for g, c, e, k in goals]
-    else:
-        shared = runs["metric.shared_bottleneck"].astype("boolean").fillna(False)
-        sh, dj = runs[shared], runs[~shared]
+    for subject, source, stack, cc in IMPLEMENTATIONS:
+        which = f"stack {stack}" + (f", cc {cc}" if cc else "")
+        sel = _fairness_runs_of(runs, stack, cc) if complete else runs.iloc[0:0]
+        if sel.empty:
+            why = f"not measured (no complete runs of fairness with {which})"
+            rows += [Row(source, subject, f"{c} ({g})", e, k, why, NOT_MEASURED) for g, c, e, k in FAIRNESS_GOALS]
+            continue
+        shared = sel["metric.shared_bottleneck"].astype("boolean").fillna(False)
+        sh, dj = sel[shared], sel[~shared]
         ratio = sh["metric.mptcp_share_ratio"].astype("float64")
         best = (dj["metric.mptcp_goodput_mbit"].astype("float64")
                 / dj["metric.tcp_max_goodput_mbit"].astype("float64"))
         jain = dj["metric.jain_index"].astype("float64")
         checks = [(ratio, lambda x: x <= 1.1), (best, lambda x: x >= 0.9), (jain, lambda x: x >= 0.95)]
-        for (g, c, e, k), (vals, ok) in zip(goals, checks):
+        for (g, c, e, k), (vals, ok) in zip(FAIRNESS_GOALS, checks):
             ci = bootstrap_ci(vals) if vals.notna().any() else None
             if ci is None or ci.n == 0:
-                rows.append(Row(RFC6356, "kernel MPTCP", f"{c} ({g})", e, k,
-                                f"not measured (no complete {c} runs)", NOT_MEASURED))
+                rows.append(Row(source, subject, f"{c} ({g})", e, k,
+                                f"not measured (no complete {c} runs with {which})", NOT_MEASURED))
                 continue
             measured = f"median {ci.estimate:.2f}" + (
                 f" [{ci.low:.2f}, {ci.high:.2f}]" if np.isfinite(ci.low) else "") + f" (n={ci.n})"
-            rows.append(Row(RFC6356, "kernel MPTCP", f"{c} ({g})", e, k, measured,
+            rows.append(Row(source, subject, f"{c} ({g})", e, k, measured,
                             HOLDS if ok(ci.estimate) else FAILS))
-    for cc in ("LIA", "OLIA"):
-        rows.append(Row(RFC6356 if cc == "LIA" else "RFC 6356 goals, OLIA (Khalili et al.)",
-                        f"user-space stack, {cc}", "shared bottleneck and disjoint paths",
-                        "do no harm, improve throughput, balance congestion", "as for kernel MPTCP",
-                        f"not measured ({UNCOUPLED})", NOT_MEASURED))
     return rows
 
 
