@@ -18,6 +18,7 @@ from invoke import Collection, Exit, task
 
 from testbed.tools.bench.tasks import ns as bench_tasks
 from testbed.tools.cli import fail as _fail, guard as _guard, need_root as _need_root
+from testbed.tools.conformance.tasks import conformance
 from testbed.tools.vm.tasks import ns as vm_tasks
 
 ROOT = Path(__file__).resolve().parent
@@ -139,9 +140,10 @@ def test(c, quick=False, k=None, vm=False):
     "set_": "override a scenario key, e.g. --set params.seconds=5 (repeatable)",
     "retry_failed": "rerun runs stored as failed",
     "no_progress": "no progress bar",
-    "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers (docs/distributed.md)"})
+    "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers (docs/distributed.md)",
+    "parallel": "up to K testbeds at once on this machine, as the experiment allows (docs/performance.md)"})
 def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no_progress=False,
-        cluster=None):
+        cluster=None, parallel=1):
     """Run a scenario: grid x repetitions, resumable; results in OUT/<experiment>/<run-id>/."""
     _need_root()
     from testbed.harness import scenario as sc
@@ -149,6 +151,11 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
     from testbed.harness.runner import sweep
 
     def go():
+        from testbed.harness.parallel import check_parallel, parallel_sweep
+
+        check_parallel(int(parallel))
+        if cluster and int(parallel) > 1:
+            raise _fail("--parallel and --cluster: choose one (a cluster's workers set their own --runs)")
         s = sc.load(scenario, parse_assignments(set_ or []), int(reps) if reps is not None else None)
         if cluster:
             from testbed.harness.distributed import check_address, cluster_sweep
@@ -156,6 +163,9 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
             check_address(cluster)
             [(_, summary)] = cluster_sweep([s], Path(out), cluster, retry_failed=retry_failed,
                                            progress=not no_progress)
+        elif int(parallel) > 1:
+            [(_, summary)] = parallel_sweep([s], Path(out), int(parallel), retry_failed=retry_failed,
+                                            progress=not no_progress)
         else:
             summary = sweep(s, Path(out), retry_failed=retry_failed, progress=not no_progress)
         print(f"{s.experiment}: {summary.line()} -> {Path(out) / s.experiment}")
@@ -173,14 +183,21 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
             "retry_failed": "rerun the runs stored as failed (resuming skips them otherwise)",
             "campaign": "campaign file listing the scenarios (default: experiments/paper.toml)",
             "no_progress": "no progress bars",
-            "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers"})
+            "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers",
+            "parallel": "up to K testbeds at once on this machine, per experiment as measured "
+                        "to keep fidelity (docs/performance.md)"})
 def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=None, no_progress=False,
-          cluster=None):
+          cluster=None, parallel=1):
     """Rerun the paper's scenarios end to end (resuming), then build the report."""
     _need_root()
     from testbed.harness import campaign as cp
 
     def go():
+        from testbed.harness.parallel import check_parallel
+
+        check_parallel(int(parallel))
+        if cluster and int(parallel) > 1:
+            raise _fail("--parallel and --cluster: choose one (a cluster's workers set their own --runs)")
         plan = cp.load(campaign or cp.PAPER)
         results = Path(out or ("results-quick" if quick else "results"))
         t0 = time.monotonic()
@@ -192,7 +209,7 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=No
                                       retry_failed=retry_failed, progress=not no_progress)
         else:
             summaries = cp.run(plan, results, quick=quick, progress=not no_progress,
-                               retry_failed=retry_failed)
+                               retry_failed=retry_failed, parallel=int(parallel))
         for experiment, summary in summaries:
             print(f"{experiment}: {summary.line()}")
         from analysis.report import build_report
@@ -315,6 +332,7 @@ ns.add_collection(Collection("results", results_ls))
 bench = Collection("bench", harness)
 ns.add_collection(bench)
 ns.add_task(report)
+ns.add_task(conformance)
 for t in bench_tasks.tasks.values():
     bench.add_task(t)
 ns.add_collection(vm_tasks, "vm")

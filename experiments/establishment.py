@@ -61,6 +61,7 @@ class Establishment(Experiment):
     name = "establishment"
     description = "connection setup over a healthy/lossy/blackholed/slow/filtered default path"
     Params = Params
+    max_parallel = 4  # latency-bound: measured in docs/performance.md
 
     def run(self, ctx: RunContext) -> RunOutput:
         from experiments.robe_trial import run_establishment_trial

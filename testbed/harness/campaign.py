@@ -24,6 +24,7 @@ from testbed.base.tomlfile import read_toml
 from testbed.base.strict import Strict
 from testbed.harness import scenario as sc
 from testbed.harness.results import run_status
+from testbed.harness.parallel import parallel_sweep
 from testbed.harness.runner import SweepSummary, sweep
 
 PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper.toml"
@@ -63,8 +64,12 @@ def load(path: str | Path = PAPER) -> Campaign:
 
 
 def run(campaign: Campaign, out: Path, quick: bool, progress: bool = True,
-        retry_failed: bool = False) -> list[tuple[str, SweepSummary]]:
-    """Sweep every scenario of the campaign into `out`, in order."""
+        retry_failed: bool = False, parallel: int = 1) -> list[tuple[str, SweepSummary]]:
+    """Sweep every scenario of the campaign into `out`, in order; with parallel > 1,
+    up to that many runs at once where the experiment allows (harness.parallel)."""
+    if parallel > 1:
+        return parallel_sweep(campaign.scenarios(quick), out, parallel,
+                              retry_failed=retry_failed, progress=progress)
     return [(s.experiment, sweep(s, out, retry_failed=retry_failed, progress=progress))
             for s in campaign.scenarios(quick)]
 

@@ -70,6 +70,10 @@ class RunContext:
 class Experiment(Parametrized, abc.ABC):
     """An experiment type: run() does one run on a built testbed and returns its output."""
     kind = "experiment"
+    # How many runs of this type may run at once on one machine (`--parallel K`
+    # gives it min(K, max_parallel) lanes): measured per experiment by
+    # `./tb bench.parallel`, see docs/performance.md. 1: one at a time.
+    max_parallel: int = 1
 
     @abc.abstractmethod
     def run(self, ctx: RunContext) -> RunOutput:

@@ -1,0 +1,173 @@
+"""Parallel runs on one machine: `--parallel K` runs up to K testbeds at once.
+
+Each lane is a process of a concurrent.futures process pool running the
+ordinary sweep (runner.sweep) of the same scenario into the same store: the
+lanes walk the same planned order and each run is taken by whichever lane gets
+its run lock first (results.RunLock), so every run is written once, by the
+store, under its lock, and a lane keeps its own testbed between runs (reuse
+works per lane). Lanes share no testbed state: each testbed lives in
+namespaces of its own (interfaces, addresses, routes, nft tables, qdiscs and
+the emulator processes are per namespace) and its state record is named after
+the lane's process.
+
+An experiment gets min(K, its `max_parallel`) lanes: how many runs at once kept
+every run's calibration and emulator check passing and its metrics where a
+serial run puts them, measured on this project's 2-core machine by
+`./tb bench.parallel` (docs/performance.md). Every run still judges itself: one
+that lost fidelity to its neighbours is stored invalid, naming the measured
+value and the bound. An experiment with one lane runs in this process, exactly
+as without --parallel.
+
+Ctrl-C or SIGTERM to the sweep sends SIGINT to every lane (lanes have their own
+process group, so a terminal's Ctrl-C reaches each exactly once, through here),
+each lane unwinds its run as a serial sweep does (testbed torn down, partial
+run removed), and the sweep returns only when every lane has ended. A lane
+whose parent dies without that (kill -9) gets SIGTERM from the kernel
+(PR_SET_PDEATHSIG) and tears its testbed down.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from testbed.base.errors import TestbedError
+from testbed.harness import experiment as experiments
+from testbed.harness.results import run_stamp
+from testbed.harness.runner import SweepSummary, sweep
+from testbed.harness.scenario import Scenario, expand
+
+# The highest K measured here (docs/performance.md): beyond it nothing was
+# measured, so it is refused rather than guessed at.
+MAX_PARALLEL = 4
+PR_SET_PDEATHSIG = 1
+POLL_S = 0.5  # how often the progress bar looks at the store
+
+
+def check_parallel(k: int) -> int:
+    """The number of lanes asked for, refused in one line outside 1..MAX_PARALLEL."""
+    if not 1 <= k <= MAX_PARALLEL:
+        raise TestbedError(f"--parallel: must be 1..{MAX_PARALLEL} (the most runs at once "
+                           f"measured to keep fidelity on this machine; docs/performance.md), got {k}")
+    return k
+
+
+def lanes_for(scenario: Scenario, k: int) -> int:
+    """How many of K lanes this scenario's experiment gets (its max_parallel caps it)."""
+    return max(1, min(k, experiments.experiment_class(scenario.experiment).max_parallel))
+
+
+def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: bool = False,
+                   progress: bool = True) -> list[tuple[str, SweepSummary]]:
+    """Sweep each scenario in turn into `root`, each with lanes_for(scenario, k)
+    lanes at once; one summary per scenario, as the serial sweeps give."""
+    check_parallel(k)
+    out: list[tuple[str, SweepSummary]] = []
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for scenario in scenarios:
+            n = lanes_for(scenario, k)
+            if n == 1:
+                summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
+            else:
+                if pool is None:  # one pool for the whole campaign: lanes start once
+                    pool = ProcessPoolExecutor(max_workers=k, initializer=_lane_init,
+                                               mp_context=multiprocessing.get_context("spawn"))
+                summary = _sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
+            out.append((scenario.experiment, summary))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return out
+
+
+def _sweep_in_lanes(pool: ProcessPoolExecutor, scenario: Scenario, root: Path, n: int,
+                    retry_failed: bool, progress: bool) -> SweepSummary:
+    specs = expand(scenario)
+    todo = {}
+    for spec in specs:
+        seen = run_stamp(root, scenario.experiment, spec.run_id)
+        if seen is None or (retry_failed and seen[0] == "failed"):
+            todo[spec.run_id] = seen
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc=f"{scenario.experiment} x{n}", unit="run",
+                   dynamic_ncols=True)
+    futures: list[Future] = []
+    old_term = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        futures = [pool.submit(_lane, scenario, root, retry_failed) for _ in range(n)]
+        while True:
+            finished, running = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
+            if bar is not None:
+                stored = sum(run_stamp(root, scenario.experiment, run_id) != seen
+                             for run_id, seen in todo.items())
+                bar.update(stored - bar.n)
+            if not running or any(f.exception() is not None for f in finished):
+                break
+        lanes = [f.result() for f in futures]  # a lane's error is the sweep's
+    except BaseException:
+        _stop_lanes(futures)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if bar is not None:
+            bar.close()
+    summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
+    for lane in lanes:
+        for status, count in lane.done.items():
+            summary.done[status] = summary.done.get(status, 0) + count
+        summary.run_dirs += lane.run_dirs
+    # Neither run by a lane nor planned as stored: another process took it.
+    summary.elsewhere = max(0, len(todo) - sum(summary.done.values()))
+    return summary
+
+
+def _stop_lanes(futures: list[Future]) -> None:
+    """Interrupt every lane's run (SIGINT: each unwinds as a serial sweep does) and
+    wait until every lane is idle again."""
+    for f in futures:
+        f.cancel()  # a lane not started yet never starts
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    while True:
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:  # a second Ctrl-C: the lanes are unwinding already
+            continue
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# ---- in a lane process -------------------------------------------------------
+
+def _lane_init() -> None:
+    """A lane's process: its own process group (the terminal's Ctrl-C comes
+    through the parent, once), SIGTERM when the parent dies, SIGINT ignored
+    between sweeps (nothing to unwind there)."""
+    os.setpgid(0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:
+        sys.exit(1)  # the parent died before PR_SET_PDEATHSIG took effect
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _lane(scenario: Scenario, root: Path, retry_failed: bool) -> SweepSummary:
+    """One lane: the serial sweep, taking whichever planned run no other lane holds."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return sweep(scenario, root, retry_failed=retry_failed, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,152 @@
+"""`--parallel K` on one machine: K lanes sweep one store at once, each run
+stored once with its calibration verdict, every testbed of every lane removed
+at the end and on SIGINT/SIGTERM; K beyond the measured bound refused at load."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, run_tb
+from testbed.base.errors import TestbedError
+from testbed.core.state import STATE_DIR
+from testbed.harness import parallel
+from testbed.harness import scenario as sc
+from testbed.tools.bench.chaos import footprint
+
+# Calibrated, so each lane's testbed is calibrated while the other lane runs.
+SCENARIO = """\
+experiment = "establishment"
+repetitions = 1
+seed = 5
+timeout_s = 60
+calibrate = true
+
+[topology]
+name = "two-path"
+params = { rate_mbit = 20, wifi_delay_ms = 10, lte_delay_ms = 20 }
+
+[hosts.client]
+path_manager = "userspace"
+
+[params]
+timeout_s = 3
+
+[grid]
+"params.strategy" = ["tcp", "sim"]
+"params.condition" = ["healthy", "blackhole"]
+"""
+
+
+def _scenario(tmp_path: Path, reps: int = 1) -> Path:
+    path = tmp_path / "parallel.toml"
+    path.write_text(SCENARIO.replace("repetitions = 1", f"repetitions = {reps}"))
+    return path
+
+
+def _manifests(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "establishment").glob("*/manifest.json"))]
+
+
+def _assert_nothing_left(before: dict, out: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and footprint() != before:
+        time.sleep(0.2)
+    after = footprint()
+    for key in before:
+        assert after[key] == before[key], f"{key} left behind: {after[key] ^ before[key]}"
+    assert not list((out / "establishment").glob(".tmp-*")), "half-written run left"
+
+
+# ---- no namespaces ------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0, parallel.MAX_PARALLEL + 1])
+def test_k_outside_the_measured_bound_is_refused_in_one_line(k):
+    with pytest.raises(TestbedError, match=f"--parallel: must be 1..{parallel.MAX_PARALLEL}"):
+        parallel.check_parallel(k)
+
+
+def test_cli_refuses_k_beyond_the_bound_before_anything_runs(tmp_path):
+    res = run_tb("run", str(_scenario(tmp_path)), "--parallel", str(parallel.MAX_PARALLEL + 1),
+                 "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    assert_one_line_error(res, "--parallel: must be 1..")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_experiment_gets_at_most_its_measured_lanes(tmp_path):
+    est = sc.load(_scenario(tmp_path))
+    thr = sc.load(ROOT / "experiments" / "throughput.toml")
+    assert parallel.lanes_for(est, 3) == 3
+    assert parallel.lanes_for(est, 1) == 1
+    from testbed.harness.experiment import experiment_class
+    assert parallel.lanes_for(thr, parallel.MAX_PARALLEL) == experiment_class("throughput").max_parallel
+
+
+# ---- namespaces ----------------------------------------------------------------
+
+@pytest.mark.root
+def test_parallel_sweep_stores_each_run_once_and_leaves_nothing(tmp_path):
+    before = footprint()
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = run_tb("run", str(_scenario(tmp_path)), "--parallel", "2", "--out", str(out),
+                 "--no-progress", timeout=180)
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 runs planned, 0 already stored" in res.stdout, res.stdout
+    manifests = _manifests(out)
+    assert sorted(m["run_id"] for m in manifests) == sorted(
+        s.run_id for s in sc.expand(sc.load(_scenario(tmp_path))))  # each run once
+    # Two lanes, two testbeds, each named after its own process.
+    lanes = {m["testbed"]["run_id"].rsplit("-", 1)[1] for m in manifests}
+    assert len(lanes) == 2, lanes
+    for m in manifests:
+        calibration = m["emulation"]["calibration"]
+        assert calibration is not None and "valid" in calibration, m["run_id"]
+        assert m["emulation"]["run"]["judged"] and "valid" in m["emulation"]["run"]
+        assert m["status"] == "complete" or "calibration" in m["reason"] \
+            or "drift" in m["reason"] or "emulation" in m["reason"], m["reason"]
+    # Runs of different lanes overlapped: they really ran at once.
+    busy = sum(m["duration_s"] for m in manifests)
+    assert wall < busy + 30, (wall, busy)
+    _assert_nothing_left(before, out)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_parallel_sweep_removes_every_lanes_testbed(tmp_path, sig):
+    before = footprint()
+    out = tmp_path / "out"
+    invoke = Path(sys.executable).parent / "invoke"
+    proc = subprocess.Popen([str(invoke), "run", str(_scenario(tmp_path, reps=3)), "--parallel", "2",
+                             "--out", str(out), "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # both lanes have a testbed up and a run under way
+            new = {p.name for p in STATE_DIR.glob("run-*.json")} - before["state files"] \
+                if STATE_DIR.exists() else set()
+            partial = list((out / "establishment").glob(".tmp-*")) if out.exists() else []
+            if len(new) >= 2 and partial:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("never caught both lanes mid-run")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
+    assert "Traceback" not in err, err
+    stored = _manifests(out)
+    assert len(stored) < 12, "the interrupt came after the sweep"
+    assert len({m["run_id"] for m in stored}) == len(stored)
+    _assert_nothing_left(before, out)
