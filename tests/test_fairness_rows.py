@@ -66,3 +66,19 @@ def test_without_fairness_runs_every_row_says_not_measured(rows):
     out = _fairness_rows(results(rows))
     assert len(out) == 3 * len(IMPLEMENTATIONS)
     assert all(r.verdict == NOT_MEASURED and r.measured.startswith("not measured") for r in out)
+
+
+def test_share_figure_tells_the_implementations_apart():
+    from analysis.figures.fairness import implementation, share_figure
+    rows = []
+    for i, (stack, cc) in enumerate([("kernel", "cubic"), ("user", "lia"), ("user", "olia"), ("user", "cubic")]):
+        for m, shared in ((1, True), (2, True), (1, False), (2, False)):
+            r = run(10 * i + 2 * m + shared, stack, cc, shared, 1.0, 10, 10, 0.97)
+            rows.append({**r, "metric.tcp_flows": m, "metric.mptcp_share": 0.3 + 0.1 * i})
+    runs = pd.DataFrame(rows)
+    assert list(implementation(runs).unique()) == ["kernel MPTCP (cubic)", "user stack, LIA", "user stack, OLIA",
+                                                   "user stack, CUBIC"]
+    fig = share_figure(runs)
+    labels = [t.get_text() for t in fig.fig.legends[0].get_texts()]
+    assert labels[:4] == ["kernel MPTCP (cubic)", "user stack, LIA", "user stack, OLIA", "user stack, CUBIC"]
+    assert [a.get_title() for a in fig.fig.axes] == ["shared bottleneck"] * 2 + ["disjoint paths"] * 2
