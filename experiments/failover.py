@@ -13,13 +13,14 @@ import pandas as pd
 from pydantic import Field
 
 from testbed.harness import workload
-from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness.experiment import Experiment, RunContext, RunOutput, register
+from testbed.harness.workload.app_workload import StackChoice
 
 FAILURES = {"link_down", "blackhole", "set_link"}
 
 
-class Params(ExperimentParams):
-    """Parameters of the failover experiment."""
+class Params(StackChoice):
+    """Parameters of the failover experiment (client_stack / server_stack: kernel or user)."""
     seconds: float = Field(12, gt=2, le=600)
     direction: Literal["up", "down"] = "up"
     recovery_window_s: float = Field(0.5, gt=0, description="goodput averaging window")
@@ -64,7 +65,8 @@ class Failover(Experiment):
         tb = ctx.tb
         faults = [e for e in ctx.spec.scenario.events if e.action in FAILURES]
         load = workload.get("app", mode="bulk", seconds=p.seconds, direction=p.direction,
-                            protocol="mptcp", cc=tb.settings["client"].congestion_control)
+                            protocol="mptcp", cc=tb.settings["client"].congestion_control,
+                            client_stack=p.client_stack, server_stack=p.server_stack)
         result = load.run(tb, ctx.raw_dir, ctx.t0_ns, timeout_s=p.seconds + 30)
         m = dict(result.metrics)
         if m.get("outcome") == "failed":

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from testbed.harness import workload
-from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness.experiment import Experiment, RunContext, RunOutput, register
+from testbed.harness.workload.app_workload import StackChoice, check_stacks
 
 
-class Params(ExperimentParams):
-    """Parameters of the throughput experiment."""
+class Params(StackChoice):
+    """Parameters of the throughput experiment (client_stack / server_stack: kernel or user)."""
     seconds: float = Field(10, gt=1, le=600)
     direction: Literal["up", "down"] = "up"
     protocol: Literal["mptcp", "tcp"] = "mptcp"
     tool: Literal["app", "iperf3"] = "app"
+
+    @model_validator(mode="after")
+    def _stacks(self) -> "Params":
+        if self.tool == "iperf3" and "user" in (self.client_stack, self.server_stack):
+            raise ValueError("the user-space stack runs with tool 'app' (iperf3 uses kernel sockets)")
+        check_stacks(self.client_stack, self.server_stack, self.protocol)
+        return self
 
 
 def configured_rates(tb, direction: str) -> dict[str, float]:
@@ -47,7 +55,8 @@ class Throughput(Experiment):
         cc = tb.settings["client"].congestion_control
         if p.tool == "app":
             load = workload.get("app", mode="bulk", seconds=p.seconds, direction=p.direction,
-                                protocol=p.protocol, cc=cc)
+                                protocol=p.protocol, cc=cc, client_stack=p.client_stack,
+                                server_stack=p.server_stack)
         else:
             load = workload.get("iperf", seconds=p.seconds, reverse=p.direction == "down",
                                 protocol=p.protocol, cc=cc)

@@ -150,6 +150,9 @@ class PathPort:
             self.rx.setblocking(False)
             self.tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             self.tx.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.name.encode())
+            # The route lookup sees this source address, so a policy rule "from <addr>"
+            # (the testbed's per-path tables) picks the path's own next hop.
+            self.tx.bind((iface.addr, 0))
             self.tx.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)
         except BaseException:
             self.rx.close()

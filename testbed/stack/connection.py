@@ -103,7 +103,7 @@ class ConnectionInfo:
 class Connection:
     """One MPTCP connection and the socket-like API on it."""
 
-    def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic"):
+    def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic", mptcp: bool = True):
         self.stack = stack
         self.active = active
         self.want_checksum = checksum
@@ -113,7 +113,7 @@ class Connection:
         self.local_token = crypto.token_of(self.local_key)
         self.remote_key: int | None = None
         self.remote_token: int | None = None
-        self.fallback = False
+        self.fallback = not mptcp              # plain TCP from the first SYN on
         self.state = "SYN_SENT" if active else "SYN_RCVD"
         self.error: str | None = None
         self.subflows: list[Subflow] = []
@@ -130,7 +130,7 @@ class Connection:
         self.data_fin_deadline: float | None = None
         self.data_fin_rto = 0.2
         self.reinject: deque[tuple[int, bytes]] = deque()
-        self.mpc_data_pending = active         # the client's first data carries MP_CAPABLE
+        self.mpc_data_pending = active and mptcp  # the client's first data carries MP_CAPABLE
         self.peer_dss_seen = False
         self.bytes_sent = 0
         # data-level receive side

@@ -285,8 +285,10 @@ class Stack:
         return sf
 
     def connect(self, dest: tuple[str, int], paths: list[str] | None = None, *, timeout: float = 10.0,
-                checksum: bool | None = None, cc: str | None = None, backup: list[str] | None = None) -> Connection:
-        """Open an MPTCP connection; paths are local addresses (first: initial subflow, rest: joins)."""
+                checksum: bool | None = None, cc: str | None = None, backup: list[str] | None = None,
+                mptcp: bool = True) -> Connection:
+        """Open an MPTCP connection; paths are local addresses (first: initial subflow, rest: joins).
+        mptcp=False opens plain TCP (no MP_CAPABLE in the SYN) over the first path."""
         host, rport = dest
         try:
             raddr = socket.inet_ntoa(socket.inet_aton(host))
@@ -297,12 +299,12 @@ class Stack:
         with self.lock:
             first = paths[0] if paths else self._source_for(raddr)
             conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
-                              cc=cc or self.cc)
+                              cc=cc or self.cc, mptcp=mptcp)
             self.connections.add(conn)
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
         conn.wait_established(timeout)
-        for addr in (paths or [])[1:]:
+        for addr in (paths or [])[1:] if mptcp else []:
             try:
                 conn.add_subflow(addr, backup=addr in (backup or []), timeout=timeout)
             except StackError as exc:

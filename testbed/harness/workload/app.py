@@ -15,6 +15,11 @@ state (MPTCP_FULL_INFO; TCP_INFO of the one socket for TCP or after fallback):
 delivered bytes per interval, each subflow first seen / gone, per-subflow bytes.
 Results go to --out as JSON; the process exits 0 even when the connection
 failed (the outcome says so), non-zero only on bad arguments or crashes.
+
+`--stack user --netns FILE` runs the role on the user-space MPTCP stack
+(testbed.stack, through user_socket.py) attached to every interface of that
+namespace instead of on kernel sockets; the client opens its first subflow from
+the first of `--paths` and joins from the others (`--backup`: as backup).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import time
 from typing import Any
 
 from testbed.core.bulk import CHUNK, receive_stream, send_stream
+from testbed.harness.workload import user_socket
 from testbed.mptcp import sockopt as so
 
 HEADER_LEN = 512
@@ -143,9 +149,12 @@ class Conn:
                 "subflows": self.subflows}
 
 
-def _subflows(sock: socket.socket) -> dict[str, dict[str, Any]]:
+def _subflows(sock: socket.socket | user_socket.UserSocket) -> dict[str, dict[str, Any]]:
     """label -> counters of every MPTCP subflow (id None where the kernel has no
-    MPTCP_FULL_INFO), else, for plain or fallen-back TCP, the socket's own TCP_INFO."""
+    MPTCP_FULL_INFO), else, for plain or fallen-back TCP, the socket's own TCP_INFO;
+    the user-space stack's own counters for its connections."""
+    if isinstance(sock, user_socket.UserSocket):
+        return sock.subflow_counters()
     try:
         return {s.addrs.label: {"bytes_acked": s.tcp.bytes_acked or 0,
                                 "bytes_received": s.tcp.bytes_received or 0,
@@ -162,7 +171,9 @@ def _subflows(sock: socket.socket) -> dict[str, dict[str, Any]]:
                     "meta": {"id": 0, "local": list(local), "remote": list(remote)}}}
 
 
-def _token(sock: socket.socket) -> int | None:
+def _token(sock: socket.socket | user_socket.UserSocket) -> int | None:
+    if isinstance(sock, user_socket.UserSocket):
+        return sock.token()
     try:
         return so.mptcp_info(sock).token
     except OSError:
@@ -180,13 +191,21 @@ def _error(exc: BaseException) -> dict[str, Any]:
 def run_client(a: argparse.Namespace) -> dict[str, Any]:
     """The client role: connect, exchange as the arguments say, report."""
     out: dict[str, Any] = {"role": "client", "protocol": a.protocol, "cc": a.cc, "mode": a.mode,
-                           "direction": a.direction, "pid": os.getpid()}
-    sock = so.mptcp_socket(a.cc, protocol=a.protocol)
-    out["cc"] = so.congestion_control(sock)
-    if a.bind_dev:  # the RobE-style choice of the initial path
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, a.bind_dev.encode())
-    if a.bind_addr:
-        sock.bind((a.bind_addr, 0))
+                           "direction": a.direction, "stack": a.stack, "pid": os.getpid()}
+    if a.stack == "user":
+        try:
+            sock: Any = _user_client(a)
+        except OSError as exc:  # could not attach to the namespace
+            out.update(_error(exc), connect_start_ns=time.monotonic_ns(), end_ns=time.monotonic_ns())
+            return out
+        out["cc"] = sock.congestion_control()
+    else:
+        sock = so.mptcp_socket(a.cc, protocol=a.protocol)
+        out["cc"] = so.congestion_control(sock)
+        if a.bind_dev:  # the RobE-style choice of the initial path
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, a.bind_dev.encode())
+        if a.bind_addr:
+            sock.bind((a.bind_addr, 0))
     payload = Payload(a.seed)  # generated before the clock starts (takes ms)
     sock.settimeout(a.connect_timeout)
     out["connect_start_ns"] = time.monotonic_ns()
@@ -198,7 +217,7 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
         sock.close()
         return out
     out["established_ns"] = time.monotonic_ns()
-    out["outcome"] = so.outcome(sock)
+    out["outcome"] = _outcome(sock)
     sock.settimeout(a.timeout)
     conn = Conn(sock, a.poll_ms / 1000, payload)
     conn.token = _token(sock)
@@ -237,6 +256,20 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _outcome(sock: socket.socket | user_socket.UserSocket) -> str:
+    return sock.outcome() if isinstance(sock, user_socket.UserSocket) else so.outcome(sock)
+
+
+def _user_client(a: argparse.Namespace) -> user_socket.UserSocket:
+    """An unconnected client of the user-space stack over --paths (first: initial subflow)."""
+    stack = user_socket.open_stack(a.netns, a.cc, a.checksum)
+    paths = [p for p in (a.paths or "").split(",") if p]
+    if a.bind_addr:  # the initial path first, the others join
+        paths = [a.bind_addr, *[p for p in paths if p != a.bind_addr]]
+    return user_socket.UserSocket(stack, owns_stack=True, mptcp=a.protocol == "mptcp", paths=paths,
+                                  backup=[p for p in (a.backup or "").split(",") if p])
+
+
 def _send_bulk(conn: Conn, n: int | None, seconds: float | None) -> None:
     if n is not None:
         conn.send(n)
@@ -246,9 +279,12 @@ def _send_bulk(conn: Conn, n: int | None, seconds: float | None) -> None:
 
 def run_server(a: argparse.Namespace) -> dict[str, Any]:
     """The server role: accept one connection, serve what the client's header asks, report."""
-    out: dict[str, Any] = {"role": "server", "protocol": a.protocol, "pid": os.getpid()}
+    out: dict[str, Any] = {"role": "server", "protocol": a.protocol, "stack": a.stack, "pid": os.getpid()}
     # Stays open for the whole run: MP_JOIN SYNs need the listener.
-    ls = so.listener(a.port, a.bind, a.protocol, a.cc, backlog=4)
+    if a.stack == "user":  # on every address of the namespace, like the wildcard bind
+        ls: Any = user_socket.UserListener(user_socket.open_stack(a.netns, a.cc, a.checksum), a.port)
+    else:
+        ls = so.listener(a.port, a.bind, a.protocol, a.cc, backlog=4)
     ls.settimeout(a.timeout)
     # Our payload is seeded with the client's seed + 1, so a mix-up of the two
     # directions cannot produce matching hashes; generated before accepting.
@@ -262,7 +298,8 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
         out.update(_error(exc))
         return out
     out["accepted_ns"], out["peer"] = time.monotonic_ns(), list(peer)
-    out["outcome"], out["cc"] = so.outcome(sock), so.congestion_control(sock)
+    out["outcome"] = _outcome(sock)
+    out["cc"] = sock.congestion_control() if a.stack == "user" else so.congestion_control(sock)
     sock.settimeout(a.timeout)
     try:
         hdr = b""
@@ -322,7 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-bytes", type=int, default=100_000)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--stack", choices=["kernel", "user"], default="kernel",
+                   help="kernel sockets, or the user-space MPTCP stack (testbed.stack)")
+    p.add_argument("--netns", help="user stack: the namespace file to attach in (the process's own)")
+    p.add_argument("--paths", help="user stack client: local addresses, the initial one first")
+    p.add_argument("--backup", help="user stack client: local addresses joined as backup")
+    p.add_argument("--checksum", action="store_true", help="user stack: ask for DSS checksums")
     a = p.parse_args(argv)
+    if a.stack == "user" and not a.netns:
+        p.error("--stack user needs --netns (the stack never attaches to a namespace by default)")
     if a.role == "client":
         if not a.server:
             p.error("client needs --server")

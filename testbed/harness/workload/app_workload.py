@@ -5,7 +5,10 @@ errno, connect_s, ttfb_s (connect start -> first byte at the client; down and
 rr only), transfer_s, goodput_mbit, bytes, sha256_match, subflows_max,
 second_subflow_s (connect start -> a second subflow first seen, polled every
 poll_ms), subflow_bytes_error (|sum of per-subflow bytes - stream bytes| /
-stream bytes, receiver side), rr_ttfb_median_s, cc.
+stream bytes, receiver side), rr_ttfb_median_s, cc, client_stack, server_stack.
+Each side runs kernel MPTCP sockets or the user-space stack (`client_stack`,
+`server_stack`: "kernel" | "user"); with the user stack the same metrics come
+from its connection info instead of MPTCP_INFO / TCP_INFO.
 Tables: events (source "app") and timeseries (series delivered_bytes at the
 receiver, key "total" and one key per subflow: its path name when known).
 """
@@ -23,15 +26,39 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from testbed.base.errors import TestbedError
+from testbed.base.netns import ns_path
+from testbed.base.strict import Strict
 from testbed.harness.probes.base import frame, rel_s
 from testbed.harness.workload.app import HEADER_LEN
 from testbed.harness.workload.base import (Workload, WorkloadParams, WorkloadResult, raw_dir,
                                    register, wait_procs)
 
 REPO = Path(__file__).resolve().parents[2]
+StackName = Literal["kernel", "user"]
+USER_STACK_CC = ("cubic", "reno")  # the congestion controls testbed.stack implements
 
 
-class AppParams(WorkloadParams):
+def check_stacks(client_stack: str, server_stack: str, protocol: str = "mptcp",
+                 server_protocol: str | None = None, cc: str | None = None) -> None:
+    """Refuse (ValueError, one line) a stack choice the user-space stack cannot honour."""
+    if client_stack == "user" and server_stack == "user" and protocol == "tcp":
+        return  # plain TCP between two user stacks
+    if server_stack == "user" and (server_protocol or protocol) == "tcp" and protocol == "mptcp":
+        raise ValueError("server_stack 'user' always accepts MPTCP: a TCP-only server needs "
+                         "server_stack 'kernel'")
+    if "user" in (client_stack, server_stack) and cc is not None and cc not in USER_STACK_CC:
+        raise ValueError(f"cc {cc!r} is not available in the user-space stack "
+                         f"(one of {', '.join(USER_STACK_CC)})")
+
+
+class StackChoice(Strict):
+    """Which MPTCP implementation each side runs: the kernel's, or the user-space stack
+    (testbed.stack) attached to the host's path interfaces."""
+    client_stack: StackName = "kernel"
+    server_stack: StackName = "kernel"
+
+
+class AppParams(StackChoice, WorkloadParams):
     """Parameters of the app workload."""
     mode: Literal["bulk", "rr"] = "bulk"
     direction: Literal["up", "down"] = "down"
@@ -58,6 +85,10 @@ class AppParams(WorkloadParams):
             self.bytes = 10_000_000
         if self.bind_dev and self.bind_path is None:
             raise ValueError("bind_dev needs bind_path")
+        if self.bind_dev and self.client_stack == "user":
+            raise ValueError("bind_dev is for kernel sockets: the user stack sends each subflow "
+                             "on its path's interface anyway (bind_path picks the initial one)")
+        check_stacks(self.client_stack, self.server_stack, self.protocol, self.server_protocol, self.cc)
         return self
 
 
@@ -85,6 +116,9 @@ class AppWorkload(Workload):
         for f in (*files.values(), ready):
             f.unlink(missing_ok=True)
         cc = p.cc or tb.settings["client"].congestion_control
+        if "user" in (p.client_stack, p.server_stack) and cc not in USER_STACK_CC:
+            raise TestbedError(f"the client host's congestion control {cc!r} is not available in "
+                               f"the user-space stack (one of {', '.join(USER_STACK_CC)}): set cc")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         base = [sys.executable, "-m", "testbed.harness.workload.app"]
         common = ["--port", str(p.port), "--cc", cc, "--poll-ms", str(p.poll_ms), "--seed", str(p.seed),
@@ -93,7 +127,8 @@ class AppWorkload(Workload):
             srv = tb.popen(tb.server, [*base, "server", "--out", str(files["server"]), *common,
                                        "--protocol", p.server_protocol or p.protocol,
                                        # wildcard: joins to announced addresses need a listener there
-                                       "--bind", "0.0.0.0", "--ready-file", str(ready)],
+                                       "--bind", "0.0.0.0", "--ready-file", str(ready),
+                                       *self._stack_args(tb, "server")],
                            stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 15
         while not ready.exists():
@@ -106,7 +141,7 @@ class AppWorkload(Workload):
                 "--server", tb.server_addr, "--mode", p.mode, "--direction", p.direction,
                 "--request-bytes", str(p.request_bytes), "--response-bytes", str(p.response_bytes),
                 "--count", str(p.count),
-                "--connect-timeout", str(p.connect_timeout_s)]
+                "--connect-timeout", str(p.connect_timeout_s), *self._stack_args(tb, "client")]
         args += ["--bytes", str(p.bytes)] if p.bytes is not None else []
         args += ["--seconds", str(p.seconds)] if p.seconds is not None else []
         if p.bind_path is not None:
@@ -130,6 +165,25 @@ class AppWorkload(Workload):
         return WorkloadResult(metrics, tables, [f for f in (*files.values(), *logs.values())
                                                 if f.exists()])
 
+    def _stack_args(self, tb: Any, role: str) -> list[str]:
+        """The app's arguments for the stack of one side: the user stack attaches in
+        that host's namespace and, as client, opens a subflow from the default path
+        and joins from every path with a subflow (or fullmesh) endpoint, like the kernel PM."""
+        p: AppParams = self.params  # type: ignore[assignment]
+        if (p.client_stack if role == "client" else p.server_stack) == "kernel":
+            return []
+        node = tb.client if role == "client" else tb.server
+        args = ["--stack", "user", "--netns", ns_path(node.pid)]
+        if role == "client":
+            default = tb.topology.default.name
+            ordered = sorted(tb.paths, key=lambda q: q.name != default)
+            joins = [q.addr.client for q in ordered
+                     if q.name == default or {"subflow", "fullmesh"} & set(q.spec.client_endpoint)]
+            args += ["--paths", ",".join(joins)]
+            backup = [q.addr.client for q in tb.paths if q.spec.backup]
+            args += ["--backup", ",".join(backup)] if backup else []
+        return args
+
     # ---- results -------------------------------------------------------------
     def _receivers(self, c: dict, s: dict) -> list[tuple[str, dict]]:
         p: AppParams = self.params  # type: ignore[assignment]
@@ -142,7 +196,8 @@ class AppWorkload(Workload):
         start = c.get("connect_start_ns")
         m: dict[str, Any] = {"outcome": c.get("outcome"), "errno": c.get("errno"),
                              "server_outcome": s.get("outcome"), "cc": c.get("cc"),
-                             "protocol": p.protocol}
+                             "protocol": p.protocol, "client_stack": p.client_stack,
+                             "server_stack": p.server_stack}
         if c.get("established_ns") is None:
             m["connect_failed_s"] = (c["failed_ns"] - start) / 1e9 if c.get("failed_ns") else None
             return m
