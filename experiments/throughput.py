@@ -31,14 +31,21 @@ class Params(StackChoice):
 
 
 def configured_rates(tb, direction: str) -> dict[str, float]:
-    """Each path's configured rate in one direction, capped by a shared bottleneck."""
-    rates = {p.name: p.spec.direction(direction).rate_mbit or 0.0 for p in tb.paths}
-    bottleneck = tb.topology.bottleneck
-    if bottleneck is not None and bottleneck.rate_mbit:
-        # A shared bottleneck caps the sum; spread it in proportion for the share metric.
-        total = sum(rates.values()) or 1.0
-        cap = min(total, bottleneck.rate_mbit)
-        rates = {k: v * cap / total for k, v in rates.items()}
+    """Each path's configured rate in one direction: its slowest link's (the
+    path's links composed), and where paths share a shaped link, their sum capped
+    by that link's rate (spread in proportion, for the share metric)."""
+    rates = {p.name: tb.graph.composed(p.graph).direction(direction).rate_mbit or 0.0
+             for p in tb.paths}
+    sharing: dict[str, tuple[float, list[str]]] = {}
+    for p in tb.paths:
+        for hop in tb.graph.hops(p.graph):
+            rate = (hop.up if direction == "up" else hop.down).rate_mbit
+            if rate:
+                sharing.setdefault(hop.name, (rate, []))[1].append(p.name)
+    for cap, users in sharing.values():
+        total = sum(rates[u] for u in users)
+        if len(users) > 1 and total > cap:
+            rates.update({u: rates[u] * cap / total for u in users})
     return rates
 
 

@@ -198,6 +198,46 @@ class Graph:
         name = self.default_links[client]
         return next(p for p in self.paths if p.client == client and p.name == name)
 
+    def address(self, node: str) -> str:
+        """Where traffic to `node` goes: the server's address clients connect to,
+        else the node's address on its default (or first) link."""
+        if node == self.server:
+            return self.server_addr
+        name = self.default_links.get(node) or self.links_of(node)[0].name
+        return self.link(name).end(node).addr
+
+    def route(self, src: str, dst: str) -> tuple[str, ...]:
+        """The links a packet from `src` to `dst`'s address crosses by the main
+        routing tables (GraphError when routing gives no way there)."""
+        target = ipaddress.ip_address(self.address(dst))
+        node, crossed = src, []
+        while node != dst:
+            if crossed and self.roles[node] != "router":
+                raise GraphError(f"no path from {src!r} to {dst!r}: {node!r} is a "
+                                 f"{self.roles[node]} (it does not forward)")
+            nxt = self._out_link(node, target)
+            if nxt is None or len(crossed) >= len(self.links):
+                raise GraphError(f"no path from {src!r} to {dst!r}: {node!r} has no route "
+                                 f"to {target}")
+            crossed.append(nxt.name)
+            node = nxt.other(node).node
+        return tuple(crossed)
+
+    def _out_link(self, node: str, target: ipaddress.IPv4Address | ipaddress.IPv6Address
+                  ) -> BuiltLink | None:
+        """The link `node` sends a packet for `target` out on: a connected subnet,
+        else its main table's longest matching route."""
+        mine = self.links_of(node)
+        for link in mine:
+            if target in ipaddress.ip_network(link.subnet):
+                return link
+        routes = [r for r in self.routes[node]
+                  if r.table is None and target in ipaddress.ip_network(r.dst)]
+        if not routes:
+            return None
+        best = max(routes, key=lambda r: ipaddress.ip_network(r.dst).prefixlen)
+        return next(link for link in mine if link.end(node).ifname == best.dev)
+
     def hops(self, path: GraphPath,
              current: dict[str, tuple[LinkParams, LinkParams]] | None = None) -> list[Hop]:
         """The links `path` crosses, client first, each with its parameters in the

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 from pydantic import (BaseModel, Field, PrivateAttr, ValidationError, create_model,
-                      field_serializer, model_validator)
+                      field_serializer, model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
 from testbed.base.errors import TestbedError, format_validation_error
@@ -21,7 +21,8 @@ from testbed.core.model import LinkParams, TopologySpec
 
 Action = Literal["link_down", "link_up", "blackhole", "unblackhole", "set_link",
                  "syn_drop", "syn_pass", "mptcp_drop", "mptcp_strip", "middlebox_off",
-                 "backup_on", "backup_off"]
+                 "backup_on", "backup_off", "cross_start", "cross_stop"]
+CROSS_ACTIONS = ("cross_start", "cross_stop")  # name a cross-traffic flow, not a path
 MIDDLEBOXES = tuple(MIDDLEBOX)
 # What a shared bottleneck (no carrier of its own, no endpoint, no router port) supports.
 BOTTLENECK_ACTIONS = ("set_link", "blackhole", "unblackhole")
@@ -73,12 +74,23 @@ class EventSpec(Strict):
 
     at_s: float = Field(ge=0, le=MAX_AT_S)
     action: Action
-    path: str = Field(description="path name, or 'bottleneck' for set_link")
+    path: str | None = Field(None, description="path or link name (every action but cross_*)")
+    flow: str | None = Field(None, description="cross_start/cross_stop: the cross-traffic flow")
     direction: Literal["up", "down", "both"] = "both"
     changes: LinkChanges = Field(default_factory=LinkChanges, description="set_link: LinkParams fields")
 
     @model_validator(mode="after")
     def _changes_only_for_set_link(self) -> "EventSpec":
+        if self.action in CROSS_ACTIONS:
+            if self.flow is None:
+                raise ValueError(f"{self.action} needs flow (a name from [[cross]])")
+            if self.path is not None:
+                raise ValueError(f"{self.action} takes flow, not path")
+        else:
+            if self.flow is not None:
+                raise ValueError("flow only goes with cross_start and cross_stop")
+            if self.path is None:
+                raise ValueError(f"{self.action} needs path")
         if self.action == "set_link" and not self.changes.model_fields_set:
             raise ValueError("set_link needs changes, e.g. changes = { loss_pct = 100 }")
         if self.action != "set_link" and self.changes.model_fields_set:
@@ -90,13 +102,25 @@ class EventSpec(Strict):
         # Only what the scenario set, as written: stored manifests and run ids stay as they were.
         return changes.as_written()
 
+    @model_serializer(mode="wrap")
+    def _without_unused_target(self, handler: Any) -> dict[str, Any]:
+        # A link event has no flow and a cross event no path: left out, so the
+        # dumps (and run ids) of scenarios written before cross traffic stay as they were.
+        data = handler(self)
+        for key in ("path", "flow"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
     def directions(self) -> tuple[Direction, ...]:
         """The link directions this event touches."""
         return ("up", "down") if self.direction == "both" else (self.direction,)
 
     def describe(self) -> str:
         """One line for logs and the events table, e.g. "set_link wifi/up {'loss_pct': 100}"."""
-        where = self.path + ("" if self.direction == "both" else f"/{self.direction}")
+        if self.action in CROSS_ACTIONS:
+            return f"{self.action} {self.flow}"
+        where = f"{self.path}" + ("" if self.direction == "both" else f"/{self.direction}")
         given = self.changes.as_written()
         return f"{self.action} {where}" + (f" {given}" if given else "")
 
@@ -139,7 +163,7 @@ class AppliedEvent:
     def record(self, t0: float) -> dict[str, Any]:
         """JSON-ready, times in seconds relative to t0 (the stored `applied_events`)."""
         return {"at_s": self.event.at_s, "event": self.event.describe(),
-                "action": self.event.action, "path": self.event.path,
+                "action": self.event.action, "path": self.event.path, "flow": self.event.flow,
                 "direction": self.event.direction, "changes": self.event.changes.as_written(),
                 "scheduled_s": round(self.scheduled - t0, 6), "began_s": round(self.began - t0, 6),
                 "applied_s": round(self.applied - t0, 6), "done_s": round(self.done - t0, 6),
@@ -151,11 +175,12 @@ class AppliedEvent:
 
 
 def check_events(events: Sequence[EventSpec], topology: TopologySpec,
-                 client_path_manager: str = "kernel") -> None:
+                 client_path_manager: str = "kernel", cross: Sequence[str] = ()) -> None:
     """Refuse, as TestbedError naming `events.<i>.<key>`, any event this topology
     cannot carry out: an unknown path, an action the bottleneck has no means for,
-    MP_PRIO without a client endpoint, or set_link changes that leave the link
-    outside the model's ranges (checked cumulatively, in the order events apply)."""
+    MP_PRIO without a client endpoint, set_link changes that leave the link
+    outside the model's ranges (checked cumulatively, in the order events apply),
+    or a cross-traffic flow that is not among `cross` (the declared flows' names)."""
     graph = topology.graph()
     # Every emulated link takes events; a path's own (client access) link takes them all.
     links = {link.name: ({d: link.spec.direction(d) for d in ("up", "down")}, link.spec.mtu)
@@ -163,6 +188,11 @@ def check_events(events: Sequence[EventSpec], topology: TopologySpec,
     path_client = {p.name: p.client for p in graph.paths}
     for i in sorted(range(len(events)), key=lambda i: events[i].at_s):  # the order they apply in
         e = events[i]
+        if e.action in CROSS_ACTIONS:
+            if e.flow not in cross:
+                raise TestbedError(f"events.{i}.flow: no cross-traffic flow {e.flow!r} "
+                                   f"(flows: {', '.join(cross) or 'none declared'})")
+            continue
         if e.path not in links:
             raise TestbedError(f"events.{i}.path: no path {e.path!r} in topology {topology.name!r} "
                                f"(paths: {', '.join(links)})")

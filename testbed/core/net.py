@@ -36,7 +36,8 @@ from pyroute2 import IPRoute
 from testbed.core import addressing as A
 from testbed.core import emulation, faults
 from testbed.core.emulation.base import Direction, EmulatedLink
-from testbed.core.events import MIDDLEBOXES, AppliedEvent, EventSpec, LinkState
+from testbed.core.cross import CrossFlow, CrossTraffic
+from testbed.core.events import CROSS_ACTIONS, MIDDLEBOXES, AppliedEvent, EventSpec, LinkState
 from testbed.base.errors import TestbedError, format_validation_error
 from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
 from testbed.core import mptcp_config
@@ -141,6 +142,7 @@ class Testbed:
         # faults in force per link (its parameters live in the EmulatedLink).
         self.applied_events: list[AppliedEvent] = []
         self._link_faults: dict[str, LinkState] = {}
+        self.cross: CrossTraffic | None = None  # the run's cross traffic (use_cross_traffic)
 
     # ---- lifecycle -----------------------------------------------------
     def __enter__(self) -> "Testbed":
@@ -530,12 +532,24 @@ class Testbed:
         """Every link's state (the run stores them as links_at_end)."""
         return {link.name: self.link_state(link.name) for link in self.links}
 
+    def use_cross_traffic(self, flows: Sequence[CrossFlow]) -> CrossTraffic:
+        """The cross-traffic flows of the coming run (none running yet; the events
+        cross_start/cross_stop start and stop them): replaces the last run's,
+        whose running flows stop."""
+        if self.cross is not None:
+            self.cross.stop_all()
+        self.cross = CrossTraffic(self, list(flows))
+        return self.cross
+
     # ---- reuse between runs ---------------------------------------------
     def reset(self) -> list[str]:
         """Undo what a run changed (link parameters, carrier, blackholes, middleboxes,
         backup flags, kernel-PM endpoints and limits, learnt neighbours), then check
         the testbed against its spec: the mismatches, each naming what and the value
         found ([]: the testbed is as built and may carry the next run)."""
+        if self.cross is not None:  # the last run's competing flows end with it
+            self.cross.stop_all()
+            self.cross = None
         for link in self.links:
             for d in ("up", "down"):
                 built = self._built_link(link.name).spec.direction(d)
@@ -622,6 +636,11 @@ class Testbed:
 
     def _apply(self, e: EventSpec) -> float | None:
         """Carry out one event; the emulator's own apply time where it has one."""
+        if e.action in CROSS_ACTIONS:
+            if self.cross is None:
+                raise TestbedError(f"{e.describe()}: this run declares no cross traffic")
+            (self.cross.start if e.action == "cross_start" else self.cross.stop)(e.flow or "")
+            return None
         a, link = e.action, self.link(e.path)
         if a in ("link_down", "link_up"):
             if e.path not in self._path_names():

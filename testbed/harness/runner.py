@@ -325,7 +325,9 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario, clock: PhaseClock) -> R
     started = []
     scheduler = None
     try:  # whatever fails part-way, everything already started is stopped
-        for name in sc.probes:
+        if sc.cross:  # declared here, started and stopped by the events
+            tb.use_cross_traffic(sc.cross)
+        for name in [*sc.probes, *(["cross"] if sc.cross and "cross" not in sc.probes else [])]:
             probe = probes.get(name, interval_ms=sc.probe_interval_ms)
             probe.start(tb, ctx.raw_dir, t0)
             started.append(probe)
@@ -337,6 +339,8 @@ def _run_with_probes(exp, ctx: RunContext, sc: Scenario, clock: PhaseClock) -> R
         clock.begin("collect")
         if scheduler is not None:
             scheduler.stop()
+        if tb.cross is not None:  # competing flows end with the workload
+            tb.cross.stop_all()
         for probe in started:
             probe.stop()
     for rec in tb.applied_events:  # the scheduler's and the experiment's own

@@ -38,6 +38,7 @@ from testbed.base.errors import TestbedError, format_validation_error
 from testbed.base.strict import Strict
 from testbed.base.tomlfile import read_toml
 from testbed.core import emulation, mptcp_config
+from testbed.core.cross import CrossFlow, check_cross
 from testbed.core.events import EventSpec, check_events
 from testbed.core.model import HostSettings, TopologySpec
 from testbed.core.topology import apply_overrides, from_dict, load as load_topology, set_dotted
@@ -67,6 +68,7 @@ class Hosts(Strict):
 MAX_TIMEOUT_S = 86_400.0  # a day per run
 MAX_GRID_POINTS = 10_000  # grid points per scenario (each is validated at load)
 MAX_RUNS = 100_000  # grid points x repetitions
+MAX_CROSS_FLOWS = 16  # each is two threads of the runner's process
 
 
 class Scenario(Strict):
@@ -83,6 +85,8 @@ class Scenario(Strict):
     hosts: Hosts = Field(default_factory=Hosts)
     params: dict[str, Any] = Field(default_factory=dict)
     events: list[EventSpec] = Field(default_factory=list)
+    # Competing flows, started and stopped by events (cross_start/cross_stop).
+    cross: list[CrossFlow] = Field(default_factory=list, max_length=MAX_CROSS_FLOWS)
     probes: list[str] = Field(default_factory=lambda: ["pm_events", "nstat", "subflows"])
     probe_interval_ms: float = Field(50, gt=0)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -106,7 +110,9 @@ class RunSpec:
         """Hash of everything that shapes the measurement: two scenario files
         sharing an experiment type never share run ids, while raising
         `repetitions` (or the timeout) resumes the same points."""
-        what = self.scenario.model_dump(mode="json", exclude=IDENTITY_EXCLUDED)
+        # No cross traffic leaves `cross` out: run ids from before it existed hold.
+        unused = set() if self.scenario.cross else {"cross"}
+        what = self.scenario.model_dump(mode="json", exclude=IDENTITY_EXCLUDED | unused)
         blob = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -157,12 +163,24 @@ def validate(data: dict[str, Any], where: str = "scenario") -> Scenario:
         try:
             _check_names(spec.scenario)
             topology = spec.scenario.topology.resolve()
-            check_events(spec.scenario.events, topology, spec.scenario.hosts.client.path_manager)
+            check_cross(spec.scenario.cross, topology)
+            check_events(spec.scenario.events, topology, spec.scenario.hosts.client.path_manager,
+                         cross=[f.name for f in spec.scenario.cross])
+            _check_cross_started(spec.scenario)
             experiment.validate_params(spec.scenario.params)
         except TestbedError as exc:
             point = f" (grid point {spec.params})" if spec.params else ""
             raise TestbedError(f"{where}: {exc}{point}") from None
     return scenario
+
+
+def _check_cross_started(scenario: Scenario) -> None:
+    """A declared cross flow that no event starts is a typo, not an experiment."""
+    started = {e.flow for e in scenario.events if e.action == "cross_start"}
+    for i, flow in enumerate(scenario.cross):
+        if flow.name not in started:
+            raise TestbedError(f"cross.{i}: flow {flow.name!r} is never started (add an event "
+                               f"with action = 'cross_start', flow = '{flow.name}')")
 
 
 def _check_names(scenario: Scenario) -> None:

@@ -36,7 +36,8 @@ class EventScheduler:
     """Applies events at their times (relative to start()) on a thread of its own."""
 
     def __init__(self, tb: Testbed, events: list[EventSpec]):
-        check_events(events, tb.topology, tb.settings["client"].path_manager)  # before any time passes
+        check_events(events, tb.topology, tb.settings["client"].path_manager,  # before any time passes
+                     cross=list(tb.cross.flows) if tb.cross is not None else [])
         self.tb = tb
         self.events = sorted(events, key=lambda e: e.at_s)
         self.records: list[AppliedEvent] = []
