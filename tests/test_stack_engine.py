@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from testbed.stack.connection import Connection
 from testbed.stack.options import RST_MPTCP_ERROR, Dss, MpTcpRst
 from testbed.stack.packet import RST, SYN, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
-from testbed.stack.stack import LowestRttScheduler
+from testbed.stack.scheduler import LowestRttScheduler
 from testbed.stack.subflow import State, Subflow
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from testbed.stack.cc import INITIAL_WINDOW_SEGMENTS, Cubic, NewReno, make_cc
 from testbed.stack.connection import unwrap64
-from testbed.stack.stack import LowestRttScheduler
+from testbed.stack.scheduler import LowestRttScheduler
 from testbed.stack.subflow import unwrap32
 
 MSS = 1420

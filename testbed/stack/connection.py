@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from testbed.stack import crypto
+from testbed.stack.cc import Coupling
 from testbed.stack.options import (CAP_A_CHECKSUM, CAP_H_SHA256, RST_MPTCP_ERROR, RST_UNSPECIFIED, Dss,
                                    MpCapable, MpFastclose, MpJoinAck, MpJoinSyn, MpJoinSynAck, MpPrio,
                                    MpTcpRst)
 from testbed.stack.packet import ACK, TcpSegment
+from testbed.stack.scheduler import make_scheduler
 from testbed.stack.subflow import State, Subflow, TxSegment, unwrap32
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,12 +105,15 @@ class ConnectionInfo:
 class Connection:
     """One MPTCP connection and the socket-like API on it."""
 
-    def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic", mptcp: bool = True):
+    def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic", mptcp: bool = True,
+                 scheduler: str = "lowrtt"):
         self.stack = stack
         self.active = active
         self.want_checksum = checksum
         self.checksum = checksum
         self.cc = cc
+        self.coupling = Coupling()             # the subflows' coupled controllers (lia, olia) share it
+        self.scheduler = make_scheduler(scheduler)
         self.local_key = crypto.new_key()
         self.local_token = crypto.token_of(self.local_key)
         self.remote_key: int | None = None
@@ -461,7 +466,7 @@ class Connection:
             sf.retransmit_lost()
         while self.reinject:
             dsn, payload = self.reinject[0]
-            sf = self.stack.scheduler.pick(self, len(payload), exclude_stale=True)
+            sf = self.scheduler.pick(self, len(payload), exclude_stale=True)
             if sf is None:
                 break
             self.reinject.popleft()
@@ -473,7 +478,7 @@ class Connection:
             room = self.snd_right - self.snd_nxt
             if room <= 0:
                 break
-            sf = self.stack.scheduler.pick(self, min(room, tx_end - self.snd_nxt))
+            sf = self.scheduler.pick(self, min(room, tx_end - self.snd_nxt))
             if sf is None:
                 break
             n = min(sf.mss, tx_end - self.snd_nxt, room)
@@ -484,10 +489,17 @@ class Connection:
                 self._send_mpc_data(sf, payload)
             else:
                 sf.send_data(self.snd_nxt, payload)
+            self.scheduler.on_sent(self, sf, self.snd_nxt, payload)
             self.snd_nxt += n
             self.bytes_sent += n
+        self.scheduler.catch_up(self)
         if self.tx_closed and self.snd_nxt == tx_end and self.data_fin_dsn is None:
             self._send_data_fin()
+
+    def unacked_bytes(self, dsn: int, n: int) -> bytes:
+        """n bytes of the stream from data sequence number dsn (sent, not yet DATA_ACKed)."""
+        start = self.tx_off + (dsn - self.snd_una)
+        return bytes(self.tx[start:start + n])
 
     def _send_mpc_data(self, sf: Subflow, payload: bytes) -> None:
         seg = TxSegment(sf.snd_nxt, payload, 0, self.snd_nxt, time.monotonic(), mpc_form=True)
@@ -505,7 +517,7 @@ class Connection:
             for sf in self.subflows:
                 sf.send_fin()
             return
-        sf = self.stack.scheduler.pick(self, 0, ignore_cwnd=True)
+        sf = self.scheduler.pick(self, 0, ignore_cwnd=True)
         if sf is None:
             return
         self.data_fin_dsn = self.snd_nxt
@@ -521,7 +533,7 @@ class Connection:
     def on_timer(self, now: float) -> None:
         """Data-level timer: repeat an unacknowledged DATA_FIN."""
         if self.data_fin_deadline is not None and now >= self.data_fin_deadline and not self.data_fin_acked:
-            sf = self.stack.scheduler.pick(self, 0, ignore_cwnd=True)
+            sf = self.scheduler.pick(self, 0, ignore_cwnd=True)
             self.data_fin_rto = min(self.data_fin_rto * 2, 30)
             self.data_fin_deadline = now + self.data_fin_rto
             if sf is not None:

@@ -23,16 +23,18 @@ from itertools import count
 from testbed.stack import crypto
 from testbed.stack.attach import (CLIENT_PORTS, AttachError, Interface, NftGuard, PathPort, list_interfaces,
                                   netns_path, run_in_netns)
+from testbed.stack.cc import CONTROLLERS
 from testbed.stack.connection import Connection, ConnectionInfo, Event, StackError
 from testbed.stack.options import MpJoinSyn, MpTcpRst, RST_MPTCP_ERROR
 from testbed.stack.packet import ACK, RST, SYN, DecodeError, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
+from testbed.stack.scheduler import SCHEDULERS
 from testbed.stack.subflow import MASK32, Subflow
 
 log = logging.getLogger("testbed.stack")
 _instances = count(1)
 
 __all__ = ["Stack", "Listener", "Connection", "ConnectionInfo", "Event", "StackError", "AttachError",
-           "LowestRttScheduler", "SentSegment"]
+           "SentSegment"]
 
 
 @dataclass(frozen=True)
@@ -44,25 +46,12 @@ class SentSegment:
     segment: TcpSegment
 
 
-class LowestRttScheduler:
-    """Lowest-RTT-first among subflows with congestion window room; backups only when nothing else works."""
-
-    def pick(self, conn: Connection, size: int, exclude_stale: bool = False, ignore_cwnd: bool = False):
-        """The subflow to carry the next `size` bytes, or None to wait."""
-        usable = [sf for sf in conn.subflows if sf.can_send_data()]
-        fresh = [sf for sf in usable if not sf.stale]
-        pool = [sf for sf in fresh if not sf.backup] or fresh
-        if not pool and not exclude_stale:
-            pool = usable
-        best = None
-        for sf in pool:
-            need = min(size, sf.mss)
-            if not ignore_cwnd and sf.inflight + need > sf.cc.cwnd:
-                continue
-            rtt = sf.expected_rtt()
-            if best is None or rtt < best[0]:
-                best = (rtt, sf)
-        return best[1] if best else None
+def _check_choices(cc: str, scheduler: str) -> None:
+    """Refuse an unknown congestion control or scheduler name before anything is attached or sent."""
+    if cc not in CONTROLLERS and cc != "newreno":
+        raise StackError(f"cc: unknown congestion control {cc!r} (one of {', '.join(CONTROLLERS)})")
+    if scheduler not in SCHEDULERS:
+        raise StackError(f"scheduler: unknown scheduler {scheduler!r} (one of {', '.join(SCHEDULERS)})")
 
 
 class Listener:
@@ -104,14 +93,15 @@ class Stack:
     """A user-space MPTCP endpoint attached to the path interfaces of one network namespace."""
 
     def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
-                 checksum: bool = False, cc: str = "cubic", record: bool = False):
+                 checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False):
+        _check_choices(cc, scheduler)
         self.netns = netns_path(netns)
         self.checksum = checksum
         self.cc = cc
+        self.scheduler = scheduler      # the default for connections (connect() may choose another)
         self.lock = threading.RLock()
         self.t0 = time.monotonic()
         self.ts_offset = int.from_bytes(os.urandom(4), "big")
-        self.scheduler = LowestRttScheduler()
         self.subflows: dict[tuple[str, int, str, int], Subflow] = {}
         self.listeners: dict[int, Listener] = {}
         self.tokens: dict[int, Connection] = {}
@@ -286,7 +276,7 @@ class Stack:
 
     def connect(self, dest: tuple[str, int], paths: list[str] | None = None, *, timeout: float = 10.0,
                 checksum: bool | None = None, cc: str | None = None, backup: list[str] | None = None,
-                mptcp: bool = True) -> Connection:
+                mptcp: bool = True, scheduler: str | None = None) -> Connection:
         """Open an MPTCP connection; paths are local addresses (first: initial subflow, rest: joins).
         mptcp=False opens plain TCP (no MP_CAPABLE in the SYN) over the first path."""
         host, rport = dest
@@ -296,10 +286,11 @@ class Stack:
             raise StackError(f"not an IPv4 address: {host!r}") from None
         if not self._running:
             raise StackError("stack is closed")
+        _check_choices(cc or self.cc, scheduler or self.scheduler)
         with self.lock:
             first = paths[0] if paths else self._source_for(raddr)
             conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
-                              cc=cc or self.cc, mptcp=mptcp)
+                              cc=cc or self.cc, mptcp=mptcp, scheduler=scheduler or self.scheduler)
             self.connections.add(conn)
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
@@ -415,7 +406,7 @@ class Stack:
             half_open = sum(1 for c in self.connections if c.accept_queue is lst.ready and c.state == "SYN_RCVD")
             if half_open + len(lst.ready) >= lst.backlog:
                 return  # SYN queue full: drop, the peer retries
-            conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc)
+            conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc, scheduler=self.scheduler)
             conn.accept_queue = lst.ready
             self.connections.add(conn)
             sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=False, active=False, cc=conn.cc)

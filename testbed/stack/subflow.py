@@ -121,7 +121,7 @@ class Subflow:
         self.in_recovery = False
         self.recover = 0
         self.cc_name = cc
-        self.cc = make_cc(cc, self.mss)
+        self.cc = make_cc(cc, self.mss, conn.coupling)
         self.rx_ooo: dict[int, tuple[bytes, bool]] = {}
         self.ack_pending = False
         self.fin_queued = False
@@ -409,7 +409,8 @@ class Subflow:
         mss = seg.option(Mss)
         peer_mss = mss.value if mss else 536
         self.mss = max(min(peer_mss, self.local_mss) - OPTION_ROOM, 64)
-        self.cc = make_cc(self.cc_name, self.mss)
+        self.cc.detach()
+        self.cc = make_cc(self.cc_name, self.mss, self.conn.coupling)
         ws = seg.option(WindowScale)
         self.ws_ok = ws is not None
         self.snd_wscale = min(ws.shift, 14) if ws else 0
@@ -572,6 +573,7 @@ class Subflow:
 
     def abort(self) -> None:
         """Forget the subflow without sending anything."""
+        self.cc.detach()
         self.state = State.CLOSED
         self.rto_deadline = None
         self.rtx.clear()
