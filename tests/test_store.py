@@ -222,3 +222,22 @@ def test_report_of_a_newer_store_is_one_line_and_exit_2(tmp_path):
     err = proc.stderr.strip()
     assert "newer than this code reads" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_reader_upgrades_a_version_4_calibration_and_events(tmp_path):
+    """Version 4 calibrated a path against its access link only and had no
+    cross-traffic events: links, composed spec and flow read as not recorded."""
+    from analysis import load
+
+    store = _store_in_old_format(tmp_path, 4)
+    path = store / "throughput" / "aaaa-r000" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["emulation"] = {"backend": "userspace", "calibration": {"valid": True, "paths": {
+        "wifi": {"rtt_configured_ms": 200.0, "rtt_ok": True}}}}
+    old["applied_events"] = [{"action": "link_down", "path": "wifi", "ok": True}]
+    path.write_text(json.dumps(old))
+    man = load(store).manifests[("throughput", "aaaa-r000")]
+    assert man["schema_version"] == schema.SCHEMA_VERSION
+    assert man["emulation"]["calibration"]["paths"]["wifi"] == {
+        "links": None, "composed": None, "rtt_configured_ms": 200.0, "rtt_ok": True}
+    assert man["applied_events"] == [{"flow": None, "action": "link_down", "path": "wifi", "ok": True}]

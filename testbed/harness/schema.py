@@ -18,7 +18,7 @@ import pandas as pd
 
 from testbed.base.errors import TestbedError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Where a run's wall time goes, in the order the runner goes through them
 # (manifest `phases`: seconds per phase). Documented in docs/results.md.
@@ -132,9 +132,29 @@ def _v3_to_v4(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _v4_to_v5(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Version 5 calibrates each path against all of its links composed (version
+    4: against its access link only, even on a multi-link path) and records each
+    calibrated path's `links` and `composed` spec; `applied_events` entries carry
+    `flow` (the cross-traffic events). Upgrading sets those to None ("not
+    recorded"): a version-4 `rtt_configured_ms` is the access link's."""
+    out = dict(manifest)
+    emulation = out.get("emulation")
+    calibration = emulation.get("calibration") if isinstance(emulation, dict) else None
+    if isinstance(calibration, dict) and isinstance(calibration.get("paths"), dict):
+        paths = {name: {"links": None, "composed": None, **entry} if isinstance(entry, dict) else entry
+                 for name, entry in calibration["paths"].items()}
+        out["emulation"] = {**emulation, "calibration": {**calibration, "paths": paths}}
+    events = out.get("applied_events")
+    if isinstance(events, list):
+        out["applied_events"] = [{"flow": None, **e} if isinstance(e, dict) else e for e in events]
+    out["schema_version"] = 5
+    return out
+
+
 # version -> the step that turns a manifest of that version into the next one
 UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+    1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 
 def upgrade(manifest: dict[str, Any], where: str) -> dict[str, Any]:

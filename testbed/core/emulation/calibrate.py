@@ -186,6 +186,15 @@ def has_loss(p: LinkParams) -> bool:
 
 # ---- calibration ------------------------------------------------------------
 MIN_RTT_SAMPLES = 5
+
+
+def path_ends(p: Any) -> tuple[str, str]:
+    """Where a path is measured between: the client's address on it and the
+    server's address it leads to (every link of the path is crossed, as the
+    composed expectation assumes). The drift check pings the same ends."""
+    return p.addr.client, p.graph.server_addr
+
+
 def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
               rate_low: float = 0.90, rate_high: float = 1.01, pings: int = 50,
               flow_s: float = 2.0, measure_rate: bool = True) -> dict[str, Any]:
@@ -205,7 +214,8 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
         cfg_rtt = composed.rtt_ms()
         lossy = has_loss(up) or has_loss(down)
         n = pings if not lossy else pings * 3
-        rtt = ping_rtts(tb.client.pid, p.graph.server_addr, n, interval=0.01, src=p.addr.client)
+        client_addr, server_addr = path_ends(p)
+        rtt = ping_rtts(tb.client.pid, server_addr, n, interval=0.01, src=client_addr)
         tol = max(cfg_rtt * rtt_tol_pct / 100, rtt_tol_ms) + up.jitter_ms + down.jitter_ms
         entry: dict[str, Any] = {
             "links": list(composed.links), "composed": composed.model_dump(mode="json"),
@@ -237,8 +247,7 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
                 entry[key] = {"skipped": "path has loss: one TCP flow cannot fill it"}
                 continue
             src, dst = (tb.client, server) if d == "up" else (server, tb.client)
-            saddr, daddr = ((p.addr.client, p.graph.server_addr) if d == "up"
-                            else (p.graph.server_addr, p.addr.client))
+            saddr, daddr = (client_addr, server_addr) if d == "up" else (server_addr, client_addr)
             g = tcp_goodput(src.pid, dst.pid, saddr, daddr, duration=flow_s,
                             warmup=min(0.5 + 4 * cfg_rtt / 1000, flow_s / 2), port=5300 + i)
             ratio = g["goodput_mbit"] / params.rate_mbit
