@@ -27,6 +27,7 @@ whose parent dies without that (kill -9) gets SIGTERM from the kernel
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ import signal
 import sys
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Iterator
 
 from testbed.base.errors import TestbedError
 from testbed.harness import experiment as experiments
@@ -67,26 +69,52 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
     lanes at once; one summary per scenario, as the serial sweeps give."""
     check_parallel(k)
     out: list[tuple[str, SweepSummary]] = []
-    pool: ProcessPoolExecutor | None = None
-    try:
+    with lane_pool(k) as pool:  # one pool for the whole campaign: lanes start once
         for scenario in scenarios:
             n = lanes_for(scenario, k)
             if n == 1:
                 summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
             else:
-                if pool is None:  # one pool for the whole campaign: lanes start once
-                    pool = ProcessPoolExecutor(max_workers=k, initializer=_lane_init,
-                                               mp_context=multiprocessing.get_context("spawn"))
-                summary = _sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
+                summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
             out.append((scenario.experiment, summary))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
     return out
 
 
-def _sweep_in_lanes(pool: ProcessPoolExecutor, scenario: Scenario, root: Path, n: int,
-                    retry_failed: bool, progress: bool) -> SweepSummary:
+class LanePool:
+    """Up to k lane processes, started when first needed."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._executor: ProcessPoolExecutor | None = None
+
+    def submit(self, *args) -> Future:
+        """Start a lane sweep (runner.sweep's arguments) in a lane process."""
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=self.k, initializer=_lane_init,
+                                                 mp_context=multiprocessing.get_context("spawn"))
+        return self._executor.submit(_lane, *args)
+
+    def shutdown(self) -> None:
+        """Wait for every lane process to end."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def lane_pool(k: int) -> Iterator[LanePool]:
+    """A LanePool of k lanes, every lane process ended when the block ends."""
+    pool = LanePool(k)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
+                   retry_failed: bool = False, progress: bool = True) -> SweepSummary:
+    """One scenario's sweep by n lanes of the pool at once (n <= pool.k, no cap
+    by the experiment: the caller decided); merged into one summary."""
+    n = min(n, pool.k)
     specs = expand(scenario)
     todo = {}
     for spec in specs:
@@ -101,7 +129,7 @@ def _sweep_in_lanes(pool: ProcessPoolExecutor, scenario: Scenario, root: Path, n
     futures: list[Future] = []
     old_term = signal.signal(signal.SIGTERM, _raise_exit)
     try:
-        futures = [pool.submit(_lane, scenario, root, retry_failed) for _ in range(n)]
+        futures = [pool.submit(scenario, root, retry_failed) for _ in range(n)]
         while True:
             finished, running = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
             if bar is not None:

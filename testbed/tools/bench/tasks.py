@@ -6,6 +6,7 @@
     ./tb bench.distributed [--reps 1]
     ./tb bench.chaos [--runs 200] [--interrupts 20] [--out DIR]
     ./tb bench.stack [--seconds 3]
+    ./tb bench.parallel [--experiment establishment] [--ks 1,2,3,4] [--reps N]
 """
 from __future__ import annotations
 
@@ -120,6 +121,18 @@ def stack(c, seconds=3.0, connects=50):
         raise Exit("bench.stack: a target was missed", code=1)
 
 
+@task(help={"experiment": "establishment, throughput, failover or fairness (the paper's --quick scenario)",
+            "ks": "the K values to measure, comma-separated (default 1,2,3,4)",
+            "reps": "repetitions per cell (default: as in the quick scenario)"})
+def parallel(c, experiment="establishment", ks="1,2,3,4", reps=None):
+    """Fidelity and speed-up of `--parallel K`: one sweep per K, compared with K = 1."""
+    need_root()
+    from testbed.tools.bench.parallel import run_benchmark
+
+    print(guard(lambda: run_benchmark(experiment, tuple(int(k) for k in ks.split(",")),
+                                      int(reps) if reps is not None else None)))
+
+
 ns = Collection("bench")
 ns.add_task(emulation)
 ns.add_task(robe_proxy)
@@ -127,3 +140,4 @@ ns.add_task(capacity)
 ns.add_task(distributed)
 ns.add_task(chaos)
 ns.add_task(stack)
+ns.add_task(parallel)
