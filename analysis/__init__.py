@@ -50,6 +50,7 @@ class Results:
     timeseries: pd.DataFrame
     subflows: pd.DataFrame
     packets: pd.DataFrame
+    observed_subflows: pd.DataFrame
     # (experiment, run_id) -> the manifest as written, for provenance and testbed details
     manifests: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     run_dirs: dict[tuple[str, str], Path] = field(default_factory=dict)

@@ -39,6 +39,15 @@ TABLES: dict[str, dict[str, str]] = {
                 "sport": "Int64", "dport": "Int64", "flags": "string", "subtype": "Int64",
                 "token": "Int64", "dsn": "Int64", "data_ack": "Int64", "addr_id": "Int64",
                 "mp_flags": "string"},
+    # What a passive per-path observer learns per subflow (privacy experiment;
+    # 64-bit keys and data-sequence bounds in two's complement); `connection` is
+    # the ground truth from the client's sockets, never used by an attack.
+    "observed_subflows": {"path": "string", "client": "string", "cport": "Int64",
+                          "server": "string", "sport": "Int64", "first_t": "float64",
+                          "last_t": "float64", "packets": "Int64", "kind": "string",
+                          "key_client": "Int64", "key_server": "Int64", "join_token": "Int64",
+                          "up_lo": "Int64", "up_hi": "Int64", "down_lo": "Int64",
+                          "down_hi": "Int64", "dss": "Int64", "connection": "string"},
 }
 # What the reader puts in front of every table's rows.
 KEYS: dict[str, str] = {"experiment": "string", "run_id": "string"}
@@ -65,6 +74,10 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
     for col, dtype in schema.items():
         if col not in out.columns:
             out[col] = pd.Series(pd.NA, index=out.index, dtype=dtype)
+        elif dtype == "Int64" and out[col].dtype == object:
+            # Python ints, maybe with None: exactly (a float detour rounds above 2**53)
+            out[col] = pd.array([None if v is None or v is pd.NA or v != v else int(v)
+                                 for v in out[col]], dtype="Int64")
         elif dtype == "Int64":
             # float columns holding integers (after a NaN) must round-trip exactly
             out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")

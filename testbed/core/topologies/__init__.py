@@ -124,10 +124,12 @@ class MultiClient(Topology):
     description = "N clients sharing a WiFi-like and an LTE-like access path to one server"
 
     def spec(self, n: int = 2, wifi_mbit: float = 20, lte_mbit: float = 10,
-             wifi_delay_ms: float = 10, lte_delay_ms: float = 40, **over: Any) -> TopologySpec:
+             wifi_delay_ms: float = 10, lte_delay_ms: float = 40, queue_pkts: int | None = None,
+             **over: Any) -> TopologySpec:
         """Clients c1..cN reach access router `ap` (WiFi) and `bs` (LTE) over plain
         links c<i>w and c<i>l (the paths' names); the shared links `wifi`
-        (ap -> core) and `lte` (bs -> core) carry the rate and delay."""
+        (ap -> core) and `lte` (bs -> core) carry the rate, delay and queue
+        (`queue_pkts`; default one BDP)."""
         if not 1 <= n <= 16:
             raise ValueError(f"multi-client: n must be 1..16, got {n}")
         nodes = ([{"name": f"c{i}", "role": "client"} for i in range(1, n + 1)]
@@ -137,10 +139,11 @@ class MultiClient(Topology):
         for i in range(1, n + 1):
             links += [{"name": f"c{i}w", "a": f"c{i}", "b": "ap", "emulated": False},
                       {"name": f"c{i}l", "a": f"c{i}", "b": "bs", "emulated": False}]
+        queue = {} if queue_pkts is None else {"queue_pkts": queue_pkts}
         links += [{"name": "wifi", "a": "ap", "b": "core", "rate_mbit": wifi_mbit,
-                   "delay_ms": wifi_delay_ms},
+                   "delay_ms": wifi_delay_ms, **queue},
                   {"name": "lte", "a": "bs", "b": "core", "rate_mbit": lte_mbit,
-                   "delay_ms": lte_delay_ms},
+                   "delay_ms": lte_delay_ms, **queue},
                   {"name": "srv", "a": "core", "b": "s", "emulated": False}]
         return TopologySpec(name=self.name, description=self.description, nodes=nodes,
                             links=links, **over)

@@ -66,6 +66,35 @@ def _int(v: str) -> int | None:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
+def tcpdump_ready(proc: subprocess.Popen, pcap: Path, deadline: float, said: list[str]) -> bool:
+    """Whether tcpdump (started with stderr=PIPE) said "listening on" and its file
+    has the pcap header before `deadline` (monotonic); its lines go to `said`."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    buf = b""
+    listening = False
+    while time.monotonic() < deadline:
+        if listening and pcap.exists() and pcap.stat().st_size >= PCAP_HEADER_BYTES:
+            return True
+        if proc.poll() is not None and not listening:
+            break
+        if not listening and poller.poll(20):
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                said.append(text)
+                listening = listening or "listening on" in text
+        elif listening:
+            time.sleep(0.005)
+    return False
+
+
 @register
 class PcapProbe(Probe):
     """tcpdump on every client path; tshark extracts the MPTCP options."""
@@ -129,30 +158,7 @@ class PcapProbe(Probe):
 
     def _wait_listening(self, name: str, proc: subprocess.Popen, deadline: float) -> bool:
         """tcpdump said "listening on" and its file has the pcap header."""
-        assert proc.stderr is not None
-        fd = proc.stderr.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        buf = b""
-        listening = False
-        while time.monotonic() < deadline:
-            if listening and self._size(name) >= PCAP_HEADER_BYTES:
-                return True
-            if proc.poll() is not None and not listening:
-                break
-            if not listening and poller.poll(20):
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    text = line.decode(errors="replace").strip()
-                    self._stderr[name].append(text)
-                    listening = listening or "listening on" in text
-            elif listening:
-                time.sleep(0.005)
-        return False
+        return tcpdump_ready(proc, self._files[name], deadline, self._stderr[name])
 
     def _drain_stderr(self, name: str, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None

@@ -1,0 +1,207 @@
+"""Privacy: what passive observers on separate paths learn about which subflows
+belong together (docs/privacy.md).
+
+K MPTCP connections from the topology's clients (round-robin, several per
+client when K exceeds the clients) to the server, each with a subflow per
+path, carry bulk or request/response traffic, all starting together or
+staggered over a window. One passive observer per named link captures on the
+router's side of it (testbed.harness.observers) and never sees another path.
+The run stores, per observer and subflow, what that observer learnt (keys,
+MP_JOIN token, the span of each data-sequence space, when it was seen: table
+`observed_subflows`) plus the ground truth from the client's sockets
+(MPTCP_SUBFLOW_ADDRS), so the attacks in analysis/privacy.py link subflows
+across paths and are scored against it.
+
+Scoring uses the pairs that existed: a connection that fell back to TCP or
+never joined has no partner subflow, and linking it to anything is a false
+positive. The run is invalid when an observer missed a packet, or when fewer
+than MIN_JOINED of the connections got a subflow on every observed path;
+failed when a connection could not be made or broke.
+"""
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from testbed.base.netns import run_in_netns
+from testbed.core.bulk import filler, receive_stream, send_stream
+from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness.observers import PathObservers, observed_subflows
+from testbed.mptcp import sockopt
+
+PORT = 5500
+# Linux falls a connection back to TCP when its MP_CAPABLE third ACK is lost
+# (many flows starting at once into one queue do that); such connections stay
+# in the data (an observer sees them too) and are counted, but a run where
+# fewer than this share of the K connections has a subflow per path does not
+# measure K-connection mixing and is invalid.
+MIN_JOINED = 0.75
+
+
+class Params(ExperimentParams):
+    """Parameters of the privacy experiment."""
+    connections: int = Field(8, ge=1, le=128, description="K concurrent MPTCP connections")
+    pattern: Literal["bulk", "reqresp"] = "bulk"
+    start: Literal["together", "staggered"] = "together"
+    stagger_s: float = Field(3.0, gt=0, le=60, description="staggered: starts uniform over this window")
+    seconds: float = Field(4.0, gt=0.5, le=120, description="each connection's traffic time")
+    request_bytes: int = Field(200, ge=1, le=1 << 20)
+    response_bytes: int = Field(20000, ge=1, le=1 << 24)
+    think_ms: float = Field(100, ge=0, le=10000, description="mean (exponential) pause between requests")
+    observers: list[str] = Field(default_factory=lambda: ["wifi", "lte"], min_length=2,
+                                 description="links with a passive observer each")
+
+
+def _serve(conn: socket.socket, p: Params, errors: list[str]) -> None:
+    """One accepted connection: drain it (bulk) or answer each request (reqresp)."""
+    conn.settimeout(p.seconds + p.stagger_s + 30)
+    try:
+        if p.pattern == "bulk":
+            receive_stream(conn)
+        else:
+            answer = bytes(filler(min(p.response_bytes, 1 << 16)))
+            while True:
+                got = receive_stream(conn, limit=p.request_bytes)
+                if got < p.request_bytes:
+                    break
+                send_stream(conn, lambda n: answer[:n], nbytes=p.response_bytes)
+    except OSError as exc:
+        errors.append(f"server: {exc}")
+    finally:
+        conn.close()
+
+
+def _truth(sock: socket.socket) -> list[tuple[str, int, str, int]]:
+    """The connection's subflows as (client addr, port, server addr, port); a
+    connection that fell back to TCP has its one four-tuple."""
+    try:
+        return [(a.local[0], a.local[1], a.remote[0], a.remote[1]) for a in sockopt.subflow_addrs(sock)]
+    except OSError:
+        if sockopt.is_fallback(sock):
+            return [(*sock.getsockname(), *sock.getpeername())]
+        raise
+
+
+@register
+class Privacy(Experiment):
+    """K MPTCP connections over shared paths, one passive observer per path."""
+    name = "privacy"
+    description = "K MPTCP connections over shared paths, a passive observer per path (linking attacks)"
+    Params = Params
+
+    def run(self, ctx: RunContext) -> RunOutput:
+        p: Params = ctx.params
+        tb = ctx.tb
+        unknown = [n for n in p.observers if n not in {link.name for link in tb.graph.links}]
+        if unknown:
+            return RunOutput(metrics={}, status="failed",
+                             reason=f"observers: no link {unknown[0]!r} in topology {tb.topology.name!r}")
+        rng = random.Random(ctx.spec.seed)
+        clients = tb.graph.nodes("client")
+        npaths = len(tb.graph.paths_of(clients[0]))
+        starts = ([0.0] * p.connections if p.start == "together"
+                  else sorted(rng.uniform(0, p.stagger_s) for _ in range(p.connections)))
+        thinks = [[rng.expovariate(1000 / p.think_ms) if p.think_ms else 0.0 for _ in range(10000)]
+                  for _ in range(p.connections)]
+        listener = run_in_netns(tb.server.pid, lambda: sockopt.listener(
+            PORT, "0.0.0.0", "mptcp", "cubic", min(4096, 2 * p.connections)))
+        errors: list[str] = []
+        truth: dict[int, set[tuple[str, int, str, int]]] = {i: set() for i in range(p.connections)}
+        served: list[threading.Thread] = []
+        fell_back: set[int] = set()
+
+        def accept_all() -> None:
+            listener.settimeout(p.stagger_s + 30)
+            for _ in range(p.connections):
+                try:
+                    conn, _ = listener.accept()
+                except OSError as exc:
+                    errors.append(f"accept: {exc}")
+                    return
+                t = threading.Thread(target=_serve, args=(conn, p, errors), daemon=True)
+                t.start()
+                served.append(t)
+
+        def client(i: int, t0: float) -> None:
+            node = tb.node(clients[i % len(clients)])
+            time.sleep(max(0.0, t0 + starts[i] - time.monotonic()))
+            try:
+                sock = run_in_netns(node.pid, lambda: sockopt.mptcp_socket("cubic", "mptcp"))
+            except OSError as exc:
+                errors.append(f"connection {i}: socket: {exc}")
+                return
+            sock.settimeout(30)
+            try:
+                sock.connect((tb.server_addr, PORT))
+                end = time.monotonic() + p.seconds
+                n = 0
+                while time.monotonic() < end:
+                    if p.pattern == "bulk":
+                        send_stream(sock, filler, until=min(end, time.monotonic() + 0.25))
+                    else:
+                        send_stream(sock, filler, nbytes=p.request_bytes)
+                        if receive_stream(sock, limit=p.response_bytes) < p.response_bytes:
+                            raise OSError("response cut short")
+                        time.sleep(min(thinks[i][n % len(thinks[i])], max(0.0, end - time.monotonic())))
+                        n += 1
+                    if len(truth[i]) < npaths:
+                        truth[i].update(_truth(sock))
+                truth[i].update(_truth(sock))
+                if sockopt.is_fallback(sock):
+                    fell_back.add(i)
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)  # the server's close: both data FINs seen before the socket goes
+            except OSError as exc:
+                errors.append(f"connection {i} from {node.name}: {exc}")
+            finally:
+                sock.close()
+
+        observers = PathObservers(tb, p.observers, ctx.raw_dir)
+        wall0 = time.time()
+        try:
+            acceptor = threading.Thread(target=accept_all, daemon=True)
+            acceptor.start()
+            t0 = time.monotonic()
+            ctx.start_clock()
+            wall0 = time.time()
+            workers = [threading.Thread(target=client, args=(i, t0), daemon=True)
+                       for i in range(p.connections)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(p.stagger_s + p.seconds + 60)
+            acceptor.join(5)
+            for t in served:
+                t.join(10)
+            time.sleep(0.3)  # the last FIN/ACKs reach the observers
+        finally:
+            observers.stop()
+            listener.close()
+        if errors:
+            return RunOutput(metrics={}, status="failed", reason=errors[0])
+        obs = observed_subflows(observers.packets(), {PORT}, t0=wall0)
+        owner = {sf: str(i) for i, sfs in truth.items() for sf in sfs}
+        obs["connection"] = [owner.get((r.client, r.cport, r.server, r.sport))
+                             for r in obs.itertuples(index=False)]
+        per_path = obs.groupby("path")["connection"].nunique() if not obs.empty else None
+        m = {"connections": p.connections, "pattern": p.pattern, "start": p.start,
+             "clients": len(clients), "observers": ",".join(p.observers),
+             "observed_subflows": len(obs),
+             "subflows_with_truth": int(obs["connection"].notna().sum()) if not obs.empty else 0,
+             **{f"connections_seen.{k}": int(v) for k, v in (per_path.items() if per_path is not None else [])}}
+        out = RunOutput(metrics=m, tables={"observed_subflows": obs})
+        problems = observers.problems()
+        joined = [i for i, sfs in truth.items() if len(sfs) >= len(p.observers)]
+        m.update({"connections_joined": len(joined), "fallbacks": len(fell_back)})
+        if len(joined) < MIN_JOINED * p.connections:
+            problems.append(f"{len(joined)} of {p.connections} connections had a subflow on every "
+                            f"observed path ({len(fell_back)} fell back to TCP; bound: "
+                            f"{MIN_JOINED:.0%} of them)")
+        if problems:
+            out.status, out.reason = "invalid", problems[0]
+        return out
