@@ -1,13 +1,16 @@
-"""Cross traffic: competing flows from a topology's nodes to a server, each
-started and stopped while a run goes on.
+"""Cross traffic: competing flows between a topology's nodes (by default to
+the server), each started and stopped while a run goes on.
 
 - `tcp`: one bulk TCP connection with its own congestion control, set per
   socket (a namespace cannot change the kernel default, bbr);
 - `udp`: constant-rate datagrams, or on/off (`on_s` sending, `off_s` silent).
 
-Sockets are created inside the nodes' namespaces and driven by threads of
-this process; `CrossTraffic.stop_all` runs at the testbed's stop. What each
-flow delivered is counted at the receiver (`delivered()`).
+Scenario files declare them (`[[cross]]`, checked at load by `check_cross`)
+and start/stop them with events through `Testbed.apply_event`. Sockets are
+created inside the nodes' namespaces and driven by threads of this process;
+`CrossTraffic.stop_all` runs at the testbed's stop. What each flow delivered
+is counted at the receiver (`delivered()`), what it sent at the sender
+(`sent()`); `problems()` says when a flow did not do its job.
 """
 from __future__ import annotations
 
@@ -184,18 +187,18 @@ class CrossTraffic:
 
     def delivered(self) -> dict[str, int]:
         """Bytes each flow's receiver got so far (all of its starts together)."""
-        out = dict.fromkeys(self.flows, 0)
-        out.update(self._done)
-        for name, run in self._running.items():
-            out[name] += run.delivered
-        return out
+        return self._so_far(self._done, "delivered")
 
     def sent(self) -> dict[str, int]:
         """Bytes each flow's sender handed to its socket so far (all of its starts)."""
+        return self._so_far(self._sent, "sent")
+
+    def _so_far(self, stopped: dict[str, int], counter: str) -> dict[str, int]:
+        """Per flow: its stopped starts' count plus the running one's `counter`."""
         out = dict.fromkeys(self.flows, 0)
-        out.update(self._sent)
+        out.update(stopped)
         for name, run in self._running.items():
-            out[name] += run.sent
+            out[name] += getattr(run, counter)
         return out
 
     def intervals(self) -> dict[str, list[tuple[float, float | None]]]:
