@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis import Results, paths
+from analysis import Results, paths, privacy
 from analysis.establishment_checks import (FAILS, HOLDS, NOT_MEASURED,
                                            SIMULT_FLOWS, Establishment, bounded, ci_text, delayed,
                                            fallback, fastest_working, guaranteed, multipath_after,
@@ -256,5 +256,7 @@ def table(res: Results) -> pd.DataFrame:
     rows += _throughput_rows(res)
     rows += _failover_rows(res)
     rows += _fairness_rows(res)
+    rows += [Row(*r[:6], NOT_MEASURED if r[6] is None else HOLDS if r[6] else FAILS)
+             for r in privacy.expectation_rows(res)]
     out = pd.DataFrame([asdict(r) for r in rows])
     return out.fillna("n/a").replace("", "n/a")

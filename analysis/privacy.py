@@ -188,3 +188,75 @@ def summary(scores: pd.DataFrame, by: tuple[str, ...] = ("countermeasure", "meth
                      "accuracy": a, "accuracy_low": alo, "accuracy_high": ahi,
                      "chance": g["chance"].sum() / pos if pos else math.nan})
     return pd.DataFrame(rows)
+
+
+# ---- expectation rows ------------------------------------------------------------
+RFC8684 = "RFC 8684, sections 3.1-3.2 (keys sent in the clear)"
+IETF105 = "draft-bagnulo-mptcp-privacy-00, the attack raised at IETF 105"
+TARGET = "this testbed's target"
+LINKED = 0.9  # the Wilson lower bound a "links every subflow" claim needs
+
+
+def _pooled(scores: pd.DataFrame, method: str) -> tuple[str, bool | None]:
+    """(measured text, holds?) for 'links (almost) every subflow' over all cells."""
+    g = scores[scores["method"] == method]
+    if g.empty or g["positives"].sum() == 0:
+        return "not measured (no complete privacy runs)", None
+    tp, fp, pos = g["tp"].sum(), g["fp"].sum(), g["positives"].sum()
+    p, plo, phi = wilson(tp, tp + fp)
+    r, rlo, rhi = wilson(tp, pos)
+    ks = sorted(g["K"].unique())
+    text = (f"precision {p:.2f} [{plo:.2f}, {phi:.2f}], recall {r:.2f} [{rlo:.2f}, {rhi:.2f}] "
+            f"({int(pos)} subflows, K = {', '.join(map(str, ks))})")
+    return text, bool(tp + fp) and plo >= LINKED and rlo >= LINKED
+
+
+def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | None]]:
+    """(source, subject, condition, expected, criterion, measured, holds) per row;
+    holds None = not measured."""
+    runs = res.of(EXPERIMENT)
+    scores = run_scores(res, runs) if not runs.empty else pd.DataFrame()
+    base = scores[scores["countermeasure"] == "none"] if not scores.empty else scores
+    crit = f"pooled precision and recall, Wilson 95 % lower bounds ≥ {LINKED}"
+    rows = []
+    text, ok = _pooled(base, "token") if not base.empty else ("not measured (no complete privacy runs)", None)
+    rows.append((RFC8684, "kernel MPTCP", "observers on both paths, K concurrent connections",
+                 "MP_JOIN tokens link every join to the keys seen in its MP_CAPABLE", crit, text, ok))
+    text, ok = _pooled(base, "dsn") if not base.empty else ("not measured (no complete privacy runs)", None)
+    rows.append((IETF105, "kernel MPTCP", "observers who missed the handshakes",
+                 "DSN and DATA_ACK ranges alone link the subflows of a connection", crit, text, ok))
+    if base.empty:
+        rows.append((TARGET, "kernel MPTCP", "connections starting together, largest K",
+                     "timing alone is a weaker linker than the data-sequence ranges",
+                     "forced-choice accuracy: timing < DSN", "not measured (no complete privacy runs)", None))
+    else:
+        together = base[base["start"] == "together"]
+        kmax = together["K"].max() if not together.empty else None
+        if kmax is None or kmax < 2:
+            rows.append((TARGET, "kernel MPTCP", "connections starting together, largest K",
+                         "timing alone is a weaker linker than the data-sequence ranges",
+                         "forced-choice accuracy: timing < DSN",
+                         "not measured (no runs with K ≥ 2 starting together)", None))
+        else:
+            cell = summary(together[together["K"] == kmax], by=("method",)).set_index("method")
+            t, d = cell.loc["timing"], cell.loc["dsn"]
+            rows.append((TARGET, "kernel MPTCP", f"connections starting together, K = {kmax}",
+                         "timing alone is a weaker linker than the data-sequence ranges",
+                         "forced-choice accuracy: timing < DSN (intervals apart)",
+                         f"timing {t['accuracy']:.2f} [{t['accuracy_low']:.2f}, {t['accuracy_high']:.2f}], "
+                         f"DSN {d['accuracy']:.2f} [{d['accuracy_low']:.2f}, {d['accuracy_high']:.2f}], "
+                         f"chance {t['chance']:.3f}", bool(t["accuracy_high"] < d["accuracy_low"])))
+    for cm, method, what in (("dsn-offset", "dsn", "per-subflow obfuscation of the data-sequence space"),
+                             ("tls-keys", "token", "MPTCP keys from a TLS exporter")):
+        g = scores[(scores["countermeasure"] == cm) & (scores["method"] == method)] if not scores.empty else scores
+        expected = f"the {METHOD_LABELS[method]} method links no better than chance"
+        critc = "forced-choice accuracy's Wilson 95 % interval contains chance"
+        if g.empty:
+            rows.append((TARGET, f"user-space stack, {what}", "same attack, same topology", expected, critc,
+                         "not measured (no complete privacy runs with this countermeasure)", None))
+            continue
+        a, lo, hi = wilson(g["credit"].sum(), g["positives"].sum())
+        chance = g["chance"].sum() / g["positives"].sum()
+        rows.append((TARGET, f"user-space stack, {what}", "same attack, same topology", expected, critc,
+                     f"accuracy {a:.2f} [{lo:.2f}, {hi:.2f}], chance {chance:.3f}", lo <= chance <= hi))
+    return rows

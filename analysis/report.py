@@ -18,13 +18,15 @@ from typing import Any, Iterable
 import matplotlib.pyplot as plt
 import pandas as pd
 from jinja2 import Environment, select_autoescape
+from markupsafe import Markup
 
 from analysis import Results, ResultsError, load
 from analysis import expectations
-from analysis.figures import Section, emulation, establishment, failover, fairness, save, throughput
+from analysis.figures import (Section, emulation, establishment, failover, fairness, privacy, save,
+                              throughput)
 from testbed.base.safefs import open_for_write, write_file
 
-FAMILIES = (establishment, failover, throughput, fairness)
+FAMILIES = (establishment, failover, throughput, fairness, privacy)
 
 
 def _distinct(values: Iterable[Any]) -> str:
@@ -139,6 +141,7 @@ CSV: <a href="expectations.csv">expectations.csv</a>.</p>
 <figcaption><b>{{ f.title }}.</b> {{ f.caption }}
 <span class="small">Files: <a href="{{ f.name }}.png">PNG</a>, <a href="{{ f.name }}.pdf">PDF</a>.</span></figcaption></figure>
 {% endfor %}
+{% for t in s.inline %}{{ t }}{% endfor %}
 {% if s.csvs %}<p class="small">Raw numbers: {% for c in s.csvs %}<a href="{{ c }}">{{ c }}</a> {% endfor %}</p>{% endif %}
 {% endfor %}
 
@@ -186,8 +189,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path,
             with open_for_write(out / f"{name}.csv") as f:
                 df.to_csv(f, index=False)
             csvs.append(f"{name}.csv")
+        inline = [Markup(df.to_html(index=False, border=0)) for name, df in sec.tables.items()
+                  if name in sec.inline]  # pandas escapes the cells
         sections.append({"key": sec.key, "title": sec.title, "intro": sec.intro, "notes": sec.notes,
-                         "figures": figs, "csvs": csvs})
+                         "figures": figs, "csvs": csvs, "inline": inline})
 
     counts, bad = overview(res)
     toc = [("provenance", "Provenance"), ("expectations", "Expected vs measured"),

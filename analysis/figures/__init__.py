@@ -53,6 +53,7 @@ class Section:
     intro: str
     figures: list[Figure] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # written as <name>.csv
+    inline: list[str] = field(default_factory=list)  # of those tables, the ones shown in the page
     notes: list[str] = field(default_factory=list)  # why something is missing
 
 
