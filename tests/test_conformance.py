@@ -12,8 +12,10 @@ import subprocess
 import pytest
 
 from testbed.stack.scripted import ScriptError
+from testbed.stack.trace import dissect
 from testbed.tools.conformance import (CONFORMS, DEVIATES, ERROR, INCONCLUSIVE, Case, Observation, all_cases,
                                        get_case, run_case)
+from testbed.tools.conformance.lab import KERNEL_ADDR
 from tests.conftest import assert_one_line_error, run_tb
 
 CASE_NAMES = [c.name for c in all_cases()]
@@ -74,10 +76,22 @@ def test_a_lab_leaves_nothing_in_the_host():
 
 
 @pytest.mark.root
-def test_cli_json_and_unknown_case():
-    proc = run_tb("conformance", "--case", "fastclose-wrong-key", "--case", "mp-capable-version-0", "--json")
+def test_cli_json_and_a_pcap_that_tshark_reads_the_same(tmp_path):
+    proc = run_tb("conformance", "--case", "join-wrong-hmac", "--case", "mp-capable-version-0", "--json",
+                  "--pcap", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["kernel"] and [c["case"] for c in doc["cases"]] == ["fastclose-wrong-key", "mp-capable-version-0"]
+    assert doc["kernel"] and [c["case"] for c in doc["cases"]] == ["join-wrong-hmac", "mp-capable-version-0"]
     assert {c["verdict"] for c in doc["cases"]} <= {CONFORMS, DEVIATES}
-    assert_one_line_error(run_tb("conformance", "--case", "no-such-case"), "no-such-case")
+    # tshark, not our codec, reads the kernel's answer: a RST carrying MP_TCPRST reason 1.
+    rows = dissect(tmp_path / "join-wrong-hmac.pcap", ["ip.src", "tcp.flags.reset", "tcp.options.mptcp.rst_reason"])
+    assert rows and not any(r.malformed for r in rows)
+    resets = [r for r in rows if r.get("ip.src") == [KERNEL_ADDR] and r.get("tcp.flags.reset") == ["1"]]
+    assert [int(r.get("tcp.options.mptcp.rst_reason")[0], 0) for r in resets] == [1]
+
+
+@pytest.mark.root
+def test_cli_refuses_an_unknown_case_before_running_any():
+    proc = run_tb("conformance", "--case", "mp-capable-version-0", "--case", "no-such-case")
+    assert_one_line_error(proc, "no-such-case")
+    assert "kernel" not in proc.stdout

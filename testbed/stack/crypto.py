@@ -1,4 +1,4 @@
-"""MPTCP v1 key derivations and checksums (RFC 8684 §3.1, §3.2, §3.3.1).
+"""MPTCP v1 key derivations and checksums (RFC 8684 §3.1, §3.2, §3.3.1, §3.4.1).
 
 Everything here is a pure function of bytes/ints so the codec and the protocol
 engine share one definition and the unit tests can pin them with published
@@ -60,6 +60,19 @@ def join_ack_hmac(key_client: int, key_server: int, nonce_client: int, nonce_ser
     Key = Key-A || Key-B, Msg = R-A || R-B, where A is the side that sent the join SYN.
     """
     return hmac_sha256(key_client, key_server, struct.pack("!II", nonce_client, nonce_server))[:20]
+
+
+def add_addr_hmac(key_sender: int, key_receiver: int, addr_id: int, addr: bytes, port: int | None) -> int:
+    """Truncated (rightmost 64 bits) HMAC an ADD_ADDR carries (§3.4.1).
+
+    Key = Key-sender || Key-receiver (the announcing side first); Msg = Address ID
+    || address || port, where an absent port still counts as two zero octets.
+    Rightmost, unlike the MP_JOIN SYN/ACK's leftmost 64 bits: Linux 6.18 echoes an
+    ADD_ADDR with the rightmost bits and silently drops one with the leftmost
+    (conformance cases add-addr-echo / add-addr-bad-hmac).
+    """
+    mac = hmac_sha256(key_sender, key_receiver, bytes([addr_id]) + addr + struct.pack("!H", port or 0))
+    return struct.unpack_from("!Q", mac, 24)[0]
 
 
 def ones_complement_sum(data: bytes, start: int = 0) -> int:

@@ -22,6 +22,7 @@ import os
 import select
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from testbed.stack.attach import CLIENT_PORTS, AttachError, NftGuard, PathPort, list_interfaces, \
@@ -32,6 +33,7 @@ from testbed.stack.options import CAP_A_CHECKSUM, CAP_H_SHA256, Dss, MpCapable, 
     MpJoinSynAck
 from testbed.stack.packet import ACK, RST, SYN, DecodeError, IpPacket, Mss, TcpSegment, decode_ipv4, \
     encode_ipv4
+from testbed.stack.trace import write_pcap
 
 U32 = 0xFFFFFFFF
 _tables = itertools.count()
@@ -47,6 +49,7 @@ class ScriptedPeer:
     def __init__(self, netns: str | int | None, local: str, remote: str):
         self.local, self.remote = local, remote
         self.received: list[TcpSegment] = []   # every segment from remote to local, in order
+        self.wire: list[tuple[float, bytes]] = []  # (wall time, IPv4 packet) both ways, for write_pcap
         self._ports = itertools.cycle(range(CLIENT_PORTS[0], CLIENT_PORTS[1] + 1))
 
         def attach() -> tuple[NftGuard, PathPort]:
@@ -71,7 +74,9 @@ class ScriptedPeer:
 
     def send(self, seg: TcpSegment) -> None:
         """Put one segment on the wire, exactly as given."""
-        self._port.send(encode_ipv4(IpPacket(self.local, self.remote, seg)), self.remote)
+        packet = encode_ipv4(IpPacket(self.local, self.remote, seg))
+        self.wire.append((time.time(), packet))
+        self._port.send(packet, self.remote)
 
     def _read(self, timeout: float) -> None:
         """Move whatever arrives within timeout into `received`."""
@@ -85,6 +90,7 @@ class ScriptedPeer:
                 continue
             if pkt.src == self.remote and pkt.dst == self.local:
                 self.received.append(pkt.tcp)
+                self.wire.append((time.time(), bytes(data)))
 
     def expect(self, match: Callable[[TcpSegment], bool], timeout: float = 1.0,
                since: int = 0) -> TcpSegment | None:
@@ -133,6 +139,10 @@ class ScriptedPeer:
             sf.send(ACK, [MpCapable(cap.flags & CAP_A_CHECKSUM | CAP_H_SHA256, conn.local_key,
                                     conn.remote_key)])
         return conn
+
+    def write_pcap(self, path: str | Path) -> None:
+        """Every packet sent and received so far, as a pcap (raw IPv4) for tshark or Wireshark."""
+        write_pcap(path, [p for _, p in self.wire], [t for t, _ in self.wire])
 
     def close(self) -> None:
         """Close the sockets and drop the nftables table."""

@@ -23,13 +23,14 @@ class TraceError(RuntimeError):
     """tshark failed or is missing."""
 
 
-def write_pcap(path: str | Path, packets: list[bytes]) -> None:
-    """Write raw IPv4 packets to a pcap file (one microsecond apart)."""
+def write_pcap(path: str | Path, packets: list[bytes], times: list[float] | None = None) -> None:
+    """Write raw IPv4 packets to a pcap file, at the given wall-clock times (default:
+    now, one microsecond apart)."""
     with open(path, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_RAW))
         t0 = time.time()
         for i, pkt in enumerate(packets):
-            ts = t0 + i * 1e-6
+            ts = times[i] if times is not None else t0 + i * 1e-6
             f.write(struct.pack("<IIII", int(ts), int((ts % 1) * 1e6), len(pkt), len(pkt)))
             f.write(pkt)
 
@@ -92,7 +93,8 @@ MPTCP_FIELDS = ["tcp.options.mptcp.subtype", "tcp.options.mptcp.version", "tcp.o
                 "tcp.options.mptcp.backup.flag", "tcp.options.mptcp.sendtrunchmac", "tcp.options.mptcp.sendhmac",
                 "tcp.options.mptcp.rawdataack", "tcp.options.mptcp.rawdataseqno",
                 "tcp.options.mptcp.subflowseqno", "tcp.options.mptcp.datafin.flag",
-                "tcp.options.mptcp.rst_reason", "tcp.options.mptcp.checksumreq.flags"]
+                "tcp.options.mptcp.rst_reason", "tcp.options.mptcp.checksumreq.flags", "tcp.options.mptcp.echo",
+                "tcp.options.mptcp.ipv4", "tcp.options.mptcp.port", "tcp.options.mptcp.addaddrtrunchmac"]
 MATCH_FIELDS = ["ip.src", "tcp.srcport", "tcp.seq_raw", "tcp.ack_raw", "tcp.len", "tcp.flags",
                 "tcp.options.timestamp.tsval"]
 
@@ -151,6 +153,27 @@ def expected_mptcp_fields(seg) -> dict[str, list[int | str]]:
         elif isinstance(opt, o.MpFastclose):
             put("subtype", o.MP_FASTCLOSE)
             put("recvkey", opt.receiver_key)
+        elif isinstance(opt, o.AddAddr):
+            put("subtype", o.ADD_ADDR)
+            put("addrid", opt.addr_id)
+            put("echo", int(opt.echo))
+            put("ipv4", opt.addr)
+            if opt.port is not None:
+                put("port", opt.port)
+            if opt.hmac64 is not None and not opt.echo:
+                put("addaddrtrunchmac", opt.hmac64)
+        elif isinstance(opt, o.RemoveAddr):
+            put("subtype", o.REMOVE_ADDR)
+            for addr_id in opt.addr_ids:
+                put("addrid", addr_id)
+        elif isinstance(opt, o.MpPrio):
+            put("subtype", o.MP_PRIO)
+            put("backup.flag", int(opt.backup))
+        elif isinstance(opt, o.MpFail):
+            put("subtype", o.MP_FAIL)
+            put("rawdataseqno", opt.dsn)
+        # MP_CAPABLE's C flag: tshark 4.0 does not dissect it (and warns
+        # "Unsupported algorithm" when it is set); the kernel peer reads it.
     return out
 
 

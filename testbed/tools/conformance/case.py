@@ -20,6 +20,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 from testbed.base.registry import Registry
@@ -98,6 +99,7 @@ class Result:
     detail: str
     verdict: str
     seconds: float
+    pcap: str | None = None      # every packet of the exchange, when asked for
 
     @property
     def as_recorded(self) -> bool:
@@ -110,22 +112,29 @@ class Result:
                 "rfc_says": self.case.rfc_says,
                 "outcome": self.outcome, "kernel_did": self.detail, "verdict": self.verdict,
                 "recorded_outcome": self.case.recorded, "as_recorded": self.as_recorded,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "pcap": self.pcap}
 
 
-def run_case(c: Case) -> Result:
-    """Run one case in a lab of its own; an exception becomes verdict 'error'."""
+def run_case(c: Case, pcap_dir: Path | None = None) -> Result:
+    """Run one case in a lab of its own; an exception becomes verdict 'error'. With
+    pcap_dir, every packet the scripted peer sent and received goes to
+    pcap_dir/<case>.pcap."""
     t0 = time.monotonic()
+    pcap = None
     try:
         with Lab(c.sysctls) as lab:
             try:
                 obs = c.script(lab)
             except ScriptError as exc:
                 obs = Observation(INCONCLUSIVE, str(exc))
+            finally:
+                if pcap_dir is not None:
+                    pcap = str(Path(pcap_dir) / f"{c.name}.pcap")
+                    lab.peer.write_pcap(pcap)
         verdict = c.verdict(obs.outcome)
     except Exception as exc:  # noqa: BLE001 - reported as the case's verdict
         obs, verdict = Observation(ERROR, f"{type(exc).__name__}: {exc}"), ERROR
-    return Result(c, obs.outcome, obs.detail, verdict, time.monotonic() - t0)
+    return Result(c, obs.outcome, obs.detail, verdict, time.monotonic() - t0, pcap)
 
 
 def kernel_version() -> str:
@@ -148,6 +157,20 @@ def render_table(results: list[Result]) -> str:
         lines.append(f"{'':<{width}}  kernel: {r.detail}")
     counts = {v: sum(r.verdict == v for r in results) for v in (CONFORMS, DEVIATES, INCONCLUSIVE, ERROR)}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items())]
+    return "\n".join(lines)
+
+
+def render_markdown(results: list[Result]) -> str:
+    """The results as a Markdown table (what docs/conformance.md shows)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"Kernel {kernel_version()}.", "",
+             "| case | section | what the RFC says | what the kernel did | verdict |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| `{r.case.name}` | {r.case.where} | {cell(r.case.rfc_says)} | "
+                     f"**{cell(r.outcome)}**: {cell(r.detail)} | {r.verdict} |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from testbed.stack.crypto import add_addr_hmac
 from testbed.stack.options import CAP_B_EXT, CAP_H_SHA256, AddAddr, Dss, MpCapable, MpFail, MpFastclose, \
     MpPrio, RemoveAddr, UnknownMptcp
 from testbed.stack.packet import ACK, RST, SYN
-from testbed.stack.scripted import ScriptError
+from testbed.stack.scripted import ScriptedSubflow, ScriptError
 from testbed.tools.conformance.case import Observation, case
 from testbed.tools.conformance.lab import KernelConnection, Lab
 from testbed.tools.conformance.wire import NO_ANSWER, counters_text, data_acks, describe, established, \
@@ -25,10 +25,10 @@ def _syn_answer(lab: Lab, options: list) -> Observation:
                                          f"{counters_text(lab.counters())}")
 
 
-def _mapping_rejected(lab: Lab, kernel: KernelConnection, start: int) -> Observation:
-    """After a DSS the kernel must reject: a RST (in words), or 'fallback to TCP' when it
-    sent none and the connection fell back instead."""
-    rst = lab.peer.expect(lambda s: bool(s.flags & RST), 0.5, since=start)
+def _mapping_rejected(lab: Lab, kernel: KernelConnection, sf: ScriptedSubflow, start: int) -> Observation:
+    """After a DSS on sf the kernel must reject: a RST on sf (in words), or 'fallback to
+    TCP' when it sent none and the connection fell back instead."""
+    rst = sf.expect(lambda s: bool(s.flags & RST), 0.5, since=start)
     fell_back = kernel.error is None and kernel.fell_back()
     outcome = describe(rst) if rst else "fallback to TCP" if fell_back else NO_ANSWER
     return Observation(outcome, f"{describe(rst) if rst else 'no RST'}; the connection "
@@ -246,7 +246,26 @@ def dss_checksum_missing(lab: Lab) -> Observation:
     start = len(lab.peer.received)
     conn.checksum = False
     conn.send_data(b"m" * 100)
-    return _mapping_rejected(lab, kernel, start)
+    return _mapping_rejected(lab, kernel, conn.initial, start)
+
+
+@case("dss-checksum-missing-two-subflows", "3.3",
+      """If a checksum is not present when its use has been negotiated, the receiver MUST
+      close the subflow with a RST, as it is considered broken (here the connection has a
+      second subflow, so falling back to TCP is no longer possible).""",
+      conforming={"RST without MPTCP option", "RST with MP_TCPRST reason 1"},
+      recorded="RST with MP_TCPRST reason 1", sysctls=CHECKSUM_ON)
+def dss_checksum_missing_two_subflows(lab: Lab) -> Observation:
+    """With checksums negotiated and a joined second subflow, 100 bytes on the first whose DSS has no checksum."""
+    conn, kernel = established(lab, checksum=True)
+    sf, synack = conn.join(addr_id=1)
+    if synack is None or not synack.flags & SYN or sf.expect(lambda s: not s.flags & (SYN | RST), 1.0) is None:
+        raise ScriptError(f"the join was answered with {describe(synack)} and no fourth ACK")
+    lab.mark()
+    start = len(lab.peer.received)
+    conn.checksum = False
+    conn.send_data(b"m" * 100)
+    return _mapping_rejected(lab, kernel, conn.initial, start)
 
 
 @case("dss-checksum-unexpected", "3.3",
@@ -260,7 +279,7 @@ def dss_checksum_unexpected(lab: Lab) -> Observation:
     start = len(lab.peer.received)
     conn.checksum = True
     conn.send_data(b"u" * 100)
-    return _mapping_rejected(lab, kernel, start)
+    return _mapping_rejected(lab, kernel, conn.initial, start)
 
 
 @case("dss-beyond-window", "3.3.4, 3.8",
@@ -369,8 +388,9 @@ def add_addr_bad_hmac(lab: Lab) -> Observation:
 
 
 @case("add-addr-echo", "3.4.1",
-      """A valid ADD_ADDR (truncated HMAC-SHA256 over address id, address and port) MUST be
-      acknowledged by echoing it with the E flag set and no HMAC.""",
+      """A valid ADD_ADDR (the rightmost 64 bits of HMAC-SHA256 keyed with the sender's then
+      the receiver's key, over address id, address and port) is acknowledged by echoing it
+      with the E flag set and no HMAC.""",
       conforming={"echoed"}, recorded="echoed")
 def add_addr_echo(lab: Lab) -> Observation:
     """An ADD_ADDR (id 5, 10.231.0.9) with the right HMAC."""
@@ -383,7 +403,9 @@ def add_addr_echo(lab: Lab) -> Observation:
     opt = echo.option(AddAddr) if echo else None
     right = opt is not None and opt.addr_id == 5 and opt.addr == "10.231.0.9" and opt.hmac64 is None
     outcome = "echoed" if right else "echo differs" if opt else "no echo"
-    return Observation(outcome, f"{'echo ' + repr(opt) if opt else 'no echo'}; event announced "
+    echoed = f"echo of id {opt.addr_id}, {opt.addr}, {'no HMAC' if opt.hmac64 is None else 'with an HMAC'}" \
+        if opt else "no echo"
+    return Observation(outcome, f"{echoed}; event announced "
                                 f"{'seen' if event else 'missing'}; {counters_text(lab.counters())}")
 
 
@@ -402,6 +424,20 @@ def remove_addr_unknown_id(lab: Lab) -> Observation:
                                 f"{'still delivers data' if ok else 'stopped delivering data'}; "
                                 f"{len(lab.pm_events('removed'))} 'removed' event(s); "
                                 f"{counters_text(lab.counters())}")
+
+
+@case("experimental-subtype-mid-stream", "3",
+      """Subtype 0xF is reserved for private use (experiments): a receiver that does not
+      implement the experiment has nothing to act on, so the connection goes on unchanged.""",
+      conforming={"ignored"}, recorded="ignored")
+def experimental_subtype_mid_stream(lab: Lab) -> Observation:
+    """An ACK carrying an MPTCP option of subtype 0xF (private use)."""
+    conn, kernel = established(lab)
+    conn.initial.send(ACK, [UnknownMptcp(0xF, bytes([30, 4, 0xF0, 0x01]))])
+    ok = still_works(conn, kernel)
+    return Observation("ignored" if ok else "connection broken",
+                       f"the connection {'still' if ok else 'no longer'} delivers data; "
+                       f"{counters_text(lab.counters())}")
 
 
 @case("mp-prio-backup", "3.3.8",
