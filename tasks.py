@@ -153,8 +153,8 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
     def go():
         from testbed.harness.parallel import check_parallel, parallel_sweep
 
-        check_parallel(int(parallel))
-        if cluster and int(parallel) > 1:
+        lanes = check_parallel(parallel)
+        if cluster and lanes > 1:
             raise _fail("--parallel and --cluster: choose one (a cluster's workers set their own --runs)")
         s = sc.load(scenario, parse_assignments(set_ or []), int(reps) if reps is not None else None)
         if cluster:
@@ -163,8 +163,8 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
             check_address(cluster)
             [(_, summary)] = cluster_sweep([s], Path(out), cluster, retry_failed=retry_failed,
                                            progress=not no_progress)
-        elif int(parallel) > 1:
-            [(_, summary)] = parallel_sweep([s], Path(out), int(parallel), retry_failed=retry_failed,
+        elif lanes > 1:
+            [(_, summary)] = parallel_sweep([s], Path(out), lanes, retry_failed=retry_failed,
                                             progress=not no_progress)
         else:
             summary = sweep(s, Path(out), retry_failed=retry_failed, progress=not no_progress)
@@ -184,19 +184,19 @@ def run(c, scenario, reps=None, out="results", set_=None, retry_failed=False, no
             "campaign": "campaign file listing the scenarios (default: experiments/paper.toml)",
             "no_progress": "no progress bars",
             "cluster": "Dask scheduler address (tcp://HOST:PORT): runs go to its workers",
-            "parallel": "up to K testbeds at once on this machine, per experiment as measured "
-                        "to keep fidelity (docs/performance.md)"})
+            "parallel": "up to K testbeds at once, each experiment capped where it was measured to "
+                        "keep fidelity (default: the largest cap; 1: one run at a time; docs/performance.md)"})
 def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=None, no_progress=False,
-          cluster=None, parallel=1):
+          cluster=None, parallel=None):
     """Rerun the paper's scenarios end to end (resuming), then build the report."""
     _need_root()
     from testbed.harness import campaign as cp
 
     def go():
-        from testbed.harness.parallel import check_parallel
+        from testbed.harness.parallel import MAX_PARALLEL, check_parallel
 
-        check_parallel(int(parallel))
-        if cluster and int(parallel) > 1:
+        lanes = check_parallel(parallel if parallel is not None else MAX_PARALLEL)
+        if cluster and parallel is not None and lanes > 1:
             raise _fail("--parallel and --cluster: choose one (a cluster's workers set their own --runs)")
         plan = cp.load(campaign or cp.PAPER)
         results = Path(out or ("results-quick" if quick else "results"))
@@ -209,7 +209,7 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=No
                                       retry_failed=retry_failed, progress=not no_progress)
         else:
             summaries = cp.run(plan, results, quick=quick, progress=not no_progress,
-                               retry_failed=retry_failed, parallel=int(parallel))
+                               retry_failed=retry_failed, parallel=lanes)
         for experiment, summary in summaries:
             print(f"{experiment}: {summary.line()}")
         from analysis.report import build_report
