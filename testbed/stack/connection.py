@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from testbed.stack import crypto
+from testbed.stack import crypto, privacy
 from testbed.stack.cc import Coupling
 from testbed.stack.options import (CAP_A_CHECKSUM, CAP_H_SHA256, RST_MPTCP_ERROR, RST_UNSPECIFIED, Dss,
                                    MpCapable, MpFastclose, MpJoinAck, MpJoinSyn, MpJoinSynAck, MpPrio,
@@ -106,8 +106,11 @@ class Connection:
     """One MPTCP connection and the socket-like API on it."""
 
     def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic", mptcp: bool = True,
-                 scheduler: str = "lowrtt"):
+                 scheduler: str = "lowrtt", obfuscate_dsn: bool = False):
         self.stack = stack
+        self.obfuscate_dsn = obfuscate_dsn           # ask for / agree to per-subflow DSN offsets
+        self.peer_asked_dsn_offsets = False          # server: the SYN asked for per-subflow DSN offsets
+        self.dsn_offsets: privacy.DsnOffsets | None = None  # agreed and keyed: applied on the wire
         self.active = active
         self.want_checksum = checksum
         self.checksum = checksum
@@ -164,8 +167,9 @@ class Connection:
             return []
         cap_flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
         if flags & ACK:
-            return [MpCapable(cap_flags, sender_key=self.local_key)]
-        return [MpCapable(cap_flags)]
+            echo = [privacy.request_option()] if self.peer_asked_dsn_offsets else []
+            return [MpCapable(cap_flags, sender_key=self.local_key), *echo]
+        return [MpCapable(cap_flags), *([privacy.request_option()] if self.obfuscate_dsn else [])]
 
     def _data_ack_option(self) -> Dss:
         return Dss(data_ack=self.rcv_nxt & MASK64)
@@ -220,6 +224,8 @@ class Connection:
             self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
             flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
             sf.send_ack([MpCapable(flags, self.local_key, self.remote_key)])
+            if self.obfuscate_dsn and privacy.requested(seg.options) & privacy.FLAG_DSN_OFFSET:
+                self.dsn_offsets = privacy.DsnOffsets(self.local_key, self.remote_key, active=True)
         self.snd_right = self.snd_una + seg.window
         self._established()
 
@@ -231,6 +237,8 @@ class Connection:
             self.fallback = True
         else:
             self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
+            self.peer_asked_dsn_offsets = (self.obfuscate_dsn and
+                                           bool(privacy.requested(seg.options) & privacy.FLAG_DSN_OFFSET))
 
     def on_handshake_ack(self, sf: Subflow, seg: TcpSegment) -> bool:
         """Passive open: the ACK completing the handshake. False when the subflow was refused."""
@@ -259,6 +267,8 @@ class Connection:
                 self.remote_token = crypto.token_of(cap.sender_key)
                 self.rcv_nxt = crypto.idsn_of(cap.sender_key) + 1
                 self.checksum = self.checksum or bool(cap.flags & CAP_A_CHECKSUM)
+                if self.peer_asked_dsn_offsets:
+                    self.dsn_offsets = privacy.DsnOffsets(self.local_key, self.remote_key, active=False)
         else:
             self.fallback_rx_base = self.rcv_nxt
         self.snd_right = self.snd_una + (seg.window << sf.snd_wscale)

@@ -93,8 +93,10 @@ class Stack:
     """A user-space MPTCP endpoint attached to the path interfaces of one network namespace."""
 
     def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
-                 checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False):
+                 checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False,
+                 obfuscate_dsn: bool = False):
         _check_choices(cc, scheduler)
+        self.obfuscate_dsn = obfuscate_dsn  # ask for / agree to per-subflow DSN offsets (stack/privacy.py)
         self.netns = netns_path(netns)
         self.checksum = checksum
         self.cc = cc
@@ -290,7 +292,8 @@ class Stack:
         with self.lock:
             first = paths[0] if paths else self._source_for(raddr)
             conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
-                              cc=cc or self.cc, mptcp=mptcp, scheduler=scheduler or self.scheduler)
+                              cc=cc or self.cc, mptcp=mptcp, scheduler=scheduler or self.scheduler,
+                              obfuscate_dsn=self.obfuscate_dsn)
             self.connections.add(conn)
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
@@ -406,7 +409,8 @@ class Stack:
             half_open = sum(1 for c in self.connections if c.accept_queue is lst.ready and c.state == "SYN_RCVD")
             if half_open + len(lst.ready) >= lst.backlog:
                 return  # SYN queue full: drop, the peer retries
-            conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc, scheduler=self.scheduler)
+            conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc, scheduler=self.scheduler,
+                              obfuscate_dsn=self.obfuscate_dsn)
             conn.accept_queue = lst.ready
             self.connections.add(conn)
             sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=False, active=False, cc=conn.cc)

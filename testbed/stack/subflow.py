@@ -180,7 +180,8 @@ class Subflow:
             if self.ts_ok:
                 opts.append(Timestamps(now, self.ts_recent))
             window = self.conn.rcv_window() >> (RCV_WSCALE if self.ws_ok else 0)
-        opts.extend(mptcp)
+        offsets = self.conn.dsn_offsets   # per-subflow DSN offsets agreed (stack/privacy.py)
+        opts.extend(mptcp if offsets is None else offsets.outgoing(self, list(mptcp)))
         return TcpSegment(self.lport, self.rport, seq & MASK32, self.rcv_nxt & MASK32 if flags & ACK else 0,
                           flags, min(window, 0xFFFF), opts, payload)
 
@@ -332,6 +333,8 @@ class Subflow:
     def on_segment(self, seg: TcpSegment) -> None:
         """Process one received segment (RFC 9293 §3.10.7)."""
         self.stats.segments_received += 1
+        if self.conn.dsn_offsets is not None:
+            seg.options = self.conn.dsn_offsets.incoming(self, seg.options)
         if self.state == State.SYN_SENT:
             self._on_segment_syn_sent(seg)
             return
