@@ -10,6 +10,7 @@ import pytest
 from testbed.core import mptcp_config
 from testbed.core.events import EventSpec
 from testbed.core.net import Testbed
+from testbed.base.netns import run_command
 from testbed.core.state import STATE_DIR
 from testbed.harness import scenario
 from testbed.harness.runner import sweep
@@ -124,3 +125,94 @@ def test_a_reset_that_does_not_verify_gets_a_fresh_testbed(tmp_path, monkeypatch
     second = _manifests(summary)[1]
     assert second["testbed_reuse"] == {
         "reused": False, "reason": "reset did not verify: link wifi up: delay 40 ms (spec 0 ms)"}
+
+
+@pytest.fixture
+def userspace_tb():
+    from testbed.core.model import HostSettings
+
+    with Testbed(load("two-path", wifi_delay_ms=2, lte_delay_ms=2),
+                 client=HostSettings(path_manager="userspace")) as bed:
+        yield bed
+
+
+def test_a_userspace_pm_testbed_resets_what_a_run_leaves_in_the_kernel(userspace_tb):
+    tb = userspace_tb
+    assert tb.reset_problems() == []
+    router, wifi = tb.router, tb.path("wifi")
+    # What an establishment run (or anything behind the testbed's back) may leave:
+    pm.add_endpoints(tb.client.pid, [pm.Endpoint(wifi.addr.client, wifi.client_if,
+                                                 ("subflow",), id=9)])  # RobE's join=kernel
+    run_command(tb.client.pid, ["ip", "link", "set", wifi.client_if, "down"])  # drops static ARP
+    run_command(tb.client.pid, ["ip", "link", "set", wifi.client_if, "up"])
+    run_command(tb.client.pid, ["ip", "route", "replace", "default", "via", wifi.addr.far])
+    run_command(tb.client.pid, ["ip", "route", "replace", "default", "via", wifi.addr.far,
+                                "table", str(wifi.addr.table)])
+    run_command(tb.client.pid, ["ip", "neigh", "add", "10.250.0.9", "lladdr", "02:00:00:00:00:09",
+                                "dev", wifi.client_if, "nud", "stale"])
+    nft = ("table inet behind_back {\n chain f {\n  type filter hook forward priority 0;\n"
+           "  ct state new counter\n }\n}\n")
+    assert run_command(router.pid, ["nft", "-f", "-"], input=nft).returncode == 0
+    assert run_command(tb.client.pid, ["ping", "-c1", "-W2", tb.server_addr]).returncode == 0
+    held = tb.in_ns(tb.client, mptcp_socket)  # a connection a leaking thread still holds
+    ls = tb.in_ns(tb.server, lambda: listener(7103))
+    held.connect((tb.server_addr, 7103))
+    accepted, _ = ls.accept()
+    problems = "\n".join(tb.reset_problems())
+    for expected in ("c: endpoints", "static neighbours missing: 10.1.0.2 on c-wifi", "10.250.0.9 (a fresh",
+                     "nftables rules", "conntrack entries", "c: connections still open"):
+        assert expected in problems, expected
+
+    run_command(router.pid, ["nft", "delete", "table", "inet", "behind_back"])  # conntrack stays
+    left = tb.reset()  # the held MPTCP connection survives at both ends: it cannot verify
+    assert [line.split(" (")[0] for line in left] == [
+        "c: connections still open: mptcp ESTAB", "s: connections still open: mptcp ESTAB"], left
+    for s in (held, accepted, ls):
+        s.close()
+    assert tb.reset() == []
+    assert _connects(tb, 7104)
+
+
+CALIBRATED = """
+experiment = "throughput"
+repetitions = 3
+seed = 4
+timeout_s = 90
+backend = "userspace"
+calibrate = true
+calibrate_every = 10
+[topology]
+name = "two-path"
+params = { rate_mbit = 10, wifi_delay_ms = 5, lte_delay_ms = 5 }
+[params]
+seconds = 1.5
+"""
+
+
+def test_calibrated_runs_between_calibrations_get_a_drift_check_that_catches_drift(
+        tmp_path, monkeypatch):
+    resets = []
+    original = Testbed.reset
+
+    def reset_then_perturb(self):
+        problems = original(self)
+        resets.append(self)
+        if len(resets) == 2:  # before the third run: wifi's emulator slower, its record not
+            link = self.link("wifi")
+            self.backend.update(link, "up", link.up.model_copy(update={"delay_ms": 15}))
+        return problems
+
+    monkeypatch.setattr(Testbed, "reset", reset_then_perturb)
+    (tmp_path / "s.toml").write_text(CALIBRATED)
+    summary = sweep(scenario.load(tmp_path / "s.toml"), tmp_path / "store", progress=False)
+    runs = _manifests(summary)
+    assert [m["testbed_reuse"]["reused"] for m in runs] == [False, True, True]
+    cals = [m["emulation"]["calibration"] for m in runs]
+    assert [(c["kind"], c["runs_since_full"], c["every"]) for c in cals] == [
+        ("full", 0, 10), ("drift_check", 1, 10), ("drift_check", 2, 10)]
+    assert [m["status"] for m in runs] == ["complete", "complete", "invalid"], runs[2]["reason"]
+    assert runs[1]["phases"]["calibrate"] < 0.25 * runs[0]["phases"]["calibrate"]
+    reason = runs[2]["reason"]
+    assert reason.startswith("drift check (2 runs after the calibration): wifi: RTT ")
+    assert "configured 10 ms (bound +-" in reason and "lte" not in reason
+    assert cals[2]["paths"]["wifi"]["rtt_mean_ms"] > 18  # 10 ms more one way

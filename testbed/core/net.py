@@ -40,7 +40,7 @@ from testbed.core.cross import CrossFlow, CrossTraffic
 from testbed.core.events import CROSS_ACTIONS, MIDDLEBOXES, AppliedEvent, EventSpec, LinkState
 from testbed.base.errors import TestbedError, format_validation_error
 from testbed.core.model import HostSettings, LinkParams, PathSpec, TopologySpec
-from testbed.core import mptcp_config
+from testbed.core import mptcp_config, nodestate
 from testbed.mptcp import pm
 from testbed.base.netns import run_command, run_in_netns, start_command, write_sysctl
 from testbed.base.rtnl import RawRtnl
@@ -143,6 +143,8 @@ class Testbed:
         self.applied_events: list[AppliedEvent] = []
         self._link_faults: dict[str, LinkState] = {}
         self.cross: CrossTraffic | None = None  # the run's cross traffic (use_cross_traffic)
+        # The permanent ARP entries the build installs, per node name (a reset reinstalls them).
+        self._statics: dict[str, list[nodestate.StaticNeighbour]] = {}
 
     # ---- lifecycle -----------------------------------------------------
     def __enter__(self) -> "Testbed":
@@ -382,6 +384,8 @@ class Testbed:
             mac2 = run_in_netns(n2.pid, lambda i=if2: _mac(i))
             run_in_netns(n1.pid, lambda i=if1, ip=ip2, m=mac2: _neigh(i, ip, m))
             run_in_netns(n2.pid, lambda i=if2, ip=ip1, m=mac1: _neigh(i, ip, m))
+            self._statics.setdefault(link.a.node, []).append(nodestate.StaticNeighbour(if1, ip2, mac2))
+            self._statics.setdefault(link.b.node, []).append(nodestate.StaticNeighbour(if2, ip1, mac1))
 
     def _disable_offloads(self) -> None:
         """Offloads off on every end of every emulated link: queues count real
@@ -425,11 +429,17 @@ class Testbed:
         each client's non-default paths and the server's flagged addresses."""
         g = self.graph
         out: dict[str, list[pm.Endpoint]] = {}
+        # A userspace-PM host gets none (RobE's temporary ones must not outlive a run);
+        # mptcpd makes its own, so they are not the testbed's to give or check.
         if self.settings["client"].path_manager == "kernel":
             for name in g.nodes("client"):
                 out[name] = [ep for ep in map(self._client_endpoint, self.all_paths)
                              if ep is not None and self._path_client(ep) == name]
-        if self.settings["server"].path_manager == "kernel":
+        elif self.settings["client"].path_manager == "userspace":
+            out.update({name: [] for name in g.nodes("client")})
+        if self.settings["server"].path_manager == "userspace":
+            out[g.server] = []
+        elif self.settings["server"].path_manager == "kernel":
             primary = g.server_addr
             out[g.server] = [pm.Endpoint(link.end(g.server).addr, link.end(g.server).ifname,
                                          tuple(link.spec.server_endpoint), id=link.net)
@@ -544,7 +554,8 @@ class Testbed:
     # ---- reuse between runs ---------------------------------------------
     def reset(self) -> list[str]:
         """Undo what a run changed (link parameters, carrier, blackholes, middleboxes,
-        backup flags, kernel-PM endpoints and limits, learnt neighbours), then check
+        backup flags, kernel-PM endpoints and limits, neighbours, conntrack entries,
+        open connections and with them the userspace PM's state), then check
         the testbed against its spec: the mismatches, each naming what and the value
         found ([]: the testbed is as built and may carry the next run)."""
         if self.cross is not None:  # the last run's competing flows end with it
@@ -577,15 +588,19 @@ class Testbed:
             for name in self.graph.nodes(role):
                 mptcp_config.set_limits(self._nodes[name].pid, subflows=subflows,
                                         add_addr_accepted=add_addr_accepted)
-        for node in self._nodes.values():  # learnt entries only: the static ones stay
-            run_command(node.pid, ["ip", "neigh", "flush", "all"])
+        # Learnt neighbours go; static ones come back (an interface taken down
+        # loses even its permanent entries); conntrack and connections go.
+        for name, node in self._nodes.items():
+            nodestate.clear(node.pid, self._statics.get(name, []),
+                            sockets=self.graph.roles[name] in ("client", "server"))
         self._link_faults.clear()
         self.applied_events.clear()
         return self.reset_problems()
 
     def reset_problems(self) -> list[str]:
         """Where the testbed differs from its spec, read from the kernel where it
-        can be (endpoints, limits, carrier) and from the emulator's settings."""
+        can be (endpoints, limits, carrier, neighbours, conntrack, nftables rules,
+        connections) and from the emulator's settings."""
         out = []
         for link in self.links:
             for d in ("up", "down"):
@@ -612,6 +627,9 @@ class Testbed:
             flags = json.loads(res.stdout)[0].get("flags", []) if res.returncode == 0 else []
             if "UP" not in flags:
                 out.append(f"path {p.name}: client interface {p.client_if} flags {flags} (spec UP)")
+        for name, node in self._nodes.items():
+            out += nodestate.problems(node.pid, name, self._statics.get(name, []),
+                                      sockets=self.graph.roles[name] in ("client", "server"))
         return out
 
     def _built_link(self, name: str) -> Any:

@@ -63,19 +63,22 @@ class PhaseClock:
 class TestbedPool:
     """Keeps the last run's testbed for the next run with the same identity
     (topology, backend, host settings): it is reset and checked against the spec
-    instead of being torn down and built again. Only for runs without calibration
-    and with the in-kernel path manager (what a reset can restore)."""
+    instead of being torn down and built again, and its last valid full
+    calibration is kept with it (calibrated runs in between get the drift check).
+    Not for mptcpd, whose own state a reset cannot restore."""
     __test__ = False  # not a pytest class despite the name
 
     def __init__(self) -> None:
         self._kept: tuple[str, Testbed] | None = None
         self._built = 0
+        # The kept testbed's last valid full calibration and the calibrated runs since.
+        self._calibration: dict[str, Any] | None = None
+        self._since_calibration = 0
 
     @staticmethod
     def identity(sc: Scenario) -> str | None:
         """What makes two runs' testbeds interchangeable; None: this run gets its own."""
-        if sc.calibrate or "kernel" != sc.hosts.client.path_manager \
-                or "kernel" != sc.hosts.server.path_manager:
+        if "mptcpd" in (sc.hosts.client.path_manager, sc.hosts.server.path_manager):
             return None
         return json.dumps([sc.topology.resolve().model_dump(mode="json"), sc.backend,
                            sc.hosts.model_dump(mode="json")], sort_keys=True, default=str)
@@ -100,9 +103,10 @@ class TestbedPool:
         else:
             self.close()
             note.update(reused=False, reason="no kept testbed of this identity" if key
-                        else "calibrated or not the in-kernel path manager: a fresh testbed")
+                        else "mptcpd path manager: a fresh testbed")
         if tb is None:
             self._built += 1
+            self._calibration, self._since_calibration = None, 0
             tb = fresh().__enter__()
         try:
             yield tb
@@ -116,10 +120,32 @@ class TestbedPool:
 
     def close(self) -> None:
         """Tear down the kept testbed, if any."""
+        self._calibration, self._since_calibration = None, 0
         if self._kept is not None:
             _key, tb = self._kept
             self._kept = None
             tb.__exit__(None, None, None)
+
+    def calibrate(self, tb: Testbed, every: int) -> dict[str, Any]:
+        """Calibrate tb fully when it has no valid calibration or `every` runs
+        have passed since the last one; otherwise the cheap drift check against
+        that calibration. The result says which (`kind`), with `every` and
+        `runs_since_full` (0 for a full calibration)."""
+        from testbed.core.emulation.drift import drift_check
+
+        if self._calibration is not None and self._since_calibration + 1 < every:
+            self._since_calibration += 1
+            result = drift_check(tb, self._calibration)
+            result.update(kind="drift_check", every=every,
+                          runs_since_full=self._since_calibration,
+                          full_calibration_s=self._calibration.get("duration_s"))
+            if not result["valid"]:  # the next run recalibrates fully
+                self._calibration = None
+            return result
+        result = {**_calibrate(tb), "kind": "full", "every": every, "runs_since_full": 0}
+        self._calibration = result if result["valid"] else None
+        self._since_calibration = 0
+        return result
 
 
 class RunTimeout(Exception):
@@ -256,7 +282,10 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
                 manifest["testbed"] = tb.describe()
                 manifest["namespace_sysctls"] = namespace_sysctls(tb)
                 clock.begin("calibrate")
-                calibration = _calibrate(tb) if sc.calibrate else None
+                calibration = None
+                if sc.calibrate:  # without a pool (one testbed per run): every run fully
+                    calibration = pool.calibrate(tb, sc.calibrate_every) if pool is not None \
+                        else {**_calibrate(tb), "kind": "full", "every": 1, "runs_since_full": 0}
                 ctx = RunContext(tb, spec, params, writer.raw_dir)
                 emulator_before = emulator_counters(tb)
                 output = _run_with_probes(exp_cls(), ctx, sc, clock)
@@ -266,7 +295,9 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
                 if (output.status == "complete" and calibration is not None
                         and not calibration.get("valid", True)):
                     output.status = "invalid"
-                    output.reason = f"calibration: {calibration.get('reason', 'out of tolerance')}"
+                    what = "calibration" if calibration["kind"] == "full" else \
+                        f"drift check ({calibration['runs_since_full']} runs after the calibration)"
+                    output.reason = f"{what}: {calibration.get('reason') or 'out of tolerance'}"
                 elif output.status == "complete" and not emulation_run["valid"]:
                     output.status = "invalid"
                     output.reason = f"emulation during the run: {emulation_run['reason']}"

@@ -69,6 +69,9 @@ MAX_TIMEOUT_S = 86_400.0  # a day per run
 MAX_GRID_POINTS = 10_000  # grid points per scenario (each is validated at load)
 MAX_RUNS = 100_000  # grid points x repetitions
 MAX_CROSS_FLOWS = 16  # each is two threads of the runner's process
+# A testbed kept across runs is calibrated fully when built and then every N
+# runs, the runs in between get the drift check (testbed.core.emulation.drift).
+CALIBRATE_EVERY = 10
 
 
 class Scenario(Strict):
@@ -81,6 +84,7 @@ class Scenario(Strict):
     timeout_s: float = Field(300, gt=0, le=MAX_TIMEOUT_S)
     backend: str = "auto"
     calibrate: bool = True
+    calibrate_every: int = Field(CALIBRATE_EVERY, ge=1, le=10_000)  # full calibration every N runs
     topology: TopologyRef
     hosts: Hosts = Field(default_factory=Hosts)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -93,7 +97,7 @@ class Scenario(Strict):
     path: str | None = None  # where it was loaded from (recorded, not user-set)
 
 
-IDENTITY_EXCLUDED = {"repetitions", "description", "path", "timeout_s"}
+IDENTITY_EXCLUDED = {"repetitions", "description", "path", "timeout_s", "calibrate_every"}
 
 
 @dataclass(frozen=True)

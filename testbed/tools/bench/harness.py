@@ -16,7 +16,8 @@ TARGET_CALIBRATED_S = 1.0
 
 def breakdown(store: Path) -> tuple[str, bool]:
     """The table of median seconds per phase and experiment, and whether every
-    experiment's median overhead meets its target."""
+    experiment's mean overhead (full calibrations and builds amortised over the
+    runs that reused them) meets its target."""
     from analysis import load
 
     result = load(store)
@@ -30,18 +31,19 @@ def breakdown(store: Path) -> tuple[str, bool]:
     if not groups:
         return f"{store}: no run with recorded phases", False
     head = f"{'experiment':<22} {'runs':>4} " + " ".join(f"{p[:9]:>9}" for p in PHASES) \
-        + f" {'overhead':>9} {'target':>7}  verdict"
+        + f" {'overhead':>9} {'mean':>7} {'target':>7}  verdict (on the mean)"
     lines = ["median seconds per run", head]
     ok = True
     for (experiment, calibrated), runs in sorted(groups.items()):
         med = {p: statistics.median(r.get(p, 0.0) for r in runs) for p in PHASES}
-        overhead = statistics.median(sum(v for k, v in r.items() if k != "workload") for r in runs)
+        overheads = [sum(v for k, v in r.items() if k != "workload") for r in runs]
+        overhead, mean = statistics.median(overheads), statistics.fmean(overheads)
         target = TARGET_CALIBRATED_S if calibrated else TARGET_UNCALIBRATED_S
-        meets = overhead <= target
+        meets = mean <= target
         ok &= meets
         name = experiment + (" (cal.)" if calibrated else "")
         lines.append(f"{name:<22} {len(runs):>4} " + " ".join(f"{med[p]:9.3f}" for p in PHASES)
-                     + f" {overhead:9.3f} {target:7.1f}  "
+                     + f" {overhead:9.3f} {mean:7.3f} {target:7.1f}  "
                      + ("meets target" if meets else "MISSES target"))
     total = sum(sum(r.values()) for runs in groups.values() for r in runs)
     work = sum(r.get("workload", 0.0) for runs in groups.values() for r in runs)
