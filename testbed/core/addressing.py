@@ -29,7 +29,7 @@ import heapq
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:  # the model imports this module from TopologySpec.graph()
     from testbed.core.model import ComposedPath, Hop, LinkParams, LinkSpec, PathSpec, TopologySpec
@@ -215,28 +215,13 @@ class Graph:
             if crossed and self.roles[node] != "router":
                 raise GraphError(f"no path from {src!r} to {dst!r}: {node!r} is a "
                                  f"{self.roles[node]} (it does not forward)")
-            nxt = self._out_link(node, target)
+            nxt = _next_link(node, str(target), self.links, self.routes)
             if nxt is None or len(crossed) >= len(self.links):
                 raise GraphError(f"no path from {src!r} to {dst!r}: {node!r} has no route "
                                  f"to {target}")
             crossed.append(nxt.name)
             node = nxt.other(node).node
         return tuple(crossed)
-
-    def _out_link(self, node: str, target: ipaddress.IPv4Address | ipaddress.IPv6Address
-                  ) -> BuiltLink | None:
-        """The link `node` sends a packet for `target` out on: a connected subnet,
-        else its main table's longest matching route."""
-        mine = self.links_of(node)
-        for link in mine:
-            if target in ipaddress.ip_network(link.subnet):
-                return link
-        routes = [r for r in self.routes[node]
-                  if r.table is None and target in ipaddress.ip_network(r.dst)]
-        if not routes:
-            return None
-        best = max(routes, key=lambda r: ipaddress.ip_network(r.dst).prefixlen)
-        return next(link for link in mine if link.end(node).ifname == best.dev)
 
     def hops(self, path: GraphPath,
              current: dict[str, tuple[LinkParams, LinkParams]] | None = None) -> list[Hop]:
@@ -444,18 +429,20 @@ def _route_to(target: BuiltLink, links: list[BuiltLink], routers: set[str],
         routes[router].append(Route(target.subnet, link.other(router).addr, link.end(router).ifname))
 
 
-def _next_link(node: str, addr: str, links: list[BuiltLink], routes: dict[str, list[Route]]
-               ) -> BuiltLink | None:
-    """The link `node` sends a packet for `addr` out on (connected or routed)."""
+def _next_link(node: str, addr: str, links: Sequence[BuiltLink],
+               routes: Mapping[str, Sequence[Route]]) -> BuiltLink | None:
+    """The link `node` sends a packet for `addr` out on: a connected subnet, else
+    its main table's longest matching route (routers have no default route)."""
     ip = ipaddress.ip_address(addr)
     mine = [link for link in links if node in (link.a.node, link.b.node)]
     for link in mine:
         if ip in ipaddress.ip_network(link.subnet):
             return link
-    for r in routes[node]:
-        if r.table is None and r.dst != "0.0.0.0/0" and ip in ipaddress.ip_network(r.dst):
-            return next(link for link in mine if link.end(node).ifname == r.dev)
-    return None
+    matching = [r for r in routes[node] if r.table is None and ip in ipaddress.ip_network(r.dst)]
+    if not matching:
+        return None
+    best = max(matching, key=lambda r: ipaddress.ip_network(r.dst).prefixlen)
+    return next(link for link in mine if link.end(node).ifname == best.dev)
 
 
 def _paths(roles: dict[str, str], links: list[BuiltLink], routes: dict[str, list[Route]],
