@@ -12,9 +12,11 @@ over all flows, MPTCP's share against a single flow's fair share 1/(M+1), and
 the bottleneck utilisation (total goodput / the capacity of the links the
 client's paths share beyond their access links).
 
-The user-space stack's coupled controllers (LIA, OLIA) are not measured yet:
-`stack = "kernel"` is the only choice until that stack has coupled congestion
-control; the report marks those rows "not measured" with that reason.
+The MPTCP connection is kernel MPTCP (`stack = "kernel"`, no coupled
+congestion control: cubic, reno or bbr per socket) or the user-space stack
+(`stack = "user"`, testbed.stack attached to the client's path interfaces, one
+subflow per path, the default path first) with `cc` one of its controllers: the
+coupled LIA (RFC 6356) and OLIA, or uncoupled cubic/reno as the control.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from pydantic import Field, model_validator
 
 from testbed.core.bulk import Sender, run_flows
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness.workload.user_socket import UserSocket, open_stack
+from testbed.stack.cc import CONTROLLERS, Coupled
 
 BASE_PORT = 5400
 
@@ -35,14 +39,39 @@ class Params(ExperimentParams):
     warmup_s: float = Field(5, ge=0, le=300, description="left out of the goodput window")
     tcp_cc: Literal["cubic", "reno", "bbr"] | None = Field(
         None, description="the TCP flows' congestion control (default: the client's)")
-    stack: Literal["kernel"] = "kernel"
+    stack: Literal["kernel", "user"] = Field(
+        "kernel", description="the MPTCP connection: kernel sockets, or the user-space stack")
+    cc: Literal["cubic", "reno", "bbr", "lia", "olia"] | None = Field(
+        None, description="the MPTCP connection's congestion control (kernel default: the client's; "
+                          "lia and olia are the user-space stack's coupled ones)")
 
     @model_validator(mode="after")
     def _window(self) -> "Params":
         if self.warmup_s >= self.seconds - 1:
             raise ValueError(f"warmup_s ({self.warmup_s:g}) must end at least 1 s before "
                              f"seconds ({self.seconds:g})")
+        if self.stack == "kernel" and self.cc in ("lia", "olia"):
+            raise ValueError(f"cc {self.cc!r} is coupled congestion control, which kernel MPTCP does not "
+                             f"have: set stack = 'user'")
+        if self.stack == "user" and self.cc not in CONTROLLERS:
+            raise ValueError(f"stack 'user' needs cc, one of the user-space stack's "
+                             f"({', '.join(CONTROLLERS)}), not {self.cc!r}")
         return self
+
+
+class UserSender(UserSocket):
+    """The user-space stack's MPTCP connection as run_flow's sender."""
+
+    def extra_subflows(self) -> int:
+        """Subflows beyond the initial one that got past their handshake."""
+        return max(0, len(self.subflow_counters()) - 1)
+
+
+def user_sender(tb, cc: str):
+    """A factory of UserSenders on the client's paths (the default path first, one subflow per path)."""
+    default = tb.topology.default.name
+    paths = [q.addr.client for q in sorted(tb.paths, key=lambda q: q.name != default)]
+    return lambda: UserSender(open_stack(tb.client.pid, cc), owns_stack=True, paths=paths)
 
 
 def jain(xs: list[float]) -> float:
@@ -78,10 +107,12 @@ class Fairness(Experiment):
     def run(self, ctx: RunContext) -> RunOutput:
         p: Params = ctx.params
         tb = ctx.tb
-        cc = tb.settings["client"].congestion_control
+        client_cc = tb.settings["client"].congestion_control
+        cc = p.cc or client_cc
         hosts = tb.graph.nodes("host")
-        senders = [Sender("mptcp", tb.client.pid, BASE_PORT, "mptcp", cc)]
-        senders += [Sender(h, tb.node(h).pid, BASE_PORT + i, "tcp", p.tcp_cc or cc)
+        senders = [Sender("mptcp", tb.client.pid, BASE_PORT, "mptcp", cc,
+                          user_sender(tb, cc) if p.stack == "user" else None)]
+        senders += [Sender(h, tb.node(h).pid, BASE_PORT + i, "tcp", p.tcp_cc or client_cc)
                     for i, h in enumerate(hosts, start=1)]
         ctx.start_clock()
         flows = run_flows(senders, tb.server.pid, tb.server_addr, [p.warmup_s, p.seconds],
@@ -105,8 +136,9 @@ class Fairness(Experiment):
         fair = 1 / len(senders)
         capacity = shared_capacity_mbit(tb)
         m = {
-            "flows": len(senders), "tcp_flows": len(hosts), "cc": cc, "tcp_cc": p.tcp_cc or cc,
-            "stack": p.stack, "mptcp_subflows": int(mptcp["subflows"]),
+            "flows": len(senders), "tcp_flows": len(hosts), "cc": cc, "tcp_cc": p.tcp_cc or client_cc,
+            "stack": p.stack, "coupled": p.stack == "user" and issubclass(CONTROLLERS[cc], Coupled),
+            "mptcp_subflows": int(mptcp["subflows"]),
             "mptcp_goodput_mbit": float(mptcp["goodput_mbit"]),
             "tcp_mean_goodput_mbit": float(df["goodput_mbit"].iloc[1:].mean()) if hosts else None,
             "total_goodput_mbit": total, "jain_index": jain(list(df["goodput_mbit"])),

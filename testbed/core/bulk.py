@@ -113,7 +113,7 @@ def _acked_when_open(sock: socket.socket, patience: float) -> tuple[float, int |
     Read from the sender's kernel, goodput does not depend on when the receiving
     thread got the CPU, nor on a loss recovery releasing a window of
     out-of-order data at once (both made short windows read up to 6 % high)."""
-    if sock.proto == sockopt.IPPROTO_MPTCP:
+    if not isinstance(sock, socket.socket) or sock.proto == sockopt.IPPROTO_MPTCP:
         return time.monotonic(), None
     end = time.monotonic() + patience
     while True:
@@ -131,11 +131,14 @@ def run_flow(src_pid: int, dst_pid: int, dst_addr: str, port: int, marks_s: list
              src_addr: str | None = None, listen_addr: str | None = None,
              protocol: str = "mptcp", cc: str = "cubic", stop_s: float | None = None,
              on_mark: Callable[[], Any] | None = None, acked_patience_s: float = 0.5,
-             connect_timeout_s: float = 10.0) -> Flow:
+             connect_timeout_s: float = 10.0, make_socket: Callable[[], Any] | None = None) -> Flow:
     """Send from src_pid's namespace to a listener in dst_pid's for max(marks_s,
     stop_s) seconds after connecting; read what was delivered at each offset
     of marks_s (and call on_mark() there). A failed connect raises TestbedError;
-    an error during the transfer ends it and is reported in Flow.error."""
+    an error during the transfer ends it and is reported in Flow.error.
+    make_socket: an unconnected socket-like sender to use instead of a kernel
+    socket (the user-space stack's: connect, settimeout, sendall, shutdown, close,
+    extra_subflows); its goodput comes from the receiver's count."""
     listen = listen_addr if listen_addr is not None else dst_addr
     lsock = run_in_netns(dst_pid, lambda: sockopt.listener(port, listen, protocol, cc, 1))
 
@@ -146,7 +149,7 @@ def run_flow(src_pid: int, dst_pid: int, dst_addr: str, port: int, marks_s: list
         return s
 
     try:
-        ssock = run_in_netns(src_pid, sender)
+        ssock = make_socket() if make_socket is not None else run_in_netns(src_pid, sender)
     except BaseException:
         lsock.close()
         raise
@@ -217,7 +220,9 @@ def run_flow(src_pid: int, dst_pid: int, dst_addr: str, port: int, marks_s: list
                 "; ".join(errors) or None)
 
 
-def _extra_subflows(sock: socket.socket) -> int:
+def _extra_subflows(sock: Any) -> int:
+    if not isinstance(sock, socket.socket):
+        return sock.extra_subflows()
     try:
         return sockopt.mptcp_info(sock).subflows  # additional subflows beyond the initial one
     except OSError:
@@ -267,6 +272,7 @@ class Sender:
     port: int
     protocol: str = "tcp"
     cc: str = "cubic"
+    make_socket: Callable[[], Any] | None = None   # run_flow's: a socket-like sender instead of a kernel socket
 
 
 def run_flows(senders: list[Sender], dst_pid: int, dst_addr: str, marks_s: list[float],
@@ -280,7 +286,8 @@ def run_flows(senders: list[Sender], dst_pid: int, dst_addr: str, marks_s: list[
     def one(s: Sender) -> None:
         try:
             flows[s.name] = run_flow(s.src_pid, dst_pid, dst_addr, s.port, marks_s,
-                                     listen_addr="0.0.0.0", protocol=s.protocol, cc=s.cc, **kw)
+                                     listen_addr="0.0.0.0", protocol=s.protocol, cc=s.cc,
+                                     make_socket=s.make_socket, **kw)
         except Exception as exc:  # noqa: BLE001 - reported below with the flow's name
             failed[s.name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
