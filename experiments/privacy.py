@@ -20,19 +20,21 @@ failed when a connection could not be made or broke.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from testbed.base.netns import run_in_netns
-from testbed.core.bulk import filler, receive_stream, send_stream
+from testbed.core.bulk import CHUNK, filler, receive_stream, send_stream
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
 from testbed.harness.observers import PathObservers, observed_subflows
 from testbed.mptcp import sockopt
+from testbed.stack import Stack, StackError
 
 PORT = 5500
 # Linux falls a connection back to TCP when its MP_CAPABLE third ACK is lost
@@ -55,36 +57,120 @@ class Params(ExperimentParams):
     think_ms: float = Field(100, ge=0, le=10000, description="mean (exponential) pause between requests")
     observers: list[str] = Field(default_factory=lambda: ["wifi", "lte"], min_length=2,
                                  description="links with a passive observer each")
+    stack: Literal["kernel", "user"] = Field("kernel", description="both ends' MPTCP implementation")
+    countermeasure: Literal["none", "dsn-offset"] = Field(
+        "none", description="dsn-offset: per-subflow DSN offsets (user-space stack, docs/privacy.md)")
+
+    @model_validator(mode="after")
+    def _countermeasure_needs_the_user_stack(self) -> "Params":
+        if self.countermeasure != "none" and self.stack != "user":
+            raise ValueError(f"countermeasure {self.countermeasure!r} needs stack = 'user' "
+                             f"(kernel MPTCP has no such extension)")
+        return self
 
 
-def _serve(conn: socket.socket, p: Params, errors: list[str]) -> None:
+class _KernelEnd:
+    """One end of a kernel MPTCP connection (a socket)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send(self, nbytes: int | None = None, until: float | None = None) -> None:
+        """Send nbytes, or until the monotonic time `until`."""
+        send_stream(self.sock, filler, nbytes=nbytes, until=until)
+
+    def recv_exact(self, nbytes: int) -> int:
+        """Read nbytes (fewer only at the end of the stream)."""
+        return receive_stream(self.sock, limit=nbytes)
+
+    def drain(self) -> None:
+        """Read to the end of the stream."""
+        receive_stream(self.sock)
+
+    def subflows(self) -> list[tuple[str, int, str, int]]:
+        """(local addr, port, remote addr, port) per subflow; a fallen-back connection has its one."""
+        try:
+            return [(a.local[0], a.local[1], a.remote[0], a.remote[1])
+                    for a in sockopt.subflow_addrs(self.sock)]
+        except OSError:
+            if sockopt.is_fallback(self.sock):
+                return [(*self.sock.getsockname(), *self.sock.getpeername())]
+            raise
+
+    def fell_back(self) -> bool:
+        """Whether the connection runs as plain TCP."""
+        return sockopt.is_fallback(self.sock)
+
+    def finish(self) -> None:
+        """Half-close and wait for the peer's close (both data FINs seen)."""
+        self.sock.shutdown(socket.SHUT_WR)
+        self.sock.recv(1)
+
+    def close(self) -> None:
+        """Release the socket."""
+        self.sock.close()
+
+
+class _UserEnd:
+    """One end of a connection of the user-space stack."""
+
+    def __init__(self, conn, timeout: float):
+        self.conn, self.timeout = conn, timeout
+
+    def send(self, nbytes: int | None = None, until: float | None = None) -> None:
+        """Send nbytes, or until the monotonic time `until`."""
+        sent = 0
+        while (nbytes is None or sent < nbytes) and (until is None or time.monotonic() < until):
+            n = CHUNK if nbytes is None else min(CHUNK, nbytes - sent)
+            self.conn.send(bytes(filler(n)), timeout=self.timeout)
+            sent += n
+
+    def recv_exact(self, nbytes: int) -> int:
+        """Read nbytes (fewer only at the end of the stream)."""
+        got = 0
+        while got < nbytes:
+            d = self.conn.recv(min(CHUNK, nbytes - got), timeout=self.timeout)
+            if not d:
+                break
+            got += len(d)
+        return got
+
+    def drain(self) -> None:
+        """Read to the end of the stream."""
+        while self.conn.recv(CHUNK, timeout=self.timeout):
+            pass
+
+    def subflows(self) -> list[tuple[str, int, str, int]]:
+        """(local addr, port, remote addr, port) per subflow, the closed ones too."""
+        info = self.conn.info()
+        return [(*s.local, *s.remote) for s in info.subflows + info.closed_subflows]
+
+    def fell_back(self) -> bool:
+        """Whether the connection runs as plain TCP."""
+        return bool(self.conn.info().fallback)
+
+    def finish(self) -> None:
+        """Close and wait for the peer's close."""
+        self.conn.close()
+        self.drain()
+
+    def close(self) -> None:
+        """Close (idempotent)."""
+        self.conn.close()
+
+
+def _serve(end, p: Params, errors: list[str]) -> None:
     """One accepted connection: drain it (bulk) or answer each request (reqresp)."""
-    conn.settimeout(p.seconds + p.stagger_s + 30)
     try:
         if p.pattern == "bulk":
-            receive_stream(conn)
+            end.drain()
         else:
-            answer = bytes(filler(min(p.response_bytes, 1 << 16)))
-            while True:
-                got = receive_stream(conn, limit=p.request_bytes)
-                if got < p.request_bytes:
-                    break
-                send_stream(conn, lambda n: answer[:n], nbytes=p.response_bytes)
-    except OSError as exc:
+            while end.recv_exact(p.request_bytes) == p.request_bytes:
+                end.send(nbytes=p.response_bytes)
+    except (OSError, StackError) as exc:
         errors.append(f"server: {exc}")
     finally:
-        conn.close()
-
-
-def _truth(sock: socket.socket) -> list[tuple[str, int, str, int]]:
-    """The connection's subflows as (client addr, port, server addr, port); a
-    connection that fell back to TCP has its one four-tuple."""
-    try:
-        return [(a.local[0], a.local[1], a.remote[0], a.remote[1]) for a in sockopt.subflow_addrs(sock)]
-    except OSError:
-        if sockopt.is_fallback(sock):
-            return [(*sock.getsockname(), *sock.getpeername())]
-        raise
+        end.close()
 
 
 @register
@@ -108,22 +194,55 @@ class Privacy(Experiment):
                   else sorted(rng.uniform(0, p.stagger_s) for _ in range(p.connections)))
         thinks = [[rng.expovariate(1000 / p.think_ms) if p.think_ms else 0.0 for _ in range(10000)]
                   for _ in range(p.connections)]
-        listener = run_in_netns(tb.server.pid, lambda: sockopt.listener(
-            PORT, "0.0.0.0", "mptcp", "cubic", min(4096, 2 * p.connections)))
         errors: list[str] = []
         truth: dict[int, set[tuple[str, int, str, int]]] = {i: set() for i in range(p.connections)}
         served: list[threading.Thread] = []
         fell_back: set[int] = set()
+        timeout = p.stagger_s + p.seconds + 30
+        resources = contextlib.ExitStack()
+        if p.stack == "kernel":
+            listener = run_in_netns(tb.server.pid, lambda: sockopt.listener(
+                PORT, "0.0.0.0", "mptcp", "cubic", min(4096, 2 * p.connections)))
+            resources.callback(listener.close)
+            listener.settimeout(timeout)
+
+            def accept() -> _KernelEnd:
+                conn, _ = listener.accept()
+                conn.settimeout(timeout)
+                return _KernelEnd(conn)
+
+            def connect(node) -> _KernelEnd:
+                sock = run_in_netns(node.pid, lambda: sockopt.mptcp_socket("cubic", "mptcp"))
+                sock.settimeout(30)
+                try:
+                    sock.connect((tb.server_addr, PORT))
+                except OSError:
+                    sock.close()
+                    raise
+                return _KernelEnd(sock)
+        else:
+            offsets = p.countermeasure == "dsn-offset"
+            stacks = {c: resources.enter_context(Stack(netns=tb.node(c).pid, obfuscate_dsn=offsets))
+                      for c in clients[:p.connections]}
+            server = resources.enter_context(Stack(netns=tb.server.pid, obfuscate_dsn=offsets))
+            lst = server.listen(PORT, backlog=2 * p.connections)
+            addrs = {c: [q.addr.client for q in tb.all_paths if q.graph.client == c] for c in stacks}
+
+            def accept() -> _UserEnd:
+                return _UserEnd(lst.accept(timeout=timeout), timeout)
+
+            def connect(node) -> _UserEnd:
+                return _UserEnd(stacks[node.name].connect((tb.server_addr, PORT), paths=addrs[node.name],
+                                                          timeout=10), timeout)
 
         def accept_all() -> None:
-            listener.settimeout(p.stagger_s + 30)
             for _ in range(p.connections):
                 try:
-                    conn, _ = listener.accept()
-                except OSError as exc:
+                    end = accept()
+                except (OSError, StackError) as exc:
                     errors.append(f"accept: {exc}")
                     return
-                t = threading.Thread(target=_serve, args=(conn, p, errors), daemon=True)
+                t = threading.Thread(target=_serve, args=(end, p, errors), daemon=True)
                 t.start()
                 served.append(t)
 
@@ -131,35 +250,32 @@ class Privacy(Experiment):
             node = tb.node(clients[i % len(clients)])
             time.sleep(max(0.0, t0 + starts[i] - time.monotonic()))
             try:
-                sock = run_in_netns(node.pid, lambda: sockopt.mptcp_socket("cubic", "mptcp"))
-            except OSError as exc:
-                errors.append(f"connection {i}: socket: {exc}")
+                end = connect(node)
+            except (OSError, StackError) as exc:
+                errors.append(f"connection {i} from {node.name}: {exc}")
                 return
-            sock.settimeout(30)
             try:
-                sock.connect((tb.server_addr, PORT))
-                end = time.monotonic() + p.seconds
+                stop = time.monotonic() + p.seconds
                 n = 0
-                while time.monotonic() < end:
+                while time.monotonic() < stop:
                     if p.pattern == "bulk":
-                        send_stream(sock, filler, until=min(end, time.monotonic() + 0.25))
+                        end.send(until=min(stop, time.monotonic() + 0.25))
                     else:
-                        send_stream(sock, filler, nbytes=p.request_bytes)
-                        if receive_stream(sock, limit=p.response_bytes) < p.response_bytes:
+                        end.send(nbytes=p.request_bytes)
+                        if end.recv_exact(p.response_bytes) < p.response_bytes:
                             raise OSError("response cut short")
-                        time.sleep(min(thinks[i][n % len(thinks[i])], max(0.0, end - time.monotonic())))
+                        time.sleep(min(thinks[i][n % len(thinks[i])], max(0.0, stop - time.monotonic())))
                         n += 1
                     if len(truth[i]) < npaths:
-                        truth[i].update(_truth(sock))
-                truth[i].update(_truth(sock))
-                if sockopt.is_fallback(sock):
+                        truth[i].update(end.subflows())
+                truth[i].update(end.subflows())
+                if end.fell_back():
                     fell_back.add(i)
-                sock.shutdown(socket.SHUT_WR)
-                sock.recv(1)  # the server's close: both data FINs seen before the socket goes
-            except OSError as exc:
+                end.finish()
+            except (OSError, StackError) as exc:
                 errors.append(f"connection {i} from {node.name}: {exc}")
             finally:
-                sock.close()
+                end.close()
 
         observers = PathObservers(tb, p.observers, ctx.raw_dir)
         wall0 = time.time()
@@ -181,7 +297,7 @@ class Privacy(Experiment):
             time.sleep(0.3)  # the last FIN/ACKs reach the observers
         finally:
             observers.stop()
-            listener.close()
+            resources.close()
         if errors:
             return RunOutput(metrics={}, status="failed", reason=errors[0])
         obs = observed_subflows(observers.packets(), {PORT}, t0=wall0)
@@ -190,6 +306,7 @@ class Privacy(Experiment):
                              for r in obs.itertuples(index=False)]
         per_path = obs.groupby("path")["connection"].nunique() if not obs.empty else None
         m = {"connections": p.connections, "pattern": p.pattern, "start": p.start,
+             "stack": p.stack, "countermeasure": p.countermeasure,
              "clients": len(clients), "observers": ",".join(p.observers),
              "observed_subflows": len(obs),
              "subflows_with_truth": int(obs["connection"].notna().sum()) if not obs.empty else 0,

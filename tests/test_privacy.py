@@ -100,6 +100,8 @@ def test_bad_privacy_params_refused_at_load():
         Params(pattern="video")
     with pytest.raises(ValueError, match="observers"):
         Params(observers=["wifi"])
+    with pytest.raises(ValueError, match="needs stack = 'user'"):
+        Params(countermeasure="dsn-offset")
 
 
 @pytest.mark.root
@@ -125,3 +127,20 @@ def test_observers_see_only_their_path_and_the_attacks_score_a_real_run(tmp_path
     sc = P.run_scores(res).set_index("method")
     assert sc.loc["token", "tp"] == 4 and sc.loc["dsn", "tp"] == 4
     assert sc.loc["token", "fp"] == 0 and sc.loc["dsn", "fp"] == 0
+
+
+@pytest.mark.root
+def test_dsn_offsets_on_the_user_stack_leave_the_dsn_attack_at_chance(tmp_path):
+    """Three connections of the user-space stack with per-subflow DSN offsets:
+    tokens still link every join (keys are in the clear), the DSN ranges link none."""
+    from test_experiments import run
+    [r] = run(tmp_path, {"experiment": "privacy", "calibrate": False, "probes": [],
+                         "topology": {"name": "multi-client", "params": {
+                             "n": 3, "wifi_delay_ms": 5, "lte_delay_ms": 10}},
+                         "params": {"connections": 3, "seconds": 1.5, "pattern": "reqresp",
+                                    "stack": "user", "countermeasure": "dsn-offset"}})
+    assert r["connections_joined"] == 3 and r["countermeasure"] == "dsn-offset"
+    import analysis
+    sc = P.run_scores(analysis.load(tmp_path / "out")).set_index("method")
+    assert sc.loc["token", "tp"] == 3
+    assert sc.loc["dsn", "tp"] == 0 and sc.loc["dsn", "fp"] == 0

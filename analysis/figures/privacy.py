@@ -23,14 +23,15 @@ def accuracy_figure(summ: pd.DataFrame, countermeasure: str = "none") -> Figure:
     """Forced-choice accuracy vs K per method, one panel per traffic pattern and start."""
     df = summ[summ["countermeasure"] == countermeasure]
     cells = sorted({(p, s) for p, s in zip(df["pattern"], df["start"])})
-    fig, axes = grid(len(cells), max_cols=4, panel=(3.4, 3.0))
+    fig, axes = grid(len(cells), max_cols=2, panel=(4.2, 3.0))
     for ax, (pattern, start) in zip(axes, cells):
         g = df[(df["pattern"] == pattern) & (df["start"] == start)]
-        for m in P.METHODS:
+        for j, m in enumerate(P.METHODS):
             h = g[g["method"] == m].sort_values("K")
             if h.empty:
                 continue
-            ax.errorbar(h["K"], h["accuracy"], yerr=[h["accuracy"] - h["accuracy_low"],
+            # methods side by side around each K (equal values would hide each other)
+            ax.errorbar(h["K"] * 2.0 ** (0.12 * (j - 1)), h["accuracy"], yerr=[h["accuracy"] - h["accuracy_low"],
                                                      h["accuracy_high"] - h["accuracy"]],
                         color=METHOD_COLORS[m], marker=METHOD_MARKERS[m], ms=5, capsize=3,
                         label=P.METHOD_LABELS[m], lw=1.4)
@@ -44,14 +45,14 @@ def accuracy_figure(summ: pd.DataFrame, countermeasure: str = "none") -> Figure:
         ax.set_xlabel("concurrent connections K")
         ax.set_ylabel("subflows linked correctly")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=4)
+    fig.legend(handles, labels, loc="outside lower center", ncol=2)
     what = "kernel MPTCP" if countermeasure == "none" else f"countermeasure {countermeasure}"
     return Figure(f"privacy_accuracy{'' if countermeasure == 'none' else '_' + countermeasure}",
                   f"Linking subflows across per-path observers ({what})",
                   "Share of the subflows seen on the LTE path that an observer pair links to the "
                   "right subflow on the WiFi path (forced choice; ties share the credit), per "
                   "method, against the number of concurrent connections K (several per client "
-                  "host); bars are Wilson 95 % intervals over the pooled subflows of the "
+                  "host; the methods are drawn side by side around each K); bars are Wilson 95 % intervals over the pooled subflows of the "
                   "repetitions. Dashed: chance, 1/(subflows seen on WiFi). Panels: bulk or "
                   "request/response traffic, connections starting together or staggered.", fig)
 

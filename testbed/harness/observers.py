@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 
 from testbed.base.errors import TestbedError
 from testbed.harness.probes.ifstats import read_counters
-from testbed.harness.probes.pcap import DRAIN_S, READY_TIMEOUT_S, tcpdump_ready
+from testbed.harness.probes.pcap import DRAIN_S, READY_TIMEOUT_S, packets_in, stop_tcpdumps, tcpdump_ready
 
 SNAPLEN = 128  # Ethernet + IPv4 + TCP with 40 bytes of options fits in 94
 # tshark field per column of packets() (names checked with `tshark -G fields`, 4.0).
@@ -120,27 +119,11 @@ class PathObservers:
             except OSError:
                 self._after = {}
             time.sleep(DRAIN_S)
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # tcpdump flushes and exits
-        for proc in self._procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_tcpdumps(list(self._procs.values()))
 
     def captured(self) -> dict[str, int]:
         """Packets in each observer's capture file (capinfos)."""
-        out = {}
-        for name, f in self._files.items():
-            res = subprocess.run(["capinfos", "-T", "-r", "-M", "-c", str(f)],
-                                 capture_output=True, text=True, timeout=60)
-            fields = res.stdout.strip().split("\t")
-            if res.returncode != 0 or len(fields) < 2:
-                raise TestbedError(f"capinfos on {f.name}: {res.stderr.strip()[-200:]}")
-            out[name] = int(fields[-1])
-        return out
+        return {name: packets_in(f) for name, f in self._files.items()}
 
     def problems(self) -> list[str]:
         """Observers that missed packets: captured vs the interface's counters."""
@@ -156,30 +139,8 @@ class PathObservers:
         return out
 
     def packets(self) -> pd.DataFrame:
-        """Every TCP segment each observer saw: path, t (wall clock, s), addresses,
-        ports, flags, tcp_len and the first MPTCP option's fields."""
-        frames = []
-        for name, f in self._files.items():
-            argv = ["tshark", "-r", str(f), "-n", "-Y", "tcp", "-T", "fields", "-E", "separator=\t",
-                    "-E", "occurrence=f"]
-            for field in FIELDS.values():
-                argv += ["-e", field]
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-            if out.returncode != 0:
-                raise TestbedError(f"tshark on {f.name}: {out.stderr.strip().splitlines()[-1:]}")
-            rows = []
-            for rec in csv.reader(io.StringIO(out.stdout), delimiter="\t"):
-                v = dict(zip(FIELDS, rec))
-                row: dict[str, Any] = {"path": name, "t": float(v["time"]), "src": v["src"],
-                                       "dst": v["dst"]}
-                row.update({c: _int(v[c]) for c in INT_COLUMNS})
-                row.update({c: _flag(v[c]) for c in FLAG_COLUMNS})
-                rows.append(row)
-            cols = ["path", "t", "src", "dst", *INT_COLUMNS, *FLAG_COLUMNS]
-            # object columns: 64-bit keys and sequence numbers exceed int64, and
-            # pandas would turn ints mixed with None into (rounding) floats
-            frames.append(pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object)
-                                        for c in cols}))
+        """Every TCP segment each observer saw (see dissect())."""
+        frames = [dissect(name, f) for name, f in self._files.items()]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def summary(self) -> dict[str, Any]:
@@ -191,6 +152,29 @@ class PathObservers:
 
 
 U64 = 1 << 64
+
+
+def dissect(path: str, pcap: Path) -> pd.DataFrame:
+    """Every TCP segment of a capture: path, t (wall clock, s), addresses, ports,
+    flags, tcp_len and the first MPTCP option's fields (tshark)."""
+    argv = ["tshark", "-r", str(pcap), "-n", "-Y", "tcp", "-T", "fields", "-E", "separator=\t",
+            "-E", "occurrence=f"]
+    for field in FIELDS.values():
+        argv += ["-e", field]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise TestbedError(f"tshark on {Path(pcap).name}: {out.stderr.strip().splitlines()[-1:]}")
+    rows = []
+    for rec in csv.reader(io.StringIO(out.stdout), delimiter="\t"):
+        v = dict(zip(FIELDS, rec))
+        row: dict[str, Any] = {"path": path, "t": float(v["time"]), "src": v["src"], "dst": v["dst"]}
+        row.update({c: _int(v[c]) for c in INT_COLUMNS})
+        row.update({c: _flag(v[c]) for c in FLAG_COLUMNS})
+        rows.append(row)
+    cols = ["path", "t", "src", "dst", *INT_COLUMNS, *FLAG_COLUMNS]
+    # object columns: 64-bit keys and sequence numbers exceed int64, and pandas
+    # would turn ints mixed with None into (rounding) floats
+    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in cols})
 
 
 def _to_i64(v: int | None) -> int | None:

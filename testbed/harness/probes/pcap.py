@@ -95,6 +95,31 @@ def tcpdump_ready(proc: subprocess.Popen, pcap: Path, deadline: float, said: lis
     return False
 
 
+def stop_tcpdumps(procs: list[subprocess.Popen]) -> None:
+    """SIGINT each tcpdump (it flushes and exits cleanly), killed after 5 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def packets_in(pcap: Path) -> int:
+    """Packets in a capture file (capinfos; 0 for a missing or header-less file)."""
+    if not pcap.exists() or pcap.stat().st_size < PCAP_HEADER_BYTES:
+        return 0
+    res = subprocess.run(["capinfos", "-T", "-r", "-M", "-c", str(pcap)],
+                         capture_output=True, text=True, timeout=60)
+    fields = res.stdout.strip().split("\t")
+    if res.returncode != 0 or len(fields) < 2:
+        raise TestbedError(f"capinfos on {pcap.name}: {res.stderr.strip()[-200:]}")
+    return int(fields[-1])
+
+
 @register
 class PcapProbe(Probe):
     """tcpdump on every client path; tshark extracts the MPTCP options."""
@@ -175,32 +200,13 @@ class PcapProbe(Probe):
             except OSError:
                 pass  # namespace gone: no verdict possible, problems() says so
             time.sleep(DRAIN_S)
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # flushes and exits cleanly
-        for proc in self._procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_tcpdumps(list(self._procs.values()))
         for t in self._readers:
             t.join(2)
 
     def captured(self) -> dict[str, int]:
         """Packets in each path's capture file (capinfos)."""
-        out = {}
-        for name, f in self._files.items():
-            if not f.exists() or f.stat().st_size < PCAP_HEADER_BYTES:
-                out[name] = 0
-                continue
-            res = subprocess.run(["capinfos", "-T", "-r", "-M", "-c", str(f)],
-                                 capture_output=True, text=True, timeout=60)
-            fields = res.stdout.strip().split("\t")
-            if res.returncode != 0 or len(fields) < 2:
-                raise TestbedError(f"capinfos on {f.name}: {res.stderr.strip()[-200:]}")
-            out[name] = int(fields[-1])
-        return out
+        return {name: packets_in(f) for name, f in self._files.items()}
 
     def counted(self) -> dict[str, int]:
         """Packets each path's client interface received + sent while capturing."""
