@@ -164,14 +164,19 @@ def run_scores(res, runs: pd.DataFrame | None = None) -> pd.DataFrame:
         for m, sc in attack(obs, observers[0], observers[1]).items():
             rows.append({"run_id": d["run_id"], "K": int(d["metric.connections"]),
                          "pattern": str(d["metric.pattern"]), "start": str(d["metric.start"]),
-                         "countermeasure": str(d.get("metric.countermeasure") or "none"),
+                         "stack": _text(d.get("metric.stack"), "kernel"),
+                         "countermeasure": _text(d.get("metric.countermeasure"), "none"),
                          "joined": d.get("metric.connections_joined"),
                          "method": m, "tp": sc.tp, "fp": sc.fp, "positives": sc.positives,
                          "credit": sc.credit, "chance": sc.chance})
     return pd.DataFrame(rows)
 
 
-def summary(scores: pd.DataFrame, by: tuple[str, ...] = ("countermeasure", "method", "pattern",
+def _text(v: object, default: str) -> str:
+    return default if _na(v) or v == "" else str(v)
+
+
+def summary(scores: pd.DataFrame, by: tuple[str, ...] = ("stack", "countermeasure", "method", "pattern",
                                                          "start", "K")) -> pd.DataFrame:
     """Pooled precision, recall and forced-choice accuracy with Wilson intervals per cell."""
     if scores.empty:
@@ -216,7 +221,8 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
     holds None = not measured."""
     runs = res.of(EXPERIMENT)
     scores = run_scores(res, runs) if not runs.empty else pd.DataFrame()
-    base = scores[scores["countermeasure"] == "none"] if not scores.empty else scores
+    base = (scores[(scores["countermeasure"] == "none") & (scores["stack"] == "kernel")]
+            if not scores.empty else scores)
     crit = f"pooled precision and recall, Wilson 95 % lower bounds ≥ {LINKED}"
     rows = []
     text, ok = _pooled(base, "token") if not base.empty else ("not measured (no complete privacy runs)", None)
@@ -246,8 +252,10 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
                          f"timing {t['accuracy']:.2f} [{t['accuracy_low']:.2f}, {t['accuracy_high']:.2f}], "
                          f"DSN {d['accuracy']:.2f} [{d['accuracy_low']:.2f}, {d['accuracy_high']:.2f}], "
                          f"chance {t['chance']:.3f}", bool(t["accuracy_high"] < d["accuracy_low"])))
-    for cm, method, what in (("dsn-offset", "dsn", "per-subflow obfuscation of the data-sequence space"),
-                             ("tls-keys", "token", "MPTCP keys from a TLS exporter")):
+    for cm, method, what in (("dsn-offset", "dsn", "per-subflow DSN offsets"),
+                             ("tls-keys", "token", "MPTCP keys from a TLS exporter"),
+                             ("dsn-offset+tls-keys", "dsn", "DSN offsets and TLS-exporter keys"),
+                             ("dsn-offset+tls-keys", "token", "DSN offsets and TLS-exporter keys")):
         g = scores[(scores["countermeasure"] == cm) & (scores["method"] == method)] if not scores.empty else scores
         expected = f"the {METHOD_LABELS[method]} method links no better than chance"
         critc = "forced-choice accuracy's Wilson 95 % interval contains chance"

@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 from testbed.base.netns import run_in_netns
 from testbed.core.bulk import CHUNK, filler, receive_stream, send_stream
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness import tls_keys
 from testbed.harness.observers import PathObservers, observed_subflows
 from testbed.mptcp import sockopt
 from testbed.stack import Stack, StackError
@@ -58,8 +59,9 @@ class Params(ExperimentParams):
     observers: list[str] = Field(default_factory=lambda: ["wifi", "lte"], min_length=2,
                                  description="links with a passive observer each")
     stack: Literal["kernel", "user"] = Field("kernel", description="both ends' MPTCP implementation")
-    countermeasure: Literal["none", "dsn-offset"] = Field(
-        "none", description="dsn-offset: per-subflow DSN offsets (user-space stack, docs/privacy.md)")
+    countermeasure: Literal["none", "dsn-offset", "tls-keys", "dsn-offset+tls-keys"] = Field(
+        "none", description="user-space stack extensions (docs/privacy.md): per-subflow DSN offsets, "
+                            "MPTCP keys from a TLS exporter, or both")
 
     @model_validator(mode="after")
     def _countermeasure_needs_the_user_stack(self) -> "Params":
@@ -200,6 +202,9 @@ class Privacy(Experiment):
         fell_back: set[int] = set()
         timeout = p.stagger_s + p.seconds + 30
         resources = contextlib.ExitStack()
+
+        def prepare(end) -> None:
+            """What the server does with a connection before serving it (TLS, with tls-keys)."""
         if p.stack == "kernel":
             listener = run_in_netns(tb.server.pid, lambda: sockopt.listener(
                 PORT, "0.0.0.0", "mptcp", "cubic", min(4096, 2 * p.connections)))
@@ -221,19 +226,42 @@ class Privacy(Experiment):
                     raise
                 return _KernelEnd(sock)
         else:
-            offsets = p.countermeasure == "dsn-offset"
-            stacks = {c: resources.enter_context(Stack(netns=tb.node(c).pid, obfuscate_dsn=offsets))
+            ext = {"obfuscate_dsn": "dsn-offset" in p.countermeasure,
+                   "external_keys": "tls-keys" in p.countermeasure}
+            stacks = {c: resources.enter_context(Stack(netns=tb.node(c).pid, **ext))
                       for c in clients[:p.connections]}
-            server = resources.enter_context(Stack(netns=tb.server.pid, obfuscate_dsn=offsets))
+            server = resources.enter_context(Stack(netns=tb.server.pid, **ext))
             lst = server.listen(PORT, backlog=2 * p.connections)
             addrs = {c: [q.addr.client for q in tb.all_paths if q.graph.client == c] for c in stacks}
+            server_tls = tls_keys.context(server=True) if ext["external_keys"] else None
 
             def accept() -> _UserEnd:
                 return _UserEnd(lst.accept(timeout=timeout), timeout)
 
+            if server_tls is not None:
+                def prepare(end: _UserEnd) -> None:
+                    tls_keys.secure(end.conn, server=True, ctx=server_tls)
+
             def connect(node) -> _UserEnd:
-                return _UserEnd(stacks[node.name].connect((tb.server_addr, PORT), paths=addrs[node.name],
-                                                          timeout=10), timeout)
+                paths = addrs[node.name]
+                if not ext["external_keys"]:
+                    return _UserEnd(stacks[node.name].connect((tb.server_addr, PORT), paths=paths,
+                                                              timeout=10), timeout)
+                # joins only once the keys come from the TLS exporter
+                conn = stacks[node.name].connect((tb.server_addr, PORT), paths=paths[:1], timeout=10)
+                tls_keys.secure(conn, server=False)
+                for addr in paths[1:]:
+                    conn.add_subflow(addr, timeout=10)
+                return _UserEnd(conn, timeout)
+
+        def serve(end) -> None:
+            try:
+                prepare(end)
+            except (OSError, StackError) as exc:
+                errors.append(f"server: {exc}")
+                end.close()
+                return
+            _serve(end, p, errors)
 
         def accept_all() -> None:
             for _ in range(p.connections):
@@ -242,7 +270,7 @@ class Privacy(Experiment):
                 except (OSError, StackError) as exc:
                     errors.append(f"accept: {exc}")
                     return
-                t = threading.Thread(target=_serve, args=(end, p, errors), daemon=True)
+                t = threading.Thread(target=serve, args=(end,), daemon=True)
                 t.start()
                 served.append(t)
 

@@ -37,7 +37,7 @@ class OffsetWire(Wire):
         self.server_agrees = server_agrees
         self.seen: list[Dss] = []
         super().__init__(checksum=checksum)
-        self.client.obfuscate_dsn = True
+        self.client.privacy_wanted = privacy.FLAG_DSN_OFFSET
         # the SYN went out in super().__init__() before the flag: send it again
         self.a.outbox.clear()
         self.client.subflows[0].send_syn()
@@ -138,3 +138,58 @@ def test_two_path_observers_cannot_link_by_dsn_when_offsets_are_agreed(pair, tmp
         s = attack(obs, "p0", "p1")["dsn"]
         assert s.positives == 1
         assert (s.tp, s.fp) == ((0, 0) if obfuscate else (1, 0)), (obfuscate, s)
+
+
+def test_rekey_needs_external_keys_agreed_in_the_handshake():
+    from testbed.stack import StackError
+    w = OffsetWire(server_agrees=True)
+    transfer(w, b"x" * 1000)
+    with pytest.raises(StackError, match="external keys were not agreed"):
+        w.client.rekey(1, 2)
+
+
+@pytest.mark.root
+def test_keys_from_a_tls_exporter_hide_the_join_token_from_mp_capable_observers(pair):
+    """User client and server agree to external keys, run TLS over the first
+    subflow, rekey from the exporter, then join the second path: the join's
+    token is the exporter key's, not one the MP_CAPABLE exchange showed, so
+    the token attack finds nothing; the data arrives intact."""
+    import threading
+    import pandas as pd
+    from analysis.privacy import attack
+    from test_stack_interop import A_ADDRS, serve_sha
+    from testbed.harness import tls_keys
+    from testbed.harness.observers import dissect, observed_subflows
+    from testbed.stack import Stack
+    pcaps = [pair.capture(pair.a, "va0"), pair.capture(pair.a, "va1")]
+    with Stack(pair.b, external_keys=True) as srv, Stack(pair.a, external_keys=True) as st:
+        lst = srv.listen(5000)
+        got = {}
+
+        def serve():
+            conn = lst.accept(timeout=10)
+            tls_keys.secure(conn, server=True)
+            got["r"] = serve_sha(conn)
+        t = threading.Thread(target=serve)
+        t.start()
+        conn = st.connect(("10.0.0.2", 5000), paths=A_ADDRS[:1], timeout=5)
+        wire_keys = (conn.local_key, conn.remote_key)
+        tls_keys.secure(conn, server=False)
+        assert (conn.local_key, conn.remote_key) != wire_keys
+        conn.add_subflow(A_ADDRS[1], timeout=5)
+        assert [s.join for s in conn.info().subflows] == [False, True]
+        data = os.urandom(1_000_000)
+        conn.send(data, timeout=30)
+        conn.close()
+        t.join(30)
+        assert got["r"][1] == hashlib.sha256(data).hexdigest()
+        truth = {sf.local[1]: "0" for sf in conn.info().subflows + conn.info().closed_subflows}
+    pair.stop_captures()
+    packets = pd.concat([dissect(p, f) for p, f in zip(("p0", "p1"), pcaps)], ignore_index=True)
+    obs = observed_subflows(packets, {5000})
+    obs["connection"] = [truth.get(int(p)) for p in obs["cport"]]
+    join = obs[obs["kind"] == "join"].iloc[0]
+    assert join["join_token"] == crypto.token_of(conn.remote_key)
+    s = attack(obs, "p0", "p1")
+    assert s["token"].positives == 1 and (s["token"].tp, s["token"].fp) == (0, 0)
+    assert s["dsn"].tp == 1   # without offsets the DSN ranges still link them

@@ -106,11 +106,12 @@ class Connection:
     """One MPTCP connection and the socket-like API on it."""
 
     def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic", mptcp: bool = True,
-                 scheduler: str = "lowrtt", obfuscate_dsn: bool = False):
+                 scheduler: str = "lowrtt", obfuscate_dsn: bool = False, external_keys: bool = False):
         self.stack = stack
-        self.obfuscate_dsn = obfuscate_dsn           # ask for / agree to per-subflow DSN offsets
-        self.peer_asked_dsn_offsets = False          # server: the SYN asked for per-subflow DSN offsets
-        self.dsn_offsets: privacy.DsnOffsets | None = None  # agreed and keyed: applied on the wire
+        # privacy extensions (stack/privacy.py): asked for, agreed in the handshake, in force
+        self.privacy_wanted = privacy.flags(obfuscate_dsn, external_keys)
+        self.privacy_agreed = 0
+        self.dsn_offsets: privacy.DsnOffsets | None = None
         self.active = active
         self.want_checksum = checksum
         self.checksum = checksum
@@ -167,9 +168,9 @@ class Connection:
             return []
         cap_flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
         if flags & ACK:
-            echo = [privacy.request_option()] if self.peer_asked_dsn_offsets else []
+            echo = [privacy.request_option(self.privacy_agreed)] if self.privacy_agreed else []
             return [MpCapable(cap_flags, sender_key=self.local_key), *echo]
-        return [MpCapable(cap_flags), *([privacy.request_option()] if self.obfuscate_dsn else [])]
+        return [MpCapable(cap_flags), *([privacy.request_option(self.privacy_wanted)] if self.privacy_wanted else [])]
 
     def _data_ack_option(self) -> Dss:
         return Dss(data_ack=self.rcv_nxt & MASK64)
@@ -224,7 +225,8 @@ class Connection:
             self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
             flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
             sf.send_ack([MpCapable(flags, self.local_key, self.remote_key)])
-            if self.obfuscate_dsn and privacy.requested(seg.options) & privacy.FLAG_DSN_OFFSET:
+            self.privacy_agreed = self.privacy_wanted & privacy.requested(seg.options)
+            if self.privacy_agreed & privacy.FLAG_DSN_OFFSET:
                 self.dsn_offsets = privacy.DsnOffsets(self.local_key, self.remote_key, active=True)
         self.snd_right = self.snd_una + seg.window
         self._established()
@@ -237,8 +239,7 @@ class Connection:
             self.fallback = True
         else:
             self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
-            self.peer_asked_dsn_offsets = (self.obfuscate_dsn and
-                                           bool(privacy.requested(seg.options) & privacy.FLAG_DSN_OFFSET))
+            self.privacy_agreed = self.privacy_wanted & privacy.requested(seg.options)
 
     def on_handshake_ack(self, sf: Subflow, seg: TcpSegment) -> bool:
         """Passive open: the ACK completing the handshake. False when the subflow was refused."""
@@ -267,7 +268,7 @@ class Connection:
                 self.remote_token = crypto.token_of(cap.sender_key)
                 self.rcv_nxt = crypto.idsn_of(cap.sender_key) + 1
                 self.checksum = self.checksum or bool(cap.flags & CAP_A_CHECKSUM)
-                if self.peer_asked_dsn_offsets:
+                if self.privacy_agreed & privacy.FLAG_DSN_OFFSET:
                     self.dsn_offsets = privacy.DsnOffsets(self.local_key, self.remote_key, active=False)
         else:
             self.fallback_rx_base = self.rcv_nxt
@@ -746,6 +747,23 @@ class Connection:
             ok = self.cond.wait_for(lambda: sf.fully_established or sf not in self.subflows, timeout)
             if not ok or sf not in self.subflows:
                 raise StackError(f"MP_JOIN from {local_addr} failed")
+
+    def rekey(self, local_key: int, remote_key: int) -> None:
+        """Use keys agreed outside MPTCP (e.g. a TLS exporter; docs/privacy.md) from
+        now on: tokens, MP_JOIN HMACs and later subflows' DSN offsets; the data
+        sequence spaces stay. StackError unless both ends agreed to external keys."""
+        with self.cond:
+            if not self.privacy_agreed & privacy.FLAG_EXTERNAL_KEYS:
+                raise StackError("external keys were not agreed in the MP_CAPABLE handshake")
+            old = self.local_token
+            self.local_key, self.remote_key = local_key, remote_key
+            self.local_token, self.remote_token = crypto.token_of(local_key), crypto.token_of(remote_key)
+            if self.dsn_offsets is not None:
+                self.dsn_offsets.rekey(local_key, remote_key)
+            with self.stack.lock:
+                if self.stack.tokens.get(old) is self:
+                    del self.stack.tokens[old]
+                self.stack.register_token(self)
 
     def info(self) -> ConnectionInfo:
         """A snapshot of the connection and its subflows."""

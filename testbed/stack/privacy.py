@@ -33,8 +33,14 @@ from testbed.stack.options import KIND, Dss, MpFail, UnknownMptcp
 
 PRIVATE_SUBTYPE = 0xF
 FLAG_DSN_OFFSET = 0x01
+FLAG_EXTERNAL_KEYS = 0x02  # keys replaced after the handshake (Connection.rekey)
 LABEL = b"mptcp-dsn-offset"
 MASK64 = (1 << 64) - 1
+
+
+def flags(dsn_offsets: bool, external_keys: bool) -> int:
+    """The flags byte asking for these extensions."""
+    return (FLAG_DSN_OFFSET if dsn_offsets else 0) | (FLAG_EXTERNAL_KEYS if external_keys else 0)
 
 
 def request_option(flags: int = FLAG_DSN_OFFSET) -> UnknownMptcp:
@@ -63,6 +69,10 @@ class DsnOffsets:
     def __init__(self, local_key: int, remote_key: int, active: bool):
         self.local_key, self.remote_key, self.active = local_key, remote_key, active
         self._cache: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def rekey(self, local_key: int, remote_key: int) -> None:
+        """New keys for subflows from now on; the subflows already keyed keep theirs."""
+        self.local_key, self.remote_key = local_key, remote_key
 
     def offsets(self, join: bool, local_nonce: int, remote_nonce: int) -> tuple[int, int]:
         """(offset of our data space, of the peer's) on a subflow."""

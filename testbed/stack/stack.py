@@ -94,9 +94,10 @@ class Stack:
 
     def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
                  checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False,
-                 obfuscate_dsn: bool = False):
+                 obfuscate_dsn: bool = False, external_keys: bool = False):
         _check_choices(cc, scheduler)
-        self.obfuscate_dsn = obfuscate_dsn  # ask for / agree to per-subflow DSN offsets (stack/privacy.py)
+        # privacy extensions asked for / agreed to (stack/privacy.py)
+        self.obfuscate_dsn, self.external_keys = obfuscate_dsn, external_keys
         self.netns = netns_path(netns)
         self.checksum = checksum
         self.cc = cc
@@ -293,7 +294,7 @@ class Stack:
             first = paths[0] if paths else self._source_for(raddr)
             conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
                               cc=cc or self.cc, mptcp=mptcp, scheduler=scheduler or self.scheduler,
-                              obfuscate_dsn=self.obfuscate_dsn)
+                              obfuscate_dsn=self.obfuscate_dsn, external_keys=self.external_keys)
             self.connections.add(conn)
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
@@ -410,7 +411,7 @@ class Stack:
             if half_open + len(lst.ready) >= lst.backlog:
                 return  # SYN queue full: drop, the peer retries
             conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc, scheduler=self.scheduler,
-                              obfuscate_dsn=self.obfuscate_dsn)
+                              obfuscate_dsn=self.obfuscate_dsn, external_keys=self.external_keys)
             conn.accept_queue = lst.ready
             self.connections.add(conn)
             sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=False, active=False, cc=conn.cc)
