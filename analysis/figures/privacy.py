@@ -19,9 +19,9 @@ METHOD_COLORS = dict(zip(P.METHODS, sns.color_palette("colorblind", 3)))
 METHOD_MARKERS = {"token": "o", "dsn": "s", "timing": "^"}
 
 
-def accuracy_figure(summ: pd.DataFrame, countermeasure: str = "none") -> Figure:
+def accuracy_figure(summ: pd.DataFrame, stack: str = "kernel", countermeasure: str = "none") -> Figure:
     """Forced-choice accuracy vs K per method, one panel per traffic pattern and start."""
-    df = summ[summ["countermeasure"] == countermeasure]
+    df = summ[(summ["stack"] == stack) & (summ["countermeasure"] == countermeasure)]
     cells = sorted({(p, s) for p, s in zip(df["pattern"], df["start"])})
     fig, axes = grid(len(cells), max_cols=2, panel=(4.2, 3.0))
     for ax, (pattern, start) in zip(axes, cells):
@@ -46,8 +46,10 @@ def accuracy_figure(summ: pd.DataFrame, countermeasure: str = "none") -> Figure:
         ax.set_ylabel("subflows linked correctly")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=2)
-    what = "kernel MPTCP" if countermeasure == "none" else f"countermeasure {countermeasure}"
-    return Figure(f"privacy_accuracy{'' if countermeasure == 'none' else '_' + countermeasure}",
+    what = {"kernel": "kernel MPTCP", "user": "user-space stack"}.get(stack, stack) + (
+        "" if countermeasure == "none" else f", countermeasure {countermeasure}")
+    suffix = "" if (stack, countermeasure) == ("kernel", "none") else f"_{stack}_{countermeasure}"
+    return Figure(f"privacy_accuracy{suffix}",
                   f"Linking subflows across per-path observers ({what})",
                   "Share of the subflows seen on the LTE path that an observer pair links to the "
                   "right subflow on the WiFi path (forced choice; ties share the credit), per "
@@ -63,7 +65,8 @@ def table(summ: pd.DataFrame) -> pd.DataFrame:
         return [("n/a" if pd.isna(e) else f"{e:.2f} [{a:.2f}, {b:.2f}]")
                 for e, a, b in zip(est, lo, hi)]
     return pd.DataFrame({
-        "countermeasure": summ["countermeasure"], "method": summ["method"].map(P.METHOD_LABELS),
+        "stack": summ["stack"], "countermeasure": summ["countermeasure"],
+        "method": summ["method"].map(P.METHOD_LABELS),
         "pattern": summ["pattern"], "start": summ["start"], "K": summ["K"],
         "subflows": summ["subflows"],
         "precision": ci(summ["precision"], summ["precision_low"], summ["precision_high"]),
@@ -90,8 +93,10 @@ def build(res: Results) -> Section:
     if summ.empty:
         sec.notes.append("The privacy runs hold no observed subflows: nothing to plot.")
         return sec
-    for cm in sorted(summ["countermeasure"].unique(), key=lambda c: (c != "none", c)):
-        sec.figures.append(accuracy_figure(summ, cm))
+    variants = sorted(set(zip(summ["stack"], summ["countermeasure"])),
+                      key=lambda v: (v != ("kernel", "none"), v))
+    for stack, cm in variants:
+        sec.figures.append(accuracy_figure(summ, stack, cm))
     sec.tables["privacy_linking"] = table(summ)
     sec.inline.append("privacy_linking")
     return sec
