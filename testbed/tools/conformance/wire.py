@@ -10,6 +10,7 @@ from testbed.stack.options import AddAddr, Dss, MpCapable, MpFail, MpFastclose, 
     MpTcpRst, RemoveAddr, UnknownMptcp
 from testbed.stack.packet import ACK, FIN, RST, SYN, TcpSegment
 from testbed.stack.scripted import ScriptedConnection, ScriptError, ScriptedSubflow
+from testbed.tools.conformance.case import Observation
 from testbed.tools.conformance.lab import KernelConnection, Lab
 
 NO_ANSWER = "no answer"
@@ -86,6 +87,20 @@ def still_works(conn: ScriptedConnection, kernel: KernelConnection, sf: Scripted
         return True
     except ScriptError:
         return False
+
+
+def ignored_or_not(lab: Lab, conn: ScriptedConnection, kernel: KernelConnection, options: list) -> Observation:
+    """Send an ACK with these options on the initial subflow, something the kernel should
+    ignore: outcome 'ignored' when no RST follows, its application is told nothing and
+    new data still arrives; else the RST in words, or 'connection stalled'."""
+    start = len(lab.peer.received)
+    conn.initial.send(ACK, options)
+    rst = lab.peer.expect(lambda s: bool(s.flags & RST), 0.3, since=start)
+    ok = still_works(conn, kernel) and kernel.error is None and not kernel.eof
+    outcome = "ignored" if ok and rst is None else describe(rst) if rst else "connection stalled"
+    return Observation(outcome, f"{describe(rst) if rst else 'no RST'}; the connection "
+                                f"{'still delivers data' if ok else 'stopped delivering data'}; "
+                                f"{counters_text(lab.counters())}")
 
 
 def data_acks(segments: list[TcpSegment]) -> list[int]:

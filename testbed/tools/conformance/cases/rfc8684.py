@@ -10,7 +10,7 @@ from testbed.stack.scripted import ScriptedSubflow, ScriptError
 from testbed.tools.conformance.case import Observation, case
 from testbed.tools.conformance.lab import KernelConnection, Lab
 from testbed.tools.conformance.wire import NO_ANSWER, counters_text, data_acks, describe, established, \
-    still_works
+    ignored_or_not, still_works
 
 SYNACK_MPC = "SYN/ACK with MP_CAPABLE v1"
 SYNACK_PLAIN = "SYN/ACK without MPTCP option"
@@ -129,12 +129,7 @@ def third_ack_without_mp_capable(lab: Lab) -> Observation:
 def duplicate_mp_capable(lab: Lab) -> Observation:
     """The MP_CAPABLE third ACK again, after data has flowed both ways."""
     conn, kernel = established(lab)
-    conn.initial.send(ACK, [MpCapable(CAP_H_SHA256, conn.local_key, conn.remote_key)])
-    ok = still_works(conn, kernel)
-    rst = lab.peer.expect(lambda s: bool(s.flags & RST), 0.05)
-    outcome = "ignored" if ok and rst is None else describe(rst) if rst else "connection stalled"
-    return Observation(outcome, f"{'data still delivered' if ok else 'data no longer delivered'}; "
-                                f"{describe(rst) if rst else 'no RST'}; {counters_text(lab.counters())}")
+    return ignored_or_not(lab, conn, kernel, [MpCapable(CAP_H_SHA256, conn.local_key, conn.remote_key)])
 
 
 # ---- joins -----------------------------------------------------------------------------------
@@ -360,14 +355,7 @@ def fastclose_right_key(lab: Lab) -> Observation:
 def fastclose_wrong_key(lab: Lab) -> Observation:
     """An ACK with MP_FASTCLOSE carrying a key that is not the kernel's."""
     conn, kernel = established(lab)
-    start = len(lab.peer.received)
-    conn.initial.send(ACK, [MpFastclose(conn.remote_key ^ 1)])
-    rst = lab.peer.expect(lambda s: bool(s.flags & RST), 0.3, since=start)
-    ok = still_works(conn, kernel)
-    outcome = "ignored" if ok and rst is None and kernel.error is None else "connection closed"
-    return Observation(outcome, f"{describe(rst) if rst else 'no RST'}; the connection "
-                                f"{'still delivers data' if ok else 'stopped delivering data'}; "
-                                f"{counters_text(lab.counters())}")
+    return ignored_or_not(lab, conn, kernel, [MpFastclose(conn.remote_key ^ 1)])
 
 
 @case("add-addr-bad-hmac", "3.4.1",
@@ -415,15 +403,8 @@ def add_addr_echo(lab: Lab) -> Observation:
 def remove_addr_unknown_id(lab: Lab) -> Observation:
     """A REMOVE_ADDR for address id 42, never announced."""
     conn, kernel = established(lab)
-    start = len(lab.peer.received)
-    conn.initial.send(ACK, [RemoveAddr((42,))])
-    rst = lab.peer.expect(lambda s: bool(s.flags & RST), 0.3, since=start)
-    ok = still_works(conn, kernel)
-    outcome = "ignored" if ok and rst is None else "connection affected"
-    return Observation(outcome, f"{describe(rst) if rst else 'no RST'}; the connection "
-                                f"{'still delivers data' if ok else 'stopped delivering data'}; "
-                                f"{len(lab.pm_events('removed'))} 'removed' event(s); "
-                                f"{counters_text(lab.counters())}")
+    obs = ignored_or_not(lab, conn, kernel, [RemoveAddr((42,))])
+    return Observation(obs.outcome, f"{obs.detail}; {len(lab.pm_events('removed'))} 'removed' event(s)")
 
 
 @case("experimental-subtype-mid-stream", "3",
@@ -433,11 +414,7 @@ def remove_addr_unknown_id(lab: Lab) -> Observation:
 def experimental_subtype_mid_stream(lab: Lab) -> Observation:
     """An ACK carrying an MPTCP option of subtype 0xF (private use)."""
     conn, kernel = established(lab)
-    conn.initial.send(ACK, [UnknownMptcp(0xF, bytes([30, 4, 0xF0, 0x01]))])
-    ok = still_works(conn, kernel)
-    return Observation("ignored" if ok else "connection broken",
-                       f"the connection {'still' if ok else 'no longer'} delivers data; "
-                       f"{counters_text(lab.counters())}")
+    return ignored_or_not(lab, conn, kernel, [UnknownMptcp(0xF, bytes([30, 4, 0xF0, 1]))])
 
 
 @case("mp-prio-backup", "3.3.8",
