@@ -21,8 +21,10 @@ failed when a connection could not be made or broke.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import socket
+import statistics
 import threading
 import time
 from typing import Literal
@@ -77,9 +79,9 @@ class _KernelEnd:
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    def send(self, nbytes: int | None = None, until: float | None = None) -> None:
-        """Send nbytes, or until the monotonic time `until`."""
-        send_stream(self.sock, filler, nbytes=nbytes, until=until)
+    def send(self, nbytes: int | None = None, until: float | None = None) -> int:
+        """Send nbytes, or until the monotonic time `until`; the bytes sent."""
+        return send_stream(self.sock, filler, nbytes=nbytes, until=until)
 
     def recv_exact(self, nbytes: int) -> int:
         """Read nbytes (fewer only at the end of the stream)."""
@@ -119,13 +121,14 @@ class _UserEnd:
     def __init__(self, conn, timeout: float):
         self.conn, self.timeout = conn, timeout
 
-    def send(self, nbytes: int | None = None, until: float | None = None) -> None:
-        """Send nbytes, or until the monotonic time `until`."""
+    def send(self, nbytes: int | None = None, until: float | None = None) -> int:
+        """Send nbytes, or until the monotonic time `until`; the bytes sent."""
         sent = 0
         while (nbytes is None or sent < nbytes) and (until is None or time.monotonic() < until):
             n = CHUNK if nbytes is None else min(CHUNK, nbytes - sent)
             self.conn.send(bytes(filler(n)), timeout=self.timeout)
             sent += n
+        return sent
 
     def recv_exact(self, nbytes: int) -> int:
         """Read nbytes (fewer only at the end of the stream)."""
@@ -200,6 +203,11 @@ class Privacy(Experiment):
         truth: dict[int, set[tuple[str, int, str, int]]] = {i: set() for i in range(p.connections)}
         served: list[threading.Thread] = []
         fell_back: set[int] = set()
+        # the cost of a countermeasure: connect() until usable (user stack: joins
+        # and TLS included), bytes handed over (bulk), answers received (reqresp)
+        setup_s = [math.nan] * p.connections
+        sent = [0] * p.connections
+        done = [0] * p.connections
         timeout = p.stagger_s + p.seconds + 30
         resources = contextlib.ExitStack()
 
@@ -277,23 +285,26 @@ class Privacy(Experiment):
         def client(i: int, t0: float) -> None:
             node = tb.node(clients[i % len(clients)])
             time.sleep(max(0.0, t0 + starts[i] - time.monotonic()))
+            began = time.monotonic()
             try:
                 end = connect(node)
             except (OSError, StackError) as exc:
                 errors.append(f"connection {i} from {node.name}: {exc}")
                 return
+            setup_s[i] = time.monotonic() - began
             try:
                 stop = time.monotonic() + p.seconds
                 n = 0
                 while time.monotonic() < stop:
                     if p.pattern == "bulk":
-                        end.send(until=min(stop, time.monotonic() + 0.25))
+                        sent[i] += end.send(until=min(stop, time.monotonic() + 0.25))
                     else:
                         end.send(nbytes=p.request_bytes)
                         if end.recv_exact(p.response_bytes) < p.response_bytes:
                             raise OSError("response cut short")
                         time.sleep(min(thinks[i][n % len(thinks[i])], max(0.0, stop - time.monotonic())))
                         n += 1
+                        done[i] = n
                     if len(truth[i]) < npaths:
                         truth[i].update(end.subflows())
                 truth[i].update(end.subflows())
@@ -335,6 +346,9 @@ class Privacy(Experiment):
         per_path = obs.groupby("path")["connection"].nunique() if not obs.empty else None
         m = {"connections": p.connections, "pattern": p.pattern, "start": p.start,
              "stack": p.stack, "countermeasure": p.countermeasure,
+             "setup_ms_median": 1000 * statistics.median(setup_s),
+             "sent_mbit": sum(sent) * 8 / p.seconds / 1e6 if p.pattern == "bulk" else None,
+             "answers_per_s": sum(done) / p.seconds if p.pattern == "reqresp" else None,
              "clients": len(clients), "observers": ",".join(p.observers),
              "observed_subflows": len(obs),
              "subflows_with_truth": int(obs["connection"].notna().sum()) if not obs.empty else 0,

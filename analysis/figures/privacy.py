@@ -75,6 +75,27 @@ def table(summ: pd.DataFrame) -> pd.DataFrame:
         "chance": summ["chance"].round(3)})
 
 
+COST = {"metric.setup_ms_median": "setup ms (median of runs' medians)",
+        "metric.sent_mbit": "bulk: Mbit/s handed to the stack (median)",
+        "metric.answers_per_s": "request/response: answers per s (median)"}
+
+
+def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """What each implementation and countermeasure costs: setup time (connect()
+    until usable; the user-space stack's includes its joins and TLS) and
+    throughput, per traffic pattern and K (runs before these metrics: none)."""
+    have = [c for c in COST if c in runs.columns]
+    if "metric.setup_ms_median" not in have:
+        return pd.DataFrame()
+    df = runs.assign(stack=runs.get("metric.stack", pd.Series("kernel", index=runs.index)).fillna("kernel"),
+                     countermeasure=runs.get("metric.countermeasure",
+                                             pd.Series("none", index=runs.index)).fillna("none"))
+    keys = ["stack", "countermeasure", "metric.pattern", "metric.connections"]
+    out = df.groupby(keys, dropna=False)[have].median().reset_index()
+    out["runs"] = df.groupby(keys, dropna=False).size().values
+    return out.rename(columns={"metric.pattern": "pattern", "metric.connections": "K", **COST}).round(2)
+
+
 def build(res: Results) -> Section:
     """The privacy section of the report."""
     setup_style()
@@ -99,4 +120,8 @@ def build(res: Results) -> Section:
         sec.figures.append(accuracy_figure(summ, stack, cm))
     sec.tables["privacy_linking"] = table(summ)
     sec.inline.append("privacy_linking")
+    cost = cost_table(runs)
+    if not cost.empty:
+        sec.tables["privacy_cost"] = cost
+        sec.inline.append("privacy_cost")
     return sec
