@@ -80,8 +80,9 @@ class Failover(Experiment):
         ts = result.tables.get("timeseries")
         if faults and ts is not None and len(ts):
             fault = faults[0]
-            remaining = sum(q.spec.direction(p.direction).rate_mbit or 0 for q in tb.paths
-                            if q.name != fault.path)
+            # What the other paths carry end to end: each one's links composed.
+            remaining = sum(tb.graph.composed(q.graph).direction(p.direction).rate_mbit or 0
+                            for q in tb.paths if q.name != fault.path)
             total = ts[(ts.series == "delivered_bytes") & (ts.key == "total")]
             stall, recovery = stall_and_recovery(total, fault.at_s, remaining,
                                                  p.recovery_window_s, p.recovery_fraction)
