@@ -13,7 +13,7 @@ import time
 from types import SimpleNamespace
 
 from testbed.stack.connection import Connection
-from testbed.stack.options import RST_MPTCP_ERROR, Dss, MpTcpRst
+from testbed.stack.options import Dss, MpFail
 from testbed.stack.packet import RST, SYN, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
 from testbed.stack.scheduler import LowestRttScheduler
 from testbed.stack.subflow import State, Subflow
@@ -162,23 +162,33 @@ def test_lost_segments_are_recovered_by_fast_retransmit():
 
 
 def test_corrupted_payload_is_caught_by_the_dss_checksum():
+    # One subflow (§3.7): the receiver sends MP_FAIL, the sender answers with the
+    # infinite mapping, and both continue as plain TCP; the rewritten bytes are
+    # delivered as the middlebox left them (the subflow acknowledged them).
     w = Wire(checksum=True)
-    seen_rst = []
+    seen = {"fail": [], "infinite": [], "rst": [], "rewritten": 0}
 
     def corrupt(direction, seg):
         dss = seg.option(Dss)
-        if direction == "a->b" and seg.payload and dss is not None and dss.dsn is not None and not seen_rst:
+        if direction == "a->b" and seg.payload and dss is not None and dss.dsn is not None and \
+                seg.seq - w.client.subflows[0].iss > 5000 and not seen["rewritten"]:
             # a middlebox rewriting payload (and fixing the TCP checksum, as NATs do)
-            seg.payload = b"X" + seg.payload[1:]
-        if direction == "b->a" and seg.flags & RST:
-            seen_rst.append(seg.option(MpTcpRst))
+            seg.payload = bytes([seg.payload[0] ^ 0xFF]) + seg.payload[1:]
+            seen["rewritten"] += 1
+        if direction == "a->b" and dss is not None and dss.infinite:
+            seen["infinite"].append(dss)
+        if direction == "b->a" and seg.option(MpFail) is not None:
+            seen["fail"].append(seg.option(MpFail))
+        if seg.flags & RST:
+            seen["rst"].append(seg)
         return seg
 
     w.filter = corrupt
     data = os.urandom(20_000)
     got = transfer(w, data)
-    assert seen_rst == [MpTcpRst(RST_MPTCP_ERROR)]
-    assert got != data[:len(got)] or len(got) < len(data)   # the corrupted mapping was not delivered
+    assert len(seen["fail"]) == 1 and len(seen["infinite"]) == 1 and not seen["rst"]
+    assert len(got) == len(data) and sum(a != b for a, b in zip(got, data)) == 1
+    assert w.client.fallback_reason == w.server.fallback_reason == "infinite mapping"
     assert any("checksum" in line for line in w.b.logs)
 
 

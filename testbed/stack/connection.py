@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 from testbed.stack import crypto, privacy
 from testbed.stack.cc import Coupling
-from testbed.stack.options import (CAP_A_CHECKSUM, CAP_H_SHA256, RST_MPTCP_ERROR, RST_UNSPECIFIED, Dss,
-                                   MpCapable, MpFastclose, MpJoinAck, MpJoinSyn, MpJoinSynAck, MpPrio,
-                                   MpTcpRst)
+from testbed.stack.options import (CAP_A_CHECKSUM, CAP_C_NO_INITIAL, CAP_H_SHA256, RST_ADMIN, RST_MIDDLEBOX,
+                                   RST_MPTCP_ERROR, RST_UNSPECIFIED, AddAddr, Dss, MpCapable, MpFail, MpFastclose,
+                                   MpJoinAck, MpJoinSyn, MpJoinSynAck, MpPrio, MpTcpRst, RemoveAddr)
 from testbed.stack.packet import ACK, TcpSegment
+from testbed.stack.pm import PathManager, PmLimits
 from testbed.stack.scheduler import make_scheduler
 from testbed.stack.subflow import State, Subflow, TxSegment, unwrap32
 
@@ -86,6 +87,8 @@ class SubflowInfo:
     fast_retransmits: int
     timeouts: int
     reset_reason: int | None
+    addr_id: int = 0
+    remote_addr_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,13 +103,17 @@ class ConnectionInfo:
     bytes_received: int
     subflows: list[SubflowInfo]
     closed_subflows: list[SubflowInfo]
+    fallback_reason: str | None = None      # "handshake" or "infinite mapping" (§3.7)
+    peer_addresses: tuple = ()              # PeerAddress of every ADD_ADDR the peer sent and not removed
+    announced: tuple[int, ...] = ()         # our address IDs announced and echoed by the peer
 
 
 class Connection:
     """One MPTCP connection and the socket-like API on it."""
 
     def __init__(self, stack: "Stack", *, active: bool, checksum: bool, cc: str = "cubic", mptcp: bool = True,
-                 scheduler: str = "lowrtt", obfuscate_dsn: bool = False, external_keys: bool = False):
+                 scheduler: str = "lowrtt", pm_limits: PmLimits | None = None, deny_join_initial: bool = False,
+                 obfuscate_dsn: bool = False, external_keys: bool = False):
         self.stack = stack
         # privacy extensions (stack/privacy.py): asked for, agreed in the handshake, in force
         self.privacy_wanted = privacy.flags(obfuscate_dsn, external_keys)
@@ -154,7 +161,14 @@ class Connection:
         self.last_window_sent = RCVBUF
         self.accept_queue = None               # set by the listener for server connections
         self.established_at: float | None = None
-        self.next_addr_id = 1
+        # path management (§3.4, §3.1's C flag) and the checksum-failure path (§3.7)
+        self.pm = PathManager(self, pm_limits or PmLimits())
+        self.deny_join_initial = deny_join_initial   # server: C flag, no joins to our initial address/port
+        self.peer_deny_join_initial = False          # client: the server's SYN/ACK carried the C flag
+        self.joined = False                          # a second subflow ever existed: no infinite mapping
+        self.fallback_reason: str | None = None
+        self.infinite_map_seq: int | None = None     # subflow seq of our segment carrying the infinite mapping
+        self.mp_fail_sent: int | None = None         # DSN of our MP_FAIL
 
     # ================================================================ options out
     def handshake_options(self, sf: Subflow, flags: int) -> list:
@@ -168,8 +182,10 @@ class Connection:
             return []
         cap_flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
         if flags & ACK:
+            # §3.1: C tells the client not to join our initial address and port.
             echo = [privacy.request_option(self.privacy_agreed)] if self.privacy_agreed else []
-            return [MpCapable(cap_flags, sender_key=self.local_key), *echo]
+            return [MpCapable(cap_flags | (CAP_C_NO_INITIAL if self.deny_join_initial else 0),
+                              sender_key=self.local_key), *echo]
         return [MpCapable(cap_flags), *([privacy.request_option(self.privacy_wanted)] if self.privacy_wanted else [])]
 
     def _data_ack_option(self) -> Dss:
@@ -184,6 +200,12 @@ class Connection:
     def data_options(self, sf: Subflow, seg: TxSegment) -> list:
         """Options of a data (or FIN) segment: the mapping and the DATA_ACK."""
         if self.fallback:
+            if seg.seq == self.infinite_map_seq and seg.dsn is not None and seg.payload:
+                # §3.7: the infinite mapping (data-level length 0) on the first data
+                # segment after a mid-stream fallback; the checksum field is zero.
+                return [Dss(data_ack=self.rcv_nxt & MASK64, dsn=seg.dsn & MASK64,
+                            subflow_seq=(seg.seq - sf.iss) & 0xFFFFFFFF, data_len=0,
+                            checksum=0 if self.checksum else None)]
             return []
         if seg.dsn is None:
             return [self._data_ack_option()]
@@ -209,16 +231,19 @@ class Connection:
                 self._drop_subflow(sf, "MP_JOIN SYN/ACK without a valid HMAC")
                 return
             sf.remote_nonce = opt.nonce
+            sf.remote_addr_id = opt.addr_id
             mac = crypto.join_ack_hmac(self.local_key, self.remote_key, sf.local_nonce, sf.remote_nonce)
             sf.join_third_ack = MpJoinAck(mac)
             sf.send_ack([sf.join_third_ack])
             sf.arm_rto()   # repeated until the fourth ACK
             return
         cap = seg.option(MpCapable)
+        self.pm.set_initial(sf)
         if cap is None or cap.version != 1 or cap.sender_key is None or not cap.flags & CAP_H_SHA256:
             self._fall_back(sf)
             sf.send_ack()
         else:
+            self.peer_deny_join_initial = bool(cap.flags & CAP_C_NO_INITIAL)
             self.remote_key = cap.sender_key
             self.remote_token = crypto.token_of(cap.sender_key)
             self.rcv_nxt = crypto.idsn_of(cap.sender_key) + 1
@@ -234,9 +259,11 @@ class Connection:
     def on_passive_syn(self, sf: Subflow, seg: TcpSegment) -> None:
         """Passive open of the initial subflow: read MP_CAPABLE from the SYN."""
         cap = seg.option(MpCapable)
+        self.pm.set_initial(sf)
         if cap is None or cap.version != 1 or not cap.flags & CAP_H_SHA256:
             # No (or another version of) MP_CAPABLE: plain TCP (§3.1, v0 is not spoken).
             self.fallback = True
+            self.fallback_reason = "handshake"
         else:
             self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
             self.privacy_agreed = self.privacy_wanted & privacy.requested(seg.options)
@@ -278,6 +305,7 @@ class Connection:
 
     def _fall_back(self, sf: Subflow) -> None:
         self.fallback = True
+        self.fallback_reason = "handshake"
         self.mpc_data_pending = False
         self.fallback_rx_base = self.rcv_nxt
         self.fallback_tx_base = self.snd_una
@@ -318,6 +346,9 @@ class Connection:
                     da = unwrap64(opt.data_ack, self.snd_una) if opt.data_ack64 else \
                         unwrap32(opt.data_ack, self.snd_una)
                     self._on_data_ack(da, seg.window << sf.snd_wscale)
+                if opt.infinite:
+                    self._on_infinite_mapping(sf, opt, seq)
+                    return
                 if opt.dsn is not None:
                     self._on_mapping(sf, opt, seq)
             elif isinstance(opt, MpCapable) and opt.data_len is not None and self.remote_key is not None:
@@ -334,9 +365,93 @@ class Connection:
                         self._drop_subflow(other, "MP_FASTCLOSE")
                     return
             elif isinstance(opt, MpPrio):
+                # §3.3.8: the peer changes the priority of the subflow it sends this on.
                 sf.backup = opt.backup
-            # ADD_ADDR, REMOVE_ADDR, MP_FAIL and unknown subtypes are ignored (§3: an
-            # implementation that does not understand an option ignores it).
+                self.emit("sf_priority", sf)
+            elif isinstance(opt, AddAddr):
+                self.pm.on_add_addr(sf, opt)
+            elif isinstance(opt, RemoveAddr):
+                self.pm.on_remove_addr(opt)
+                if sf not in self.subflows:
+                    return
+            elif isinstance(opt, MpFail):
+                self._on_mp_fail(sf, opt)
+                if self.fallback or sf not in self.subflows:
+                    return
+            # Unknown subtypes are ignored (§3: an implementation that does not
+            # understand an option ignores it).
+
+    # ================================================================ checksum failure (§3.7)
+    def _on_checksum_failure(self, sf: Subflow, m: RxMapping) -> bool:
+        """A mapping failed its DSS checksum. True when its bytes are delivered anyway (fallback)."""
+        self.stack.log(f"DSS checksum mismatch on {sf.key} at DSN {m.dsn}")
+        self.mp_fail_sent = m.dsn
+        if self.joined or len(self.subflows) > 1:
+            # Several subflows: reset this one with MP_FAIL; the mapping is not
+            # DATA_ACKed, so the peer sends it again on another subflow.
+            sf.send_rst([MpFail(m.dsn & MASK64), MpTcpRst(RST_MIDDLEBOX)])
+            self.on_subflow_stale(sf)
+            self._drop_subflow(sf, "DSS checksum mismatch (MP_FAIL)")
+            return False
+        # One subflow: MP_FAIL, and plain TCP from this mapping on. Like Linux, the
+        # mapping's bytes are delivered as they arrived (the subflow acknowledged
+        # them; a middlebox that rewrites payload is a fact of this path).
+        sf.send_ack([self._data_ack_option(), MpFail(m.dsn & MASK64)])
+        sf.rx_maps.clear()
+        self._fall_back_mid_stream(sf, rx_base=m.dsn - m.ssn + 1)
+        self._deliver(m.dsn, bytes(m.buf))
+        return True
+
+    def _on_mp_fail(self, sf: Subflow, opt: MpFail) -> None:
+        """MP_FAIL on an established subflow: the peer's checksum failed on data we sent."""
+        dsn = unwrap64(opt.dsn, self.snd_una)
+        if self.mp_fail_sent is not None:
+            return   # the peer's echo of our own MP_FAIL
+        self.stack.log(f"MP_FAIL at DSN {dsn} on {sf.key}")
+        if self.joined or len(self.subflows) > 1:
+            self._reinject_from(dsn, sf)
+            self._reset_subflow(sf, RST_MIDDLEBOX, "MP_FAIL from the peer")
+            return
+        # §3.7 single subflow: echo MP_FAIL, send the infinite mapping on the next
+        # data segment and continue as plain TCP.
+        self.mp_fail_sent = dsn
+        sf.send_ack([self._data_ack_option(), MpFail(opt.dsn)])
+        self._fall_back_mid_stream(sf)
+
+    def _on_infinite_mapping(self, sf: Subflow, opt: Dss, seq: int) -> None:
+        """The peer fell back to plain TCP (§3.7): its bytes from this segment on are the data stream."""
+        dsn = unwrap64(opt.dsn, self.rcv_nxt) if opt.dsn64 else unwrap32(opt.dsn, self.rcv_nxt)
+        ssn = unwrap32(opt.subflow_seq, seq - sf.irs)
+        self.stack.log(f"infinite mapping at DSN {dsn} on {sf.key}")
+        sf.rx_maps.clear()
+        self._fall_back_mid_stream(sf, rx_base=dsn - ssn + 1)
+
+    def _fall_back_mid_stream(self, sf: Subflow, rx_base: int | None = None) -> None:
+        # One subflow carried every byte in order, so subflow and data sequence
+        # numbers differ by a constant in each direction.
+        self.fallback = True
+        self.fallback_reason = "infinite mapping"
+        self.mpc_data_pending = False
+        self.fallback_tx_base = self.snd_nxt - (sf.snd_nxt - sf.iss - 1)
+        self.fallback_rx_base = rx_base if rx_base is not None else self.rcv_nxt - (sf.rcv_nxt - sf.irs - 1)
+        if self.infinite_map_seq is None:
+            self.infinite_map_seq = sf.snd_nxt   # our next new data segment tells the peer
+        self.emit("fallback", sf, "infinite mapping")
+        pending, sf.unmapped = sf.unmapped, []
+        for rel, payload in pending:
+            self.on_subflow_data(sf, rel, payload)
+
+    def _reinject_from(self, dsn: int, failed: Subflow) -> None:
+        """Queue every sent byte from dsn on for the other subflows (the peer discarded them)."""
+        others = [o for o in self.subflows if o is not failed]
+        mss = min((o.mss for o in others), default=1200)
+        start = max(dsn, self.snd_una)
+        while start < self.snd_nxt:
+            n = min(mss, self.snd_nxt - start)
+            off = self.tx_off + (start - self.snd_una)
+            self.reinject.append((start, bytes(self.tx[off:off + n])))
+            start += n
+        self.stack.wake()
 
     def _on_mapping(self, sf: Subflow, opt: Dss, seq: int) -> None:
         dsn = unwrap64(opt.dsn, self.rcv_nxt) if opt.dsn64 else unwrap32(opt.dsn, self.rcv_nxt)
@@ -395,8 +510,8 @@ class Connection:
                 m.buf += chunk
                 if len(m.buf) == m.length:
                     if crypto.dss_checksum(m.dsn, m.ssn, m.data_len, bytes(m.buf)) != m.checksum:
-                        # MP_FAIL and the infinite mapping are not implemented: reset the subflow.
-                        self._reset_subflow(sf, RST_MPTCP_ERROR, "DSS checksum mismatch")
+                        if self._on_checksum_failure(sf, m) and payload:
+                            self.on_subflow_data(sf, rel + take, payload)   # the rest, as plain TCP
                         return
                     self._deliver(m.dsn, bytes(m.buf))
                     m.buf = bytearray()
@@ -542,7 +657,8 @@ class Connection:
                          checksum=csum, data_fin=True)])
 
     def on_timer(self, now: float) -> None:
-        """Data-level timer: repeat an unacknowledged DATA_FIN."""
+        """Data-level timer: repeat an unacknowledged DATA_FIN (and unechoed ADD_ADDRs)."""
+        self.pm.on_timer(now)
         if self.data_fin_deadline is not None and now >= self.data_fin_deadline and not self.data_fin_acked:
             sf = self.scheduler.pick(self, 0, ignore_cwnd=True)
             self.data_fin_rto = min(self.data_fin_rto * 2, 30)
@@ -552,7 +668,8 @@ class Connection:
 
     def deadline(self) -> float | None:
         """Earliest timer of this connection's own (subflow timers are separate)."""
-        return self.data_fin_deadline
+        due = [d for d in (self.data_fin_deadline, self.pm.deadline()) if d is not None]
+        return min(due) if due else None
 
     def _maybe_close_subflows(self) -> None:
         # §3.3.3: once both DATA_FINs are acknowledged, the subflows close with FIN.
@@ -578,6 +695,7 @@ class Connection:
 
     def on_subflow_established(self, sf: Subflow) -> None:
         """An MP_JOIN subflow completed its four-way handshake."""
+        self.joined = True
         self.stack.emit_event(Event("sf_established", self.local_token, time.time(), sf.key, sf.backup))
         self.cond.notify_all()
         self.stack.wake()
@@ -605,6 +723,15 @@ class Connection:
             for other in list(self.subflows):
                 self._drop_subflow(other, "MP_FASTCLOSE")
             return
+        fail = seg.option(MpFail)
+        if fail is not None and not self.fallback:
+            # §3.7: the peer's checksum failed on this subflow and it discarded
+            # what followed, though the subflow acknowledged it: send it again.
+            self.stack.log(f"RST with MP_FAIL at DSN {fail.dsn} on {sf.key}")
+            self._reinject_from(unwrap64(fail.dsn, self.snd_una), sf)
+            self.on_subflow_stale(sf)
+            self._drop_subflow(sf, f"reset by peer with MP_FAIL (reason {sf.reset_reason})")
+            return
         self.on_subflow_stale(sf)
         self._drop_subflow(sf, f"reset by peer (reason {sf.reset_reason})" if rst else "reset by peer")
 
@@ -620,6 +747,33 @@ class Connection:
         sf.send_rst([MpTcpRst(reason_code)])
         self.on_subflow_stale(sf)
         self._drop_subflow(sf, why)
+
+    def close_subflow(self, sf: Subflow, reason_code: int, why: str) -> None:
+        """Reset one subflow with MP_TCPRST (its unacknowledged data goes to the others)."""
+        self._reset_subflow(sf, reason_code, why)
+
+    def emit(self, kind: str, sf: Subflow | None = None, reason: str | None = None) -> None:
+        """Publish an event of this connection (sf_priority, announced, removed, fallback, ...)."""
+        self.stack.emit_event(Event(kind, self.local_token, time.time(), sf.key if sf else None,
+                                    sf.backup if sf else False, reason))
+
+    def accepts_join_to(self, laddr: str, lport: int) -> bool:
+        """False for a join to our initial address and port when our SYN/ACK carried the C flag."""
+        return not (self.deny_join_initial and (laddr, lport) == self.pm.initial_local)
+
+    def remote_port(self) -> int:
+        """The peer's port of the initial subflow (where joins go unless an ADD_ADDR names one)."""
+        return self.pm.initial_remote[1]
+
+    def open_join_to(self, raddr: str, rport: int, remote_addr_id: int) -> None:
+        """Start (without waiting) a join to a peer address, from the local address routing picks."""
+        try:
+            laddr = self.stack.source_for(raddr)
+            sf = self.stack.open_subflow(self, laddr, raddr, rport, join=True, addr_id=self.pm.local_id(laddr))
+        except StackError as exc:
+            self.stack.log(f"join to {raddr}:{rport}: {exc}")
+            return
+        sf.remote_addr_id = remote_addr_id
 
     def on_subflow_closed(self, sf: Subflow) -> None:
         """A subflow finished its FIN exchange."""
@@ -733,20 +887,64 @@ class Connection:
             self._fail("aborted")
             self._closed()
 
-    def add_subflow(self, local_addr: str, backup: bool = False, timeout: float = 5.0) -> None:
-        """Open an MP_JOIN subflow from local_addr to the connection's remote address/port."""
+    def add_subflow(self, local_addr: str, backup: bool = False, timeout: float = 5.0,
+                    remote: tuple[str, int] | None = None) -> None:
+        """Open an MP_JOIN subflow from local_addr to remote (default: the peer's initial address/port)."""
         with self.cond:
-            if self.fallback or self.remote_key is None or self.state != "ESTABLISHED":
-                raise StackError("cannot join: the connection is not an established MPTCP connection")
-            first = self.subflows[0] if self.subflows else None
-            if first is None:
+            self._require_mptcp("join")
+            if not self.subflows:
                 raise StackError("cannot join: no subflow left")
-            sf = self.stack.open_subflow(self, local_addr, first.raddr, first.rport, join=True,
-                                         backup=backup, addr_id=self.next_addr_id)
-            self.next_addr_id += 1
+            if remote is None:
+                if self.peer_deny_join_initial:
+                    # §3.1 C flag: the peer accepts joins only to addresses it announced.
+                    raise StackError("cannot join: the peer does not accept joins to its initial address "
+                                     "and port (C flag); join an address it announced")
+                remote = self.pm.initial_remote
+            sf = self.stack.open_subflow(self, local_addr, remote[0], remote[1], join=True,
+                                         backup=backup, addr_id=self.pm.local_id(local_addr))
             ok = self.cond.wait_for(lambda: sf.fully_established or sf not in self.subflows, timeout)
             if not ok or sf not in self.subflows:
                 raise StackError(f"MP_JOIN from {local_addr} failed")
+
+    def _require_mptcp(self, what: str) -> None:
+        if self.fallback or self.remote_key is None or self.state != "ESTABLISHED":
+            raise StackError(f"cannot {what}: the connection is not an established MPTCP connection")
+
+    def announce(self, addr: str, port: int | None = None) -> int:
+        """Announce a local address (ADD_ADDR, repeated until echoed); returns its address ID."""
+        with self.cond:
+            self._require_mptcp("announce")
+            if addr not in self.stack.by_addr:
+                raise StackError(f"cannot announce {addr}: not an address of an attached interface")
+            if port is not None and port not in self.stack.listeners:
+                raise StackError(f"cannot announce port {port}: the stack does not listen on it")
+            try:
+                addr_id = self.pm.announce(addr, port)
+            except ValueError as exc:
+                raise StackError(f"cannot announce {addr}: {exc}") from None
+            return addr_id
+
+    def withdraw(self, addr_id: int) -> None:
+        """Withdraw a local address ID (REMOVE_ADDR) and reset the subflows using it."""
+        with self.cond:
+            self._require_mptcp("withdraw")
+            if not 0 <= addr_id <= 255:
+                raise StackError(f"cannot withdraw address ID {addr_id}: not in 0..255")
+            self.pm.withdraw(addr_id)
+
+    def set_backup(self, local_addr: str, backup: bool) -> int:
+        """Change the priority of the subflows from local_addr and tell the peer (MP_PRIO); returns how many."""
+        with self.cond:
+            self._require_mptcp("change priority")
+            subs = [sf for sf in self.subflows if sf.laddr == local_addr and sf.fully_established]
+            if not subs:
+                raise StackError(f"cannot change priority: no established subflow from {local_addr}")
+            for sf in subs:
+                sf.backup = backup
+                # §3.3.8: MP_PRIO applies to the subflow it is sent on.
+                sf.send_ack([self._data_ack_option(), MpPrio(backup)])
+            self.stack.wake()
+            return len(subs)
 
     def rekey(self, local_key: int, remote_key: int) -> None:
         """Use keys agreed outside MPTCP (e.g. a TLS exporter; docs/privacy.md) from
@@ -770,7 +968,9 @@ class Connection:
         with self.cond:
             return ConnectionInfo(self.local_token, self.remote_token, self.state, self.fallback, self.checksum,
                                   self.bytes_sent, self.bytes_received,
-                                  [self._subflow_info(sf) for sf in self.subflows], list(self.closed_subflows))
+                                  [self._subflow_info(sf) for sf in self.subflows], list(self.closed_subflows),
+                                  self.fallback_reason, tuple(self.pm.peer_addrs.values()),
+                                  tuple(i for i, a in self.pm.announced.items() if a.echoed))
 
     @staticmethod
     def _subflow_info(sf: Subflow) -> SubflowInfo:
@@ -778,4 +978,5 @@ class Connection:
                            sf.fully_established, None if sf.srtt is None else sf.srtt * 1000, sf.rto * 1000,
                            int(sf.cc.cwnd), sf.cc.ssthresh, sf.inflight, sf.stats.bytes_sent,
                            sf.stats.bytes_retransmitted, sf.stats.bytes_acked, sf.stats.bytes_received,
-                           sf.stats.fast_retransmits, sf.stats.timeouts, sf.reset_reason)
+                           sf.stats.fast_retransmits, sf.stats.timeouts, sf.reset_reason, sf.addr_id,
+                           sf.remote_addr_id)

@@ -88,6 +88,11 @@ class Dss:
         """True when the option carries a DSN mapping."""
         return self.dsn is not None
 
+    @property
+    def infinite(self) -> bool:
+        """True for the infinite mapping of §3.7 (a mapping with data-level length 0)."""
+        return self.dsn is not None and self.data_len == 0 and not self.data_fin
+
 
 @dataclass(frozen=True)
 class AddAddr:

@@ -10,6 +10,7 @@ same lock and send directly. Every blocking call has a timeout.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -25,16 +26,18 @@ from testbed.stack.attach import (CLIENT_PORTS, AttachError, Interface, NftGuard
                                   netns_path, run_in_netns)
 from testbed.stack.cc import CONTROLLERS
 from testbed.stack.connection import Connection, ConnectionInfo, Event, StackError
-from testbed.stack.options import MpJoinSyn, MpTcpRst, RST_MPTCP_ERROR
+from testbed.stack.options import RST_ADMIN, RST_MPTCP_ERROR, MpJoinSyn, MpTcpRst
+from testbed.stack.pm import PeerAddress, PmLimits
 from testbed.stack.packet import ACK, RST, SYN, DecodeError, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
 from testbed.stack.scheduler import SCHEDULERS
 from testbed.stack.subflow import MASK32, Subflow
 
 log = logging.getLogger("testbed.stack")
+_libc = ctypes.CDLL(None, use_errno=True)
 _instances = count(1)
 
 __all__ = ["Stack", "Listener", "Connection", "ConnectionInfo", "Event", "StackError", "AttachError",
-           "SentSegment"]
+           "SentSegment", "PmLimits", "PeerAddress"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,12 @@ def _check_choices(cc: str, scheduler: str) -> None:
 class Listener:
     """A listening port of the stack; accept() returns established connections."""
 
-    def __init__(self, stack: "Stack", port: int, backlog: int, checksum: bool):
+    def __init__(self, stack: "Stack", port: int, backlog: int, checksum: bool, deny_join_initial: bool = False):
         self.stack = stack
         self.port = port
         self.backlog = backlog
         self.checksum = checksum
+        self.deny_join_initial = deny_join_initial   # the C flag in its connections' SYN/ACKs
         self.ready: list[Connection] = []
         self.cond = threading.Condition(stack.lock)
         self.closed = False
@@ -94,10 +98,18 @@ class Stack:
 
     def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
                  checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False,
+                 pm_limits: PmLimits | None = None, deny_join_initial: bool = False,
                  obfuscate_dsn: bool = False, external_keys: bool = False):
         _check_choices(cc, scheduler)
         # privacy extensions asked for / agreed to (stack/privacy.py)
         self.obfuscate_dsn, self.external_keys = obfuscate_dsn, external_keys
+        self.pm_limits = pm_limits or PmLimits()     # how far ADD_ADDRs from peers are acted upon
+        self.deny_join_initial = deny_join_initial   # listeners' default for the C flag
+        # Test hooks emulating a middlebox inside the stack: each gets (subflow or None,
+        # segment) and returns the segment to put on the wire / to process. What the
+        # stack records as sent stays what it meant to send.
+        self.tamper_tx = None
+        self.tamper_rx = None
         self.netns = netns_path(netns)
         self.checksum = checksum
         self.cc = cc
@@ -202,6 +214,11 @@ class Stack:
         pkt = encode_ipv4(IpPacket(sf.laddr, sf.raddr, seg, ident=self._ip_ident))
         if self.record:
             self.sent.append(SentSegment(time.time(), sf.laddr, sf.raddr, seg))
+        if self.tamper_tx is not None:
+            wire = self.tamper_tx(sf, seg)
+            if wire is None:
+                return
+            pkt = encode_ipv4(IpPacket(sf.laddr, sf.raddr, wire, ident=self._ip_ident))
         self.stats["tx_packets"] += 1
         sf.port.send(pkt, sf.raddr)
 
@@ -253,9 +270,12 @@ class Stack:
                 return port
         raise StackError("no free client port")
 
-    def _source_for(self, dst: str) -> str:
+    def source_for(self, dst: str) -> str:
         """The local address the namespace's routing picks for dst."""
         try:
+            # A connected UDP socket keeps the source address of its first route:
+            # dissolve the association (connect to AF_UNSPEC) so each lookup is fresh.
+            _libc.connect(self._route_sock.fileno(), bytes(16), 16)
             self._route_sock.connect((dst, 9))
             return self._route_sock.getsockname()[0]
         except OSError as exc:
@@ -291,10 +311,11 @@ class Stack:
             raise StackError("stack is closed")
         _check_choices(cc or self.cc, scheduler or self.scheduler)
         with self.lock:
-            first = paths[0] if paths else self._source_for(raddr)
+            first = paths[0] if paths else self.source_for(raddr)
             conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
                               cc=cc or self.cc, mptcp=mptcp, scheduler=scheduler or self.scheduler,
-                              obfuscate_dsn=self.obfuscate_dsn, external_keys=self.external_keys)
+                              pm_limits=self.pm_limits, obfuscate_dsn=self.obfuscate_dsn,
+                              external_keys=self.external_keys)
             self.connections.add(conn)
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
@@ -308,12 +329,16 @@ class Stack:
                 self.log(f"join from {addr}: {exc}")
         return conn
 
-    def listen(self, port: int, backlog: int = 64, checksum: bool | None = None) -> Listener:
-        """Accept MPTCP (and plain TCP) connections on port, on every attached address."""
+    def listen(self, port: int, backlog: int = 64, checksum: bool | None = None,
+               deny_join_initial: bool | None = None) -> Listener:
+        """Accept MPTCP (and plain TCP) connections on port, on every attached address.
+
+        deny_join_initial sets the C flag (§3.1): peers may join only addresses announced with ADD_ADDR."""
         with self.lock:
             if port in self.listeners:
                 raise StackError(f"port {port} is already listening")
-            lst = Listener(self, port, backlog, self.checksum if checksum is None else checksum)
+            lst = Listener(self, port, backlog, self.checksum if checksum is None else checksum,
+                           self.deny_join_initial if deny_join_initial is None else deny_join_initial)
             self.listeners[port] = lst
         self.nft.add_port(port)
         return lst
@@ -371,6 +396,10 @@ class Stack:
             self._dispatch(port, pkt)
 
     def _dispatch(self, port: PathPort, pkt: IpPacket) -> None:
+        if self.tamper_rx is not None:
+            pkt.tcp = self.tamper_rx(None, pkt.tcp)
+            if pkt.tcp is None:
+                return
         seg = pkt.tcp
         sf = self.subflows.get((pkt.dst, seg.dport, pkt.src, seg.sport))
         if sf is not None:
@@ -396,14 +425,18 @@ class Stack:
         join = seg.option(MpJoinSyn)
         if join is not None:
             conn = self.tokens.get(join.token)
-            if conn is None or conn.fallback or conn.state != "ESTABLISHED":
-                # §3.2: an unknown token is answered with a RST.
+            refused = conn is None or conn.fallback or conn.state != "ESTABLISHED"
+            if refused or not conn.accepts_join_to(pkt.dst, seg.dport):
+                # §3.2: an unknown token is answered with a RST; so is a join to the
+                # initial address and port after our SYN/ACK carried the C flag.
                 rst = TcpSegment(seg.dport, seg.sport, 0, (seg.seq + 1) & MASK32, RST | ACK, 0,
-                                 [MpTcpRst(RST_MPTCP_ERROR)])
+                                 [MpTcpRst(RST_MPTCP_ERROR if refused else RST_ADMIN)])
                 port.send(encode_ipv4(IpPacket(pkt.dst, pkt.src, rst)), pkt.src)
                 return
+            # The SYN/ACK carries our ID for the address joined; the peer's ID is the SYN's.
             sf = Subflow(conn, port, pkt.dst, seg.dport, pkt.src, seg.sport, join=True, active=False,
-                         backup=join.backup, addr_id=join.addr_id, cc=conn.cc)
+                         backup=join.backup, addr_id=conn.pm.local_id(pkt.dst), cc=conn.cc)
+            sf.remote_addr_id = join.addr_id
             sf.remote_nonce = join.nonce
             sf.local_nonce = crypto.new_nonce()
         else:
@@ -411,6 +444,7 @@ class Stack:
             if half_open + len(lst.ready) >= lst.backlog:
                 return  # SYN queue full: drop, the peer retries
             conn = Connection(self, active=False, checksum=lst.checksum, cc=self.cc, scheduler=self.scheduler,
+                              pm_limits=self.pm_limits, deny_join_initial=lst.deny_join_initial,
                               obfuscate_dsn=self.obfuscate_dsn, external_keys=self.external_keys)
             conn.accept_queue = lst.ready
             self.connections.add(conn)

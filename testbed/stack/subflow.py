@@ -136,6 +136,7 @@ class Subflow:
         self.syn_sent_at = 0.0
         self.rx_maps: list = []          # data-level mappings received (connection-owned type)
         self.unmapped: list[tuple[int, bytes]] = []   # bytes that arrived before their mapping
+        self.remote_addr_id: int | None = None   # the peer's address ID (0: its initial address)
 
     # ------------------------------------------------------------------ info
     @property
