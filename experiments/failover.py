@@ -66,7 +66,8 @@ class Failover(Experiment):
         faults = [e for e in ctx.spec.scenario.events if e.action in FAILURES]
         load = workload.get("app", mode="bulk", seconds=p.seconds, direction=p.direction,
                             protocol="mptcp", cc=tb.settings["client"].congestion_control,
-                            client_stack=p.client_stack, server_stack=p.server_stack)
+                            client_stack=p.client_stack, server_stack=p.server_stack,
+                            user_scheduler=p.user_scheduler)
         result = load.run(tb, ctx.raw_dir, ctx.t0_ns, timeout_s=p.seconds + 30)
         m = dict(result.metrics)
         if m.get("outcome") == "failed":

@@ -63,7 +63,7 @@ class Throughput(Experiment):
         if p.tool == "app":
             load = workload.get("app", mode="bulk", seconds=p.seconds, direction=p.direction,
                                 protocol=p.protocol, cc=cc, client_stack=p.client_stack,
-                                server_stack=p.server_stack)
+                                server_stack=p.server_stack, user_scheduler=p.user_scheduler)
         else:
             load = workload.get("iperf", seconds=p.seconds, reverse=p.direction == "down",
                                 protocol=p.protocol, cc=cc)

@@ -89,11 +89,12 @@ def test_paper_campaign_is_data_with_the_runs_it_always_had():
     plan = paper.load()
     files = [e.file for e in plan.scenario]
     assert files == ["robe-establishment.toml", "failover.toml", "failover-mpprio.toml", "throughput.toml",
-                     "fairness.toml", "fairness-user.toml", "privacy.toml", "privacy-countermeasures.toml"]
+                     "fairness.toml", "fairness-user.toml", "failover-redundant.toml", "privacy.toml",
+                     "privacy-countermeasures.toml"]
     runs = {q: sum(len(sc.expand(s)) for s in plan.scenarios(q)) for q in (True, False)}
-    assert runs == {True: 88 + 6 + 2 + 1, False: 772 + 24 + 32 + 16}
+    assert runs == {True: 88 + 6 + 3 + 2 + 1, False: 772 + 24 + 9 + 32 + 16}
     quick = plan.scenarios(True)
-    assert [s.repetitions for s in quick] == [2, 1, 1, 1, 1, 1, 1, 1]
+    assert [s.repetitions for s in quick] == [2, 1, 1, 1, 1, 1, 1, 1, 1]
     assert quick[3].params == {"seconds": 6} and quick[3].grid["topology.params.delays"] == [[0, 0], [25, 1]]
 
 

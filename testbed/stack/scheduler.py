@@ -41,20 +41,26 @@ def has_room(sf: "Subflow", size: int) -> bool:
     return sf.inflight + min(size, sf.mss) <= sf.cc.cwnd
 
 
+def lowest_rtt(pool: list["Subflow"], size: int, ignore_cwnd: bool = False):
+    """The subflow of pool with the lowest expected RTT that has room for size bytes (any, with
+    ignore_cwnd), or None."""
+    best = None
+    for sf in pool:
+        if not ignore_cwnd and not has_room(sf, size):
+            continue
+        rtt = sf.expected_rtt()
+        if best is None or rtt < best[0]:
+            best = (rtt, sf)
+    return best[1] if best else None
+
+
 class Scheduler:
     """Base: picks by lowest expected RTT; no copies."""
     name = "lowrtt"
 
     def pick(self, conn: "Connection", size: int, exclude_stale: bool = False, ignore_cwnd: bool = False):
         """The subflow to carry the next `size` bytes, or None to wait."""
-        best = None
-        for sf in candidates(conn, exclude_stale):
-            if not ignore_cwnd and not has_room(sf, size):
-                continue
-            rtt = sf.expected_rtt()
-            if best is None or rtt < best[0]:
-                best = (rtt, sf)
-        return best[1] if best else None
+        return lowest_rtt(candidates(conn, exclude_stale), size, ignore_cwnd)
 
     def on_sent(self, conn: "Connection", sf: "Subflow", dsn: int, payload: bytes) -> None:
         """New data [dsn, dsn + len(payload)) went out on sf."""
@@ -109,14 +115,9 @@ class RedundantScheduler(Scheduler):
     def pick(self, conn: "Connection", size: int, exclude_stale: bool = False, ignore_cwnd: bool = False):
         """New data goes to the lowest-RTT subflow that has carried everything so far and has room."""
         self._sync(conn)
-        best = None
-        for sf in candidates(conn, exclude_stale):
-            if not ignore_cwnd and (self._next(conn, sf) < conn.snd_nxt or not has_room(sf, size)):
-                continue
-            rtt = sf.expected_rtt()
-            if best is None or rtt < best[0]:
-                best = (rtt, sf)
-        return best[1] if best else None
+        pool = [sf for sf in candidates(conn, exclude_stale)
+                if ignore_cwnd or self._next(conn, sf) >= conn.snd_nxt]
+        return lowest_rtt(pool, size, ignore_cwnd)
 
     def on_sent(self, conn: "Connection", sf: "Subflow", dsn: int, payload: bytes) -> None:
         """Copy the new segment at once onto every other caught-up subflow with room."""

@@ -262,7 +262,7 @@ def _outcome(sock: socket.socket | user_socket.UserSocket) -> str:
 
 def _user_client(a: argparse.Namespace) -> user_socket.UserSocket:
     """An unconnected client of the user-space stack over --paths (first: initial subflow)."""
-    stack = user_socket.open_stack(a.netns, a.cc, a.checksum)
+    stack = user_socket.open_stack(a.netns, a.cc, a.checksum, a.scheduler)
     paths = [p for p in (a.paths or "").split(",") if p]
     if a.bind_addr:  # the initial path first, the others join
         paths = [a.bind_addr, *[p for p in paths if p != a.bind_addr]]
@@ -282,7 +282,8 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "server", "protocol": a.protocol, "stack": a.stack, "pid": os.getpid()}
     # Stays open for the whole run: MP_JOIN SYNs need the listener.
     if a.stack == "user":  # on every address of the namespace, like the wildcard bind
-        ls: Any = user_socket.UserListener(user_socket.open_stack(a.netns, a.cc, a.checksum), a.port)
+        ls: Any = user_socket.UserListener(user_socket.open_stack(a.netns, a.cc, a.checksum, a.scheduler),
+                                           a.port)
     else:
         ls = so.listener(a.port, a.bind, a.protocol, a.cc, backlog=4)
     ls.settimeout(a.timeout)
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", help="user stack client: local addresses, the initial one first")
     p.add_argument("--backup", help="user stack client: local addresses joined as backup")
     p.add_argument("--checksum", action="store_true", help="user stack: ask for DSS checksums")
+    p.add_argument("--scheduler", default="lowrtt", help="user stack: packet scheduler (testbed.stack.scheduler)")
     a = p.parse_args(argv)
     if a.stack == "user" and not a.netns:
         p.error("--stack user needs --netns (the stack never attaches to a namespace by default)")

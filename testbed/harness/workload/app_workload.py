@@ -32,6 +32,7 @@ from testbed.harness.probes.base import frame, rel_s
 from testbed.harness.workload.app import HEADER_LEN
 from testbed.harness.workload.base import (Workload, WorkloadParams, WorkloadResult, raw_dir,
                                    register, wait_procs)
+from testbed.stack.scheduler import SCHEDULERS
 
 REPO = Path(__file__).resolve().parents[2]
 StackName = Literal["kernel", "user"]
@@ -56,6 +57,21 @@ class StackChoice(Strict):
     (testbed.stack) attached to the host's path interfaces."""
     client_stack: StackName = "kernel"
     server_stack: StackName = "kernel"
+    user_scheduler: str | None = Field(
+        None, description="the user-space stack's packet scheduler on its side(s) (lowrtt, roundrobin, "
+                          "redundant; default lowrtt); the kernel's is hosts.<role>.scheduler")
+
+    @model_validator(mode="after")
+    def _scheduler(self) -> "StackChoice":
+        if self.user_scheduler is None:
+            return self
+        if self.user_scheduler not in SCHEDULERS:
+            raise ValueError(f"user_scheduler {self.user_scheduler!r} is not a scheduler of the user-space "
+                             f"stack (one of {', '.join(SCHEDULERS)})")
+        if "user" not in (self.client_stack, self.server_stack):
+            raise ValueError("user_scheduler needs a side on the user-space stack (client_stack or "
+                             "server_stack 'user'); kernel MPTCP's scheduler is hosts.<role>.scheduler")
+        return self
 
 
 class AppParams(StackChoice, WorkloadParams):
@@ -174,6 +190,7 @@ class AppWorkload(Workload):
             return []
         node = tb.client if role == "client" else tb.server
         args = ["--stack", "user", "--netns", ns_path(node.pid)]
+        args += ["--scheduler", p.user_scheduler] if p.user_scheduler else []
         if role == "client":
             default = tb.topology.default.name
             ordered = sorted(tb.paths, key=lambda q: q.name != default)

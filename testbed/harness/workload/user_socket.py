@@ -187,10 +187,10 @@ class UserListener:
         self.stack.close()
 
 
-def open_stack(netns: str, cc: str, checksum: bool = False) -> Stack:
+def open_stack(netns: str, cc: str, checksum: bool = False, scheduler: str = "lowrtt") -> Stack:
     """A stack attached to every IPv4 interface of the namespace file netns; OSError if it cannot."""
     try:
-        return Stack(netns=netns, cc=cc, checksum=checksum)
+        return Stack(netns=netns, cc=cc, checksum=checksum, scheduler=scheduler)
     except (StackError, AttachError) as exc:
         raise os_error(exc) from None
 
