@@ -18,7 +18,9 @@ import time
 from dataclasses import asdict
 
 from testbed.stack.attach import AttachError
+from testbed.stack.cc import CONTROLLERS
 from testbed.stack.connection import StackError
+from testbed.stack.scheduler import SCHEDULERS
 from testbed.stack.stack import Stack
 
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # for a process already started inside the right namespace (mnexec, nsenter).
     ap.add_argument("--netns", required=True, help="PID or path of the network namespace, or 'self'")
     ap.add_argument("--checksum", action="store_true", help="ask for DSS checksums")
-    ap.add_argument("--cc", default="cubic", choices=["cubic", "reno"])
+    ap.add_argument("--cc", default="cubic", choices=list(CONTROLLERS), help="congestion control (lia, olia: coupled)")
+    ap.add_argument("--scheduler", default="lowrtt", choices=list(SCHEDULERS), help="packet scheduler")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds for connect/accept/recv")
     sub = ap.add_subparsers(dest="cmd", required=True)
     lp = sub.add_parser("listen", help="accept connections, read each to its end")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     netns = None if args.netns == "self" else int(args.netns) if args.netns.isdigit() else args.netns
     try:
-        with Stack(netns, checksum=args.checksum, cc=args.cc) as st:
+        with Stack(netns, checksum=args.checksum, cc=args.cc, scheduler=args.scheduler) as st:
             if args.cmd == "listen":
                 lst = st.listen(args.port)
                 for _ in range(args.count):
