@@ -7,6 +7,7 @@
     ./tb bench.chaos [--runs 200] [--interrupts 20] [--out DIR]
     ./tb bench.stack [--seconds 3]
     ./tb bench.parallel [--experiment establishment] [--ks 1,2,3,4] [--reps N]
+    ./tb bench.calibration [--calibrations 6] [--checks 100]
 """
 from __future__ import annotations
 
@@ -141,3 +142,21 @@ ns.add_task(distributed)
 ns.add_task(chaos)
 ns.add_task(stack)
 ns.add_task(parallel)
+
+
+@task(help={"calibrations": "consecutive full calibrations of one testbed (default 6)",
+            "checks": "drift checks against the last valid one (default 100)"})
+def calibration(c, calibrations=6, checks=100):
+    """Spread of a kept testbed's full calibrations, and the drift check's cost and false alarms."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.tools.bench.calibration import run
+
+    text, ok = guard(lambda: run(int(calibrations), int(checks)))
+    print(text)
+    if not ok:
+        raise Exit("bench.calibration: a calibration failed or a drift check voided a run", code=1)
+
+
+ns.add_task(calibration)
