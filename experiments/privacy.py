@@ -87,9 +87,10 @@ class _KernelEnd:
         """Read nbytes (fewer only at the end of the stream)."""
         return receive_stream(self.sock, limit=nbytes)
 
-    def drain(self) -> None:
-        """Read to the end of the stream."""
-        receive_stream(self.sock)
+    def drain(self, count: list[int] | None = None) -> None:
+        """Read to the end of the stream (adding what arrives to count[0])."""
+        receive_stream(self.sock, None if count is None else
+                       (lambda d: count.__setitem__(0, count[0] + len(d))))
 
     def subflows(self) -> list[tuple[str, int, str, int]]:
         """(local addr, port, remote addr, port) per subflow; a fallen-back connection has its one."""
@@ -140,10 +141,11 @@ class _UserEnd:
             got += len(d)
         return got
 
-    def drain(self) -> None:
-        """Read to the end of the stream."""
-        while self.conn.recv(CHUNK, timeout=self.timeout):
-            pass
+    def drain(self, count: list[int] | None = None) -> None:
+        """Read to the end of the stream (adding what arrives to count[0])."""
+        while data := self.conn.recv(CHUNK, timeout=self.timeout):
+            if count is not None:
+                count[0] += len(data)
 
     def subflows(self) -> list[tuple[str, int, str, int]]:
         """(local addr, port, remote addr, port) per subflow, the closed ones too."""
@@ -164,11 +166,12 @@ class _UserEnd:
         self.conn.close()
 
 
-def _serve(end, p: Params, errors: list[str]) -> None:
-    """One accepted connection: drain it (bulk) or answer each request (reqresp)."""
+def _serve(end, p: Params, errors: list[str], count: list[int]) -> None:
+    """One accepted connection: drain it (bulk; bytes into count[0]) or answer
+    each request (reqresp)."""
     try:
         if p.pattern == "bulk":
-            end.drain()
+            end.drain(count)
         else:
             while end.recv_exact(p.request_bytes) == p.request_bytes:
                 end.send(nbytes=p.response_bytes)
@@ -176,6 +179,15 @@ def _serve(end, p: Params, errors: list[str]) -> None:
         errors.append(f"server: {exc}")
     finally:
         end.close()
+
+
+def _goodput(samples: list[tuple[float, int]], a: float, b: float) -> float | None:
+    """Mbit/s the servers read between monotonic times a and b (None for a window under 1 s)."""
+    if b - a < 1 or not samples:
+        return None
+    at = lambda t: min(samples, key=lambda s: abs(s[0] - t))  # noqa: E731 - the nearest sample
+    (ta, ra), (tb, rb) = at(a), at(b)
+    return (rb - ra) * 8 / (tb - ta) / 1e6 if tb - ta >= 1 else None
 
 
 @register
@@ -204,9 +216,10 @@ class Privacy(Experiment):
         served: list[threading.Thread] = []
         fell_back: set[int] = set()
         # the cost of a countermeasure: connect() until usable (user stack: joins
-        # and TLS included), bytes handed over (bulk), answers received (reqresp)
+        # and TLS included), the servers' bytes over time (bulk), answers received (reqresp)
         setup_s = [math.nan] * p.connections
-        sent = [0] * p.connections
+        received: list[list[int]] = []  # per served connection: bytes its server read
+        samples: list[tuple[float, int]] = []
         done = [0] * p.connections
         timeout = p.stagger_s + p.seconds + 30
         resources = contextlib.ExitStack()
@@ -269,7 +282,9 @@ class Privacy(Experiment):
                 errors.append(f"server: {exc}")
                 end.close()
                 return
-            _serve(end, p, errors)
+            count = [0]
+            received.append(count)
+            _serve(end, p, errors, count)
 
         def accept_all() -> None:
             for _ in range(p.connections):
@@ -297,7 +312,7 @@ class Privacy(Experiment):
                 n = 0
                 while time.monotonic() < stop:
                     if p.pattern == "bulk":
-                        sent[i] += end.send(until=min(stop, time.monotonic() + 0.25))
+                        end.send(until=min(stop, time.monotonic() + 0.25))
                     else:
                         end.send(nbytes=p.request_bytes)
                         if end.recv_exact(p.response_bytes) < p.response_bytes:
@@ -328,8 +343,17 @@ class Privacy(Experiment):
                        for i in range(p.connections)]
             for w in workers:
                 w.start()
+            sampling = threading.Event()
+
+            def sample() -> None:  # the servers' byte count over time (bulk goodput)
+                while not sampling.wait(0.1):
+                    samples.append((time.monotonic(), sum(c[0] for c in list(received))))
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             for w in workers:
                 w.join(p.stagger_s + p.seconds + 60)
+            sampling.set()
+            sampler.join(1)
             acceptor.join(5)
             for t in served:
                 t.join(10)
@@ -347,7 +371,8 @@ class Privacy(Experiment):
         m = {"connections": p.connections, "pattern": p.pattern, "start": p.start,
              "stack": p.stack, "countermeasure": p.countermeasure,
              "setup_ms_median": 1000 * statistics.median(setup_s),
-             "sent_mbit": sum(sent) * 8 / p.seconds / 1e6 if p.pattern == "bulk" else None,
+             "goodput_mbit": _goodput(samples, t0 + max(starts) + 0.5, t0 + min(starts) + p.seconds)
+             if p.pattern == "bulk" else None,
              "answers_per_s": sum(done) / p.seconds if p.pattern == "reqresp" else None,
              "clients": len(clients), "observers": ",".join(p.observers),
              "observed_subflows": len(obs),

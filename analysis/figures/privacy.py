@@ -76,7 +76,7 @@ def table(summ: pd.DataFrame) -> pd.DataFrame:
 
 
 COST = {"metric.setup_ms_median": "setup ms (median of runs' medians)",
-        "metric.sent_mbit": "bulk: Mbit/s handed to the stack (median)",
+        "metric.goodput_mbit": "bulk: goodput Mbit/s, all connections (median)",
         "metric.answers_per_s": "request/response: answers per s (median)"}
 
 
