@@ -194,3 +194,18 @@ def test_calibration_checks_a_multihop_path_against_all_of_its_links():
     for name in ("wifi", "lte"):
         assert re.search(rf"{name} \(emulated links {name}, mid\): RTT 1[78]\.\d+ ms, configured 8 ms",
                          bad["reason"]), bad["reason"]
+
+
+@pytest.mark.parametrize("name, params, expected", [
+    ("two-path", {"rate_mbit": 20}, {"wifi": 20, "lte": 20}),
+    ("shared-bottleneck", {"bottleneck_mbit": 20}, {"a": 10, "b": 10}),  # the shared link caps
+    ("wifi-lte-cross", {}, {"wifi": 20, "lte": 20}),  # plain access links: the cells' rates
+    ("multihop", {"wifi_mbit": 20, "lte_mbit": 20, "middle_mbit": 30}, {"wifi": 15, "lte": 15}),
+])
+def test_throughputs_configured_rates_are_the_composed_paths(name, params, expected):
+    from types import SimpleNamespace
+
+    from experiments.throughput import configured_rates
+    g = load(name, **params).graph()
+    tb = SimpleNamespace(graph=g, paths=[SimpleNamespace(name=p.name, graph=p) for p in g.paths])
+    assert configured_rates(tb, "up") == pytest.approx(expected)
