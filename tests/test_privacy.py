@@ -144,3 +144,15 @@ def test_dsn_offsets_on_the_user_stack_leave_the_dsn_attack_at_chance(tmp_path):
     sc = P.run_scores(analysis.load(tmp_path / "out")).set_index("method")
     assert sc.loc["token", "tp"] == 3
     assert sc.loc["dsn", "tp"] == 0 and sc.loc["dsn", "fp"] == 0
+
+
+def test_an_observer_that_missed_a_packet_is_a_problem(monkeypatch):
+    from testbed.harness.observers import PathObservers
+    obs = object.__new__(PathObservers)  # as after start() and stop(), without namespaces
+    obs._points = {"wifi": ("ap", "ap-wifi"), "lte": ("bs", "bs-lte")}
+    obs._before, obs._after = {"wifi": 10, "lte": 5}, {"wifi": 110, "lte": 45}
+    monkeypatch.setattr(obs, "captured", lambda: {"wifi": 99, "lte": 40})
+    assert obs.problems() == ["observer wifi: captured 99 packets, interface ap-wifi moved 100 "
+                              "(bound: all of them)"]
+    obs._after = {}
+    assert "could not be read" in obs.problems()[0]
