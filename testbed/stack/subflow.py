@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from testbed.stack.cc import make_cc
-from testbed.stack.packet import (ACK, FIN, RST, SYN, Mss, TcpSegment, Timestamps, WindowScale)
+from testbed.stack.packet import (ACK, FIN, RST, SYN, Mss, Sack, SackPermitted, TcpSegment, Timestamps,
+                                  WindowScale)
 
 if TYPE_CHECKING:  # pragma: no cover
     from testbed.stack.connection import Connection
@@ -27,6 +28,8 @@ RCV_WSCALE = 7            # 4 MiB windows fit in 16 bits << 7
 MIN_RTO, MAX_RTO, INITIAL_RTO = 0.2, 60.0, 1.0  # min 200 ms like Linux (RFC 6298 says 1 s)
 SYN_RETRIES = 5
 MAX_DATA_RTOS = 10        # consecutive RTOs before the subflow is declared dead
+HYSTART_SAMPLES = 8       # RTT samples per round before HyStart judges the delay
+HYSTART_MIN, HYSTART_MAX = 0.004, 0.016   # its delay-increase threshold, like Linux's
 OPTION_ROOM = 40          # TS (12) + the largest DSS (28): payload = MSS - 40
 
 
@@ -65,6 +68,7 @@ class TxSegment:
     retransmitted: bool = False
     lost: bool = False
     mpc_form: bool = False   # sent with MP_CAPABLE+data instead of DSS: repeat that form
+    sacked: bool = False     # inside a SACK block of the peer: delivered, neither in flight nor lost
 
     @property
     def end(self) -> int:
@@ -120,6 +124,11 @@ class Subflow:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = 0
+        self.sack_ok = False              # both SYNs carried SACK-permitted: the peer may send SACK blocks
+        self.sack_seen = False            # ... and it does: loss detection by RACK, not duplicate ACKs
+        self.rack_sent_at = 0.0           # RACK: send time of the latest segment known delivered
+        self.round_end = 0                # HyStart: the round ends when this sequence is acked
+        self.round_rtts: list[float] = []
         self.cc_name = cc
         self.cc = make_cc(cc, self.mss, conn.coupling)
         self.rx_ooo: dict[int, tuple[bytes, bool]] = {}
@@ -176,6 +185,8 @@ class Subflow:
                 opts.append(Timestamps(now, self.ts_recent))
             if self.active or self.ws_ok:
                 opts.append(WindowScale(RCV_WSCALE))
+            if self.active or self.sack_ok:
+                opts.append(SackPermitted())
             window = min(self.conn.rcv_window(), 0xFFFF)
         else:
             if self.ts_ok:
@@ -311,7 +322,7 @@ class Subflow:
         self.rto_count += 1
         self.cc.on_rto(self.inflight, now)
         for seg in self.rtx:
-            if not seg.lost:
+            if not seg.lost and not seg.sacked:
                 seg.lost = True
                 self.lost_count += 1
         self.inflight = 0
@@ -418,6 +429,7 @@ class Subflow:
         ws = seg.option(WindowScale)
         self.ws_ok = ws is not None
         self.snd_wscale = min(ws.shift, 14) if ws else 0
+        self.sack_ok = seg.option(SackPermitted) is not None
         ts = seg.option(Timestamps)
         self.ts_ok = ts is not None
         if ts:
@@ -426,6 +438,7 @@ class Subflow:
     def _sample_rtt(self, rtt: float, retransmitted: bool = False) -> None:
         if retransmitted:
             return  # Karn: an ambiguous sample
+        self._hystart(rtt)
         self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
@@ -449,10 +462,13 @@ class Subflow:
                 done = self.rtx.popleft()
                 if done.lost:
                     self.lost_count -= 1
-                else:
+                elif not done.sacked:
                     self.inflight -= len(done.payload)
-                if not done.retransmitted:
-                    sample = now - done.sent_at
+                if not done.retransmitted and not done.sacked:
+                    # The most recently sent of the newly acked segments: one acked only
+                    # because a hole below it got repaired would add the repair time.
+                    sample = now - done.sent_at if sample is None else min(sample, now - done.sent_at)
+                    self.rack_sent_at = max(self.rack_sent_at, done.sent_at)
                 if done.flags & FIN:
                     self._on_fin_acked()
             if sample is not None:
@@ -467,7 +483,7 @@ class Subflow:
                 if ack >= self.recover:
                     self.in_recovery = False
                     self.cc.cwnd = self.cc.ssthresh
-                else:
+                elif not self.sack_seen:   # with SACK blocks coming, RACK below finds the holes
                     # NewReno partial ACK (RFC 6582 §3.2): the next hole is lost too.
                     if self.rtx and not self.rtx[0].lost:
                         self.rtx[0].lost = True
@@ -480,7 +496,7 @@ class Subflow:
             self.rto_deadline = None
             if self.rtx:
                 self.arm_rto()
-        elif (ack == self.snd_una and not seg.payload and not seg.flags & FIN and self.rtx
+        elif (ack == self.snd_una and not seg.payload and not seg.flags & FIN and self.rtx and not self.sack_seen
               and window == self.snd_wnd and not self.conn.ack_advanced_data(seg)):
             self.dupacks += 1
             if self.dupacks == 3 and not self.in_recovery and self.inflight > 0:
@@ -498,8 +514,71 @@ class Subflow:
                 self.cc.cwnd += self.cc.mss
         elif self.join_third_ack is not None and ack == self.snd_una:
             self._on_fourth_ack()
+        if self.sack_ok and self.rtx:
+            self._on_sack(seg, now)
         self.snd_wnd = window
         self.retransmit_lost()
+
+    def _on_sack(self, seg: TcpSegment, now: float) -> None:
+        """SACK blocks (RFC 2018) mark segments delivered; RACK (RFC 8985, without its
+        timers) then marks lost every segment sent more than a quarter of the minimum
+        RTT before one known delivered, and the first loss starts a recovery in which
+        lost segments are resent as the pipe (inflight without SACKed and lost bytes,
+        RFC 6675) falls below cwnd. Without this, a slow start that overshot a path's
+        queue by a hundred segments took a hundred RTTs (NewReno: one hole per RTT)."""
+        sack = seg.option(Sack)
+        if sack is None or not sack.blocks:
+            return
+        self.sack_seen = True
+        blocks = [(unwrap32(left, self.snd_una), unwrap32(right, self.snd_una)) for left, right in sack.blocks]
+        lo = min(b[0] for b in blocks)
+        sample = None
+        for s in self.rtx:
+            if s.sacked or not s.payload or s.end <= lo:
+                continue
+            if any(left <= s.seq and s.end <= right for left, right in blocks):
+                s.sacked = True
+                if s.lost:
+                    s.lost = False
+                    self.lost_count -= 1
+                else:
+                    self.inflight -= len(s.payload)
+                if not s.retransmitted:
+                    sample = now - s.sent_at if sample is None else min(sample, now - s.sent_at)
+                if not s.retransmitted or now - s.sent_at >= (self.min_rtt or 0.0):
+                    self.rack_sent_at = max(self.rack_sent_at, s.sent_at)
+        if sample is not None:
+            self._sample_rtt(sample)
+        reorder = (self.min_rtt or 0.004) / 4
+        flight = self.snd_nxt - self.snd_una
+        newly_lost = False
+        for s in self.rtx:
+            if s.sacked or s.lost or not s.payload or s.sent_at + reorder >= self.rack_sent_at:
+                continue
+            s.lost = True
+            self.lost_count += 1
+            self.inflight -= len(s.payload)
+            newly_lost = True
+        if newly_lost and not self.in_recovery:
+            self.stats.fast_retransmits += 1
+            self.in_recovery = True
+            self.recover = self.snd_nxt
+            self.cc.on_loss(flight, now)
+
+    def _hystart(self, rtt: float) -> None:
+        """Leave slow start when a round's RTTs rise above the path's minimum (HyStart's
+        delay increase, as Linux's CUBIC does): a slow start that waits for loss
+        overshoots a path's queue by up to a window and loses a window's worth."""
+        if self.cc.cwnd >= self.cc.ssthresh or self.min_rtt is None:
+            return
+        if self.snd_una >= self.round_end:
+            self.round_end = self.snd_nxt
+            self.round_rtts = []
+        self.round_rtts.append(rtt)
+        if len(self.round_rtts) == HYSTART_SAMPLES:
+            threshold = min(max(self.min_rtt / 8, HYSTART_MIN), HYSTART_MAX)
+            if min(self.round_rtts) >= self.min_rtt + threshold:
+                self.cc.ssthresh = self.cc.cwnd
 
     def _on_fourth_ack(self) -> None:
         self.join_third_ack = None
