@@ -65,8 +65,11 @@ def calibration_table(res: Results) -> pd.DataFrame:
         cal = emu.get("calibration")
         if not isinstance(cal, dict) or not isinstance(cal.get("paths"), dict):
             continue
+        # A reused testbed's runs between full calibrations carry the drift check
+        # (RTT only, verdict per path in `ok`); stores before reuse: every one full.
         base = {"experiment": exp, "run_id": rid, "status": man.get("status"),
-                "backend": cal.get("backend") or emu.get("backend")}
+                "backend": cal.get("backend") or emu.get("backend"),
+                "kind": cal.get("kind", "full")}
         for path, e in cal["paths"].items():
             if not isinstance(e, dict):
                 continue
@@ -74,7 +77,7 @@ def calibration_table(res: Results) -> pd.DataFrame:
             meas = _first(e, "rtt_mean_ms", "rtt_meas_ms", "rtt_p50_ms", "rtt_idle_ms")
             if cfg is not None and meas is not None:
                 rows.append({**base, "path": path, "quantity": "rtt_ms", "configured": cfg,
-                             "measured": meas, "ok": e.get("rtt_ok")})
+                             "measured": meas, "ok": e.get("rtt_ok", e.get("ok"))})
             for key, sub in e.items():  # rate_up / rate_down: {configured_mbit, goodput_mbit, ok}
                 if key.startswith("rate") and isinstance(sub, dict):
                     c, m = _first(sub, "configured_mbit"), _first(sub, "goodput_mbit")
@@ -90,7 +93,8 @@ def calibration_table(res: Results) -> pd.DataFrame:
             if c is not None and m is not None:
                 rows.append({**base, "path": path, "quantity": "loss_pct", "configured": c,
                              "measured": m, "ok": None})
-    cols = ["experiment", "run_id", "status", "backend", "path", "quantity", "configured", "measured", "ok"]
+    cols = ["experiment", "run_id", "status", "backend", "kind", "path", "quantity", "configured",
+            "measured", "ok"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -206,10 +210,11 @@ def calibration_figure(cal: pd.DataFrame) -> Figure | None:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7.5, loc="best")
     return Figure("emulation_calibration", "Per-run calibration",
-                  "Calibration at the start of every run (runs with calibration enabled): per path, "
-                  "the idle ping RTT minus the configured RTT, and one TCP flow's goodput relative "
-                  "to the configured rate (shaded: the accepted 90–101 % band). Red points made "
-                  "their run invalid.", fig)
+                  "Calibration of each run's testbed (runs with calibration enabled: full when "
+                  "a testbed is built and every calibrate_every runs, the drift check's RTT in "
+                  "between): per path, the idle ping RTT minus the configured RTT, and one TCP "
+                  "flow's goodput relative to the configured rate (shaded: the accepted 90–101 % "
+                  "band). Red points made their run invalid.", fig)
 
 
 def build(res: Results, bench_csv: Iterable[Path] | None = None) -> Section:
