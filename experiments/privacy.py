@@ -40,8 +40,8 @@ from testbed.mptcp import sockopt
 from testbed.stack import Stack, StackError
 
 PORT = 5500
-# Linux falls a connection back to TCP when its MP_CAPABLE third ACK is lost
-# (many flows starting at once into one queue do that); such connections stay
+# Linux falls some connections back to TCP when many start at once into one
+# queue (seen as MP_CAPABLE + DSS, then no MPTCP options); such connections stay
 # in the data (an observer sees them too) and are counted, but a run where
 # fewer than this share of the K connections has a subflow per path does not
 # measure K-connection mixing and is invalid.
