@@ -156,3 +156,17 @@ def test_an_observer_that_missed_a_packet_is_a_problem(monkeypatch):
                               "(bound: all of them)"]
     obs._after = {}
     assert "could not be read" in obs.problems()[0]
+
+
+def test_cost_table_takes_a_metric_no_run_has():
+    """A store of request/response runs only has no goodput: the column loads
+    as text and must not break the table (it broke ./tb paper --quick's report)."""
+    from analysis.figures.privacy import cost_table
+    runs = pd.DataFrame({"metric.stack": ["user", "user"], "metric.countermeasure": ["none", "tls-keys"],
+                         "metric.pattern": ["reqresp"] * 2, "metric.connections": [4, 4],
+                         "metric.setup_ms_median": [103.0, 150.0],
+                         "metric.goodput_mbit": pd.array([None, None], dtype="string"),
+                         "metric.answers_per_s": [32.0, 33.5]})
+    t = cost_table(runs).set_index("countermeasure")
+    assert t.loc["tls-keys", "setup ms (median of runs' medians)"] == 150.0
+    assert t["bulk: goodput Mbit/s, all connections (median)"].isna().all()

@@ -91,6 +91,8 @@ def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
                      countermeasure=runs.get("metric.countermeasure",
                                              pd.Series("none", index=runs.index)).fillna("none"))
     keys = ["stack", "countermeasure", "metric.pattern", "metric.connections"]
+    # a metric no run of the store has (e.g. goodput without bulk runs) loads as strings
+    df[have] = df[have].apply(pd.to_numeric, errors="coerce")
     out = df.groupby(keys, dropna=False)[have].median().reset_index()
     out["runs"] = df.groupby(keys, dropna=False).size().values
     return out.rename(columns={"metric.pattern": "pattern", "metric.connections": "K", **COST}).round(2)
