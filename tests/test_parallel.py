@@ -119,7 +119,7 @@ def test_parallel_sweep_stores_each_run_once_and_leaves_nothing(tmp_path):
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_parallel_sweep_removes_every_lanes_testbed(tmp_path, sig):
     before = footprint()
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ that lost fidelity to its neighbours is stored invalid, naming the measured
 value and the bound. An experiment with one lane runs in this process, exactly
 as without --parallel.
 
-Ctrl-C or SIGTERM to the sweep sends SIGINT to every lane (lanes have their own
+Ctrl-C, SIGTERM or SIGHUP to the sweep sends SIGINT to every lane (lanes have their own
 process group, so a terminal's Ctrl-C reaches each exactly once, through here),
 each lane unwinds its run as a serial sweep does (testbed torn down, partial
 run removed), and the sweep returns only when every lane has ended. A lane
@@ -133,7 +133,8 @@ def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
         bar = tqdm(total=len(todo), desc=f"{scenario.experiment} x{n}", unit="run",
                    dynamic_ncols=True)
     futures: list[Future] = []
-    old_term = signal.signal(signal.SIGTERM, _raise_exit)
+    # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C: lanes stopped, waited for.
+    old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         futures = [pool.submit(scenario, root, retry_failed) for _ in range(n)]
         while True:
@@ -149,7 +150,8 @@ def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
         _stop_lanes(futures)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if bar is not None:
             bar.close()
     summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
