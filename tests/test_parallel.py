@@ -17,6 +17,7 @@ from testbed.base.errors import TestbedError
 from testbed.core.state import STATE_DIR
 from testbed.harness import parallel
 from testbed.harness import scenario as sc
+from testbed.harness.runner import SweepSummary
 from testbed.tools.bench.chaos import footprint
 
 # Calibrated, so each lane's testbed is calibrated while the other lane runs.
@@ -86,6 +87,15 @@ def test_an_experiment_gets_at_most_its_measured_lanes(tmp_path):
     assert parallel.lanes_for(est, 1) == 1
     from testbed.harness.experiment import experiment_class
     assert parallel.lanes_for(thr, parallel.MAX_PARALLEL) == experiment_class("throughput").max_parallel
+
+
+def test_an_experiment_held_below_k_says_so_and_runs_one_at_a_time(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: calls.append(s) or SweepSummary())
+    thr = sc.load(ROOT / "experiments" / "throughput.toml")
+    [(experiment, _)] = parallel.parallel_sweep([thr], tmp_path, 3, progress=False)
+    assert experiment == "throughput" and calls == [thr]  # in this process, no lanes
+    assert "note: throughput: 1 run(s) at once" in capsys.readouterr().err
 
 
 # ---- namespaces ----------------------------------------------------------------

@@ -78,6 +78,9 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
     with lane_pool(k) as pool:  # one pool for the whole campaign: lanes start once
         for scenario in scenarios:
             n = lanes_for(scenario, k)
+            if n < k:  # said, not silently done: more were allowed
+                print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured to "
+                      "keep its fidelity here; docs/performance.md)", file=sys.stderr, flush=True)
             if n == 1:
                 summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
             else:
