@@ -50,6 +50,9 @@ class Case:
     script: Callable[[Lab], Observation]
     sysctls: dict[str, int | str] = field(default_factory=dict)   # of the kernel's namespace
     rfc: str = "RFC 8684"
+    # MPTcpExt counters and their change on RECORDED_ON (0: must not move), where the
+    # kernel answers through state as well as (or instead of) packets.
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -72,12 +75,13 @@ CASES: Registry[Case] = Registry("conformance case", "testbed.tools.conformance.
 
 
 def case(name: str, section: str, rfc_says: str, conforming: Iterable[str], recorded: str,
-         sysctls: dict[str, int | str] | None = None,
-         rfc: str = "RFC 8684") -> Callable[[Callable[[Lab], Observation]], Case]:
+         sysctls: dict[str, int | str] | None = None, rfc: str = "RFC 8684",
+         counters: dict[str, int] | None = None) -> Callable[[Callable[[Lab], Observation]], Case]:
     """Decorator: register the function below as a conformance case named `name`."""
     def register(script: Callable[[Lab], Observation]) -> Case:
         return CASES.register(Case(name, section, " ".join(rfc_says.split()), frozenset(conforming),
-                                   recorded, script, dict(sysctls or {}), rfc))  # type: ignore[arg-type]
+                                   recorded, script, dict(sysctls or {}), rfc,
+                                   dict(counters or {})))  # type: ignore[arg-type]
     return register
 
 
@@ -100,11 +104,20 @@ class Result:
     verdict: str
     seconds: float
     pcap: str | None = None      # every packet of the exchange, when asked for
+    counters: dict[str, int] = field(default_factory=dict)   # MPTcpExt changes the case caused
+
+    def differences(self) -> list[str]:
+        """How this run differs from what the kernel did on RECORDED_ON (outcome, counters)."""
+        out = [] if self.outcome == self.case.recorded else [f"outcome {self.outcome!r}, "
+                                                             f"recorded {self.case.recorded!r}"]
+        out += [f"{name} {self.counters.get(name, 0):+d}, recorded {want:+d}"
+                for name, want in self.case.counters.items() if self.counters.get(name, 0) != want]
+        return out
 
     @property
     def as_recorded(self) -> bool:
-        """The kernel did what it did on RECORDED_ON."""
-        return self.outcome == self.case.recorded
+        """The kernel did what it did on RECORDED_ON (same outcome, same recorded counters)."""
+        return not self.differences()
 
     def as_dict(self) -> dict:
         """The result as JSON-ready data."""
@@ -112,6 +125,7 @@ class Result:
                 "rfc_says": self.case.rfc_says,
                 "outcome": self.outcome, "kernel_did": self.detail, "verdict": self.verdict,
                 "recorded_outcome": self.case.recorded, "as_recorded": self.as_recorded,
+                "differences": self.differences(), "counters": self.counters,
                 "seconds": round(self.seconds, 3), "pcap": self.pcap}
 
 
@@ -121,6 +135,7 @@ def run_case(c: Case, pcap_dir: Path | None = None) -> Result:
     pcap_dir/<case>.pcap."""
     t0 = time.monotonic()
     pcap = None
+    counters: dict[str, int] = {}
     try:
         with Lab(c.sysctls) as lab:
             try:
@@ -131,10 +146,11 @@ def run_case(c: Case, pcap_dir: Path | None = None) -> Result:
                 if pcap_dir is not None:
                     pcap = str(Path(pcap_dir) / f"{c.name}.pcap")
                     lab.peer.write_pcap(pcap)
+            counters = lab.counters()
         verdict = c.verdict(obs.outcome)
     except Exception as exc:  # noqa: BLE001 - reported as the case's verdict
         obs, verdict = Observation(ERROR, f"{type(exc).__name__}: {exc}"), ERROR
-    return Result(c, obs.outcome, obs.detail, verdict, time.monotonic() - t0, pcap)
+    return Result(c, obs.outcome, obs.detail, verdict, time.monotonic() - t0, pcap, counters)
 
 
 def kernel_version() -> str:
@@ -151,7 +167,7 @@ def render_table(results: list[Result]) -> str:
     wsec = max([len(r.case.where) for r in results] + [7])
     lines.append(f"{'case':<{width}}  {'section':<{wsec}}  {'verdict':<12} outcome")
     for r in results:
-        note = "" if r.as_recorded else f"   (was {r.case.recorded!r} on {RECORDED_ON})"
+        note = "" if r.as_recorded else f"   (differs from {RECORDED_ON}: {'; '.join(r.differences())})"
         lines.append(f"{r.case.name:<{width}}  {r.case.where:<{wsec}}  {r.verdict:<12} {r.outcome}{note}")
         lines.append(f"{'':<{width}}  RFC:    {r.case.rfc_says}")
         lines.append(f"{'':<{width}}  kernel: {r.detail}")

@@ -40,7 +40,8 @@ def _mapping_rejected(lab: Lab, kernel: KernelConnection, sf: ScriptedSubflow, s
 @case("unknown-subtype-in-syn", "3, 8",
       """Subtypes 0x9-0xE are unassigned: an unknown MPTCP subtype carries nothing to act on,
       so a SYN that also carries MP_CAPABLE is answered as an MPTCP SYN.""",
-      conforming={SYNACK_MPC}, recorded=SYNACK_MPC)
+      conforming={SYNACK_MPC}, recorded=SYNACK_MPC,
+      counters={"MPTcpExtMPCapableSYNRX": 1})
 def unknown_subtype_in_syn(lab: Lab) -> Observation:
     """A SYN with MP_CAPABLE and an option of unassigned subtype 0xC."""
     return _syn_answer(lab, [MpCapable(CAP_H_SHA256), UnknownMptcp(0xC, bytes([30, 4, 0xC0, 0]))])
@@ -49,7 +50,8 @@ def unknown_subtype_in_syn(lab: Lab) -> Observation:
 @case("mp-capable-version-0", "3.1",
       """A responder that does not support the version the initiator asks for and has no
       lower one falls back to regular TCP: the SYN/ACK carries no MP_CAPABLE.""",
-      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN)
+      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN,
+      counters={"MPTcpExtMPCapableSYNRX": 0})
 def mp_capable_version_0(lab: Lab) -> Observation:
     """A SYN with an MPTCP v0 MP_CAPABLE (RFC 6824 form: 12 bytes, the sender's key)."""
     return _syn_answer(lab, [MpCapable(CAP_H_SHA256, sender_key=0x0123456789ABCDEF, version=0)])
@@ -59,7 +61,8 @@ def mp_capable_version_0(lab: Lab) -> Observation:
       """A host asked for a version it does not support replies with MP_CAPABLE carrying the
       highest version it supports below the requested one (here v1); the initiator then
       chooses to go on with it or fall back.""",
-      conforming={SYNACK_MPC}, recorded=SYNACK_MPC)
+      conforming={SYNACK_MPC}, recorded=SYNACK_MPC,
+      counters={"MPTcpExtMPCapableSYNRX": 1})
 def mp_capable_version_2(lab: Lab) -> Observation:
     """A SYN with MP_CAPABLE version 2 (not yet defined)."""
     return _syn_answer(lab, [MpCapable(CAP_H_SHA256, version=2)])
@@ -68,7 +71,8 @@ def mp_capable_version_2(lab: Lab) -> Observation:
 @case("mp-capable-no-crypto", "3.1",
       """An MP_CAPABLE whose crypto-algorithm flags (D-H) are all zero is invalid and MUST be
       ignored: the handshake is a regular TCP one.""",
-      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN)
+      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN,
+      counters={"MPTcpExtMPCapableSYNRX": 0})
 def mp_capable_no_crypto(lab: Lab) -> Observation:
     """A SYN with MP_CAPABLE v1 and no crypto flag (H clear)."""
     return _syn_answer(lab, [MpCapable(0)])
@@ -78,7 +82,8 @@ def mp_capable_no_crypto(lab: Lab) -> Observation:
       """The B (extensibility) flag is reserved for a future specification; a receiver that
       does not understand it MUST silently ignore the MP_CAPABLE of that SYN (fall back to
       regular TCP); the sender is expected to retry without it.""",
-      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN)
+      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN,
+      counters={"MPTcpExtMPCapableSYNRX": 0})
 def mp_capable_b_flag(lab: Lab) -> Observation:
     """A SYN with MP_CAPABLE v1, flags H and B."""
     return _syn_answer(lab, [MpCapable(CAP_H_SHA256 | CAP_B_EXT)])
@@ -87,7 +92,8 @@ def mp_capable_b_flag(lab: Lab) -> Observation:
 @case("mp-capable-bad-length", "3.1",
       """The MP_CAPABLE of a SYN is 4 bytes long; an option of another length is not a
       valid MP_CAPABLE, so the SYN is a regular TCP SYN.""",
-      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN)
+      conforming={SYNACK_PLAIN}, recorded=SYNACK_PLAIN,
+      counters={"MPTcpExtMPCapableSYNRX": 0})
 def mp_capable_bad_length(lab: Lab) -> Observation:
     """A SYN whose MP_CAPABLE says length 5 (one stray byte after the flags)."""
     return _syn_answer(lab, [UnknownMptcp(0, bytes([30, 5, 0x01, CAP_H_SHA256, 0]))])
@@ -98,7 +104,8 @@ def mp_capable_bad_length(lab: Lab) -> Observation:
       length; resetting the connection is the suggested reaction. Here the MPTCP option
       claims 20 bytes where the header holds 4.""",
       conforming={SYNACK_PLAIN, "RST without MPTCP option", NO_ANSWER}, recorded=SYNACK_PLAIN,
-      rfc="RFC 9293")
+      rfc="RFC 9293",
+      counters={"MPTcpExtMPCapableSYNRX": 0})
 def tcp_option_bad_length(lab: Lab) -> Observation:
     """A SYN whose MP_CAPABLE option's length byte runs past the end of the TCP header."""
     return _syn_answer(lab, [UnknownMptcp(0, bytes([30, 20, 0x01, CAP_H_SHA256]))])
@@ -107,7 +114,8 @@ def tcp_option_bad_length(lab: Lab) -> Observation:
 @case("third-ack-without-mp-capable", "3.1, 3.7",
       """If the third ACK of the handshake does not carry MP_CAPABLE (a middlebox stripped
       it), the connection MUST fall back to regular TCP.""",
-      conforming={"fallback to TCP"}, recorded="fallback to TCP")
+      conforming={"fallback to TCP"}, recorded="fallback to TCP",
+      counters={"MPTcpExtMPCapableFallbackACK": 1})
 def third_ack_without_mp_capable(lab: Lab) -> Observation:
     """MP_CAPABLE in the SYN and the SYN/ACK, then a plain third ACK and plain data."""
     conn = lab.peer.connect(lab.port, third_ack=False)
@@ -137,7 +145,8 @@ def duplicate_mp_capable(lab: Lab) -> Observation:
       """The SYN/ACK of a join carries the leftmost 64 bits of HMAC(Key-B||Key-A, R-B||R-A);
       after a valid third ACK (160 bits of HMAC(Key-A||Key-B, R-A||R-B)) the responder sends
       the fourth ACK and the subflow carries data.""",
-      conforming={"joined"}, recorded="joined")
+      conforming={"joined"}, recorded="joined",
+      counters={"MPTcpExtMPJoinAckRx": 1})
 def join_by_the_book(lab: Lab) -> Observation:
     """An MP_JOIN to the connection's token with the right keys, then data on the new subflow."""
     conn, kernel = established(lab)
@@ -159,7 +168,8 @@ def join_by_the_book(lab: Lab) -> Observation:
       """If the HMAC of the join's third ACK is not valid the subflow MUST be closed with a
       RST (an MP_TCPRST may give the reason); the connection is not affected.""",
       conforming={"RST without MPTCP option", "RST with MP_TCPRST reason 1"},
-      recorded="RST with MP_TCPRST reason 1")
+      recorded="RST with MP_TCPRST reason 1",
+      counters={"MPTcpExtMPJoinAckHMacFailure": 1})
 def join_wrong_hmac(lab: Lab) -> Observation:
     """An MP_JOIN whose third ACK carries a wrong HMAC."""
     conn, kernel = established(lab)
@@ -176,7 +186,8 @@ def join_wrong_hmac(lab: Lab) -> Observation:
 @case("join-unknown-token", "3.2",
       """If the token is unknown the receiver sends back a RST, analogous to an unknown port
       in TCP, containing an MP_TCPRST option with the "MPTCP specific error" reason (1).""",
-      conforming={"RST with MP_TCPRST reason 1"}, recorded="RST with MP_TCPRST reason 1")
+      conforming={"RST with MP_TCPRST reason 1"}, recorded="RST with MP_TCPRST reason 1",
+      counters={"MPTcpExtMPJoinNoTokenFound": 1})
 def join_unknown_token(lab: Lab) -> Observation:
     """An MP_JOIN SYN naming a token no connection has."""
     conn, _kernel = established(lab)
@@ -189,7 +200,8 @@ def join_unknown_token(lab: Lab) -> Observation:
       """The side that sent the join's third ACK must not send data before the fourth ACK
       (the subflow is not established until then); the RFC sets no rule for a receiver that
       gets data with the third ACK, so accepting, dropping or resetting all conform.""",
-      conforming={"data accepted", "data dropped", "subflow reset"}, recorded="data accepted")
+      conforming={"data accepted", "data dropped", "subflow reset"}, recorded="data accepted",
+      counters={"MPTcpExtMPJoinAckRx": 1})
 def data_before_fourth_ack(lab: Lab) -> Observation:
     """A join's third ACK carrying 100 bytes of data with their DSS mapping (before any fourth ACK)."""
     conn, kernel = established(lab)
@@ -214,7 +226,8 @@ def data_before_fourth_ack(lab: Lab) -> Observation:
       """A DSS checksum failure is reported with MP_FAIL (3.7): on the only subflow, while a
       fallback is still possible, an ACK with MP_FAIL and then an infinite mapping; with
       several subflows, a RST carrying MP_FAIL on the failing one.""",
-      conforming={"MP_FAIL", "RST with MP_FAIL"}, recorded="MP_FAIL", sysctls=CHECKSUM_ON)
+      conforming={"MP_FAIL", "RST with MP_FAIL"}, recorded="MP_FAIL", sysctls=CHECKSUM_ON,
+      counters={"MPTcpExtDataCsumErr": 1, "MPTcpExtMPFailTx": 1})
 def dss_bad_checksum(lab: Lab) -> Observation:
     """With checksums negotiated, 100 bytes whose DSS checksum is wrong."""
     conn, kernel = established(lab, checksum=True)
@@ -234,7 +247,8 @@ def dss_bad_checksum(lab: Lab) -> Observation:
       """If a checksum is not present when its use has been negotiated, the receiver MUST
       close the subflow with a RST, as it is considered broken.""",
       conforming={"RST without MPTCP option", "RST with MP_TCPRST reason 1"},
-      recorded="fallback to TCP", sysctls=CHECKSUM_ON)
+      recorded="fallback to TCP", sysctls=CHECKSUM_ON,
+      counters={"MPTcpExtDssFallback": 1})
 def dss_checksum_missing(lab: Lab) -> Observation:
     """With checksums negotiated, 100 bytes whose DSS mapping has no checksum."""
     conn, kernel = established(lab, checksum=True)
@@ -249,7 +263,8 @@ def dss_checksum_missing(lab: Lab) -> Observation:
       close the subflow with a RST, as it is considered broken (here the connection has a
       second subflow, so falling back to TCP is no longer possible).""",
       conforming={"RST without MPTCP option", "RST with MP_TCPRST reason 1"},
-      recorded="RST with MP_TCPRST reason 1", sysctls=CHECKSUM_ON)
+      recorded="RST with MP_TCPRST reason 1", sysctls=CHECKSUM_ON,
+      counters={"MPTcpExtMPRstTx": 1, "MPTcpExtDssFallback": 0})
 def dss_checksum_missing_two_subflows(lab: Lab) -> Observation:
     """With checksums negotiated and a joined second subflow, 100 bytes on the first whose DSS has no checksum."""
     conn, kernel = established(lab, checksum=True)
@@ -267,7 +282,8 @@ def dss_checksum_missing_two_subflows(lab: Lab) -> Observation:
       """If a checksum is present but its use had not been negotiated, the receiver MUST
       close the subflow with a RST, as it is not behaving as negotiated.""",
       conforming={"RST without MPTCP option", "RST with MP_TCPRST reason 1"},
-      recorded="fallback to TCP")
+      recorded="fallback to TCP",
+      counters={"MPTcpExtDssFallback": 1})
 def dss_checksum_unexpected(lab: Lab) -> Observation:
     """Without checksums negotiated, 100 bytes whose DSS mapping carries one."""
     conn, kernel = established(lab)
@@ -280,7 +296,8 @@ def dss_checksum_unexpected(lab: Lab) -> Observation:
 @case("dss-beyond-window", "3.3.4, 3.8",
       """Data whose data sequence number is outside the receive window is dropped, and no
       DATA_ACK covers it.""",
-      conforming={"dropped"}, recorded="dropped")
+      conforming={"dropped"}, recorded="dropped",
+      counters={"MPTcpExtNoDSSInWindow": 1})
 def dss_beyond_window(lab: Lab) -> Observation:
     """100 bytes mapped 2^32 bytes beyond the next expected data sequence number."""
     conn, kernel = established(lab)
@@ -332,7 +349,8 @@ def data_fin_before_data(lab: Lab) -> Observation:
 @case("fastclose-right-key", "3.5",
       """On an MP_FASTCLOSE carrying its key, the receiver answers with a RST on every
       subflow and tears the connection down; its application sees a reset.""",
-      conforming={"RST, application reset"}, recorded="RST, application reset")
+      conforming={"RST, application reset"}, recorded="RST, application reset",
+      counters={"MPTcpExtMPFastcloseRx": 1, "MPTcpExtMPRstTx": 1})
 def fastclose_right_key(lab: Lab) -> Observation:
     """An ACK with MP_FASTCLOSE carrying the kernel's key."""
     conn, kernel = established(lab)
@@ -351,7 +369,8 @@ def fastclose_right_key(lab: Lab) -> Observation:
 @case("fastclose-wrong-key", "3.5",
       """MP_FASTCLOSE carries the receiver's key so that only the real peer can close the
       connection this way; one with another key does not close it.""",
-      conforming={"ignored"}, recorded="ignored")
+      conforming={"ignored"}, recorded="ignored",
+      counters={"MPTcpExtMPFastcloseRx": 0})
 def fastclose_wrong_key(lab: Lab) -> Observation:
     """An ACK with MP_FASTCLOSE carrying a key that is not the kernel's."""
     conn, kernel = established(lab)
@@ -361,7 +380,8 @@ def fastclose_wrong_key(lab: Lab) -> Observation:
 @case("add-addr-bad-hmac", "3.4.1",
       """An ADD_ADDR whose truncated HMAC does not verify is not acted upon: the address is
       not learnt and no echo is sent.""",
-      conforming={"dropped"}, recorded="dropped")
+      conforming={"dropped"}, recorded="dropped",
+      counters={"MPTcpExtAddAddr": 0, "MPTcpExtEchoAddTx": 0})
 def add_addr_bad_hmac(lab: Lab) -> Observation:
     """An ADD_ADDR (id 5, 10.231.0.9) whose HMAC is wrong."""
     conn, kernel = established(lab)
@@ -379,7 +399,8 @@ def add_addr_bad_hmac(lab: Lab) -> Observation:
       """A valid ADD_ADDR (the rightmost 64 bits of HMAC-SHA256 keyed with the sender's then
       the receiver's key, over address id, address and port) is acknowledged by echoing it
       with the E flag set and no HMAC.""",
-      conforming={"echoed"}, recorded="echoed")
+      conforming={"echoed"}, recorded="echoed",
+      counters={"MPTcpExtAddAddr": 1, "MPTcpExtEchoAddTx": 1})
 def add_addr_echo(lab: Lab) -> Observation:
     """An ADD_ADDR (id 5, 10.231.0.9) with the right HMAC."""
     conn, kernel = established(lab)
@@ -399,7 +420,8 @@ def add_addr_echo(lab: Lab) -> Observation:
 
 @case("remove-addr-unknown-id", "3.4.2, 3.8",
       """A REMOVE_ADDR for an address id the receiver never learnt is silently ignored.""",
-      conforming={"ignored"}, recorded="ignored")
+      conforming={"ignored"}, recorded="ignored",
+      counters={"MPTcpExtRmAddr": 1})
 def remove_addr_unknown_id(lab: Lab) -> Observation:
     """A REMOVE_ADDR for address id 42, never announced."""
     conn, kernel = established(lab)
@@ -420,7 +442,8 @@ def experimental_subtype_mid_stream(lab: Lab) -> Observation:
 @case("mp-prio-backup", "3.3.8",
       """MP_PRIO with B=1 asks the receiver to treat the subflow it arrives on as a backup
       path (used only when no regular subflow is available).""",
-      conforming={"subflow marked backup"}, recorded="subflow marked backup")
+      conforming={"subflow marked backup"}, recorded="subflow marked backup",
+      counters={"MPTcpExtMPPrioRx": 1})
 def mp_prio_backup(lab: Lab) -> Observation:
     """MP_PRIO with the backup flag on the initial subflow."""
     conn, kernel = established(lab)
