@@ -139,8 +139,8 @@ def pair(tmp_path):
         p.close()
 
 
-def kernel_server(pair: Pair, addr: str = "10.0.0.2", port: int = 5000):
-    """A kernel MPTCP listener in B that reads everything, answers with the sha256, and closes."""
+def kernel_listener(pair: Pair, port: int = 5000) -> socket.socket:
+    """A kernel MPTCP listening socket in B (20 s accept timeout)."""
     def make():
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -149,23 +149,19 @@ def kernel_server(pair: Pair, addr: str = "10.0.0.2", port: int = 5000):
         s.settimeout(20)
         return s
 
-    srv = in_ns(pair.b, make)
+    return in_ns(pair.b, make)
+
+
+def kernel_accept(pair: Pair, handle, port: int = 5000):
+    """A kernel MPTCP listener in B whose first connection handle(conn, result) serves in a thread."""
+    srv = kernel_listener(pair, port)
     result = {}
 
     def serve():
         try:
             c, _ = srv.accept()
             c.settimeout(30)
-            h, n = hashlib.sha256(), 0
-            while True:
-                d = c.recv(1 << 16)
-                if not d:
-                    break
-                h.update(d)
-                n += len(d)
-            c.sendall(h.hexdigest().encode())
-            c.close()
-            result.update(n=n, sha=h.hexdigest())
+            handle(c, result)
         except Exception as exc:  # reported by the test
             result["error"] = repr(exc)
         finally:
@@ -174,6 +170,23 @@ def kernel_server(pair: Pair, addr: str = "10.0.0.2", port: int = 5000):
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     return t, result
+
+
+def kernel_server(pair: Pair, addr: str = "10.0.0.2", port: int = 5000):
+    """A kernel MPTCP listener in B that reads everything, answers with the sha256, and closes."""
+    def sha_back(c, result):
+        h, n = hashlib.sha256(), 0
+        while True:
+            d = c.recv(1 << 16)
+            if not d:
+                break
+            h.update(d)
+            n += len(d)
+        c.sendall(h.hexdigest().encode())
+        c.close()
+        result.update(n=n, sha=h.hexdigest())
+
+    return kernel_accept(pair, sha_back, port)
 
 
 def mib(pair: Pair, pid: int, name: str) -> int:
@@ -220,8 +233,9 @@ def test_user_client_to_kernel_server(pair, checksum):
         check_trace(pair, [pcap], [st])
 
 
-def kernel_client(pair: Pair, data: bytes, dest=("10.0.0.2", 5000), extra_endpoint: str | None = None):
-    """A kernel MPTCP client in A that sends data, half-closes and reads the answer."""
+def kernel_client(pair: Pair, data: bytes, dest=("10.0.0.2", 5000), extra_endpoint: str | None = None,
+                  go: threading.Event | None = None):
+    """A kernel MPTCP client in A that sends data (after go, when given), half-closes and reads the answer."""
     if extra_endpoint:
         pair.sh_a(f"ip mptcp endpoint add {extra_endpoint} dev va1 subflow")
 
@@ -236,6 +250,8 @@ def kernel_client(pair: Pair, data: bytes, dest=("10.0.0.2", 5000), extra_endpoi
     def run():
         try:
             c.connect(dest)
+            if go is not None:
+                go.wait(20)
             c.sendall(data)
             c.shutdown(socket.SHUT_WR)
             chunks = []

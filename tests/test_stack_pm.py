@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import socket
 import threading
 import time
 
 import pytest
 
-from test_stack_interop import (A_ADDRS, IPPROTO_MPTCP, check_trace, in_ns, kernel_server, mib,  # noqa: F401
-                                pair, pytestmark)
+from test_stack_interop import (A_ADDRS, check_trace, kernel_accept, kernel_client, kernel_server,  # noqa: F401
+                                mib, pair, pytestmark)
 from testbed.stack.options import RST_MIDDLEBOX, AddAddr, Dss, MpFail, MpPrio
 from testbed.stack.pm import PeerAddress, PmLimits
 from testbed.stack.stack import Stack, StackError
@@ -38,59 +37,14 @@ def events(st: Stack) -> list:
     return out
 
 
-def kernel_peer(pair, data: bytes, go: threading.Event, dest=("10.0.0.2", 5000)):
-    """A kernel MPTCP client in A: connects, waits for go, sends data, half-closes, reads the answer."""
-    c = in_ns(pair.a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP))
-    c.settimeout(30)
-    result = {}
-
-    def run():
-        try:
-            c.connect(dest)
-            go.wait(20)
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            chunks = []
-            while d := c.recv(1 << 16):
-                chunks.append(d)
-            result["answer"] = b"".join(chunks)
-        except Exception as exc:  # reported by the test
-            result["error"] = repr(exc)
-        finally:
-            c.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, result
-
-
 def kernel_writer(pair, data: bytes, go: threading.Event, port: int = 5000):
     """A kernel MPTCP server in B that accepts, waits for go, sends data and closes."""
-    def make():
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen()
-        s.settimeout(20)
-        return s
+    def write(c, result):
+        go.wait(20)
+        c.sendall(data)
+        c.close()
 
-    srv = in_ns(pair.b, make)
-    result = {}
-
-    def serve():
-        try:
-            c, _ = srv.accept()
-            go.wait(20)
-            c.sendall(data)
-            c.close()
-        except Exception as exc:  # reported by the test
-            result["error"] = repr(exc)
-        finally:
-            srv.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return t, result
+    return kernel_accept(pair, write, port)
 
 
 def read_all(conn, timeout: float = 30) -> bytes:
@@ -186,7 +140,7 @@ def test_stack_server_add_addr_is_joined_by_a_kernel_client_and_withdrawn_and_th
     go = threading.Event()
     with Stack(pair.b, record=True) as st:
         lst = st.listen(5000, deny_join_initial=True)
-        t, result = kernel_peer(pair, data, go)
+        t, result = kernel_client(pair, data, go=go)
         conn = lst.accept(timeout=5)
         time.sleep(0.5)
         assert len(conn.info().subflows) == 1, "the kernel joined the initial address despite the C flag"
@@ -245,7 +199,7 @@ def test_mp_prio_from_the_kernel_marks_the_stack_subflow_backup(pair):
     go = threading.Event()
     with Stack(pair.b, record=True) as st:
         lst = st.listen(5000)
-        t, result = kernel_peer(pair, b"y" * 1000, go)
+        t, result = kernel_client(pair, b"y" * 1000, go=go)
         conn = lst.accept(timeout=5)
         # The kernel client's PM opens its subflows once the connection is fully
         # established, which takes a DSS from the server: greet it.
@@ -329,7 +283,7 @@ def test_stack_receiver_checksum_failure_sends_mp_fail_and_the_kernel_answers_wi
         hook, state = flip_once(after=300_000)
         st.tamper_rx = hook
         lst = st.listen(5000)
-        t, result = kernel_peer(pair, data, go)
+        t, result = kernel_client(pair, data, go=go)
         conn = lst.accept(timeout=5)
         got = bytearray()
         try:
