@@ -1,4 +1,5 @@
-"""Schedulers of the user-space stack (lowest-RTT, round-robin, redundant), without a network."""
+"""Schedulers of the user-space stack (lowest-RTT, round-robin, redundant) and when a join may
+be sent, without a network."""
 from __future__ import annotations
 
 import pytest
@@ -123,3 +124,35 @@ def test_redundant_scheduler_in_the_real_connection_copies_a_segment_onto_a_join
     start = wire.client.snd_una
     assert b"".join(p for _d, p in twin.sent) == b"x" * 3000 and twin.sent[0][0] == start
     assert first.stats.bytes_sent == 3000
+
+
+def test_a_join_waits_until_the_peer_has_processed_the_third_ack():
+    """add_subflow sends its MP_JOIN SYN only after the peer's first DSS (or two RTTs): an
+    earlier join can overtake the third ACK on a path of equal delay, and Linux resets it
+    (MPJoinNoTokenFound)."""
+    import time
+
+    from test_stack_engine import Wire
+    from testbed.stack.connection import StackError
+
+    wire = Wire()
+    wire.pump(until=lambda: wire.server is not None and wire.server.state == "ESTABLISHED")
+    opened = []
+
+    def open_subflow(conn, laddr, raddr, rport, **kw):
+        opened.append(time.monotonic())
+        raise StackError("recorded")
+
+    wire.a.open_subflow = open_subflow
+    client = wire.client
+    assert not client.peer_dss_seen
+    grace = max(2 * client.subflows[0].srtt, 0.02)
+    t0 = time.monotonic()
+    with pytest.raises(StackError, match="recorded"):
+        client.add_subflow("10.0.1.1")
+    assert opened[0] - t0 >= grace * 0.9
+    client.peer_dss_seen = True          # the peer has acknowledged at the data level: no wait
+    t0 = time.monotonic()
+    with pytest.raises(StackError, match="recorded"):
+        client.add_subflow("10.0.1.1")
+    assert opened[1] - t0 < grace / 2

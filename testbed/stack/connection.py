@@ -900,6 +900,15 @@ class Connection:
                     raise StackError("cannot join: the peer does not accept joins to its initial address "
                                      "and port (C flag); join an address it announced")
                 remote = self.pm.initial_remote
+            # A join must not overtake the third ACK of the handshake: the peer knows our token
+            # only once it has processed that ACK (Linux answers an earlier MP_JOIN with a RST and
+            # counts MPJoinNoTokenFound; on two paths of equal delay that was every other join).
+            # Wait until the peer's first DSS shows it has, or two RTTs of the initial subflow.
+            grace = max(2 * (self.subflows[0].srtt or 0.05), 0.02)
+            self.cond.wait_for(lambda: self.peer_dss_seen or self.state != "ESTABLISHED", grace)
+            self._require_mptcp("join")
+            if not self.subflows:
+                raise StackError("cannot join: no subflow left")
             sf = self.stack.open_subflow(self, local_addr, remote[0], remote[1], join=True,
                                          backup=backup, addr_id=self.pm.local_id(local_addr))
             ok = self.cond.wait_for(lambda: sf.fully_established or sf not in self.subflows, timeout)
