@@ -15,7 +15,6 @@ from types import SimpleNamespace
 from testbed.stack.connection import Connection
 from testbed.stack.options import Dss, MpFail
 from testbed.stack.packet import RST, SYN, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
-from testbed.stack.scheduler import LowestRttScheduler
 from testbed.stack.subflow import State, Subflow
 
 
@@ -25,7 +24,6 @@ class MemoryStack:
     def __init__(self, addr: str, lock):
         self.addr = addr
         self.lock = lock   # one lock for both sides: the engine runs under its stack's lock
-        self.scheduler = LowestRttScheduler()
         self.outbox: list[tuple[Subflow, bytes]] = []
         self.events = []
         self.logs = []
