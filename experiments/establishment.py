@@ -1,7 +1,9 @@
 """Establishment: how fast (and whether) a connection comes up when the
 initial (default-route) path is healthy, lossy, blackholed, slow, or behind a
 middlebox that drops MPTCP SYNs — for plain TCP, kernel MPTCP and the RobE
-strategies (testbed.robe), always against an unmodified kernel MPTCP server.
+strategies (testbed.robe), against an unmodified kernel MPTCP server or the
+user-space stack's (server_stack), with the strategy running over kernel sockets
+or the user-space stack (client_stack) — the same strategy code either way.
 
 Metrics (per trial, from experiments.robe_trial): setup_s (connect() to
 established), ttfb_s (first response byte of a request/response exchange),
@@ -16,6 +18,7 @@ from pydantic import Field
 
 from testbed.core.events import EventSpec
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
+from testbed.harness.workload.app_workload import StackName
 
 if TYPE_CHECKING:
     from testbed.core.net import Testbed
@@ -26,9 +29,12 @@ StrategyName = Literal["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+
 
 
 class Params(ExperimentParams):
-    """Parameters of the establishment experiment: default-path condition, strategy, timeouts."""
+    """Parameters of the establishment experiment: default-path condition, strategy, stacks, timeouts."""
     condition: Condition = "healthy"
     strategy: StrategyName = "mptcp"
+    client_stack: StackName = Field("kernel", description="the strategy's attempts on kernel sockets or "
+                                                          "the user-space stack")
+    server_stack: StackName = Field("kernel", description="the listener: kernel MPTCP or the user-space stack")
     timeout_s: float = Field(10, gt=0, le=300, description="give up after this long")
     slow_delay_ms: float = Field(100, ge=0, description="slow_default: one-way delay of the default path")
     warmup_trials: int = Field(3, ge=0, le=50, description="ips: trials that build path history first")
@@ -68,17 +74,17 @@ class Establishment(Experiment):
 
         p: Params = ctx.params
         tb = ctx.tb
+        trial = {"timeout_s": p.timeout_s, "history_dir": str(ctx.raw_dir),
+                 "client_stack": p.client_stack, "server_stack": p.server_stack}
         # A slow path is slow in IPS's history too; a broken or lossy one broke
         # after the history was built (WiFi associated, Internet gone).
         if p.condition == "slow_default":
             apply_condition(tb, p.condition, p.slow_delay_ms)
         if "ips" in p.strategy and p.warmup_trials:
             for _ in range(p.warmup_trials):
-                run_establishment_trial(tb, p.strategy, {"timeout_s": p.timeout_s,
-                                                         "history_dir": str(ctx.raw_dir)})
+                run_establishment_trial(tb, p.strategy, trial)
         if p.condition != "slow_default":
             apply_condition(tb, p.condition, p.slow_delay_ms)
         ctx.record("fault", "network", f"condition:{p.condition}", path=tb.topology.default.name)
-        metrics = run_establishment_trial(tb, p.strategy, {"timeout_s": p.timeout_s,
-                                                           "history_dir": str(ctx.raw_dir)})
+        metrics = run_establishment_trial(tb, p.strategy, trial)
         return RunOutput(metrics=dict(metrics))

@@ -2,10 +2,13 @@
 
     metrics = run_establishment_trial(tb, "sim", {"timeout_s": 8})
 
-The client connects to an unmodified kernel MPTCP listener in the server
-namespace (a thread of this process, started once per testbed and closed by
-the testbed's stop()), sends a small request, reads the response, waits for the
-joins and closes. The caller applies the path condition (blackhole, loss, ...)
+The client connects to a listener in the server namespace (unmodified kernel
+MPTCP, or the user-space stack with server_stack "user"; a thread of this
+process, started once per testbed and closed by the testbed's stop()), sends a
+small request, reads the response, waits for the joins and closes. With
+client_stack "user" the same strategy runs over the user-space stack
+(testbed.robe.backends.UserStackBackend; one stack per testbed in the client
+namespace). The caller applies the path condition (blackhole, loss, ...)
 beforehand.
 
 scenario_params (all optional):
@@ -17,6 +20,7 @@ scenario_params (all optional):
   join             auto | userspace | kernel | none (default auto)
   history_dir      where the IPS history (robe-history.json) lives; without it
                    an in-memory history per testbed is used
+  client_stack     kernel | user (default kernel); server_stack likewise
 
 Metrics returned (seconds are relative to the start of connect()):
   setup_s          SYN/ACK of the winning attempt received (None: failed)
@@ -26,9 +30,11 @@ Metrics returned (seconds are relative to the start of connect()):
   outcome          "mptcp" | "fallback_tcp" | "tcp" | "failed"
   winner_path      path of the winning attempt (None: failed)
   syns_sent        SYNs the client sent: kernel counters TcpActiveOpens +
-                   TcpExtTCPSynRetrans (MP_CAPABLE, plain and MP_JOIN SYNs)
+                   TcpExtTCPSynRetrans (MP_CAPABLE, plain and MP_JOIN SYNs);
+                   on the user stack the SYNs it sent (retransmissions too)
   rsts_sent        RSTs the client sent (TcpOutRsts; aborted attempts, and
-                   the kernel's answers to SYN/ACKs of attempts already reset)
+                   the kernel's answers to SYN/ACKs of attempts already reset;
+                   on the user stack the RSTs it sent)
   extra_handshakes MP_CAPABLE handshakes that completed besides the winner's
                    (each one cost the server a connection that we reset)
   attempts         MP_CAPABLE/TCP attempts started
@@ -37,6 +43,7 @@ Metrics returned (seconds are relative to the start of connect()):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import threading
@@ -45,15 +52,21 @@ from pathlib import Path
 from typing import Any
 
 
+from testbed.base.netns import ns_path
+from testbed.harness.workload.user_socket import UserListener, UserSocket, open_stack
 from testbed.robe import report as R
+from testbed.robe.backends import Backend, KernelBackend, UserStackBackend
 from testbed.robe.history import History
 from testbed.mptcp.sockopt import listener
 from testbed.robe.sockets import LocalPath
 from testbed.robe.strategies import Options, RobeError, connect
 from testbed.robe.timer import TimerPolicy
+from testbed.stack import Stack
+from testbed.stack.packet import RST, SYN
 
 _servers: set[str] = set()  # run_id:port of the servers running (closed by their testbed)
 _histories: dict[str, History] = {}
+_client_stacks: dict[str, Stack] = {}  # run_id -> the client namespace's user-space stack
 
 
 def payload(n: int) -> bytes:
@@ -61,18 +74,29 @@ def payload(n: int) -> bytes:
     return (hashlib.sha256(b"robe").digest() * (n // 32 + 1))[:n]
 
 
-def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
-    """An MPTCP listener (unmodified kernel) answering each request with
-    `response_bytes` once `request_bytes` arrived; one thread per connection."""
+def ensure_server(tb: Any, port: int, response_bytes: int, stack: str = "kernel") -> None:
+    """An MPTCP listener (unmodified kernel, or the user-space stack with
+    stack="user") answering each request with `response_bytes` once
+    `request_bytes` arrived; one thread per connection."""
     key = f"{tb.run_id}:{port}"
     if key in _servers:
         return
 
-    ls = tb.in_ns(tb.server, lambda: listener(port))
+    stopping = threading.Event()
+    if stack == "user":
+        ls: Any = UserListener(open_stack(ns_path(tb.server.pid), "cubic"), port)
+        ls.settimeout(0.2)  # the accept loop looks at `stopping` this often
+    else:
+        ls = tb.in_ns(tb.server, lambda: listener(port))
 
     def close() -> None:
         _servers.discard(key)
         _histories.pop(tb.run_id, None)
+        stopping.set()
+        if stack == "user":
+            t.join(timeout=2)
+            ls.close()
+            return
         try:
             ls.shutdown(socket.SHUT_RDWR)  # wakes the accept() below; close() alone does not
         except OSError:
@@ -82,7 +106,7 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
     body = payload(response_bytes)
 
     def handle(c: socket.socket) -> None:
-        with c:
+        with contextlib.closing(c):
             try:
                 c.settimeout(30)
                 hdr = c.recv(64)  # "<request_len>\n" then the request
@@ -102,6 +126,10 @@ def ensure_server(tb: Any, port: int, response_bytes: int) -> None:
         while True:
             try:
                 c, _ = ls.accept()
+            except TimeoutError:
+                if stopping.is_set():
+                    return
+                continue
             except OSError:
                 return
             threading.Thread(target=handle, args=(c,), daemon=True).start()
@@ -131,6 +159,30 @@ def tb_paths(tb: Any) -> list[LocalPath]:
     return sorted(ps, key=lambda p: not p.default)
 
 
+def client_backend(tb: Any, client_stack: str) -> Backend:
+    """Kernel sockets, or the user-space stack of the testbed's client namespace
+    (made on first use, with its segments recorded for the SYN/RST counts, closed by the testbed's stop())."""
+    if client_stack != "user":
+        return KernelBackend()
+    st = _client_stacks.get(tb.run_id)
+    if st is None:
+        st = _client_stacks[tb.run_id] = Stack(netns=tb.client.pid, record=True)
+
+        def close() -> None:
+            _client_stacks.pop(tb.run_id, None)
+            st.close()
+        tb.on_stop(close)
+    return UserStackBackend(st)
+
+
+def _sent_flags(backend: Backend, since: int) -> dict[str, int]:
+    """SYNs and RSTs the user stack sent from its segment record's index `since` on."""
+    if not isinstance(backend, UserStackBackend):
+        return {}
+    segs = [s.segment for s in backend.stack.sent[since:]]
+    return {"syns": sum(1 for g in segs if g.flags & SYN), "rsts": sum(1 for g in segs if g.flags & RST)}
+
+
 def _history(tb: Any, params: dict[str, Any]) -> History:
     if params.get("history_dir"):
         return History.load(Path(params["history_dir"]) / "robe-history.json")
@@ -144,21 +196,27 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
     port = int(p.get("port", 5600))
     req_n, resp_n = int(p.get("request_bytes", 100)), int(p.get("response_bytes", 1000))
     join_timeout = float(p.get("join_timeout_s", 3))
-    ensure_server(tb, port, resp_n)
+    ensure_server(tb, port, resp_n, p.get("server_stack", "kernel"))
     opts = Options(timer=TimerPolicy.parse(str(p.get("timer", "rto"))), join=p.get("join", "auto"),
                    join_timeout_s=join_timeout, history=_history(tb, p))
+    backend = client_backend(tb, p.get("client_stack", "kernel"))
     dest = (tb.server_addr, port)
     before = tb.in_ns(tb.client, _counters)
+    sent_before = len(backend.stack.sent) if isinstance(backend, UserStackBackend) else 0
     box: dict[str, Any] = {}
 
     def client() -> None:
         try:
-            sock, rep = connect(dest, strategy, tb_paths(tb), timeout, options=opts)
+            conn, rep = connect(dest, strategy, tb_paths(tb), timeout, options=opts, backend=backend)
         except RobeError as exc:
             box["report"] = exc.report
             return
         box["report"] = rep
-        with sock:
+        sock = conn
+        if isinstance(backend, UserStackBackend):
+            sock = UserSocket(backend.stack, owns_stack=False, mptcp=strategy != "tcp")
+            sock.conn = conn
+        with contextlib.closing(sock):
             sock.settimeout(max(1.0, timeout))
             try:
                 sock.sendall(b"%d\n" % req_n + payload(req_n))
@@ -177,6 +235,7 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
     time.sleep(0.05)  # let late RSTs (answers to stray SYN/ACKs) be counted
     after = tb.in_ns(tb.client, _counters)
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    user_sent = _sent_flags(backend, sent_before)
     rep: R.Report = box["report"]
     completed = rep.find(R.CONNECT_COMPLETED)
     if rep.outcome == "failed":
@@ -192,8 +251,9 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
         "multipath_s": rep.multipath_s,
         "outcome": outcome,
         "winner_path": rep.winner,
-        "syns_sent": d.get("TcpActiveOpens", 0) + d.get("TcpExtTCPSynRetrans", 0),
-        "rsts_sent": d.get("TcpOutRsts", 0),
+        "syns_sent": user_sent["syns"] if user_sent else
+        d.get("TcpActiveOpens", 0) + d.get("TcpExtTCPSynRetrans", 0),
+        "rsts_sent": user_sent["rsts"] if user_sent else d.get("TcpOutRsts", 0),
         "extra_handshakes": max(0, len(completed) - 1),
         "attempts": len(rep.find(R.ATTEMPT_STARTED)),
         "joined_paths": ",".join(sorted({e.path for e in rep.find(R.JOIN_ESTABLISHED) if e.path})),

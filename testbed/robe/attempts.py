@@ -1,27 +1,29 @@
 """Concurrent connection attempts, one per path, driven from userspace.
 
-Each attempt is a non-blocking socket bound to its path whose connect() was
-issued; poll() tells when its handshake completed (SYN/ACK arrived: the socket
-becomes writable) or failed. Strategies only decide *when* to start and abort
-attempts; this class does it and records every step in the Report.
+Each attempt is a connection started on its path through a Backend
+(backends.py: a non-blocking kernel socket whose connect() was issued, or a
+user-space stack connection whose SYN left); the backend tells when its
+handshake completed (SYN/ACK arrived) or failed. Strategies only decide *when*
+to start and abort attempts; this class does it and records every step in the
+Report, the same way for every backend.
 """
 from __future__ import annotations
 
-import select
-import socket
+import errno as errno_mod
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from testbed.robe import report as R
-from testbed.robe import sockets as S
+from testbed.robe.backends import Backend, KernelBackend
 from testbed.robe.sockets import LocalPath
 
 
 @dataclass
 class Attempt:
-    """One connection attempt: its path, socket and when it started."""
+    """One connection attempt: its path, the backend's handle and when it started."""
     path: LocalPath
-    sock: socket.socket
+    sock: Any                  # the backend's handle: a kernel socket or a user-stack attempt
     started_ns: int
     completed_ns: int | None = None
     error: int | None = None
@@ -36,22 +38,26 @@ class AttemptSet:
     cc: str | None = None
     bind_device: bool = True
     bind: bool = True  # False: let routing pick the source (plain "default route")
+    backend: Backend = field(default_factory=KernelBackend)
     active: list[Attempt] = field(default_factory=list)
     done: list[Attempt] = field(default_factory=list)  # completed, not yet claimed
 
-    def prepare(self, path: LocalPath) -> tuple[LocalPath, socket.socket]:
-        """Create and bind the socket (the slow part: ~0.1-0.3 ms here)."""
-        return path, S.new_socket(path if self.bind else None, mptcp=self.mptcp, cc=self.cc,
-                                  bind_device=self.bind_device)
+    def prepare(self, path: LocalPath) -> tuple[LocalPath, Any]:
+        """Create and bind the attempt (the slow part for a kernel socket: ~0.1-0.3 ms here)."""
+        return path, self.backend.prepare(path if self.bind else None, mptcp=self.mptcp, cc=self.cc,
+                                          bind_device=self.bind_device)
 
-    def fire(self, prepared: tuple[LocalPath, socket.socket]) -> Attempt:
+    def discard(self, prepared: tuple[LocalPath, Any]) -> None:
+        """Drop a prepared attempt that never fired (nothing on the wire)."""
+        self.backend.discard(prepared[1])
+
+    def fire(self, prepared: tuple[LocalPath, Any]) -> Attempt:
         """connect(): the SYN leaves now."""
         path, sock = prepared
         t = time.monotonic_ns()
         try:
-            S.start_connect(sock, self.dest)
+            self.backend.fire(sock, self.dest)
         except OSError as exc:
-            sock.close()
             self.report.add(R.ATTEMPT_STARTED, path.name, t_ns=t, mptcp=self.mptcp)
             self.report.add(R.CONNECT_FAILED, path.name, errno=exc.errno, reason=exc.strerror)
             raise
@@ -107,19 +113,15 @@ class AttemptSet:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            # Sleep in poll() until ~2 ms before the deadline (its timeout has
+            # Sleep until ~2 ms before the deadline (poll()'s timeout has
             # 1 ms steps), then busy-poll: timer wake-ups overshoot by up to
             # ~2 ms here, and RobE_TIMER's next SYN should leave on time.
-            # poll(), not select(): the caller may hold descriptors above
-            # select()'s limit of 1024. A failed connect shows as POLLERR.
-            poller = select.poll()
-            for a in self.active:
-                poller.register(a.sock, select.POLLOUT)
-            ready = {fd for fd, _ in poller.poll(int((left - 0.002) * 1000) if left > 0.003 else 0)}
-            t = time.monotonic_ns()  # one stamp for all sockets of this wake-up
-            for att in [a for a in self.active if a.sock.fileno() in ready]:
+            ended = self.backend.wait([a.sock for a in self.active], left - 0.002 if left > 0.003 else 0)
+            t = time.monotonic_ns()  # one stamp for all attempts of this wake-up
+            result = {id(h): err for h, err in ended}
+            for att in [a for a in self.active if id(a.sock) in result]:
                 self.active.remove(att)
-                err = S.connect_result(att.sock)
+                err = result[id(att.sock)]
                 if err == 0:
                     att.completed_ns = t
                     self.report.add(R.CONNECT_COMPLETED, att.path.name, t_ns=t,
@@ -128,8 +130,8 @@ class AttemptSet:
                 else:
                     att.error = err
                     self.report.add(R.CONNECT_FAILED, att.path.name, t_ns=t, errno=err,
-                                    reason=socket.errno.errorcode.get(err, str(err)))
-                    att.sock.close()
+                                    reason=errno_mod.errorcode.get(err, str(err)))
+                    self.backend.abort(att.sock)
 
     def abort(self, att: Attempt, reason: str) -> None:
         """Abort one attempt (RST when established) and record why."""
@@ -137,23 +139,22 @@ class AttemptSet:
             self.active.remove(att)
         if att in self.done:
             self.done.remove(att)
-        on_wire = S.abort(att.sock)
-        # An MPTCP socket resets even from SYN_SENT (MP_FASTCLOSE + RST, seen
-        # on the wire on 6.18); a plain TCP one in SYN_SENT sends nothing.
-        self.report.add(R.RST_SENT, att.path.name, reason=reason,
-                        established=on_wire, on_wire=on_wire or self.mptcp)
+        on_wire = self.backend.abort(att.sock)
+        # A kernel MPTCP socket resets even from SYN_SENT (MP_FASTCLOSE + RST,
+        # seen on the wire on 6.18); plain TCP and the user stack send nothing then.
+        self.report.add(R.RST_SENT, att.path.name, reason=reason, established=on_wire,
+                        on_wire=on_wire or (self.mptcp and self.backend.resets_from_syn_sent))
 
     def abort_all(self, reason: str) -> None:
         """Abort every attempt still held."""
         for att in list(self.active) + list(self.done):
             self.abort(att, reason)
 
-    def claim(self, winner: Attempt) -> socket.socket:
+    def claim(self, winner: Attempt) -> Any:
         """The winner leaves the set; everything else is reset right away
         (break-before-make, draft section RobE_SIM)."""
         self.report.add(R.WINNER_CHOSEN, winner.path.name)
         self.report.winner = winner.path.name
         for att in list(self.active) + list(self.done):
             self.abort(att, "lost the race")
-        winner.sock.setblocking(True)
-        return winner.sock
+        return self.backend.claim(winner.sock)

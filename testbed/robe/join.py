@@ -69,6 +69,22 @@ if TYPE_CHECKING:
     from testbed.robe.history import History
 
 
+def learn_join(history: "History | None", path: str, handshake_s: float) -> None:
+    """A completed join teaches IPS its path's handshake RTT and a success."""
+    if history is None:
+        return
+
+    def change(records: dict) -> None:
+        rec = records.setdefault(path, PathRecord())
+        rec.add_rtt(handshake_s)
+        rec.add_outcome(True)
+
+    try:
+        history.update(change)
+    except OSError:
+        pass  # a read-only store must not break joining
+
+
 class Joiner:
     """Created (and its listener started) *before* the first SYN, in the
     client's namespace, so no PM event of the new connection is missed."""
@@ -102,6 +118,9 @@ class Joiner:
             self.lease = endpoints.acquire(paths)
         except Exception as exc:  # noqa: BLE001 - no joins, but connecting goes on
             self._endpoint_error = f"cannot add a subflow endpoint: {type(exc).__name__}: {exc}"
+
+    def use(self, conn: object) -> None:
+        """The won connection: the kernel's path manager finds it by its token alone."""
 
     def start(self, token: int | None, dest: tuple[str, int], all_paths: list[LocalPath],
               winner: LocalPath | None) -> threading.Thread | None:
@@ -192,17 +211,7 @@ class Joiner:
             time.sleep(0.05)
 
     def _learn(self, path: str, handshake_s: float) -> None:
-        if self.history is None:
-            return
-        def change(records: dict) -> None:
-            rec = records.setdefault(path, PathRecord())
-            rec.add_rtt(handshake_s)
-            rec.add_outcome(True)
-
-        try:
-            self.history.update(change)
-        except OSError:
-            pass  # a read-only store must not break joining
+        learn_join(self.history, path, handshake_s)
 
     def close(self) -> None:
         """Stop listening and give back the endpoints (idempotent)."""

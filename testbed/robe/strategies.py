@@ -4,7 +4,10 @@
 
 A Strategy only decides which attempts to start, when to give up on one and
 which wins (`establish`); `after_establish` then adds the remaining paths —
-by default as MP_JOIN subflows through the Joiner. RobE_eSIM (server support,
+by default as MP_JOIN subflows through the backend's joiner. Every strategy
+runs unchanged over kernel sockets (`backend=KernelBackend()`, the default) or
+the user-space stack (`backend=UserStackBackend(stack)`; backends.py): the
+returned connection is then a kernel socket or a stack Connection. RobE_eSIM (server support,
 MP_JOIN_CAP option; out of scope here) fits the same interface: it would keep
 the losing attempts instead of resetting them and override after_establish,
 and callers would not change. `requires_server_support` lets a caller refuse
@@ -13,20 +16,17 @@ such strategies against an unmodified server.
 from __future__ import annotations
 
 import abc
-import socket
 import time
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from testbed.robe import paths as P
 from testbed.robe import report as R
-from testbed.robe import sockets as S
 from testbed.robe.attempts import AttemptSet
+from testbed.robe.backends import Backend, KernelBackend
 from testbed.robe.history import History, PathRecord
-from testbed.robe.join import Joiner
 from testbed.robe.sockets import LocalPath
 from testbed.robe.timer import TimerPolicy
-from testbed.mptcp import sockopt
 
 
 class RobeError(OSError):
@@ -65,10 +65,16 @@ class Context:
     options: Options
     report: R.Report
     deadline: float                # time.monotonic()
+    backend: Backend = field(default_factory=KernelBackend)
 
     def left(self) -> float:
         """Seconds left until the deadline."""
         return max(0.0, self.deadline - time.monotonic())
+
+    def attempts(self, mptcp: bool = True, bind: bool = True) -> AttemptSet:
+        """A fresh set of attempts to dest through this establishment's backend."""
+        return AttemptSet(self.dest, self.report, mptcp=mptcp, cc=self.options.cc,
+                          bind_device=self.options.bind_device, bind=bind, backend=self.backend)
 
 
 class Strategy(abc.ABC):
@@ -78,13 +84,14 @@ class Strategy(abc.ABC):
     requires_server_support: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
-        """Return the winning connected socket and its path, or raise RobeError."""
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
+        """Return the winning connection (the backend's: socket or stack Connection) and its path,
+        or raise RobeError."""
 
-    def after_establish(self, ctx: Context, sock: socket.socket, winner: LocalPath,
-                        joiner: Joiner) -> None:
+    def after_establish(self, ctx: Context, sock: Any, winner: LocalPath, joiner: Any) -> None:
         """Add the remaining paths to the won connection (MP_JOIN subflows by default)."""
-        token = S.mptcp_token(sock) if self.mptcp else None
+        token = ctx.backend.token(sock) if self.mptcp else None
+        joiner.use(sock)
         joiner.start(token, ctx.dest, ctx.paths, winner)
 
 
@@ -103,10 +110,9 @@ def _fail(ctx: Context, att: AttemptSet, what: str) -> RobeError:
     return RobeError(what, ctx.report)
 
 
-def _single(ctx: Context, path: LocalPath, mptcp: bool, bind: bool) -> tuple[socket.socket, LocalPath]:
-    """One attempt, left to the kernel's SYN retransmissions until the deadline."""
-    att = AttemptSet(ctx.dest, ctx.report, mptcp=mptcp, cc=ctx.options.cc,
-                     bind_device=ctx.options.bind_device, bind=bind)
+def _single(ctx: Context, path: LocalPath, mptcp: bool, bind: bool) -> tuple[Any, LocalPath]:
+    """One attempt, left to the SYN retransmissions until the deadline."""
+    att = ctx.attempts(mptcp=mptcp, bind=bind)
     a = att.try_start(path)
     won = att.poll(ctx.left()) if a is not None else None
     if won is None:
@@ -120,7 +126,7 @@ class PlainTCP(Strategy):
     name = "tcp"
     mptcp = False
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
         return _single(ctx, ctx.paths[0], mptcp=False, bind=False)
 
 
@@ -130,7 +136,7 @@ class PlainMPTCP(Strategy):
     route; other paths are joined afterwards like any MPTCP client does."""
     name = "mptcp"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
         return _single(ctx, ctx.paths[0], mptcp=True, bind=False)
 
 
@@ -145,9 +151,8 @@ class Timer(Strategy):
         """The order in which paths are tried: the default-route path first."""
         return list(ctx.paths)
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
-        att = AttemptSet(ctx.dest, ctx.report, cc=ctx.options.cc,
-                         bind_device=ctx.options.bind_device)
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
+        att = ctx.attempts()
         order = self.order(ctx)
         current = att.try_start(order[0]) if order else None
         for i, path in enumerate(order):
@@ -167,7 +172,7 @@ class Timer(Strategy):
             won = att.poll(wait)
             if won is not None:
                 if nxt is not None:
-                    nxt[1].close()  # never connected: nothing on the wire
+                    att.discard(nxt)  # never connected: nothing on the wire
                 return att.claim(won), won.path
             if ctx.left() <= 0 or nxt is None:
                 if current in att.active:
@@ -193,9 +198,8 @@ class Sim(Strategy):
     SYN/ACK wins, every other attempt is reset (also ones completing later)."""
     name = "sim"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
-        att = AttemptSet(ctx.dest, ctx.report, cc=ctx.options.cc,
-                         bind_device=ctx.options.bind_device)
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
+        att = ctx.attempts()
         # Sockets are created and bound first so the SYNs leave back to back
         # (measured spread on this machine: tens of microseconds).
         att.try_start_all(ctx.paths)
@@ -220,7 +224,7 @@ class IPS(Strategy):
     Table 1); the failure is recorded, so the next connection avoids it."""
     name = "ips"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
         return _single(ctx, _ips_order(ctx)[0], mptcp=True, bind=True)
 
 
@@ -229,7 +233,7 @@ class SimIPS(Strategy):
     """SIM+IPS (draft): SIM while some selected path has no history, IPS after."""
     name = "sim+ips"
 
-    def establish(self, ctx: Context) -> tuple[socket.socket, LocalPath]:
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
         h = ctx.options.history
         if h is None or not h.complete_for(ctx.paths):
             ctx.report.add("mode", None, using="sim", why="paths without history")
@@ -251,8 +255,12 @@ class TimerIPS(Timer):
 
 def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[LocalPath] | None = None,
             timeout: float = 10.0, report: R.Report | None = None,
-            options: Options | None = None) -> tuple[socket.socket, R.Report]:
-    """Connect to dest with a RobE strategy; returns (connected socket, Report).
+            options: Options | None = None, backend: Backend | None = None) -> tuple[Any, R.Report]:
+    """Connect to dest with a RobE strategy; returns (connection, Report).
+
+    The connection is a kernel socket, or with backend=UserStackBackend(stack)
+    a connection of that user-space stack (`paths` are then required: the
+    discovery below asks the kernel's routes).
 
     Runs in the calling thread's network namespace. `paths` default to the
     discovered local paths with a route to dest (default route first). Joins
@@ -265,12 +273,13 @@ def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[LocalPath]
     opts.timeout_s = timeout
     selected = paths if paths else P.discover(dest[0])
     impl = STRATEGIES[strategy]()
+    be = backend or KernelBackend()
     rep = report or R.Report(strategy, dest, [p.name for p in selected])
-    rep.options = opts.describe()
-    joiner = Joiner(opts.join if impl.mptcp else "none", rep, opts.join_timeout_s, opts.history)
+    rep.options = opts.describe() | {"backend": be.name}
+    joiner = be.joiner(opts.join if impl.mptcp else "none", rep, opts.join_timeout_s, opts.history)
     joiner.prepare(selected)
     rep.t0_ns = time.monotonic_ns()  # after the listener is up: not part of setup time
-    ctx = Context(dest, selected, opts, rep, time.monotonic() + timeout)
+    ctx = Context(dest, selected, opts, rep, time.monotonic() + timeout, be)
     try:
         sock, winner = impl.establish(ctx)
     except BaseException as exc:
@@ -279,12 +288,12 @@ def connect(dest: tuple[str, int], strategy: str = "sim", paths: list[LocalPath]
         rep.error = str(exc)
         _learn(opts.history, rep)
         raise
-    if impl.mptcp and sockopt.is_fallback(sock):
+    if impl.mptcp and be.is_fallback(sock):
         rep.outcome = "fallback_tcp"
         rep.add(R.FALLBACK_TCP, winner.name)
     else:
         rep.outcome = "connected"
-    rep.token = S.mptcp_token(sock) if impl.mptcp else None
+    rep.token = be.token(sock) if impl.mptcp else None
     _learn(opts.history, rep)
     impl.after_establish(ctx, sock, winner, joiner)
     return sock, rep

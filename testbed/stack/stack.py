@@ -302,6 +302,22 @@ class Stack:
                 mptcp: bool = True, scheduler: str | None = None) -> Connection:
         """Open an MPTCP connection; paths are local addresses (first: initial subflow, rest: joins).
         mptcp=False opens plain TCP (no MP_CAPABLE in the SYN) over the first path."""
+        conn = self.start_connect(dest, paths[0] if paths else None, checksum=checksum, cc=cc,
+                                  mptcp=mptcp, scheduler=scheduler)
+        conn.wait_established(timeout)
+        for addr in (paths or [])[1:] if mptcp else []:
+            try:
+                conn.add_subflow(addr, backup=addr in (backup or []), timeout=timeout)
+            except StackError as exc:
+                # The connection works without this path; the failure is in the
+                # event stream (sf_closed) and the log, like a kernel PM's join.
+                self.log(f"join from {addr}: {exc}")
+        return conn
+
+    def start_connect(self, dest: tuple[str, int], path: str | None = None, *, checksum: bool | None = None,
+                      cc: str | None = None, mptcp: bool = True, scheduler: str | None = None) -> Connection:
+        """Send the SYN from path (routing's choice when None) and return at once (non-blocking connect):
+        the connection's `established` or `closed` event, or its state, tells how it ended."""
         host, rport = dest
         try:
             raddr = socket.inet_ntoa(socket.inet_aton(host))
@@ -311,7 +327,7 @@ class Stack:
             raise StackError("stack is closed")
         _check_choices(cc or self.cc, scheduler or self.scheduler)
         with self.lock:
-            first = paths[0] if paths else self.source_for(raddr)
+            first = path or self.source_for(raddr)
             conn = Connection(self, active=True, checksum=self.checksum if checksum is None else checksum,
                               cc=cc or self.cc, mptcp=mptcp, scheduler=scheduler or self.scheduler,
                               pm_limits=self.pm_limits, obfuscate_dsn=self.obfuscate_dsn,
@@ -319,14 +335,6 @@ class Stack:
             self.connections.add(conn)
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
-        conn.wait_established(timeout)
-        for addr in (paths or [])[1:] if mptcp else []:
-            try:
-                conn.add_subflow(addr, backup=addr in (backup or []), timeout=timeout)
-            except StackError as exc:
-                # The connection works without this path; the failure is in the
-                # event stream (sf_closed) and the log, like a kernel PM's join.
-                self.log(f"join from {addr}: {exc}")
         return conn
 
     def listen(self, port: int, backlog: int = 64, checksum: bool | None = None,

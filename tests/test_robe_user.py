@@ -1,0 +1,56 @@
+"""RobE over the user-space stack: every strategy's one implementation driving
+testbed.stack attempts (testbed.robe.backends.UserStackBackend), against the
+kernel MPTCP server and the stack's own. Root; one testbed per test."""
+from __future__ import annotations
+
+import pytest
+
+from experiments.establishment import Params
+from experiments.robe_trial import run_establishment_trial
+from testbed.core.events import EventSpec
+from testbed.core.model import HostSettings
+from testbed.core.net import Testbed
+from testbed.core.topology import load
+from testbed.robe import STRATEGIES
+from testbed.robe import strategies as strategies_module
+
+pytestmark = pytest.mark.root
+
+
+def two_path_tb() -> Testbed:
+    # wifi (default route) 2x10 ms, lte 2x20 ms: the default path is the faster one.
+    return Testbed(load("two-path", wifi_delay_ms=10, lte_delay_ms=20), backend="userspace",
+                   client=HostSettings(path_manager="userspace"))
+
+
+def test_every_strategy_runs_over_the_user_stack_against_kernel_and_user_servers():
+    user = {"client_stack": "user", "timeout_s": 5, "timer": "0.3", "join_timeout_s": 2}
+    with two_path_tb() as tb:
+        for server, port in (("kernel", 5710), ("user", 5711)):
+            for name in STRATEGIES:
+                m = run_establishment_trial(tb, name, user | {"server_stack": server, "port": port})
+                want = "tcp" if name == "tcp" else "mptcp"
+                assert (m["outcome"], m["data_ok"], m["error"]) == (want, True, None), (server, name, m)
+                assert m["winner_path"] == "wifi" and 0.019 <= m["setup_s"] < 0.030, (server, name, m)
+                if name != "tcp":  # the losing or untried path joins the won connection
+                    assert m["joined_paths"] == "lte" and m["multipath_s"] > m["setup_s"], (server, name, m)
+        # A blackholed default path: SIM wins on LTE at once, TIMER after its timer.
+        tb.apply_event(EventSpec(at_s=0, action="blackhole", path="wifi"))
+        sim = run_establishment_trial(tb, "sim", user | {"port": 5710})
+        assert sim["winner_path"] == "lte" and 0.039 <= sim["setup_s"] < 0.052 and sim["data_ok"], sim
+        assert sim["syns_sent"] >= 2 and sim["extra_handshakes"] == 0, sim
+        timer = run_establishment_trial(tb, "timer", user | {"port": 5710})
+        assert timer["winner_path"] == "lte" and 0.33 <= timer["setup_s"] < 0.36 and timer["data_ok"], timer
+
+
+def test_strategies_have_one_implementation_for_both_backends():
+    # The strategies module opens nothing itself: every attempt goes through a Backend.
+    src = open(strategies_module.__file__).read()
+    assert "socket.socket(" not in src and "sockopt" not in src and "import socket" not in src
+
+
+def test_establishment_params_take_the_stacks_and_refuse_others():
+    p = Params.model_validate({"strategy": "sim", "client_stack": "user", "server_stack": "user"})
+    assert (p.client_stack, p.server_stack) == ("user", "user")
+    with pytest.raises(ValueError, match="client_stack"):
+        Params.model_validate({"strategy": "sim", "client_stack": "dpdk"})
