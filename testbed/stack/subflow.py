@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from testbed.stack.cc import make_cc
 from testbed.stack.packet import (ACK, FIN, RST, SYN, Mss, Sack, SackPermitted, TcpSegment, Timestamps,
-                                  WindowScale)
+                                  WindowScale, encode_tcp_options)
 
 if TYPE_CHECKING:  # pragma: no cover
     from testbed.stack.connection import Connection
@@ -128,6 +128,7 @@ class Subflow:
         self.sack_seen = False            # ... and it does: loss detection by RACK, not duplicate ACKs
         self.rack_sent_at = 0.0           # RACK: send time of the latest segment known delivered
         self.round_end = 0                # HyStart: the round ends when this sequence is acked
+        self.last_ooo = 0                 # sequence of the latest out-of-order segment (first SACK block)
         self.round_rtts: list[float] = []
         self.cc_name = cc
         self.cc = make_cc(cc, self.mss, conn.coupling)
@@ -227,7 +228,31 @@ class Subflow:
         """A pure ACK carrying the connection's current options (DATA_ACK)."""
         self.ack_pending = False
         opts = list(extra) if extra else self.conn.ack_options(self)
+        if self.sack_ok and self.rx_ooo and not extra:
+            opts = self._with_sack(opts)
         self.emit(self.segment(ACK, self.snd_nxt, b"", opts))
+
+    def _with_sack(self, opts: list) -> list:
+        """opts plus a SACK block (RFC 2018) around the latest out-of-order segment, when
+        the 40 bytes of options have room (with timestamps and a 64-bit DATA_ACK: one block).
+        A peer that negotiated SACK relies on the blocks to find its losses (Linux counts
+        no duplicate ACKs then), so a receiver that sent none made it wait for RTOs."""
+        start = self.last_ooo if self.last_ooo in self.rx_ooo else min(self.rx_ooo)
+        end = start + len(self.rx_ooo[start][0])
+        while end in self.rx_ooo and self.rx_ooo[end][0]:
+            end += len(self.rx_ooo[end][0])
+        ends = {s + len(v[0]): s for s, v in self.rx_ooo.items() if v[0]}
+        while start in ends:
+            start = ends[start]
+        if end <= start:
+            return opts
+        with_sack = [*opts, Sack(((start & MASK32, end & MASK32),))]
+        ts = [Timestamps(0, 0)] if self.ts_ok else []
+        try:
+            encode_tcp_options([*ts, *with_sack])
+        except ValueError:
+            return opts
+        return with_sack
 
     def send_rst(self, mptcp=()) -> None:
         """A RST for this subflow (optionally with MP_TCPRST / MP_FASTCLOSE)."""
@@ -609,6 +634,7 @@ class Subflow:
         if seq > self.rcv_nxt:
             if len(self.rx_ooo) < 4096:
                 self.rx_ooo[seq] = (payload, fin)
+                self.last_ooo = seq
             self.send_ack()  # a duplicate ACK tells the sender about the hole at once
             return
         if seq + len(payload) < self.rcv_nxt or (seq + len(payload) == self.rcv_nxt and not fin):
