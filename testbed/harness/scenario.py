@@ -131,8 +131,15 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None,
     """Load and validate a scenario file with --set overrides; TestbedError naming the key."""
     p = Path(path)
     data = read_toml(p, "scenario file")
+    overrides = overrides or {}
+    # A --set on a key the grid sweeps pins it: otherwise the grid would silently
+    # replace the user's value in every run (and a bad value would never be checked).
+    grid = data.get("grid")
+    if isinstance(grid, dict):
+        pinned = [k for k in grid if any(k == key or k.startswith(key + ".") for key in overrides)]
+        data["grid"] = {k: v for k, v in grid.items() if k not in pinned}
     try:
-        data = apply_overrides(data, overrides or {})
+        data = apply_overrides(data, overrides)
     except TestbedError as exc:
         raise TestbedError(f"{p}: {exc}") from None
     if repetitions is not None:
