@@ -190,6 +190,16 @@ def _goodput(samples: list[tuple[float, int]], a: float, b: float) -> float | No
     return (rb - ra) * 8 / (tb - ta) / 1e6 if tb - ta >= 1 else None
 
 
+def _bulk_problem(sent: int, read: int, goodput: float | None) -> str | None:
+    """Why a bulk run's goodput does not count (None when it does): the servers
+    must read every byte the clients sent, and the goodput window must exist."""
+    if read != sent:
+        return f"bulk: the servers read {read} bytes, the clients sent {sent} (bound: all of them)"
+    if goodput is None:
+        return "bulk: no goodput window (last start + 0.5 s to first stop under 1 s, bound: 1 s)"
+    return None
+
+
 @register
 class Privacy(Experiment):
     """K MPTCP connections over shared paths, one passive observer per path."""
@@ -221,6 +231,7 @@ class Privacy(Experiment):
         received: list[list[int]] = []  # per served connection: bytes its server read
         samples: list[tuple[float, int]] = []
         done = [0] * p.connections
+        sent = [0] * p.connections  # bulk: bytes each client handed over (checked against what was read)
         timeout = p.stagger_s + p.seconds + 30
         resources = contextlib.ExitStack()
 
@@ -312,7 +323,7 @@ class Privacy(Experiment):
                 n = 0
                 while time.monotonic() < stop:
                     if p.pattern == "bulk":
-                        end.send(until=min(stop, time.monotonic() + 0.25))
+                        sent[i] += end.send(until=min(stop, time.monotonic() + 0.25))
                     else:
                         end.send(nbytes=p.request_bytes)
                         if end.recv_exact(p.response_bytes) < p.response_bytes:
@@ -368,11 +379,15 @@ class Privacy(Experiment):
         obs["connection"] = [owner.get((r.client, r.cport, r.server, r.sport))
                              for r in obs.itertuples(index=False)]
         per_path = obs.groupby("path")["connection"].nunique() if not obs.empty else None
+        goodput = (_goodput(samples, t0 + max(starts) + 0.5, t0 + min(starts) + p.seconds)
+                   if p.pattern == "bulk" else None)
+        setup_q = statistics.quantiles(setup_s, n=4) if p.connections > 1 else setup_s * 3
         m = {"connections": p.connections, "pattern": p.pattern, "start": p.start,
              "stack": p.stack, "countermeasure": p.countermeasure,
              "setup_ms_median": 1000 * statistics.median(setup_s),
-             "goodput_mbit": _goodput(samples, t0 + max(starts) + 0.5, t0 + min(starts) + p.seconds)
-             if p.pattern == "bulk" else None,
+             "setup_ms_p25": 1000 * setup_q[0], "setup_ms_p75": 1000 * setup_q[-1],
+             "goodput_mbit": goodput,
+             "bulk_bytes": sum(c[0] for c in received) if p.pattern == "bulk" else None,
              "answers_per_s": sum(done) / p.seconds if p.pattern == "reqresp" else None,
              "clients": len(clients), "observers": ",".join(p.observers),
              "observed_subflows": len(obs),
@@ -380,6 +395,8 @@ class Privacy(Experiment):
              **{f"connections_seen.{k}": int(v) for k, v in (per_path.items() if per_path is not None else [])}}
         out = RunOutput(metrics=m, tables={"observed_subflows": obs})
         problems = observers.problems()
+        if p.pattern == "bulk" and (bad := _bulk_problem(sum(sent), sum(c[0] for c in received), goodput)):
+            problems.append(bad)
         joined = [i for i, sfs in truth.items() if len(sfs) >= len(p.observers)]
         m.update({"connections_joined": len(joined), "fallbacks": len(fell_back)})
         if len(joined) < MIN_JOINED * p.connections:

@@ -170,3 +170,13 @@ def test_cost_table_takes_a_metric_no_run_has():
     t = cost_table(runs).set_index("countermeasure")
     assert t.loc["tls-keys", "setup ms (median of runs' medians)"] == 150.0
     assert t["bulk: goodput Mbit/s, all connections (median)"].isna().all()
+
+
+def test_bulk_goodput_is_refused_unless_every_byte_sent_was_read():
+    """The cost's bulk goodput counts only when the servers read every byte the
+    clients sent and a goodput window was measured; otherwise the reason names both."""
+    from experiments.privacy import _bulk_problem
+    assert _bulk_problem(sent=1000, read=1000, goodput=12.5) is None
+    assert _bulk_problem(sent=1000, read=990, goodput=12.5) == (
+        "bulk: the servers read 990 bytes, the clients sent 1000 (bound: all of them)")
+    assert "no goodput window" in _bulk_problem(sent=1000, read=1000, goodput=None)
