@@ -180,3 +180,23 @@ def test_bulk_goodput_is_refused_unless_every_byte_sent_was_read():
     assert _bulk_problem(sent=1000, read=990, goodput=12.5) == (
         "bulk: the servers read 990 bytes, the clients sent 1000 (bound: all of them)")
     assert "no goodput window" in _bulk_problem(sent=1000, read=1000, goodput=None)
+
+
+def test_cost_table_gives_spread_and_cost_relative_to_no_countermeasure():
+    """Per countermeasure: medians with the spread (connections' setup quartiles,
+    runs' goodput range) and each against no countermeasure on the same stack, pattern and K."""
+    from analysis.figures.privacy import cost_table
+    runs = pd.DataFrame({"metric.stack": ["user"] * 4, "metric.pattern": ["bulk"] * 4,
+                         "metric.countermeasure": ["none", "none", "tls-keys", "tls-keys"],
+                         "metric.connections": [4] * 4,
+                         "metric.setup_ms_median": [100.0, 104.0, 150.0, 154.0],
+                         "metric.setup_ms_p25": [95.0, 97.0, 140.0, 142.0],
+                         "metric.setup_ms_p75": [110.0, 112.0, 160.0, 162.0],
+                         "metric.goodput_mbit": [28.0, 30.0, 27.0, 28.0]})
+    t = cost_table(runs).set_index("countermeasure")
+    assert t.loc["tls-keys", "setup ms (median of runs' medians)"] == 152.0
+    assert t.loc["tls-keys", "setup ms, connections' quartiles"] == "141-161"
+    assert t.loc["tls-keys", "setup vs none"] == "+50 ms (+49 %)"
+    assert t.loc["tls-keys", "goodput, runs' range"] == "27.0-28.0"
+    assert t.loc["tls-keys", "goodput vs none"] == "-5 %"
+    assert t.loc["none", "goodput vs none"] == "+0 %"

@@ -92,9 +92,30 @@ def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
                                              pd.Series("none", index=runs.index)).fillna("none"))
     keys = ["stack", "countermeasure", "metric.pattern", "metric.connections"]
     # a metric no run of the store has (e.g. goodput without bulk runs) loads as strings
-    df[have] = df[have].apply(pd.to_numeric, errors="coerce")
-    out = df.groupby(keys, dropna=False)[have].median().reset_index()
-    out["runs"] = df.groupby(keys, dropna=False).size().values
+    spread = [c for c in ("metric.setup_ms_p25", "metric.setup_ms_p75") if c in runs.columns]
+    df[have + spread] = df[have + spread].apply(pd.to_numeric, errors="coerce")
+    g = df.groupby(keys, dropna=False)
+    out = g[have + spread].median().reset_index()
+    out["runs"] = g.size().values
+    if len(spread) == 2:  # the connections' setup quartiles (runs before them: none)
+        out["setup ms, connections' quartiles"] = [
+            "" if pd.isna(a) else f"{a:.0f}-{b:.0f}" for a, b in zip(out[spread[0]], out[spread[1]])]
+    out = out.drop(columns=spread)
+    base = out[out["countermeasure"] == "none"].set_index(["stack", "metric.pattern", "metric.connections"])
+    at = pd.MultiIndex.from_frame(out[["stack", "metric.pattern", "metric.connections"]])
+
+    def against_none(col: str, with_ms: bool = False) -> list[str]:
+        ref = base[col].reindex(at).to_numpy() if col in base else [np.nan] * len(out)
+        return ["" if pd.isna(v) or pd.isna(r) or not r else
+                (f"{v - r:+.0f} ms ({100 * (v / r - 1):+.0f} %)" if with_ms else f"{100 * (v / r - 1):+.0f} %")
+                for v, r in zip(out[col], ref)]
+    out["setup vs none"] = against_none("metric.setup_ms_median", with_ms=True)
+    if "metric.goodput_mbit" in have:
+        lo, hi = g["metric.goodput_mbit"].min().to_numpy(), g["metric.goodput_mbit"].max().to_numpy()
+        out["goodput, runs' range"] = ["" if pd.isna(a) else f"{a:.1f}-{b:.1f}" for a, b in zip(lo, hi)]
+        out["goodput vs none"] = against_none("metric.goodput_mbit")
+    if "metric.answers_per_s" in have:
+        out["answers vs none"] = against_none("metric.answers_per_s")
     return out.rename(columns={"metric.pattern": "pattern", "metric.connections": "K", **COST}).round(2)
 
 
