@@ -216,6 +216,32 @@ def _pooled(scores: pd.DataFrame, method: str) -> tuple[str, bool | None]:
     return text, bool(tp + fp) and plo >= LINKED and rlo >= LINKED
 
 
+OFFSET_GOODPUT = 0.9  # the share of plain MPTCP's bulk goodput DSN offsets must keep at every K
+
+
+def cost_rows(runs: pd.DataFrame) -> list[tuple[str, str, str, str, str, str, bool | None]]:
+    """The cost expectation: DSN offsets (arithmetic on two option fields) keep the
+    user-space stack's bulk goodput of no countermeasure, per K (median of runs)."""
+    subject, cond = "user-space stack, per-subflow DSN offsets", "bulk, same topology and K"
+    expected = "DSN offsets cost no measurable throughput"
+    crit = f"median bulk goodput ≥ {OFFSET_GOODPUT} × no countermeasure's, at every K"
+    need = {"metric.stack", "metric.pattern", "metric.countermeasure", "metric.connections",
+            "metric.goodput_mbit"}
+    ratios = {}
+    if need <= set(runs.columns):
+        bulk = runs[(runs["metric.stack"] == "user") & (runs["metric.pattern"] == "bulk")]
+        med = (bulk.assign(g=pd.to_numeric(bulk["metric.goodput_mbit"], errors="coerce"))
+               .groupby(["metric.countermeasure", "metric.connections"])["g"].median())
+        for k in sorted({k for _, k in med.index}):
+            if ("none", k) in med.index and ("dsn-offset", k) in med.index and med["none", k] > 0:
+                ratios[k] = med["dsn-offset", k] / med["none", k]
+    if not ratios:
+        return [(TARGET, subject, cond, expected, crit,
+                 "not measured (no bulk goodput of the user stack with and without offsets)", None)]
+    text = "goodput ratio " + ", ".join(f"K = {k}: {r:.2f}" for k, r in ratios.items())
+    return [(TARGET, subject, cond, expected, crit, text, all(r >= OFFSET_GOODPUT for r in ratios.values()))]
+
+
 def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | None]]:
     """(source, subject, condition, expected, criterion, measured, holds) per row;
     holds None = not measured."""
@@ -267,4 +293,5 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
         chance = g["chance"].sum() / g["positives"].sum()
         rows.append((TARGET, f"user-space stack, {what}", "same attack, same topology", expected, critc,
                      f"accuracy {a:.2f} [{lo:.2f}, {hi:.2f}], chance {chance:.3f}", lo <= chance <= hi))
+    rows.extend(cost_rows(runs))
     return rows

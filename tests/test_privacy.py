@@ -200,3 +200,19 @@ def test_cost_table_gives_spread_and_cost_relative_to_no_countermeasure():
     assert t.loc["tls-keys", "goodput, runs' range"] == "27.0-28.0"
     assert t.loc["tls-keys", "goodput vs none"] == "-5 %"
     assert t.loc["none", "goodput vs none"] == "+0 %"
+
+
+def test_dsn_offsets_cost_row_judges_goodput_against_no_countermeasure():
+    """The expectation 'DSN offsets cost no measurable throughput' holds when the
+    offsets' median bulk goodput is within the bound of none's at every K."""
+    def runs(offset_goodput):
+        return pd.DataFrame({"metric.stack": ["user"] * 4, "metric.pattern": ["bulk"] * 4,
+                             "metric.countermeasure": ["none", "dsn-offset"] * 2,
+                             "metric.connections": [4, 4, 16, 16],
+                             "metric.goodput_mbit": [28.0, offset_goodput, 29.0, 29.0]})
+    [row] = P.cost_rows(runs(27.5))
+    assert row[-1] is True and "K = 4: 0.98" in row[-2]
+    [row] = P.cost_rows(runs(20.0))
+    assert row[-1] is False and "K = 4: 0.71" in row[-2]
+    [row] = P.cost_rows(pd.DataFrame({"metric.pattern": ["reqresp"]}))
+    assert row[-1] is None
