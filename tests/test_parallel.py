@@ -3,18 +3,20 @@ stored once with its calibration verdict, every testbed of every lane removed
 at the end and on SIGINT/SIGTERM; K beyond the measured bound refused at load."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from conftest import ROOT, assert_one_line_error, run_tb
 from testbed.base.errors import TestbedError
-from testbed.core.state import STATE_DIR
+from testbed.core.state import STATE_DIR, alive, namespace_members
 from testbed.harness import parallel
 from testbed.harness import scenario as sc
 from testbed.harness.runner import SweepSummary
@@ -54,14 +56,65 @@ def _manifests(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "establishment").glob("*/manifest.json"))]
 
 
-def _assert_nothing_left(before: dict, out: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and footprint() != before:
-        time.sleep(0.2)
-    after = footprint()
-    for key in before:
-        assert after[key] == before[key], f"{key} left behind: {after[key] ^ before[key]}"
-    assert not list((out / "establishment").glob(".tmp-*")), "half-written run left"
+class Recorded:
+    """The state records of our lanes' testbeds, read while they live: their
+    processes and namespaces (other people's testbeds on this machine are left
+    out of the leak check; they come and go on their own)."""
+
+    def __init__(self, before: dict) -> None:
+        self.before = before
+        self.records: dict[str, dict] = {}
+
+    def poll(self) -> set[str]:
+        """Read every state file that appeared since `before`; their names."""
+        for path in STATE_DIR.glob("run-*.json") if STATE_DIR.exists() else []:
+            if path.name not in self.before["state files"]:
+                try:
+                    self.records[path.name] = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    pass  # gone or being replaced: read again next time
+        return set(self.records)
+
+    def watch(self, proc: subprocess.Popen) -> None:
+        """Poll until proc ends."""
+        while proc.poll() is None:
+            self.poll()
+            time.sleep(0.02)
+
+    def assert_nothing_left(self, out: Path) -> None:
+        """No process or namespace our testbeds recorded, no state file of theirs,
+        the host's interfaces, qdiscs and nft tables as before, no half-written run."""
+        assert self.records, "no testbed recorded: the check would prove nothing"
+        pids = [p for r in self.records.values() for p in r["pids"]]
+        netns = [n for r in self.records.values() for n in r["netns"]]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (namespace_members(pids, netns)
+                                               or any(alive(*p) for p in pids)):
+            time.sleep(0.2)
+        assert not namespace_members(pids, netns), "processes left in our namespaces"
+        assert not [p for p in pids if alive(*p)], "recorded processes left running"
+        assert not [n for n in self.records if (STATE_DIR / n).exists()], "state files left"
+        after = footprint()
+        for key in ("host interfaces", "qdiscs", "nft tables"):
+            assert after[key] == self.before[key], f"{key}: {after[key] ^ self.before[key]}"
+        assert not list((out / "establishment").glob(".tmp-*")), "half-written run left"
+
+
+@contextlib.contextmanager
+def _parallel_run(scenario: Path, out: Path) -> Iterator[subprocess.Popen]:
+    """`./tb run SCENARIO --parallel 2` as a process (killed at the end if still running)."""
+    invoke = Path(sys.executable).parent / "invoke"
+    # Ctrl-C as at a terminal: a test run started in the background inherits SIGINT ignored.
+    proc = subprocess.Popen([str(invoke), "run", str(scenario), "--parallel", "2", "--out", str(out),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---- no namespaces ------------------------------------------------------------
@@ -102,14 +155,15 @@ def test_an_experiment_held_below_k_says_so_and_runs_one_at_a_time(tmp_path, mon
 
 @pytest.mark.root
 def test_parallel_sweep_stores_each_run_once_and_leaves_nothing(tmp_path):
-    before = footprint()
+    recorded = Recorded(footprint())
     out = tmp_path / "out"
     t0 = time.monotonic()
-    res = run_tb("run", str(_scenario(tmp_path)), "--parallel", "2", "--out", str(out),
-                 "--no-progress", timeout=180)
+    with _parallel_run(_scenario(tmp_path), out) as proc:
+        recorded.watch(proc)
+        stdout, stderr = proc.communicate(timeout=180)
     wall = time.monotonic() - t0
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "4 runs planned, 0 already stored" in res.stdout, res.stdout
+    assert proc.returncode == 0, stdout + stderr
+    assert "4 runs planned, 0 already stored" in stdout, stdout
     manifests = _manifests(out)
     assert sorted(m["run_id"] for m in manifests) == sorted(
         s.run_id for s in sc.expand(sc.load(_scenario(tmp_path))))  # each run once
@@ -125,23 +179,18 @@ def test_parallel_sweep_stores_each_run_once_and_leaves_nothing(tmp_path):
     # Runs of different lanes overlapped: they really ran at once.
     busy = sum(m["duration_s"] for m in manifests)
     assert wall < busy + 30, (wall, busy)
-    _assert_nothing_left(before, out)
+    recorded.assert_nothing_left(out)
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_parallel_sweep_removes_every_lanes_testbed(tmp_path, sig):
-    before = footprint()
+    recorded = Recorded(footprint())
     out = tmp_path / "out"
-    invoke = Path(sys.executable).parent / "invoke"
-    proc = subprocess.Popen([str(invoke), "run", str(_scenario(tmp_path, reps=3)), "--parallel", "2",
-                             "--out", str(out), "--no-progress"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _parallel_run(_scenario(tmp_path, reps=3), out) as proc:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # both lanes have a testbed up and a run under way
-            new = {p.name for p in STATE_DIR.glob("run-*.json")} - before["state files"] \
-                if STATE_DIR.exists() else set()
+            new = recorded.poll()
             partial = list((out / "establishment").glob(".tmp-*")) if out.exists() else []
             if len(new) >= 2 and partial:
                 break
@@ -149,14 +198,11 @@ def test_interrupted_parallel_sweep_removes_every_lanes_testbed(tmp_path, sig):
         else:
             pytest.fail("never caught both lanes mid-run")
         proc.send_signal(sig)
+        recorded.watch(proc)
         _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
     assert "Traceback" not in err, err
     stored = _manifests(out)
     assert len(stored) < 12, "the interrupt came after the sweep"
     assert len({m["run_id"] for m in stored}) == len(stored)
-    _assert_nothing_left(before, out)
+    recorded.assert_nothing_left(out)
