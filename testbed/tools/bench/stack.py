@@ -2,9 +2,11 @@
 
     run(seconds=3) -> StackBench     (throughput both ways, connect latency, CPU)
     attach_compare(packets=20000)    (AF_PACKET + raw socket vs TUN: packets/s, RTT)
+    two_path(seconds=10)             (the app workload on the two-path topology, user vs kernel)
 
-Everything runs in two network namespaces held by `unshare` processes this
-module starts and kills by PID, joined by one unshaped veth pair; nothing
+run() and attach_compare() run in two network namespaces held by `unshare`
+processes this module starts and kills by PID, joined by one unshaped veth
+pair; two_path() builds a testbed topology (torn down with it). Nothing
 touches the caller's namespace.
 """
 from __future__ import annotations
@@ -386,11 +388,67 @@ def run(seconds: float = 3.0, connects: int = 50) -> StackBench:
                       round(statistics.median(user_ms), 3), round(statistics.median(kern_ms), 3))
 
 
+@dataclass
+class TwoPathFigure:
+    """Goodput of one stack combination on the two-path topology, after the warm-up."""
+    client_stack: str
+    server_stack: str
+    direction: str
+    goodput_mbit: float
+    sum_rates_mbit: float
+    sha256_match: bool
+    subflows_max: int
+
+    @property
+    def fraction(self) -> float:
+        """Goodput as a fraction of the sum of the paths' rates."""
+        return self.goodput_mbit / self.sum_rates_mbit
+
+
+TWO_PATH = {"rate_mbit": 20, "wifi_delay_ms": 10, "lte_delay_ms": 40}
+
+
+def two_path(seconds: float = 10.0, warmup: float = 2.0,
+             combos: tuple[tuple[str, str, str], ...] = (("kernel", "kernel", "up"), ("user", "kernel", "up"),
+                                                        ("kernel", "user", "down"), ("user", "kernel", "down"))
+             ) -> list[TwoPathFigure]:
+    """The app workload over the two-path topology (2 x 20 Mbit/s, 10 / 40 ms one way),
+    one testbed for every (client_stack, server_stack, direction): the receiver's
+    delivered bytes from `warmup` s after the connection to the end, over the sum of rates
+    (the demo's window, so the kernel's figure is the README's 0.93)."""
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from testbed.core.net import Testbed
+    from testbed.core.topology import load
+    from testbed.harness import workload
+
+    out = []
+    with TemporaryDirectory(prefix="mptb-bench-stack-") as tmp, Testbed(load("two-path", **TWO_PATH)) as tb:
+        rates = sum(p.spec.direction("up").rate_mbit or 0 for p in tb.paths)
+        for i, (client, server, direction) in enumerate(combos):
+            load_ = workload.get("app", seconds=seconds, direction=direction, client_stack=client,
+                                 server_stack=server, port=5400 + i, cc="cubic")
+            res = load_.run(tb, Path(tmp) / str(i), time.monotonic_ns(), seconds + 30)
+            ts = res.tables["timeseries"]
+            total = ts[(ts.series == "delivered_bytes") & (ts.key == "total")].sort_values("t")
+            start = total.t.min() + warmup
+            window = total[total.t > start]
+            span = window.t.max() - start if len(window) else 0.0
+            goodput = window.value.sum() * 8 / span / 1e6 if span > 0 else 0.0
+            m = res.metrics
+            out.append(TwoPathFigure(client, server, direction, round(goodput, 2), rates,
+                                     bool(m.get("sha256_match")), int(m.get("subflows_max") or 0)))
+    return out
+
+
 def main() -> None:
     """Print both benchmarks (python -m testbed.tools.bench.stack)."""
     for r in attach_compare():
         print(asdict(r))
     print(run().as_dict())
+    for f in two_path():
+        print(asdict(f), round(f.fraction, 3))
 
 
 if __name__ == "__main__":
