@@ -326,3 +326,25 @@ def test_c_flag_from_the_kernel_server_keeps_the_stack_off_its_initial_address(p
         assert conn.recv(100, timeout=10).decode() == hashlib.sha256(b"z" * 5000).hexdigest(), result
         t.join(10)
         check_trace(pair, pcaps, [st])
+
+
+def test_stack_add_addr_with_a_port_is_joined_there_by_a_kernel_client(pair):
+    pcaps = [pair.capture(pair.a, "va1")]
+    go = threading.Event()
+    with Stack(pair.b, record=True) as st:
+        lst = st.listen(5000)
+        st.listen(6000)                      # the port announced for joins
+        t, result = kernel_client(pair, b"p" * 1000, go=go)
+        conn = lst.accept(timeout=5)
+        addr_id = conn.announce("10.0.1.2", port=6000)
+        wait_for(lambda: any(s.local == ("10.0.1.2", 6000) and s.fully_established for s in conn.info().subflows),
+                 what="the kernel's join to the announced port")
+        assert mib(pair, pair.a, "MPTcpExtPortAdd") == 1
+        assert mib(pair, pair.a, "MPTcpExtMPJoinPortSynAckRx") == 1
+        assert conn.info().announced == (addr_id,)
+        go.set()
+        got = read_all(conn)
+        conn.close()
+        t.join(10)
+        assert got == b"p" * 1000 and "error" not in result, result
+        check_trace(pair, pcaps, [st], ports=[6000])
