@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from testbed.core.events import EventSpec
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 Condition = Literal["healthy", "lossy10", "lossy30", "lossy50", "blackhole",
                     "slow_default", "mptcp_drop"]
-StrategyName = Literal["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]  # the names of testbed.robe's strategies
+StrategyName = Literal["tcp", "mptcp", "timer", "sim", "esim", "ips", "sim+ips", "timer+ips"]  # the names of testbed.robe's strategies
 
 
 class Params(ExperimentParams):
@@ -38,6 +38,13 @@ class Params(ExperimentParams):
     timeout_s: float = Field(10, gt=0, le=300, description="give up after this long")
     slow_delay_ms: float = Field(100, ge=0, description="slow_default: one-way delay of the default path")
     warmup_trials: int = Field(3, ge=0, le=50, description="ips: trials that build path history first")
+
+    @model_validator(mode="after")
+    def _esim_needs_the_user_stack(self) -> "Params":
+        if self.strategy == "esim" and self.client_stack != "user":
+            raise ValueError("strategy 'esim' needs client_stack 'user' (kernel MPTCP cannot send "
+                             "ROBE_eSIM_EN or MP_JOIN_CAP)")
+        return self
 
 
 def condition_event(condition: str, default_path: str, slow_delay_ms: float) -> EventSpec | None:

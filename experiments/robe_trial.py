@@ -52,8 +52,7 @@ from pathlib import Path
 from typing import Any
 
 
-from testbed.base.netns import ns_path
-from testbed.harness.workload.user_socket import UserListener, UserSocket, open_stack
+from testbed.harness.workload.user_socket import UserListener, UserSocket
 from testbed.robe import report as R
 from testbed.robe.backends import Backend, KernelBackend, UserStackBackend
 from testbed.robe.history import History
@@ -84,7 +83,8 @@ def ensure_server(tb: Any, port: int, response_bytes: int, stack: str = "kernel"
 
     stopping = threading.Event()
     if stack == "user":
-        ls: Any = UserListener(open_stack(ns_path(tb.server.pid), "cubic"), port)
+        # A user-space stack server accepts RobE_eSIM (an unmodified kernel one never echoes it).
+        ls: Any = UserListener(Stack(netns=tb.server.pid, esim=True), port)
         ls.settimeout(0.2)  # the accept loop looks at `stopping` this often
     else:
         ls = tb.in_ns(tb.server, lambda: listener(port))
@@ -258,6 +258,8 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
         "attempts": len(rep.find(R.ATTEMPT_STARTED)),
         "joined_paths": ",".join(sorted({e.path for e in rep.find(R.JOIN_ESTABLISHED) if e.path})),
         "data_ok": bool(box.get("data_ok")),
+        "esim_subflows": sum(1 for e in rep.find(R.JOIN_ESTABLISHED) if e.detail.get("via") == "esim"),
+        "esim_fallback": bool(rep.find(R.ESIM_FALLBACK)),
         "error": rep.error or box.get("io_error"),
     }
 

@@ -54,3 +54,23 @@ def test_establishment_params_take_the_stacks_and_refuse_others():
     assert (p.client_stack, p.server_stack) == ("user", "user")
     with pytest.raises(ValueError, match="client_stack"):
         Params.model_validate({"strategy": "sim", "client_stack": "dpdk"})
+
+
+def test_esim_needs_a_user_stack_client_at_load():
+    with pytest.raises(ValueError, match="esim.*client_stack 'user'"):
+        Params.model_validate({"strategy": "esim"})
+
+
+def test_esim_losing_attempt_becomes_a_subflow_and_falls_back_to_sim_against_the_kernel():
+    user = {"client_stack": "user", "timeout_s": 5, "join_timeout_s": 2}
+    with two_path_tb() as tb:
+        esim = run_establishment_trial(tb, "esim", user | {"server_stack": "user", "port": 5720})
+        sim = run_establishment_trial(tb, "sim", user | {"server_stack": "user", "port": 5720})
+        assert esim["data_ok"] and esim["winner_path"] == "wifi" and esim["joined_paths"] == "lte", esim
+        assert esim["esim_subflows"] == 1 and not esim["esim_fallback"] and esim["rsts_sent"] == 0, esim
+        # lte's MP_CAPABLE handshake (40 ms) + the server's ACK of MP_JOIN_CAP (40 ms), vs
+        # SIM's wifi handshake + MP_JOIN on lte after the reset.
+        assert esim["multipath_s"] < 0.095 and esim["multipath_s"] < sim["multipath_s"], (esim, sim)
+        kernel = run_establishment_trial(tb, "esim", user | {"server_stack": "kernel", "port": 5721})
+        assert kernel["esim_fallback"] and kernel["esim_subflows"] == 0, kernel
+        assert kernel["joined_paths"] == "lte" and kernel["data_ok"] and kernel["rsts_sent"] >= 1, kernel

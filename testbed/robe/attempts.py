@@ -39,13 +39,15 @@ class AttemptSet:
     bind_device: bool = True
     bind: bool = True  # False: let routing pick the source (plain "default route")
     backend: Backend = field(default_factory=KernelBackend)
+    esim: bool = False  # the SYNs ask for RobE_eSIM
     active: list[Attempt] = field(default_factory=list)
+    kept: list[Attempt] = field(default_factory=list)  # eSIM: losers left to join the winner
     done: list[Attempt] = field(default_factory=list)  # completed, not yet claimed
 
     def prepare(self, path: LocalPath) -> tuple[LocalPath, Any]:
         """Create and bind the attempt (the slow part for a kernel socket: ~0.1-0.3 ms here)."""
         return path, self.backend.prepare(path if self.bind else None, mptcp=self.mptcp, cc=self.cc,
-                                          bind_device=self.bind_device)
+                                          bind_device=self.bind_device, esim=self.esim)
 
     def discard(self, prepared: tuple[LocalPath, Any]) -> None:
         """Drop a prepared attempt that never fired (nothing on the wire)."""
@@ -150,11 +152,18 @@ class AttemptSet:
         for att in list(self.active) + list(self.done):
             self.abort(att, reason)
 
-    def claim(self, winner: Attempt) -> Any:
+    def claim(self, winner: Attempt, keep_losers: bool = False) -> Any:
         """The winner leaves the set; everything else is reset right away
-        (break-before-make, draft section RobE_SIM)."""
+        (break-before-make, draft section RobE_SIM) - or, with keep_losers
+        (RobE_eSIM), left pending where the backend can make it a subflow of the winner."""
         self.report.add(R.WINNER_CHOSEN, winner.path.name)
         self.report.winner = winner.path.name
         for att in list(self.active) + list(self.done):
+            if keep_losers and self.backend.keep(att.sock, winner.sock):
+                self.active = [a for a in self.active if a is not att]
+                self.done = [a for a in self.done if a is not att]
+                self.kept.append(att)
+                self.report.add(R.KEPT_FOR_ESIM, att.path.name)
+                continue
             self.abort(att, "lost the race")
         return self.backend.claim(winner.sock)

@@ -30,7 +30,7 @@ from testbed.robe import report as R
 from testbed.robe import sockets as S
 from testbed.robe.join import Joiner, learn_join
 from testbed.robe.sockets import LocalPath
-from testbed.stack import Connection, Stack, StackError
+from testbed.stack import Connection, Stack, StackError, esim
 
 if TYPE_CHECKING:
     from testbed.robe.history import History
@@ -40,10 +40,22 @@ class Backend(abc.ABC):
     """How attempts are opened, awaited, aborted and joined (one per establishment)."""
     name: str
     resets_from_syn_sent: bool = False  # aborting an MPTCP attempt before its SYN/ACK sends a RST
+    supports_esim: bool = False         # can ask for RobE_eSIM and keep losing attempts
 
     @abc.abstractmethod
-    def prepare(self, path: LocalPath | None, mptcp: bool, cc: str | None, bind_device: bool) -> Any:
-        """An attempt ready to fire from path (None: routing picks the source); OSError when it cannot."""
+    def prepare(self, path: LocalPath | None, mptcp: bool, cc: str | None, bind_device: bool,
+                esim: bool = False) -> Any:
+        """An attempt ready to fire from path (None: routing picks the source); OSError when it cannot.
+        esim: its SYN asks for RobE_eSIM (backends with supports_esim only)."""
+
+    def esim_agreed(self, handle: Any) -> bool:
+        """The server echoed ROBE_eSIM_EN on this completed attempt."""
+        return False
+
+    def keep(self, handle: Any, winner: Any) -> bool:
+        """RobE_eSIM: leave a losing attempt pending so its handshake ends as a subflow of
+        winner; False when it cannot (already synchronized, or no eSIM): abort it instead."""
+        return False
 
     @abc.abstractmethod
     def fire(self, handle: Any, dest: tuple[str, int]) -> None:
@@ -83,8 +95,11 @@ class KernelBackend(Backend):
     name = "kernel"
     resets_from_syn_sent = True
 
-    def prepare(self, path: LocalPath | None, mptcp: bool, cc: str | None, bind_device: bool) -> Any:
+    def prepare(self, path: LocalPath | None, mptcp: bool, cc: str | None, bind_device: bool,
+                esim: bool = False) -> Any:
         """A bound non-blocking socket (the slow part: ~0.1-0.3 ms here)."""
+        if esim:
+            raise OSError(errno.EOPNOTSUPP, "kernel MPTCP cannot ask for RobE_eSIM")
         return S.new_socket(path, mptcp=mptcp, cc=cc, bind_device=bind_device)
 
     def fire(self, handle: socket.socket, dest: tuple[str, int]) -> None:
@@ -136,8 +151,8 @@ class KernelBackend(Backend):
 class _UserAttempt:
     """A user-stack attempt before and after its SYN."""
 
-    def __init__(self, path: LocalPath | None, mptcp: bool):
-        self.path, self.mptcp = path, mptcp
+    def __init__(self, path: LocalPath | None, mptcp: bool, esim: bool):
+        self.path, self.mptcp, self.esim = path, mptcp, esim
         self.conn: Connection | None = None
 
 
@@ -148,23 +163,37 @@ class UserStackBackend(Backend):
     establishments). Its event queue is read here: nobody else should consume
     the same stack's events while an establishment runs."""
     name = "user"
+    supports_esim = True
 
     def __init__(self, stack: Stack):
         self.stack = stack
         self._ended: dict[int, int] = {}   # token -> 0 (established) or errno, seen but not yet asked for
 
-    def prepare(self, path: LocalPath | None, mptcp: bool, cc: str | None, bind_device: bool) -> Any:
+    def prepare(self, path: LocalPath | None, mptcp: bool, cc: str | None, bind_device: bool,
+                esim: bool = False) -> Any:
         """Nothing to create before the SYN; an address the stack is not attached to fails now."""
         if path is not None and path.local_addr not in self.stack.by_addr:
             raise OSError(errno.EADDRNOTAVAIL, f"{path.local_addr} is not an address of the stack")
-        return _UserAttempt(path, mptcp)
+        return _UserAttempt(path, mptcp, esim)
+
+    def esim_agreed(self, handle: _UserAttempt) -> bool:
+        """The SYN/ACK echoed ROBE_eSIM_EN."""
+        return handle.conn is not None and esim.agreed(handle.conn)
+
+    def keep(self, handle: _UserAttempt, winner: _UserAttempt) -> bool:
+        """Point a still pending attempt at the winner (under the stack's lock: its SYN/ACK may be arriving)."""
+        with self.stack.lock:
+            if handle.conn is None or handle.conn.state != "SYN_SENT" or handle.conn.error:
+                return False
+            handle.conn.esim_winner = winner.conn
+            return True
 
     def fire(self, handle: _UserAttempt, dest: tuple[str, int]) -> None:
         """Stack.start_connect from the attempt's path."""
         try:
             # Options.cc names a kernel congestion control: the stack's own is chosen with the Stack.
             handle.conn = self.stack.start_connect(
-                dest, handle.path.local_addr if handle.path else None, mptcp=handle.mptcp)
+                dest, handle.path.local_addr if handle.path else None, mptcp=handle.mptcp, esim=handle.esim)
         except StackError as exc:
             raise OSError(errno.EHOSTUNREACH if "route" in str(exc) else errno.EINVAL, str(exc)) from None
 
@@ -275,6 +304,50 @@ class UserJoiner:
         t = time.monotonic_ns()
         self.report.add(R.JOIN_ESTABLISHED, path.name, t_ns=t)
         learn_join(self.history, path.name, (t - t0) / 1e9)
+
+    def watch_esim(self, kept: list[tuple[LocalPath, Any]], abort: Any) -> None:
+        """RobE_eSIM: each kept losing attempt should end as a subflow of the won connection:
+        record when (the server's ACK of MP_JOIN_CAP), or abort it (`abort(handle)`) and join
+        its path with MP_JOIN when it completed as a connection of its own after all."""
+        if not kept or self.conn is None:
+            return
+        self.report.joins_pending()
+        threading.Thread(target=self._watch, args=(kept, abort), name="robe-esim", daemon=True).start()
+
+    def _watch(self, kept: list[tuple[LocalPath, Any]], abort: Any) -> None:
+        winner = self.conn
+        deadline = time.monotonic() + self.timeout_s
+        pending = {p.name: (p, h) for p, h in kept}
+        try:
+            with winner.cond:
+                while pending:
+                    for name, (path, h) in list(pending.items()):
+                        sf = next((f for f in winner.subflows if f.laddr == path.local_addr
+                                   and getattr(f, "esim_join_cap_sent", None) is not None), None)
+                        if sf is not None and sf.fully_established:
+                            del pending[name]
+                            sent_s = (sf.esim_join_cap_sent * 1e9 - self.report.t0_ns) / 1e9
+                            self.report.add(R.JOIN_ESTABLISHED, name, via="esim",
+                                            join_cap_sent_s=round(sent_s, 6))
+                        elif sf is None and h.conn.state == "ESTABLISHED":
+                            del pending[name]   # completed on its own: no eSIM after all
+                            winner.cond.release()
+                            try:
+                                abort(h)
+                                self._join(path)
+                            finally:
+                                winner.cond.acquire()
+                        elif sf is None and h.conn.state == "CLOSED" and h.conn.error:
+                            del pending[name]
+                            self.report.add(R.JOIN_FAILED, name, reason=h.conn.error)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    winner.cond.wait(min(left, 0.001))
+            for name in pending:
+                self.report.add(R.JOIN_FAILED, name, reason=f"no eSIM subflow within {self.timeout_s:g} s")
+        finally:
+            self.report.joins_finished()
 
     def close(self) -> None:
         """Nothing held."""

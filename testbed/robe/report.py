@@ -26,6 +26,8 @@ ESTABLISHED = "established"              # PM event: MPTCP connection fully esta
 JOIN_STARTED = "join_started"
 JOIN_ESTABLISHED = "join_established"    # PM event sub_established for that path
 JOIN_FAILED = "join_failed"
+KEPT_FOR_ESIM = "kept_for_esim"          # RobE_eSIM: a loser left pending to become a subflow
+ESIM_FALLBACK = "esim_fallback"          # RobE_eSIM: the server did not echo ROBE_eSIM_EN: SIM
 GAVE_UP = "gave_up"                      # no attempt completed before the deadline
 
 

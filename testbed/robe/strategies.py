@@ -209,6 +209,48 @@ class Sim(Strategy):
         return att.claim(won), won.path
 
 
+@register
+class ESim(Strategy):
+    """RobE_eSIM: SIM whose SYNs ask for eSIM (ROBE_eSIM_EN); when the winner's
+    SYN/ACK echoes it the losing attempts are not reset but end, with
+    MP_JOIN_CAP on their final ACK, as subflows of the winner (multipath after
+    the slowest MP_CAPABLE handshake). Without the echo (an RFC 8684 server)
+    it is exactly SIM. Needs a backend that can ask (the user-space stack)."""
+    name = "esim"
+    requires_server_support = True
+
+    def establish(self, ctx: Context) -> tuple[Any, LocalPath]:
+        if not ctx.backend.supports_esim:
+            raise RobeError(f"esim needs the user-space stack (backend {ctx.backend.name!r} cannot ask "
+                            "for it)", ctx.report)
+        att = ctx.attempts()
+        att.esim = True
+        att.try_start_all(ctx.paths)
+        won = att.poll(ctx.left())
+        if won is None:
+            raise _fail(ctx, att, f"no path completed a handshake within {ctx.options.timeout_s:g} s")
+        agreed = ctx.backend.esim_agreed(won.sock)
+        if not agreed:
+            ctx.report.add(R.ESIM_FALLBACK, won.path.name, why="the SYN/ACK did not echo ROBE_eSIM_EN")
+        sock = att.claim(won, keep_losers=agreed)
+        self._kept = [(a.path, a.sock) for a in att.kept]
+        self._abort = lambda h: att.abort(next(a for a in att.kept if a.sock is h), "no eSIM subflow")
+        return sock, won.path
+
+    def after_establish(self, ctx: Context, sock: Any, winner: LocalPath, joiner: Any) -> None:
+        """Kept losers are watched until they are subflows; paths without one join with MP_JOIN."""
+        kept = getattr(self, "_kept", [])
+        if not kept:
+            super().after_establish(ctx, sock, winner, joiner)
+            return
+        joiner.use(sock)
+        joiner.watch_esim(kept, self._abort)
+        kept_names = {p.name for p, _ in kept} | {winner.name}
+        rest = [p for p in ctx.paths if p.name not in kept_names]
+        if rest:
+            joiner.start(ctx.backend.token(sock), ctx.dest, rest, None)
+
+
 def _ips_order(ctx: Context) -> list[LocalPath]:
     h = ctx.options.history
     ranked = h.rank(ctx.paths) if h is not None else list(ctx.paths)

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from testbed.stack import crypto, privacy
+from testbed.stack import crypto, esim, privacy
 from testbed.stack.cc import Coupling
 from testbed.stack.options import (CAP_A_CHECKSUM, CAP_C_NO_INITIAL, CAP_H_SHA256, RST_ADMIN, RST_MIDDLEBOX,
                                    RST_MPTCP_ERROR, RST_UNSPECIFIED, AddAddr, Dss, MpCapable, MpFail, MpFastclose,
@@ -118,6 +118,9 @@ class Connection:
         # privacy extensions (stack/privacy.py): asked for, agreed in the handshake, in force
         self.privacy_wanted = privacy.flags(obfuscate_dsn, external_keys)
         self.privacy_agreed = 0
+        if getattr(stack, "esim", False) and not active:
+            self.privacy_wanted |= esim.FLAG_ESIM    # a RobE_eSIM server (stack/esim.py)
+        self.esim_winner: Connection | None = None   # RobE_eSIM client: a losing attempt joins this one
         self.dsn_offsets: privacy.DsnOffsets | None = None
         self.active = active
         self.want_checksum = checksum
@@ -237,6 +240,8 @@ class Connection:
             sf.send_ack([sf.join_third_ack])
             sf.arm_rto()   # repeated until the fourth ACK
             return
+        if self.esim_winner is not None and esim.complete_as_join(self, sf, seg):
+            return   # RobE_eSIM: this losing attempt became a subflow of the winner
         cap = seg.option(MpCapable)
         self.pm.set_initial(sf)
         if cap is None or cap.version != 1 or cap.sender_key is None or not cap.flags & CAP_H_SHA256:
@@ -282,6 +287,8 @@ class Connection:
             sf.send_ack()   # the fourth ACK: the joining side may now send data
             self.on_subflow_established(sf)
             return True
+        if esim.agreed(self) and (join_cap := esim.join_cap_in(seg.options)) is not None:
+            return esim.accept_as_join(self, sf, join_cap)   # RobE_eSIM: a losing attempt joins its winner
         if not self.fallback:
             cap = seg.option(MpCapable)
             if cap is None or cap.sender_key is None or cap.receiver_key is None:

@@ -17,14 +17,16 @@ leaves to experiments, told apart by the low nibble of the subtype byte):
     MP_JOIN_CAP    kind 30, length 20, subtype 0xf, nibble 1,
                    ADDR_ID (8) | Key-A of the winner (64) | tag (64)
                    tag = HMAC(winner's Key-A || Key-B, "robe-esim" || the
-                   losing attempt's Key-A' || Key-B') truncated to 64 bits,
-                   with its low 10 bits replaced by crc(Key-B) & 0x3ff.
+                   losing attempt's Key-B') truncated to 64 bits, with its
+                   low 10 bits replaced by crc(Key-B) & 0x3ff. (MPTCP v1's
+                   SYN carries no client key, so the losing attempt's server
+                   key Key-B', from its SYN/ACK, is what both ends know.)
 
 The draft leaves the hash, the HMAC key and the CRC open; the choices here
 (EsimCrypto, pluggable, named in every run's manifest by describe()):
 - HMAC-SHA256, as RFC 8684 uses for MP_JOIN, so no second primitive;
 - keyed with the winner's two keys (what an MP_JOIN of that connection proves)
-  over the losing attempt's two keys, which binds the tag to this half-open
+  over the losing attempt's server key, which binds the tag to this half-open
   connection: a tag seen on one path cannot be replayed on another attempt;
 - CRC-16/CCITT-FALSE (poly 0x1021, init 0xffff) over Key-B's 8 bytes: the
   common 16-bit CRC, cheap; its low 10 bits let the server drop a wrong tag
@@ -35,10 +37,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from testbed.stack.options import KIND, UnknownMptcp
+from testbed.stack.options import KIND, RST_MPTCP_ERROR, MpCapable, MpTcpRst, UnknownMptcp
 
 PRIVATE_SUBTYPE = 0xF
 FLAG_ESIM = 0x04            # ROBE_eSIM_EN: bit 2 of the private-use flags option
@@ -93,19 +96,19 @@ class EsimCrypto:
         """The 10-bit fast hash of the winner's Key-B."""
         return CRCS[self.crc](struct.pack("!Q", key_b)) & ((1 << CRC_BITS) - 1)
 
-    def tag(self, key_a: int, key_b: int, loser_key_a: int, loser_key_b: int) -> int:
+    def tag(self, key_a: int, key_b: int, loser_key_b: int) -> int:
         """MP_JOIN_CAP's 64-bit tag: truncated HMAC with its low bits replaced by the Key-B hint."""
         mac = hmac.new(struct.pack("!QQ", key_a, key_b),
-                       LABEL + struct.pack("!QQ", loser_key_a, loser_key_b), HASHES[self.hash]).digest()
+                       LABEL + struct.pack("!Q", loser_key_b), HASHES[self.hash]).digest()
         top = int.from_bytes(mac[:8], "big")
         return (top & ~((1 << CRC_BITS) - 1) & 0xFFFFFFFFFFFFFFFF) | self.key_b_hint(key_b)
 
-    def check(self, tag: int, key_a: int, key_b: int, loser_key_a: int, loser_key_b: int) -> bool:
+    def check(self, tag: int, key_a: int, key_b: int, loser_key_b: int) -> bool:
         """True when tag is the one the holder of the winner's keys computes (hint first: cheap)."""
         if tag & ((1 << CRC_BITS) - 1) != self.key_b_hint(key_b):
             return False
         return hmac.compare_digest(struct.pack("!Q", tag),
-                                   struct.pack("!Q", self.tag(key_a, key_b, loser_key_a, loser_key_b)))
+                                   struct.pack("!Q", self.tag(key_a, key_b, loser_key_b)))
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,66 @@ def join_cap_in(options: list) -> JoinCap | None:
 def esim_enabled(flags: int) -> bool:
     """ROBE_eSIM_EN is set in a private-use flags byte."""
     return bool(flags & FLAG_ESIM)
+
+
+DEFAULT_CRYPTO = EsimCrypto()
+
+
+def agreed(conn) -> bool:
+    """Both ends of this connection's handshake asked for eSIM."""
+    return bool(conn.privacy_agreed & FLAG_ESIM)
+
+
+def complete_as_join(loser, sf, seg, crypto: EsimCrypto = DEFAULT_CRYPTO) -> bool:
+    """Client: the SYN/ACK of a losing attempt whose server echoed ROBE_eSIM_EN
+    (caller holds the stack lock). Its final ACK carries MP_JOIN_CAP for the
+    winner and the subflow moves into the winning connection, waiting like an
+    MP_JOIN for the server's ACK. False (the caller goes on as plain RFC 8684,
+    RobE then resets it like SIM) without the echo or a winning MPTCP connection."""
+    from testbed.stack import privacy
+    winner = loser.esim_winner
+    cap = seg.option(MpCapable)
+    if (winner is None or cap is None or cap.sender_key is None or winner.remote_key is None
+            or winner.fallback or winner.state != "ESTABLISHED"
+            or not privacy.requested(seg.options) & FLAG_ESIM):
+        return False
+    addr_id = winner.pm.local_id(sf.laddr)
+    tag = crypto.tag(winner.local_key, winner.remote_key, cap.sender_key)
+    loser.subflows.remove(sf)
+    loser.stack.connections.discard(loser)
+    loser.state = "CLOSED"
+    sf.conn, sf.join, sf.addr_id, sf.fully_established = winner, True, addr_id, False
+    winner.subflows.append(sf)
+    winner.joined = True
+    sf.join_third_ack = join_cap_option(addr_id, winner.local_key, tag)
+    sf.esim_join_cap_sent = time.monotonic()
+    sf.send_ack([sf.join_third_ack])
+    sf.arm_rto()   # repeated until the server's ACK, like MP_JOIN's third ACK
+    return True
+
+
+def accept_as_join(half_open, sf, jc: JoinCap, crypto: EsimCrypto = DEFAULT_CRYPTO) -> bool:
+    """Server: the final ACK of a half-open connection carried MP_JOIN_CAP (caller
+    holds the stack lock). With a right tag for an established connection of the
+    same client key the subflow becomes one of that connection's (the server's
+    ACK confirms it); otherwise RST + MP_TCPRST, as for an MP_JOIN with a wrong HMAC."""
+    stack = half_open.stack
+    winner = next((c for c in stack.connections if c is not half_open and c.remote_key == jc.key_a
+                   and c.state == "ESTABLISHED" and not c.fallback), None)
+    stack.esim_checked = getattr(stack, "esim_checked", 0) + 1
+    if winner is None or not crypto.check(jc.tag, winner.remote_key, winner.local_key, half_open.local_key):
+        sf.send_rst([MpTcpRst(RST_MPTCP_ERROR)])
+        half_open._drop_subflow(sf, "MP_JOIN_CAP for no connection or with a wrong tag")
+        stack.connections.discard(half_open)
+        return False
+    stack.esim_accepted = getattr(stack, "esim_accepted", 0) + 1
+    half_open.subflows.remove(sf)
+    stack.connections.discard(half_open)
+    half_open.state = "CLOSED"
+    sf.conn, sf.join, sf.fully_established = winner, True, True
+    sf.remote_addr_id, sf.addr_id = jc.addr_id, winner.pm.local_id(sf.laddr)
+    winner.subflows.append(sf)
+    winner.joined = True
+    sf.send_ack()   # the server's ACK: the client may send on the subflow
+    winner.on_subflow_established(sf)
+    return True

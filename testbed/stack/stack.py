@@ -27,6 +27,7 @@ from testbed.stack.attach import (CLIENT_PORTS, AttachError, Interface, NftGuard
 from testbed.stack.cc import CONTROLLERS
 from testbed.stack.connection import Connection, ConnectionInfo, Event, StackError
 from testbed.stack.options import RST_ADMIN, RST_MPTCP_ERROR, MpJoinSyn, MpTcpRst
+from testbed.stack.esim import FLAG_ESIM
 from testbed.stack.pm import PeerAddress, PmLimits
 from testbed.stack.packet import ACK, RST, SYN, DecodeError, IpPacket, TcpSegment, decode_ipv4, encode_ipv4
 from testbed.stack.scheduler import SCHEDULERS
@@ -99,8 +100,9 @@ class Stack:
     def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
                  checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False,
                  pm_limits: PmLimits | None = None, deny_join_initial: bool = False,
-                 obfuscate_dsn: bool = False, external_keys: bool = False):
+                 obfuscate_dsn: bool = False, external_keys: bool = False, esim: bool = False):
         _check_choices(cc, scheduler)
+        self.esim = esim   # listeners accept RobE_eSIM's MP_JOIN_CAP (stack/esim.py)
         # privacy extensions asked for / agreed to (stack/privacy.py)
         self.obfuscate_dsn, self.external_keys = obfuscate_dsn, external_keys
         self.pm_limits = pm_limits or PmLimits()     # how far ADD_ADDRs from peers are acted upon
@@ -315,9 +317,11 @@ class Stack:
         return conn
 
     def start_connect(self, dest: tuple[str, int], path: str | None = None, *, checksum: bool | None = None,
-                      cc: str | None = None, mptcp: bool = True, scheduler: str | None = None) -> Connection:
+                      cc: str | None = None, mptcp: bool = True, scheduler: str | None = None,
+                      esim: bool = False) -> Connection:
         """Send the SYN from path (routing's choice when None) and return at once (non-blocking connect):
-        the connection's `established` or `closed` event, or its state, tells how it ended."""
+        the connection's `established` or `closed` event, or its state, tells how it ended.
+        esim: the SYN asks for RobE_eSIM (ROBE_eSIM_EN; stack/esim.py)."""
         host, rport = dest
         try:
             raddr = socket.inet_ntoa(socket.inet_aton(host))
@@ -333,6 +337,8 @@ class Stack:
                               pm_limits=self.pm_limits, obfuscate_dsn=self.obfuscate_dsn,
                               external_keys=self.external_keys)
             self.connections.add(conn)
+            if esim and mptcp:
+                conn.privacy_wanted |= FLAG_ESIM
             self.open_subflow(conn, first, raddr, rport, join=False)
             self.emit_event(Event("created", conn.local_token, time.time(), conn.subflows[0].key))
         return conn
