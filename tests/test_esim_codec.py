@@ -50,3 +50,16 @@ def test_other_private_use_options_are_no_join_cap():
     from testbed.stack import privacy
     assert esim.join_cap_in([privacy.request_option(privacy.FLAG_DSN_OFFSET | esim.FLAG_ESIM)]) is None
     assert esim.esim_enabled(privacy.requested([privacy.request_option(esim.FLAG_ESIM)]))
+
+
+def test_forged_join_caps_pass_the_hint_one_in_1024_and_the_hmac_never():
+    # An attacker who saw the winner's Key-A (it travels in clear on the losing path)
+    # guesses tags: the 10-bit hint lets ~1/1024 through to the HMAC, which refuses them all.
+    import os
+    a, b, _, lb = keys()
+    crypto = esim.EsimCrypto()
+    n = 20_000
+    tags = [int.from_bytes(os.urandom(8), "big") for _ in range(n)]
+    hint = sum(1 for t in tags if t & 0x3FF == crypto.key_b_hint(b))
+    accepted = sum(1 for t in tags if crypto.check(t, a, b, lb))
+    assert accepted == 0 and 3 <= hint <= 50, (hint, accepted)   # expected hint passes: 19.5

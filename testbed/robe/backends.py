@@ -344,8 +344,9 @@ class UserJoiner:
                     if left <= 0:
                         break
                     winner.cond.wait(min(left, 0.001))
-            for name in pending:
+            for name, (_, h) in pending.items():
                 self.report.add(R.JOIN_FAILED, name, reason=f"no eSIM subflow within {self.timeout_s:g} s")
+                abort(h)   # a SYN/ACK after this would make a connection nobody uses
         finally:
             self.report.joins_finished()
 
