@@ -3,7 +3,7 @@
 Layers, bottom up: crypto (keys, HMAC, checksums), options (the kind-30 codec),
 packet (IPv4/TCP codec), attach (getting packets in and out of a namespace
 without the kernel's TCP answering), tcp (one subflow), mptcp (the connection
-and the stack's API). Imports only the standard library.
+and the stack's API). Imports the standard library and testbed.base (entering a namespace) only.
 """
 
 from testbed.stack.attach import AttachError

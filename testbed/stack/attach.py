@@ -23,8 +23,9 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+from testbed.base.netns import run_in_netns_file
+
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 ETH_P_IP = 0x0800
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
@@ -40,7 +41,6 @@ SIOCGIFMTU = 0x8921
 # (32768-60999), so kernel sockets in the same namespace never pick them.
 CLIENT_PORTS = (61000, 65535)
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class AttachError(RuntimeError):
@@ -48,39 +48,20 @@ class AttachError(RuntimeError):
 
 
 def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Call fn() in a thread that joined the namespace at path netns (None: this one).
+    """Call fn() in a thread that joined the namespace at path netns (None: this one),
+    through the project's one way in (testbed.base.netns); failing to get there is an AttachError.
 
     setns() only moves the calling thread, and sockets keep the namespace they
     were created in, so everything created here stays inside it.
     """
     if netns is None:
         return fn()
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name="stack-netns", daemon=True)
-    t.start()
-    t.join(30)
-    if "error" in box:
-        exc = box["error"]
-        if isinstance(exc, OSError) and not isinstance(exc, AttachError):
-            raise AttachError(f"cannot enter namespace {netns}: {exc.strerror or exc}") from exc
-        raise exc  # type: ignore[misc]
-    if "value" not in box:
-        raise AttachError(f"entering namespace {netns} timed out")
-    return box["value"]  # type: ignore[return-value]
+    try:
+        return run_in_netns_file(netns, fn)
+    except OSError as exc:
+        if isinstance(exc, AttachError):
+            raise
+        raise AttachError(f"cannot enter namespace {netns}: {exc.strerror or exc}") from exc
 
 
 def netns_path(netns: str | int | None) -> str | None:
