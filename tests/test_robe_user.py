@@ -73,4 +73,6 @@ def test_esim_losing_attempt_becomes_a_subflow_and_falls_back_to_sim_against_the
         assert esim["multipath_s"] < 0.095 and esim["multipath_s"] < sim["multipath_s"], (esim, sim)
         kernel = run_establishment_trial(tb, "esim", user | {"server_stack": "kernel", "port": 5721})
         assert kernel["esim_fallback"] and kernel["esim_subflows"] == 0, kernel
-        assert kernel["joined_paths"] == "lte" and kernel["data_ok"] and kernel["rsts_sent"] >= 1, kernel
+        # Exactly SIM: the loser was reset (still in SYN_SENT here: nothing on the wire then; its late
+        # SYN/ACK gets the stack's RST for an unknown connection) and lte joined with MP_JOIN.
+        assert kernel["joined_paths"] == "lte" and kernel["data_ok"], kernel
