@@ -55,7 +55,14 @@ class Establishment:
 
     def __init__(self, res: Results):
         self.res = res
-        self.df = establishment_data(res)
+        df = establishment_data(res)
+        # The draft's cells are RobE over kernel sockets against a kernel server; runs with a
+        # user-space stack on either side (client_stack/server_stack, docs/robe.md) are another
+        # comparison and must not mix into them. Runs from before those parameters are kernel runs.
+        for side in ("param.client_stack", "param.server_stack"):
+            if not df.empty and side in df:
+                df = df[df[side].fillna("kernel").astype(str) == "kernel"]
+        self.df = df
 
     def cell(self, condition: str, strategy: str) -> pd.DataFrame:
         """The complete runs of one (condition, strategy) cell."""
