@@ -1,0 +1,40 @@
+"""RobE_eSIM's options on the wire: tshark knows neither ROBE_eSIM_EN nor
+MP_JOIN_CAP, so each TCP segment's raw option bytes (tshark's tcp.options field)
+are decoded by the user-space stack's own codec (testbed.stack.packet, .esim);
+no packet parser here."""
+from __future__ import annotations
+
+import subprocess
+
+import pandas as pd
+
+from testbed.stack import esim, privacy
+from testbed.stack.options import MpCapable
+from testbed.stack.packet import decode_tcp_options
+
+FIELDS = ["frame.time_epoch", "ip.src", "tcp.srcport", "ip.dst", "tcp.dstport", "tcp.flags.syn",
+          "tcp.flags.ack", "tcp.flags.reset", "tcp.options"]
+
+
+def esim_segments(pcap: str) -> pd.DataFrame:
+    """One row per TCP segment of the capture: addresses, flags, MP_CAPABLE keys, whether it
+    carries ROBE_eSIM_EN, and MP_JOIN_CAP's address ID, Key-A and tag when present."""
+    cmd = ["tshark", "-r", pcap, "-T", "fields", "-E", "separator=|"]
+    for f in FIELDS:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        t, src, sport, dst, dport, syn, ack, rst, raw = line.split("|")
+        opts = decode_tcp_options(bytes.fromhex(raw.replace(":", ""))) if raw else []
+        cap = next((o for o in opts if isinstance(o, MpCapable)), None)
+        jc = esim.join_cap_in(opts)
+        rows.append({"t": float(t), "src": src, "sport": int(sport), "dst": dst, "dport": int(dport),
+                     "syn": syn == "1", "ack": ack == "1", "rst": rst == "1",
+                     "mpc_sender_key": None if cap is None else cap.sender_key,
+                     "mpc_receiver_key": None if cap is None else cap.receiver_key,
+                     "esim_en": esim.esim_enabled(privacy.requested(opts)),
+                     "join_cap_addr_id": None if jc is None else jc.addr_id,
+                     "join_cap_key_a": None if jc is None else jc.key_a,
+                     "join_cap_tag": None if jc is None else jc.tag})
+    return pd.DataFrame(rows)
