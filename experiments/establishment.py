@@ -93,5 +93,10 @@ class Establishment(Experiment):
         if p.condition != "slow_default":
             apply_condition(tb, p.condition, p.slow_delay_ms)
         ctx.record("fault", "network", f"condition:{p.condition}", path=tb.topology.default.name)
+        if p.strategy == "esim" or p.server_stack == "user":
+            from testbed.stack.esim import DEFAULT_CRYPTO
+            # the draft's open choices (hash, HMAC key, CRC) this run's stacks use
+            ctx.record("stack", "client" if p.strategy == "esim" else "server", "esim_crypto",
+                       **DEFAULT_CRYPTO.describe())
         metrics = run_establishment_trial(tb, p.strategy, trial)
         return RunOutput(metrics=dict(metrics))
