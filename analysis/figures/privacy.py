@@ -107,7 +107,8 @@ def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
     def against_none(col: str, with_ms: bool = False) -> list[str]:
         ref = base[col].reindex(at).to_numpy() if col in base else [np.nan] * len(out)
         return ["" if pd.isna(v) or pd.isna(r) or not r else
-                (f"{v - r:+.0f} ms ({100 * (v / r - 1):+.0f} %)" if with_ms else f"{100 * (v / r - 1):+.0f} %")
+                (f"{round(v - r) + 0:+.0f} ms ({round(100 * (v / r - 1)) + 0:+.0f} %)" if with_ms
+                 else f"{round(100 * (v / r - 1)) + 0:+.0f} %")  # + 0: no "-0"
                 for v, r in zip(out[col], ref)]
     out["setup vs none"] = against_none("metric.setup_ms_median", with_ms=True)
     if "metric.goodput_mbit" in have:
