@@ -8,6 +8,7 @@ import time
 import pytest
 
 from testbed.base.errors import TestbedError
+from testbed.base.netns import run_command
 from testbed.core.net import Testbed
 from testbed.core.topology import load
 from testbed.harness import scenario as sc
@@ -39,6 +40,9 @@ def test_app_workload_runs_every_stack_combination_on_a_topology(tmp_path):
                                    server_stack=c[1], port=5100 + i)
                    .run(tb, tmp_path / str(i), time.monotonic_ns(), 60)
                    for i, c in enumerate(combos)}
+        for node in (tb.client, tb.server):  # the stacks went with their app processes
+            tables = run_command(node.pid, ["nft", "list", "tables"]).stdout
+            assert "mptb_stack" not in tables, tables
     for combo, res in results.items():
         m = res.metrics
         assert m["outcome"] == "mptcp" and m["server_outcome"] == "mptcp", (combo, m)
