@@ -13,7 +13,7 @@ from testbed.stack.options import MpCapable
 from testbed.stack.packet import decode_tcp_options
 
 FIELDS = ["frame.time_epoch", "ip.src", "tcp.srcport", "ip.dst", "tcp.dstport", "tcp.flags.syn",
-          "tcp.flags.ack", "tcp.flags.reset", "tcp.options"]
+          "tcp.flags.ack", "tcp.flags.reset", "tcp.flags.fin", "tcp.options"]
 
 
 def esim_segments(pcap: str) -> pd.DataFrame:
@@ -25,12 +25,12 @@ def esim_segments(pcap: str) -> pd.DataFrame:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     rows = []
     for line in out.splitlines():
-        t, src, sport, dst, dport, syn, ack, rst, raw = line.split("|")
+        t, src, sport, dst, dport, syn, ack, rst, fin, raw = line.split("|")
         opts = decode_tcp_options(bytes.fromhex(raw.replace(":", ""))) if raw else []
         cap = next((o for o in opts if isinstance(o, MpCapable)), None)
         jc = esim.join_cap_in(opts)
         rows.append({"t": float(t), "src": src, "sport": int(sport), "dst": dst, "dport": int(dport),
-                     "syn": syn == "1", "ack": ack == "1", "rst": rst == "1",
+                     "syn": syn == "1", "ack": ack == "1", "rst": rst == "1", "fin": fin == "1",
                      "mpc_sender_key": None if cap is None else cap.sender_key,
                      "mpc_receiver_key": None if cap is None else cap.receiver_key,
                      "esim_en": esim.esim_enabled(privacy.requested(opts)),
