@@ -76,3 +76,38 @@ def test_esim_losing_attempt_becomes_a_subflow_and_falls_back_to_sim_against_the
         # Exactly SIM: the loser was reset (still in SYN_SENT here: nothing on the wire then; its late
         # SYN/ACK gets the stack's RST for an unknown connection) and lte joined with MP_JOIN.
         assert kernel["joined_paths"] == "lte" and kernel["data_ok"], kernel
+
+
+def test_wire_esim_loser_carries_join_cap_with_the_winners_key_and_is_never_reset():
+    """tcpdump in the client namespace, tshark's raw option bytes decoded by the stack's codec."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    from analysis.esim_wire import esim_segments
+    pcap = tempfile.NamedTemporaryFile(suffix=".pcap", delete=False).name
+    os.chmod(pcap, 0o666)
+    with two_path_tb() as tb:
+        addr = {p.name: p.addr.client for p in tb.paths}
+        proc = tb.popen(tb.client, ["tcpdump", "-i", "any", "-n", "-U", "--immediate-mode", "-Z", "root",
+                                    "-w", pcap, "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert any("listening" in proc.stderr.readline() for _ in range(2))
+        m = run_establishment_trial(tb, "esim", {"client_stack": "user", "server_stack": "user", "port": 5730,
+                                                 "timeout_s": 5, "join_timeout_s": 2})
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    assert m["esim_subflows"] == 1, m
+    seg = esim_segments(pcap)
+    os.unlink(pcap)
+    # the winner's final ACK on wifi: MP_CAPABLE with both keys; its Key-A is the client's
+    final = seg[(seg.src == addr["wifi"]) & ~seg.syn & seg.ack & seg.mpc_receiver_key.notna()]
+    key_a = final.mpc_sender_key.iloc[0]
+    assert seg[(seg.src == addr["wifi"]) & seg.syn].esim_en.all()       # ROBE_eSIM_EN in the SYNs
+    caps = seg[(seg.src == addr["lte"]) & seg.join_cap_key_a.notna()]
+    assert len(caps) and (caps.join_cap_key_a == key_a).all(), caps
+    loser = seg[(seg.src == addr["lte"]) & (seg.sport == caps.sport.iloc[0])]
+    # never reset as a loser: a RST on it may only come with the connection's teardown (after the first FIN)
+    first_fin = seg[seg.fin].t.min()
+    assert loser.syn.any() and (loser[loser.rst].t >= first_fin).all(), (loser, first_fin)
