@@ -305,3 +305,33 @@ def test_bench_harness_breaks_a_store_down_by_phase(tmp_path):
     assert "0.200" in rows["establishment"]  # overhead: build + teardown
     assert rows["throughput"].endswith("MISSES target") and "2.000" in rows["throughput"]
     assert not ok
+
+
+
+@pytest.mark.root
+def test_an_experiments_protocol_choices_are_stored_in_the_manifest(tmp_path):
+    """RunOutput.protocol reaches the stored manifest as `protocol` (a stub experiment, real sweep)."""
+    from testbed.harness.experiment import EXPERIMENTS, Experiment, ExperimentParams, RunOutput
+
+    class StubParams(ExperimentParams):
+        """No parameters."""
+
+    class ProtocolStub(Experiment):
+        """Reports protocol choices and nothing else."""
+        name = "protocol-stub"
+        description = "test stub"
+        Params = StubParams
+
+        def run(self, ctx):
+            """Report a choice."""
+            ctx.start_clock()
+            return RunOutput(metrics={"x": 1}, protocol={"option": {"code": "0xf/2", "length": 5}})
+
+    if "protocol-stub" not in EXPERIMENTS.available():
+        EXPERIMENTS.register(ProtocolStub)
+    body = FAST.replace('experiment = "throughput"', 'experiment = "protocol-stub"').replace(
+        '[params]\nseconds = 2\n[grid]\n"params.direction" = ["up", "down"]\n', "")
+    summary = sweep(sc.load(write(tmp_path, body.format(reps=1))), tmp_path / "out", progress=False)
+    assert summary.done == {"complete": 1}, summary
+    manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
+    assert manifest["protocol"] == {"option": {"code": "0xf/2", "length": 5}}

@@ -37,6 +37,10 @@ class RunOutput:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     status: str = "complete"  # an experiment may judge its own run "invalid"
     reason: str = ""
+    # What the run's protocol endpoints chose where a standard or draft leaves it
+    # open (experimental option codes, hash and CRC choices, option lengths): the
+    # runner stores it as the manifest's `protocol`, so every run names its choices.
+    protocol: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

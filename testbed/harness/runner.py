@@ -329,6 +329,8 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
     clock.begin("store")
     manifest.update({"status": output.status, "reason": output.reason, "end": now_iso(),
                      "duration_s": round(time.monotonic() - started, 3)})
+    if output.protocol:
+        manifest["protocol"] = output.protocol
     if ctx is not None:
         # Also for a failed run: which change failed, and what had been applied before it.
         manifest["applied_events"] = [a.record(ctx.t0_ns / 1e9) for a in ctx.tb.applied_events]
