@@ -50,3 +50,31 @@ def assert_connectivity(tb) -> None:
     """Every path reaches the server from its own source address."""
     for p in tb.paths:
         assert ping_ok(tb.client, p.addr.client, tb.server_addr), f"path {p.name} has no connectivity"
+
+
+def establishment_sweep(*, calibrate: bool, trial_timeout_s: float, strategies: list[str],
+                        repetitions: int = 1) -> str:
+    """A small establishment scenario (strategies x healthy/blackhole on two-path) as TOML text."""
+    names = ", ".join(f'"{s}"' for s in strategies)
+    return f"""\
+experiment = "establishment"
+repetitions = {repetitions}
+seed = 5
+timeout_s = 60
+calibrate = {str(calibrate).lower()}
+
+[topology]
+name = "two-path"
+params = {{ rate_mbit = 20, wifi_delay_ms = 10, lte_delay_ms = 20 }}
+
+[hosts.client]
+path_manager = "userspace"
+
+[params]
+timeout_s = {trial_timeout_s:g}
+
+[grid]
+"params.strategy" = [{names}]
+"params.condition" = ["healthy", "blackhole"]
+"""
+

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import establishment_sweep
 from testbed.base.errors import TestbedError
 from testbed.core.state import STATE_DIR
 from testbed.harness import distributed as dist
@@ -22,27 +23,7 @@ from testbed.harness.results import RunLock
 ROOT = Path(__file__).resolve().parents[1]
 TB = str(ROOT / "tb")
 
-SCENARIO = """\
-experiment = "establishment"
-repetitions = 1
-seed = 5
-timeout_s = 60
-calibrate = false
-
-[topology]
-name = "two-path"
-params = { rate_mbit = 20, wifi_delay_ms = 10, lte_delay_ms = 20 }
-
-[hosts.client]
-path_manager = "userspace"
-
-[params]
-timeout_s = 4
-
-[grid]
-"params.strategy" = ["tcp", "sim", "mptcp"]
-"params.condition" = ["healthy", "blackhole"]
-"""
+SCENARIO = establishment_sweep(calibrate=False, trial_timeout_s=4, strategies=["tcp", "sim", "mptcp"])
 
 
 def _children(pid: int) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_tb
+from conftest import ROOT, assert_one_line_error, establishment_sweep, run_tb
 from testbed.base.errors import TestbedError
 from testbed.core.state import STATE_DIR, alive, namespace_members
 from testbed.harness import parallel
@@ -22,33 +22,12 @@ from testbed.harness import scenario as sc
 from testbed.harness.runner import SweepSummary
 from testbed.tools.bench.chaos import footprint
 
-# Calibrated, so each lane's testbed is calibrated while the other lane runs.
-SCENARIO = """\
-experiment = "establishment"
-repetitions = 1
-seed = 5
-timeout_s = 60
-calibrate = true
-
-[topology]
-name = "two-path"
-params = { rate_mbit = 20, wifi_delay_ms = 10, lte_delay_ms = 20 }
-
-[hosts.client]
-path_manager = "userspace"
-
-[params]
-timeout_s = 3
-
-[grid]
-"params.strategy" = ["tcp", "sim"]
-"params.condition" = ["healthy", "blackhole"]
-"""
-
 
 def _scenario(tmp_path: Path, reps: int = 1) -> Path:
     path = tmp_path / "parallel.toml"
-    path.write_text(SCENARIO.replace("repetitions = 1", f"repetitions = {reps}"))
+    # Calibrated, so each lane's testbed is calibrated while the other lane runs.
+    path.write_text(establishment_sweep(calibrate=True, trial_timeout_s=3, strategies=["tcp", "sim"],
+                                        repetitions=reps))
     return path
 
 
