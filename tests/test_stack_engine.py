@@ -63,13 +63,17 @@ class Wire:
         self.filter = lambda direction, seg: seg     # return None to drop, or a (modified) segment
         sf.send_syn()
 
+    def server_connection(self) -> Connection:
+        """The passive connection the client's first SYN creates (subclasses add options)."""
+        return Connection(self.b, active=False, checksum=False)
+
     def _arrive(self, stack_to, raw: bytes, direction: str):
         seg = self.filter(direction, decode_ipv4(raw).tcp)
         if seg is None:
             return
         if direction == "a->b":
             if self.server is None:
-                self.server = Connection(self.b, active=False, checksum=False)
+                self.server = self.server_connection()
                 sf = Subflow(self.server, self.b.port, "10.0.0.2", 80, "10.0.0.1", 61000, join=False, active=False)
                 sf.learn_syn(seg)
                 self.server.on_passive_syn(sf, seg)

@@ -14,7 +14,6 @@ from test_stack_interop import pair  # noqa: F401 - the two-namespace fixture
 from testbed.stack import crypto, privacy
 from testbed.stack.connection import Connection
 from testbed.stack.options import Dss
-from testbed.stack.packet import decode_ipv4
 from testbed.stack.subflow import Subflow
 
 
@@ -47,18 +46,9 @@ class OffsetWire(Wire):
         self.seen += [(direction, o) for o in seg.options if isinstance(o, Dss)]
         return seg
 
-    def _arrive(self, stack_to, raw, direction):
-        if direction == "a->b" and self.server is None:
-            self.server = Connection(self.b, active=False, checksum=False,
-                                     obfuscate_dsn=self.server_agrees)
-            seg = self.filter(direction, decode_ipv4(raw).tcp)
-            sf = Subflow(self.server, self.b.port, "10.0.0.2", 80, "10.0.0.1", 61000, join=False, active=False)
-            sf.learn_syn(seg)
-            self.server.on_passive_syn(sf, seg)
-            self.server.subflows.append(sf)
-            sf.send_synack()
-            return
-        super()._arrive(stack_to, raw, direction)
+    def server_connection(self) -> Connection:
+        """The passive connection, agreeing to DSN offsets if told to."""
+        return Connection(self.b, active=False, checksum=False, obfuscate_dsn=self.server_agrees)
 
 
 def _near(a: int, b: int, within: int = 1 << 32) -> bool:
