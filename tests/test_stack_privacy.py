@@ -14,7 +14,6 @@ from test_stack_interop import pair  # noqa: F401 - the two-namespace fixture
 from testbed.stack import crypto, privacy
 from testbed.stack.connection import Connection
 from testbed.stack.options import Dss
-from testbed.stack.subflow import Subflow
 
 
 def test_both_ends_compute_the_same_offsets_and_each_subflow_and_space_differs():
