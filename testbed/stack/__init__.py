@@ -6,6 +6,7 @@ without the kernel's TCP answering), tcp (one subflow), mptcp (the connection
 and the stack's API). Imports the standard library and testbed.base (entering a namespace) only.
 """
 
+from testbed.stack import rate_limit  # noqa: F401  registers its private-use option with the codec
 from testbed.stack.attach import AttachError
 from testbed.stack.connection import Connection, ConnectionInfo, Event, StackError, SubflowInfo
 from testbed.stack.stack import Listener, Stack

@@ -11,13 +11,14 @@ the public ones (send, recv, close, ...) take it themselves.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from testbed.stack import crypto, esim, privacy
+from testbed.stack import crypto, esim, privacy, rate_limit
 from testbed.stack.cc import Coupling
 from testbed.stack.options import (CAP_A_CHECKSUM, CAP_C_NO_INITIAL, CAP_H_SHA256, RST_ADMIN, RST_MIDDLEBOX,
                                    RST_MPTCP_ERROR, RST_UNSPECIFIED, AddAddr, Dss, MpCapable, MpFail, MpFastclose,
@@ -64,6 +65,7 @@ class Event:
     subflow: tuple[str, int, str, int] | None = None
     backup: bool = False
     reason: str | None = None
+    rate_kbps: float | None = None    # sf_rate_limit* events: the SRL rate concerned
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class SubflowInfo:
     reset_reason: int | None
     addr_id: int = 0
     remote_addr_id: int | None = None
+    rate_limit_requested_kbps: float | None = None   # SRL we asked the peer for on this subflow
+    rate_limit_enforced_kbps: float | None = None    # SRL the peer asked for, enforced by our sending
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,8 @@ class Connection:
         self.fallback_reason: str | None = None
         self.infinite_map_seq: int | None = None     # subflow seq of our segment carrying the infinite mapping
         self.mp_fail_sent: int | None = None         # DSN of our MP_FAIL
+        # subflow rate limit (stack/rate_limit.py): how we enforce the peer's requests
+        self.rate_limit_enforcement = getattr(stack, "rate_limit_enforcement", "pacing")
 
     # ================================================================ options out
     def handshake_options(self, sf: Subflow, flags: int) -> list:
@@ -385,6 +391,8 @@ class Connection:
                 self._on_mp_fail(sf, opt)
                 if self.fallback or sf not in self.subflows:
                     return
+            elif isinstance(opt, rate_limit.SubflowRateLimit):
+                self._on_rate_limit(sf, opt)
             # Unknown subtypes are ignored (§3: an implementation that does not
             # understand an option ignores it).
 
@@ -664,8 +672,9 @@ class Connection:
                          checksum=csum, data_fin=True)])
 
     def on_timer(self, now: float) -> None:
-        """Data-level timer: repeat an unacknowledged DATA_FIN (and unechoed ADD_ADDRs)."""
+        """Data-level timer: repeat an unacknowledged DATA_FIN (and unechoed ADD_ADDRs, unhonoured SRLs)."""
         self.pm.on_timer(now)
+        self._rate_limit_timer(now)
         if self.data_fin_deadline is not None and now >= self.data_fin_deadline and not self.data_fin_acked:
             sf = self.scheduler.pick(self, 0, ignore_cwnd=True)
             self.data_fin_rto = min(self.data_fin_rto * 2, 30)
@@ -676,6 +685,8 @@ class Connection:
     def deadline(self) -> float | None:
         """Earliest timer of this connection's own (subflow timers are separate)."""
         due = [d for d in (self.data_fin_deadline, self.pm.deadline()) if d is not None]
+        due += [d for sf in self.subflows for d in (sf.srl_limiter and sf.srl_limiter.deadline(),
+                                                    sf.srl_request and sf.srl_request.due()) if d is not None]
         return min(due) if due else None
 
     def _maybe_close_subflows(self) -> None:
@@ -759,10 +770,11 @@ class Connection:
         """Reset one subflow with MP_TCPRST (its unacknowledged data goes to the others)."""
         self._reset_subflow(sf, reason_code, why)
 
-    def emit(self, kind: str, sf: Subflow | None = None, reason: str | None = None) -> None:
+    def emit(self, kind: str, sf: Subflow | None = None, reason: str | None = None,
+             rate_kbps: float | None = None) -> None:
         """Publish an event of this connection (sf_priority, announced, removed, fallback, ...)."""
         self.stack.emit_event(Event(kind, self.local_token, time.time(), sf.key if sf else None,
-                                    sf.backup if sf else False, reason))
+                                    sf.backup if sf else False, reason, rate_kbps))
 
     def accepts_join_to(self, laddr: str, lport: int) -> bool:
         """False for a join to our initial address and port when our SYN/ACK carried the C flag."""
@@ -962,6 +974,56 @@ class Connection:
             self.stack.wake()
             return len(subs)
 
+    def request_rate_limit(self, subflow: str | tuple, kbps: float) -> int:
+        """Ask the peer to send at most kbps kbit/s on our subflows from a local address (or on
+        the one subflow whose key is given): the SRL option rides on that subflow, resent at most
+        once a second and at most three times until the peer is seen to honour it. 0: no new
+        data there; math.inf: lift the limit. Returns how many subflows it concerns."""
+        try:
+            opt = rate_limit.SubflowRateLimit(kbps)
+        except ValueError as exc:
+            raise StackError(f"cannot request a rate limit: {exc}") from None
+        with self.cond:
+            self._require_mptcp("request a rate limit")
+            subs = [sf for sf in self.subflows if sf.fully_established and
+                    (sf.key == tuple(subflow) if isinstance(subflow, tuple) else sf.laddr == subflow)]
+            if not subs:
+                raise StackError(f"cannot request a rate limit: no established subflow {subflow}")
+            for sf in subs:
+                sf.srl_request = rate_limit.RateRequest(opt.kbps)
+                self._send_rate_limit(sf, time.monotonic())
+            self.stack.wake()
+            return len(subs)
+
+    def _send_rate_limit(self, sf: Subflow, now: float) -> None:
+        req = sf.srl_request
+        sf.send_ack([self._data_ack_option(), rate_limit.SubflowRateLimit(req.kbps)])
+        req.sent(now, sf.stats.bytes_received)
+        self.emit("sf_rate_limit_requested", sf, f"send {req.sends}", req.kbps)
+
+    def _rate_limit_timer(self, now: float) -> None:
+        for sf in self.subflows:
+            if sf.srl_limiter is not None and (sf.srl_limiter.deadline() or now + 1) <= now:
+                sf.srl_limiter.woke()     # push() runs next and sends what the tokens allow
+            req = sf.srl_request
+            if req is None or req.due() is None or req.due() > now:
+                continue
+            verdict = req.check(now, sf.stats.bytes_received, sf.mss)
+            if verdict == "resend":
+                self._send_rate_limit(sf, now)
+            else:
+                self.emit(f"sf_rate_limit_{verdict}", sf, f"after {req.sends} sends", req.kbps)
+
+    def _on_rate_limit(self, sf: Subflow, opt: "rate_limit.SubflowRateLimit") -> None:
+        """The peer asks us to cap our sending on sf (a repeat of the same rate changes nothing)."""
+        current = sf.srl_limiter.kbps if sf.srl_limiter is not None else math.inf
+        if opt.kbps == current:
+            return
+        sf.srl_limiter = None if opt.unlimited else rate_limit.SubflowLimiter(opt.kbps, sf.mss,
+                                                                             self.rate_limit_enforcement)
+        self.emit("sf_rate_limit", sf, self.rate_limit_enforcement, opt.kbps)
+        self.stack.wake()
+
     def rekey(self, local_key: int, remote_key: int) -> None:
         """Use keys agreed outside MPTCP (e.g. a TLS exporter; docs/privacy.md) from
         now on: tokens, MP_JOIN HMACs and later subflows' DSN offsets; the data
@@ -995,4 +1057,5 @@ class Connection:
                            int(sf.cc.cwnd), sf.cc.ssthresh, sf.inflight, sf.stats.bytes_sent,
                            sf.stats.bytes_retransmitted, sf.stats.bytes_acked, sf.stats.bytes_received,
                            sf.stats.fast_retransmits, sf.stats.timeouts, sf.reset_reason, sf.addr_id,
-                           sf.remote_addr_id)
+                           sf.remote_addr_id, sf.srl_request.kbps if sf.srl_request else None,
+                           sf.srl_limiter.kbps if sf.srl_limiter else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 KIND = 30
 MP_CAPABLE, MP_JOIN, DSS, ADD_ADDR, REMOVE_ADDR, MP_PRIO, MP_FAIL, MP_FASTCLOSE, MP_TCPRST = range(9)
@@ -142,6 +143,13 @@ class UnknownMptcp:
     raw: bytes
 
 
+# Private-use (subtype 0xf) options of the stack's experimental extensions, told apart
+# by the low nibble of the subtype byte. Each extension's module registers its decoder
+# here (raw option bytes -> its option, or None for a malformed one, which stays
+# UnknownMptcp); its option dataclass encodes itself with to_bytes(). The package's
+# __init__ imports those modules, so every decode sees them.
+PRIVATE_USE_DECODERS: dict[int, Callable[[bytes], object | None]] = {}
+
 MptcpOption = (MpCapable | MpJoinSyn | MpJoinSynAck | MpJoinAck | Dss | AddAddr | RemoveAddr
                | MpPrio | MpFail | MpFastclose | MpTcpRst | UnknownMptcp)
 
@@ -194,6 +202,8 @@ def encode_mptcp(opt) -> bytes:
         return _head(MP_TCPRST, 4, opt.flags, opt.reason)
     if isinstance(opt, UnknownMptcp):
         return opt.raw
+    if hasattr(opt, "to_bytes"):       # a registered private-use option (PRIVATE_USE_DECODERS)
+        return opt.to_bytes()
     raise TypeError(f"not an MPTCP option: {opt!r}")
 
 
@@ -255,6 +265,10 @@ def decode_mptcp(raw: bytes):
             return MpFastclose(struct.unpack_from("!Q", raw, 4)[0])
         elif subtype == MP_TCPRST and length == 4:
             return MpTcpRst(raw[3], low4)
+        elif subtype == MP_EXPERIMENTAL and low4 in PRIVATE_USE_DECODERS:
+            decoded = PRIVATE_USE_DECODERS[low4](bytes(raw))
+            if decoded is not None:
+                return decoded
     except struct.error:
         pass
     return UnknownMptcp(subtype, bytes(raw))

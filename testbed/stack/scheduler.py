@@ -37,8 +37,12 @@ def candidates(conn: "Connection", exclude_stale: bool = False) -> list["Subflow
 
 
 def has_room(sf: "Subflow", size: int) -> bool:
-    """Whether sf's congestion window takes min(size, MSS) more bytes."""
-    return sf.inflight + min(size, sf.mss) <= sf.cc.cwnd
+    """Whether sf's congestion window (and the peer's rate limit on it, stack/rate_limit.py)
+    takes min(size, MSS) more bytes."""
+    if sf.inflight + min(size, sf.mss) > sf.cc.cwnd:
+        return False
+    limiter = getattr(sf, "srl_limiter", None)      # test doubles of a subflow carry none
+    return limiter is None or limiter.allows(size, sf.inflight, sf.srtt)
 
 
 def lowest_rtt(pool: list["Subflow"], size: int, ignore_cwnd: bool = False):

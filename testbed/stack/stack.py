@@ -18,10 +18,11 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from itertools import count
 
-from testbed.stack import crypto
+from testbed.stack import crypto, rate_limit
 from testbed.stack.attach import (CLIENT_PORTS, AttachError, Interface, NftGuard, PathPort, list_interfaces,
                                   netns_path, run_in_netns)
 from testbed.stack.cc import CONTROLLERS
@@ -100,9 +101,15 @@ class Stack:
     def __init__(self, netns: str | int | None = None, interfaces: list[str] | None = None, *,
                  checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False,
                  pm_limits: PmLimits | None = None, deny_join_initial: bool = False,
-                 obfuscate_dsn: bool = False, external_keys: bool = False, esim: bool = False):
+                 obfuscate_dsn: bool = False, external_keys: bool = False, esim: bool = False,
+                 rate_limit_enforcement: str = "pacing"):
         _check_choices(cc, scheduler)
+        if rate_limit_enforcement not in rate_limit.MODES:
+            raise ValueError(f"rate_limit_enforcement: {rate_limit_enforcement!r} is not one of "
+                             f"{', '.join(rate_limit.MODES)}")
+        self.rate_limit_enforcement = rate_limit_enforcement   # how a peer's SRL is enforced (stack/rate_limit.py)
         self.esim = esim   # listeners accept RobE_eSIM's MP_JOIN_CAP (stack/esim.py)
+        self.esim_checks: Counter[str] = Counter()   # where each MP_JOIN_CAP check ended (esim.accept_as_join)
         # privacy extensions asked for / agreed to (stack/privacy.py)
         self.obfuscate_dsn, self.external_keys = obfuscate_dsn, external_keys
         self.pm_limits = pm_limits or PmLimits()     # how far ADD_ADDRs from peers are acted upon

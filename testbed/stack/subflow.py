@@ -147,6 +147,8 @@ class Subflow:
         self.rx_maps: list = []          # data-level mappings received (connection-owned type)
         self.unmapped: list[tuple[int, bytes]] = []   # bytes that arrived before their mapping
         self.remote_addr_id: int | None = None   # the peer's address ID (0: its initial address)
+        self.srl_limiter = None          # rate_limit.SubflowLimiter: the peer's SRL, enforced on our sending
+        self.srl_request = None          # rate_limit.RateRequest: the SRL we sent the peer on this subflow
 
     # ------------------------------------------------------------------ info
     @property
@@ -271,6 +273,8 @@ class Subflow:
             self.arm_rto()
 
     def _transmit_data(self, seg: TxSegment) -> None:
+        if self.srl_limiter is not None:
+            self.srl_limiter.consume(len(seg.payload))
         flags = ACK | (seg.flags & FIN)
         if seg.payload:
             flags |= 0x08  # PSH: the receiver may deliver at once
