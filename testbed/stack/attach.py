@@ -36,6 +36,8 @@ SO_SNDBUFFORCE = 32
 TP_STATUS_CSUMNOTREADY = 0x8
 TP_STATUS_CSUM_VALID = 0x80
 SIOCGIFADDR = 0x8915
+SIOCGIFFLAGS = 0x8913
+IFF_UP, IFF_RUNNING = 0x1, 0x40
 SIOCGIFMTU = 0x8921
 # The stack's own client ports: above Linux's default ephemeral range
 # (32768-60999), so kernel sockets in the same namespace never pick them.
@@ -73,10 +75,11 @@ def netns_path(netns: str | int | None) -> str | None:
 
 @dataclass(frozen=True)
 class Interface:
-    """One path interface of the namespace: name, IPv4 address, MTU."""
+    """One path interface of the namespace: name, IPv4 address, MTU, whether it is up with a carrier."""
     name: str
     addr: str
     mtu: int
+    running: bool = True
 
 
 def list_interfaces() -> list[Interface]:
@@ -90,9 +93,10 @@ def list_interfaces() -> list[Interface]:
             try:
                 addr = socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFADDR, req)[20:24])
                 mtu = struct.unpack_from("i", fcntl.ioctl(s, SIOCGIFMTU, req), 16)[0]
+                flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, req), 16)[0]
             except OSError:
                 continue  # no IPv4 address
-            out.append(Interface(name, addr, mtu))
+            out.append(Interface(name, addr, mtu, flags & (IFF_UP | IFF_RUNNING) == IFF_UP | IFF_RUNNING))
     return out
 
 
@@ -224,6 +228,10 @@ class NftGuard:
     def add_port(self, port: int) -> None:
         """Hide a listening port of the stack."""
         self.run(f"add element ip {self.name} ports {{ {port} }}\n")
+
+    def add_ports(self, lo: int, hi: int) -> None:
+        """Hide a range of ports (lo to hi, both included) from the kernel."""
+        self.run(f"add element ip {self.name} ports {{ {lo}-{hi} }}\n")
 
     def remove_port(self, port: int) -> None:
         """Give a listening port back to the kernel."""

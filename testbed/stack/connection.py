@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from testbed.stack import crypto, esim, privacy, rate_limit
+from testbed.stack import crypto, esim, inactivity, privacy, rate_limit
 from testbed.stack.cc import Coupling
 from testbed.stack.options import (CAP_A_CHECKSUM, CAP_C_NO_INITIAL, CAP_H_SHA256, RST_ADMIN, RST_MIDDLEBOX,
                                    RST_MPTCP_ERROR, RST_UNSPECIFIED, AddAddr, Dss, MpCapable, MpFail, MpFastclose,
@@ -110,6 +110,7 @@ class ConnectionInfo:
     fallback_reason: str | None = None      # "handshake" or "infinite mapping" (§3.7)
     peer_addresses: tuple = ()              # PeerAddress of every ADD_ADDR the peer sent and not removed
     announced: tuple[int, ...] = ()         # our address IDs announced and echoed by the peer
+    inactivity: "inactivity.InactivityInfo | None" = None   # ITO values and state (None: ITO not in force)
 
 
 class Connection:
@@ -125,6 +126,9 @@ class Connection:
         if getattr(stack, "esim", False) and not active:
             self.privacy_wanted |= esim.FLAG_ESIM    # a RobE_eSIM server (stack/esim.py)
         self.esim_winner: Connection | None = None   # RobE_eSIM client: a losing attempt joins this one
+        # the inactivity-time option (stack/inactivity.py): None unless the stack has a local value
+        self.ito = (inactivity.Inactivity(self, stack.inactivity_s, stack.inactivity_bounds_s)
+                    if getattr(stack, "inactivity_s", None) is not None else None)
         self.dsn_offsets: privacy.DsnOffsets | None = None
         self.active = active
         self.want_checksum = checksum
@@ -260,6 +264,8 @@ class Connection:
             self.rcv_nxt = crypto.idsn_of(cap.sender_key) + 1
             self.checksum = self.want_checksum or bool(cap.flags & CAP_A_CHECKSUM)
             flags = CAP_H_SHA256 | (CAP_A_CHECKSUM if self.checksum else 0)
+            if self.ito is not None:
+                self.ito.on_subflow_up(sf, time.monotonic())   # our ITO rides on the MP_CAPABLE ACK
             sf.send_ack([MpCapable(flags, self.local_key, self.remote_key)])
             self.privacy_agreed = self.privacy_wanted & privacy.requested(seg.options)
             if self.privacy_agreed & privacy.FLAG_DSN_OFFSET:
@@ -328,6 +334,9 @@ class Connection:
             self.state = "ESTABLISHED"
             self.established_at = time.monotonic()
             self.stack.register_token(self)
+            if self.ito is not None and self.subflows and self.subflows[0] not in self.ito.live \
+                    and not self.fallback:
+                self.ito.on_subflow_up(self.subflows[0], self.established_at)
             self.stack.emit_event(Event("established", self.local_token, time.time(),
                                         self.subflows[0].key if self.subflows else None,
                                         reason="fallback" if self.fallback else None))
@@ -393,6 +402,9 @@ class Connection:
                     return
             elif isinstance(opt, rate_limit.SubflowRateLimit):
                 self._on_rate_limit(sf, opt)
+            elif isinstance(opt, inactivity.InactivityTime):
+                if self.ito is not None:   # without a local value the option is ignored
+                    self.ito.on_option(opt)
             # Unknown subtypes are ignored (§3: an implementation that does not
             # understand an option ignores it).
 
@@ -675,6 +687,8 @@ class Connection:
         """Data-level timer: repeat an unacknowledged DATA_FIN (and unechoed ADD_ADDRs, unhonoured SRLs)."""
         self.pm.on_timer(now)
         self._rate_limit_timer(now)
+        if self.ito is not None and (d := self.ito.deadline()) is not None and now >= d:
+            self.ito.on_timer(now)
         if self.data_fin_deadline is not None and now >= self.data_fin_deadline and not self.data_fin_acked:
             sf = self.scheduler.pick(self, 0, ignore_cwnd=True)
             self.data_fin_rto = min(self.data_fin_rto * 2, 30)
@@ -684,7 +698,8 @@ class Connection:
 
     def deadline(self) -> float | None:
         """Earliest timer of this connection's own (subflow timers are separate)."""
-        due = [d for d in (self.data_fin_deadline, self.pm.deadline()) if d is not None]
+        due = [d for d in (self.data_fin_deadline, self.pm.deadline(),
+                           self.ito and self.ito.deadline()) if d is not None]
         due += [d for sf in self.subflows for d in (sf.srl_limiter and sf.srl_limiter.deadline(),
                                                     sf.srl_request and sf.srl_request.due()) if d is not None]
         return min(due) if due else None
@@ -715,6 +730,9 @@ class Connection:
         """An MP_JOIN subflow completed its four-way handshake."""
         self.joined = True
         self.stack.emit_event(Event("sf_established", self.local_token, time.time(), sf.key, sf.backup))
+        if self.ito is not None and self.ito.on_subflow_up(sf, time.monotonic()):
+            self.emit("resumed", sf)
+            self._reinject_from(self.snd_una, None)   # what the dead subflows held goes again
         self.cond.notify_all()
         self.stack.wake()
 
@@ -770,6 +788,33 @@ class Connection:
         """Reset one subflow with MP_TCPRST (its unacknowledged data goes to the others)."""
         self._reset_subflow(sf, reason_code, why)
 
+    # ================================================================ inactivity (stack/inactivity.py)
+    def expire_inactive(self, reason: str) -> None:
+        """The inactivity timer ran out without a subflow: remove the connection (token freed)."""
+        self.emit("expired", reason=reason)
+        self._fail(reason)
+        for sf in list(self.subflows):   # re-establishing attempts still pending
+            self._drop_subflow(sf, reason)
+        self._closed()
+
+    def resume_round(self) -> None:
+        """One re-establishing round of an inactive client: an MP_JOIN from every usable local address."""
+        for sf in [s for s in self.subflows if s.state == State.SYN_SENT]:
+            sf.abort()   # the previous round's unanswered SYN: a fresh one replaces it
+            self.subflows.remove(sf)
+            self.stack.forget_subflow(sf)
+        if self.peer_deny_join_initial and self.pm.peer_addrs:
+            peer = next(iter(self.pm.peer_addrs.values()))
+            remote = (peer.addr, peer.port or self.remote_port())
+        else:
+            remote = self.pm.initial_remote
+        for laddr in self.stack.rescan():
+            try:
+                self.stack.open_subflow(self, laddr, remote[0], remote[1], join=True,
+                                        addr_id=self.pm.local_id(laddr))
+            except StackError as exc:
+                self.stack.log(f"re-establishing from {laddr}: {exc}")
+
     def emit(self, kind: str, sf: Subflow | None = None, reason: str | None = None,
              rate_kbps: float | None = None) -> None:
         """Publish an event of this connection (sf_priority, announced, removed, fallback, ...)."""
@@ -807,6 +852,12 @@ class Connection:
         self.closed_subflows.append(info)
         self.stack.forget_subflow(sf)
         self.stack.emit_event(Event("sf_closed", self.local_token, time.time(), sf.key, sf.backup, reason))
+        if not self.subflows and self.ito is not None:
+            if self.ito.inactive_since is not None:
+                return   # a failed re-establishing attempt: the timer decides
+            if self.ito.keeps_state():
+                self.ito.enter_inactive(time.monotonic())
+                return
         if not self.subflows:
             if self.state in ("SYN_SENT", "SYN_RCVD"):
                 self._fail(reason or "handshake failed")
@@ -898,12 +949,12 @@ class Connection:
     def abort(self) -> None:
         """Abortive close (§3.5): RST with MP_FASTCLOSE on every subflow."""
         with self.cond:
+            self._fail("aborted")   # first: an aborted connection is not kept as inactive (ITO)
             for sf in list(self.subflows):
                 if sf.state != State.SYN_SENT:
                     opts = [] if self.fallback or self.remote_key is None else [MpFastclose(self.remote_key)]
                     sf.send_rst(opts)
                 self._drop_subflow(sf, "aborted")
-            self._fail("aborted")
             self._closed()
 
     def add_subflow(self, local_addr: str, backup: bool = False, timeout: float = 5.0,
@@ -933,6 +984,27 @@ class Connection:
             ok = self.cond.wait_for(lambda: sf.fully_established or sf not in self.subflows, timeout)
             if not ok or sf not in self.subflows:
                 raise StackError(f"MP_JOIN from {local_addr} failed")
+
+    def resume(self, timeout: float = 10.0) -> None:
+        """Re-establish a subflow of an inactive connection now (MP_JOIN from every usable
+        local address, new ones included) instead of after half the inactivity timer, and
+        wait until one is up. Returns at once while a subflow is up; StackError when the
+        inactivity-time option is not in force, on the passive side, once the connection
+        is closed, or on timeout (the rounds go on until the timer ends)."""
+        with self.cond:
+            if self.ito is None:
+                raise StackError("cannot resume: the inactivity-time option is not in force (Stack(inactivity_s=...))")
+            if not self.active:
+                raise StackError("cannot resume: only the connection's opener re-establishes subflows")
+            if self.state == "CLOSED":
+                raise StackError(f"cannot resume: connection closed ({self.error or 'closed'})")
+            self.ito.start_resuming(time.monotonic())
+            self.stack.wake()
+            ok = self.cond.wait_for(lambda: self.ito.inactive_since is None or self.state == "CLOSED", timeout)
+            if self.state == "CLOSED":
+                raise StackError(f"cannot resume: connection closed ({self.error or 'closed'})")
+            if not ok:
+                raise StackError(f"no subflow re-established within {timeout:g} s")
 
     def _require_mptcp(self, what: str) -> None:
         if self.fallback or self.remote_key is None or self.state != "ESTABLISHED":
@@ -1048,7 +1120,8 @@ class Connection:
                                   self.bytes_sent, self.bytes_received,
                                   [self._subflow_info(sf) for sf in self.subflows], list(self.closed_subflows),
                                   self.fallback_reason, tuple(self.pm.peer_addrs.values()),
-                                  tuple(i for i, a in self.pm.announced.items() if a.echoed))
+                                  tuple(i for i, a in self.pm.announced.items() if a.echoed),
+                                  None if self.ito is None else self.ito.info(time.monotonic()))
 
     @staticmethod
     def _subflow_info(sf: Subflow) -> SubflowInfo:

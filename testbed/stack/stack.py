@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import count
 
-from testbed.stack import crypto, rate_limit
+from testbed.stack import crypto, inactivity, rate_limit
 from testbed.stack.attach import (CLIENT_PORTS, AttachError, Interface, NftGuard, PathPort, list_interfaces,
                                   netns_path, run_in_netns)
 from testbed.stack.cc import CONTROLLERS
@@ -102,8 +102,16 @@ class Stack:
                  checksum: bool = False, cc: str = "cubic", scheduler: str = "lowrtt", record: bool = False,
                  pm_limits: PmLimits | None = None, deny_join_initial: bool = False,
                  obfuscate_dsn: bool = False, external_keys: bool = False, esim: bool = False,
-                 rate_limit_enforcement: str = "pacing"):
+                 rate_limit_enforcement: str = "pacing", inactivity_s: int | None = None,
+                 inactivity_bounds_s: tuple[int, int] = (0, 65535)):
         _check_choices(cc, scheduler)
+        try:
+            inactivity.check_policy(inactivity_s, inactivity_bounds_s)
+        except ValueError as exc:
+            raise StackError(str(exc)) from None
+        # the inactivity-time option (stack/inactivity.py): our value (None: no ITO) and
+        # the bounds within which a peer's value is adopted
+        self.inactivity_s, self.inactivity_bounds_s = inactivity_s, tuple(inactivity_bounds_s)
         if rate_limit_enforcement not in rate_limit.MODES:
             raise ValueError(f"rate_limit_enforcement: {rate_limit_enforcement!r} is not one of "
                              f"{', '.join(rate_limit.MODES)}")
@@ -279,6 +287,29 @@ class Stack:
                 return port
         raise StackError("no free client port")
 
+    def rescan(self) -> list[str]:
+        """Re-read the namespace's interfaces: attach every IPv4 address that appeared since
+        the stack started (a new interface, or a new primary address of one) and return the
+        local addresses whose interface is up with a carrier (what a join can start from)."""
+        with self.lock:
+            if not self._running:
+                raise StackError("stack is closed")
+            ifaces = run_in_netns(self.netns, list_interfaces)
+            for iface in ifaces:
+                if iface.addr in self.by_addr:
+                    continue
+                port = run_in_netns(self.netns, lambda iface=iface: PathPort(iface, [iface.addr]))
+                try:
+                    self.nft.add_addresses([iface.addr])
+                except AttachError:
+                    port.close()
+                    raise
+                self.ports.append(port)
+                self.by_addr[iface.addr] = port
+                self.log(f"attached {iface.name} {iface.addr} (appeared after the stack started)")
+            self.wake()
+            return [i.addr for i in ifaces if i.running and i.addr in self.by_addr]
+
     def source_for(self, dst: str) -> str:
         """The local address the namespace's routing picks for dst."""
         try:
@@ -380,6 +411,9 @@ class Stack:
             fds[p.fileno()] = p
         poller.register(self._wake_r, select.POLLIN)
         while self._running:
+            for p in self.ports[len(fds):]:   # attached by rescan() since
+                poller.register(p.fileno(), select.POLLIN)
+                fds[p.fileno()] = p
             timeout = self._next_deadline()
             try:
                 ready = poller.poll(timeout)

@@ -195,6 +195,9 @@ class Subflow:
             if self.ts_ok:
                 opts.append(Timestamps(now, self.ts_recent))
             window = self.conn.rcv_window() >> (RCV_WSCALE if self.ws_ok else 0)
+        ito = getattr(self.conn, "ito", None)
+        if ito is not None and not flags & (SYN | RST):
+            mptcp = ito.attach(self, list(mptcp))   # our ITO when due (stack/inactivity.py)
         offsets = self.conn.dsn_offsets   # per-subflow DSN offsets agreed (stack/privacy.py)
         opts.extend(mptcp if offsets is None else offsets.outgoing(self, list(mptcp)))
         return TcpSegment(self.lport, self.rport, seq & MASK32, self.rcv_nxt & MASK32 if flags & ACK else 0,
@@ -255,6 +258,11 @@ class Subflow:
         except ValueError:
             return opts
         return with_sack
+
+    def send_keepalive(self) -> None:
+        """A TCP keep-alive (RFC 9293 §3.8.4): one already acknowledged byte, which the peer's
+        TCP answers with an ACK; the answer shows the path and the peer are still there."""
+        self.emit(self.segment(ACK, self.snd_una - 1, b"\0", self.conn.ack_options(self)))
 
     def send_rst(self, mptcp=()) -> None:
         """A RST for this subflow (optionally with MP_TCPRST / MP_FASTCLOSE)."""
