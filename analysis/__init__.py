@@ -207,7 +207,8 @@ def load(results_dir: str | Path) -> Results:
 
 def paths(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's paths as they were when its workload ended: name, rtt_s, rate_mbit,
-    default (bool), and the faults in force (blackholed, middlebox, carrier).
+    default (bool), and the faults in force (blackholed, middlebox, carrier, loss_pct:
+    the larger of the two directions' configured loss).
 
     Read from what the runner recorded (`links_at_end`: each link's parameters per
     direction after every change of the run, the experiment's own included, and
@@ -232,5 +233,6 @@ def paths(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": str(name), "rtt_s": rtt_ms / 1000,
                     "rate_mbit": float(rate) if rate is not None else None,
                     "default": name == default, "blackholed": st.get("blackholed"),
-                    "middlebox": st.get("middlebox"), "carrier": st.get("carrier")})
+                    "middlebox": st.get("middlebox"), "carrier": st.get("carrier"),
+                    "loss_pct": max(float(up.get("loss_pct") or 0), float(down.get("loss_pct") or 0))})
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import Results, paths
-from analysis.figures.establishment import data as establishment_data
+from analysis.figures.establishment import data as establishment_data, stack_pair
 from analysis.stats import bootstrap_ci, clean
 from testbed.mptcp.linux import FALLBACK_S, INITIAL_SYN_RTO_S, SYN_SCHEDULE_S
 
@@ -53,16 +53,18 @@ def pct95(v: pd.Series) -> float:
 class Establishment:
     """Cells of the establishment experiment(s) with their path RTTs."""
 
-    def __init__(self, res: Results):
+    def __init__(self, res: Results, client_stack: str = "kernel", server_stack: str = "kernel"):
         self.res = res
-        df = establishment_data(res)
-        # The draft's cells are RobE over kernel sockets against a kernel server; runs with a
-        # user-space stack on either side (client_stack/server_stack, docs/robe.md) are another
-        # comparison and must not mix into them. Runs from before those parameters are kernel runs.
-        for side in ("param.client_stack", "param.server_stack"):
-            if not df.empty and side in df:
-                df = df[df[side].fillna("kernel").astype(str) == "kernel"]
-        self.df = df
+        self.client_stack, self.server_stack = client_stack, server_stack
+        # Every cell holds the runs of one pair of stacks, chosen here: the draft's cells are
+        # RobE over kernel sockets against a kernel server (the default); runs with a user-space
+        # stack on either side (client_stack/server_stack, docs/robe.md) are other comparisons
+        # and must not mix into them.
+        self.df = stack_pair(establishment_data(res), client_stack, server_stack)
+
+    def stacks(self) -> str:
+        """The pair of stacks this selection holds, in words."""
+        return f"{self.client_stack}-stack client, {self.server_stack}-stack server"
 
     def cell(self, condition: str, strategy: str) -> pd.DataFrame:
         """The complete runs of one (condition, strategy) cell."""

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis import Results, paths, privacy
+from analysis import Results, esim_checks, paths, privacy
 from analysis.establishment_checks import (FAILS, HOLDS, NOT_MEASURED,
                                            SIMULT_FLOWS, Establishment, bounded, ci_text, delayed,
                                            fallback, fastest_working, guaranteed, multipath_after,
@@ -90,9 +90,8 @@ def _establishment_rows(E: Establishment) -> list[Row]:
     add(t1, "TIMER", sg, "yes", lambda: guaranteed(E, "timer", "yes"))
     add(t1, "SIM", sg, "yes", lambda: guaranteed(E, "sim", "yes"))
     add(t1, "IPS", sg, "depends on selection", lambda: guaranteed(E, "ips", "selection"))
-    rows.append(Row(t1, "eSIM", "all rows", "no impact / max over MP_CAPABLE HS / yes",
-                    "—", "not measured (eSIM needs server support and a new option; out of scope for this testbed)",
-                    NOT_MEASURED))
+    # eSIM's column: the user-space stack on both sides (analysis.esim_checks)
+    rows += [Row(*r) for r in esim_checks.expectation_rows(E.res)]
     dr = DRAFT + ", combinations"
     add(dr, "TIMER+IPS", "broken (blackhole)", "IPS picks, the timer moves on: bounded by the timer",
         lambda: bounded(E, "blackhole", "timer+ips", True))

@@ -7,8 +7,11 @@ or the user-space stack (client_stack) — the same strategy code either way.
 
 Metrics (per trial, from experiments.robe_trial): setup_s (connect() to
 established), ttfb_s (first response byte of a request/response exchange),
-multipath_s (second subflow established), outcome (mptcp / fallback / failed),
-syns_sent, rsts_sent, extra_handshakes, winner_path.
+multipath_s (second subflow established), multipath_client_s (the same moment
+stamped alike for both clients: when the client could use its join),
+outcome (mptcp / fallback / failed), syns_sent, rsts_sent, extra_handshakes,
+winner_path, esim_subflows / esim_fallback. Runs where a side speaks RobE_eSIM
+name the draft's open choices in the manifest's `protocol`.
 """
 from __future__ import annotations
 
@@ -99,4 +102,15 @@ class Establishment(Experiment):
             ctx.record("stack", "client" if p.strategy == "esim" else "server", "esim_crypto",
                        **DEFAULT_CRYPTO.describe())
         metrics = run_establishment_trial(tb, p.strategy, trial)
-        return RunOutput(metrics=dict(metrics))
+        return RunOutput(metrics=dict(metrics), protocol=esim_protocol(p))
+
+
+def esim_protocol(p: Params) -> dict:
+    """The manifest's `protocol` of a run where a side speaks RobE_eSIM (an eSIM client, or
+    the user-space stack's server, which accepts it): the draft's open choices and the
+    experimental option codes; empty for kernel-only runs."""
+    if p.strategy != "esim" and p.server_stack != "user":
+        return {}
+    from testbed.stack.esim import DEFAULT_CRYPTO
+    return {"robe_esim": {**DEFAULT_CRYPTO.describe(), "client": p.strategy == "esim",
+                          "server": p.server_stack == "user"}}

@@ -27,6 +27,12 @@ Metrics returned (seconds are relative to the start of connect()):
   ttfb_s           first response byte received (None: failed)
   multipath_s      first additional subflow established (PM sub_established
                    event); None when no join completed within join_timeout_s
+  multipath_client_s  the same moment as the kernel stamps it, for either client:
+                   kernel sockets: multipath_s (sub_established fires when the
+                   join's SYN/ACK arrived); user stack: when the client sent the
+                   final ACK of a join that then completed (MP_JOIN's third ACK,
+                   or eSIM's MP_JOIN_CAP ACK), from the stack's segment record -
+                   its multipath_s is the server's fourth ACK, one RTT later
   outcome          "mptcp" | "fallback_tcp" | "tcp" | "failed"
   winner_path      path of the winning attempt (None: failed)
   syns_sent        SYNs the client sent: kernel counters TcpActiveOpens +
@@ -61,6 +67,8 @@ from testbed.robe.sockets import LocalPath
 from testbed.robe.strategies import Options, RobeError, connect
 from testbed.robe.timer import TimerPolicy
 from testbed.stack import Stack
+from testbed.stack.esim import join_cap_in
+from testbed.stack.options import MpJoinAck
 from testbed.stack.packet import RST, SYN
 
 _servers: set[str] = set()  # run_id:port of the servers running (closed by their testbed)
@@ -183,6 +191,19 @@ def _sent_flags(backend: Backend, since: int) -> dict[str, int]:
     return {"syns": sum(1 for g in segs if g.flags & SYN), "rsts": sum(1 for g in segs if g.flags & RST)}
 
 
+def join_acks_sent_s(backend: Backend, since: int, addrs: set[str], t0_ns: int) -> float | None:
+    """User stack: seconds from t0 (monotonic) to the first final ACK of a join (MP_JOIN's
+    third ACK or MP_JOIN_CAP) it sent from one of addrs; None for kernel sockets or none sent."""
+    if not isinstance(backend, UserStackBackend) or not addrs:
+        return None
+    sent = [s for s in backend.stack.sent[since:] if s.src in addrs and not s.segment.flags & SYN
+            and (s.segment.option(MpJoinAck) is not None or join_cap_in(s.segment.options) is not None)]
+    if not sent:
+        return None
+    wall_minus_mono_ns = time.time_ns() - time.monotonic_ns()  # the record is stamped by the wall clock
+    return (min(s.time for s in sent) * 1e9 - wall_minus_mono_ns - t0_ns) / 1e9
+
+
 def _history(tb: Any, params: dict[str, Any]) -> History:
     if params.get("history_dir"):
         return History.load(Path(params["history_dir"]) / "robe-history.json")
@@ -245,10 +266,16 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
     else:
         outcome = "fallback_tcp" if rep.outcome == "fallback_tcp" else "mptcp"
     ttfb = box.get("ttfb_ns")
+    joined = {e.path for e in rep.find(R.JOIN_ESTABLISHED) if e.path}
+    multipath_client = rep.multipath_s
+    if isinstance(backend, UserStackBackend):
+        addrs = {p.local_addr for p in tb_paths(tb) if p.name in joined}
+        multipath_client = join_acks_sent_s(backend, sent_before, addrs, rep.t0_ns) if joined else None
     return {
         "setup_s": rep.setup_s,
         "ttfb_s": None if ttfb is None else (ttfb - rep.t0_ns) / 1e9,
         "multipath_s": rep.multipath_s,
+        "multipath_client_s": multipath_client,
         "outcome": outcome,
         "winner_path": rep.winner,
         "syns_sent": user_sent["syns"] if user_sent else
@@ -256,7 +283,7 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
         "rsts_sent": user_sent["rsts"] if user_sent else d.get("TcpOutRsts", 0),
         "extra_handshakes": max(0, len(completed) - 1),
         "attempts": len(rep.find(R.ATTEMPT_STARTED)),
-        "joined_paths": ",".join(sorted({e.path for e in rep.find(R.JOIN_ESTABLISHED) if e.path})),
+        "joined_paths": ",".join(sorted(joined)),
         "data_ok": bool(box.get("data_ok")),
         "esim_subflows": sum(1 for e in rep.find(R.JOIN_ESTABLISHED) if e.detail.get("via") == "esim"),
         "esim_fallback": bool(rep.find(R.ESIM_FALLBACK)),

@@ -203,6 +203,29 @@ def _establishment(rng: np.random.Generator, condition: str, strategy: str) -> t
     return m, topo, events
 
 
+def _user_establishment(rng: np.random.Generator, condition: str, strategy: str,
+                        server: str) -> tuple[dict, dict, pd.DataFrame]:
+    """A user-space-stack client's run: as the kernel sockets' (the same strategy code), with
+    the client's multipath stamp; SIM's join waits one RTT of the winner (RFC 8684), eSIM's
+    losing attempt becomes the subflow when the server is the stack's (else it falls back)."""
+    esim = strategy == "esim" and server == "user"
+    m, topo, ev = _establishment(rng, condition, "sim" if strategy == "esim" else strategy)
+    rtt = {"wifi": 2 * SLOW_DELAY_MS / 1000 if condition == "slow_default" else 0.020, "lte": 0.040}
+    win = m["winner_path"]
+    loser = "lte" if win == "wifi" else "wifi"
+    client = float("nan")
+    if np.isfinite(m["multipath_s"]):
+        if esim:  # the loser's own MP_CAPABLE handshake, started with the winner's
+            loss = int(condition[5:]) / 100 if condition.startswith("lossy") and loser == "wifi" else 0.0
+            loser_hs, _, _ = _attempt(rng, rtt[loser], loss, False, False, None)
+            client = max(loser_hs, m["setup_s"])  # it lost the race
+        else:
+            client = m["multipath_s"] + rtt[win]
+    m.update(multipath_client_s=client, multipath_s=client + rtt[loser],  # the server's fourth ACK
+             esim_subflows=int(esim and np.isfinite(client)), esim_fallback=strategy == "esim" and server == "kernel")
+    return m, topo, ev
+
+
 def _failover(rng: np.random.Generator, fault: str, mode: str) -> tuple[dict, dict, dict[str, pd.DataFrame]]:
     dt, t_fault, dur = 0.1, 4.0, 10.0
     stall = rng.uniform(0.3, 0.6) if fault == "link_down" else rng.uniform(0.6, 1.2)
@@ -295,6 +318,17 @@ def generate(root: str | Path, reps: int = 4, seed: int = 1) -> Path:
     for spec in sorted(sc.expand(est), key=lambda r: r.run_id):
         p = spec.scenario.params
         m, _, ev = _establishment(rng, p["condition"], p["strategy"])
+        change = condition_event(p["condition"], "wifi", SLOW_DELAY_MS)
+        _write_run(root, spec, m, {"events": ev}, [change] if change else [])
+    # RobE over the user-space stack (both clients against the kernel server) and RobE_eSIM
+    user = [*sc.expand(_scenario("robe-user.toml", repetitions=reps, **{"params.timeout_s": TIMEOUT_S})),
+            *sc.expand(_scenario("robe-esim.toml", repetitions=reps, **{"params.timeout_s": TIMEOUT_S}))]
+    for spec in sorted(user, key=lambda r: r.run_id):
+        p = spec.scenario.params
+        if p.get("client_stack", "kernel") == "user":
+            m, _, ev = _user_establishment(rng, p["condition"], p["strategy"], p.get("server_stack", "kernel"))
+        else:
+            m, _, ev = _establishment(rng, p["condition"], p["strategy"])
         change = condition_event(p["condition"], "wifi", SLOW_DELAY_MS)
         _write_run(root, spec, m, {"events": ev}, [change] if change else [])
     failover = [*sc.expand(_scenario("failover.toml", repetitions=reps)),

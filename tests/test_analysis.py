@@ -167,7 +167,9 @@ def test_expectations_complete_store(res):
     for source in t["source"]:
         assert all(part.strip().startswith(allowed) for part in source.split(" / ")), source
     assert not t.apply(lambda c: c.astype(str).str.contains(r"\bissue|notes/", regex=True)).any().any()
-    assert (t["subject"] == "eSIM").any()
+    # the draft's eSIM column, from the user-space stack on both sides
+    esim = t[t["subject"].str.startswith("eSIM") & t["source"].str.contains("Table 1")]
+    assert len(esim) >= 7 and (esim["verdict"] != NOT_MEASURED).sum() >= 6
     # the synthetic store follows the mechanisms: these must come out right
     def verdict(subject: str, cond: str) -> str:
         return t[(t["subject"] == subject) & (t["condition"] == cond)]["verdict"].iloc[0]
@@ -188,8 +190,8 @@ def test_expectations_without_runs_say_not_measured(store, tmp_path):
 
 
 # ---- report --------------------------------------------------------------------
-SECTIONS = ["provenance", "expectations", "establishment", "failover", "throughput", "emulation", "runs"]
-FIGURES = ["establishment_setup_ecdf", "establishment_multipath", "establishment_outcomes",
+SECTIONS = ["provenance", "expectations", "establishment", "esim", "failover", "throughput", "emulation", "runs"]
+FIGURES = ["establishment_setup_ecdf", "establishment_multipath", "establishment_outcomes", "esim_multipath",
            "failover_timeline", "failover_distributions", "throughput_efficiency",
            "throughput_shares", "emulation_benchmark", "emulation_calibration"]
 
@@ -205,7 +207,8 @@ def test_report_has_every_section_and_figure(report):
             assert (out / f"{f}.{ext}").stat().st_size > 1000, f"{f}.{ext}"
     assert html.count("data:image/png;base64,") == len(FIGURES)
     assert not re.search(r'src="(?!data:)', html)  # self-contained: nothing loaded from elsewhere
-    for csv in ("expectations.csv", "runs.csv", "establishment_summary.csv", "failover_summary.csv"):
+    for csv in ("expectations.csv", "runs.csv", "establishment_summary.csv", "failover_summary.csv",
+                "esim_summary.csv", "robe_stacks.csv"):
         assert (out / csv).is_file(), csv
     assert "0123456789abcdef" in html  # provenance: the commit
     assert "ENOTCONN" in html and "calibration: wifi" in html  # failed/invalid runs with reasons
@@ -274,9 +277,9 @@ def test_grid_points_are_labelled_in_words(res):
 def test_figure_texts_never_overlap(res):
     """Panel titles, fault annotations and tick labels of every report figure
     keep clear of each other (what a reader would see as overprinted text)."""
-    from analysis.figures import establishment, failover, throughput
+    from analysis.figures import esim, establishment, failover, throughput
 
-    for family in (establishment, failover, throughput):
+    for family in (establishment, esim, failover, throughput):
         for fig in family.build(res).figures:
             fig.fig.canvas.draw()
             r = fig.fig.canvas.get_renderer()

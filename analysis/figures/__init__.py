@@ -19,17 +19,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-STRATEGIES = ["tcp", "mptcp", "timer", "sim", "ips", "sim+ips", "timer+ips"]
+STRATEGIES = ["tcp", "mptcp", "timer", "sim", "esim", "ips", "sim+ips", "timer+ips"]
 _CB = sns.color_palette("colorblind", 10)
 # fixed so that "sim" is the same colour in every figure and every report
 STRATEGY_COLORS = {
     "tcp": _CB[7], "mptcp": _CB[0], "timer": _CB[1], "sim": _CB[2], "ips": _CB[4],
-    "sim+ips": _CB[8], "timer+ips": _CB[5],
+    "sim+ips": _CB[8], "timer+ips": _CB[5], "esim": _CB[6],
 }
 # dash patterns on top of colours: identical ECDFs of several strategies stay distinguishable
 STRATEGY_DASHES = {
     "tcp": (0, (1, 1)), "mptcp": "-", "timer": "--", "sim": "-", "ips": "-.",
-    "sim+ips": (0, (5, 1, 1, 1)), "timer+ips": (0, (3, 1, 1, 1, 1, 1)),
+    "sim+ips": (0, (5, 1, 1, 1)), "timer+ips": (0, (3, 1, 1, 1, 1, 1)), "esim": (0, (4, 1)),
 }
 OUTCOMES = ["mptcp", "fallback", "tcp", "failed"]
 OUTCOME_COLORS = {"mptcp": _CB[2], "fallback": _CB[1], "tcp": _CB[7], "failed": _CB[3], "n/a": "#dddddd"}

@@ -65,6 +65,19 @@ def data(res: Results) -> pd.DataFrame:
                                         for k in zip(runs["experiment"], runs["run_id"])])
 
 
+def stack_pair(df: pd.DataFrame, client_stack: str = "kernel", server_stack: str = "kernel") -> pd.DataFrame:
+    """The runs of one pair of stacks (param.client_stack / param.server_stack; runs from
+    before those parameters are kernel runs): kernel/kernel is the draft's cells and these
+    figures, a user-space stack on either side another comparison (docs/robe.md)."""
+    for side, want in (("param.client_stack", client_stack), ("param.server_stack", server_stack)):
+        if df.empty:
+            break
+        have = df[side].fillna("kernel").astype(str) if side in df else \
+            pd.Series("kernel", index=df.index, dtype="string")
+        df = df[have == want]
+    return df
+
+
 def condition_words(manifest: dict) -> str | None:
     """The default path's condition in words, from the changes the run recorded
     ("WiFi 30 % loss", "WiFi blackholed"); "healthy" when nothing was changed;
@@ -249,7 +262,9 @@ def build(res: Results) -> Section:
                   "Time from connect() to an established connection, until multipath is available, "
                   "and the outcome, per initial-path condition and strategy "
                   "(experiments: establishment, robe_establishment).")
-    df = data(res)
+    # RobE over kernel sockets against a kernel server; the user-space stack's runs are in
+    # the RobE_eSIM section (analysis.figures.esim)
+    df = stack_pair(data(res))
     if df.empty:
         sec.notes.append("No complete runs of establishment or robe_establishment "
                          "(with param.condition and param.strategy): nothing to plot.")

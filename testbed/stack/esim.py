@@ -49,6 +49,11 @@ JOIN_CAP_NIBBLE = 1         # MP_JOIN_CAP: private-use subtype with low nibble 1
 JOIN_CAP_LEN = 20
 CRC_BITS = 10
 LABEL = b"robe-esim"
+# Where a server's check of an MP_JOIN_CAP ended (Stack.esim_checks counts them):
+NO_CONNECTION = "no-connection"   # Key-A names no established MPTCP connection
+HINT = "hint"                     # refused at the 10-bit CRC of Key-B, no HMAC computed
+HMAC = "hmac"                     # the hint was right, the 54 MAC bits were not
+OK = "accepted"                   # a subflow of the named connection now
 
 
 def crc16_ccitt_false(data: bytes) -> int:
@@ -90,7 +95,12 @@ class EsimCrypto:
     def describe(self) -> dict:
         """The choices for a run's manifest."""
         return {"hash": f"hmac-{self.hash}/64", "hmac_key": self.hmac_key, "crc": self.crc,
-                "crc_bits": CRC_BITS, "label": LABEL.decode()}
+                "crc_bits": CRC_BITS, "label": LABEL.decode(),
+                # experimental codes: MPTCP (kind 30) private-use subtype 0xf, told apart by the nibble
+                "options": {"ROBE_eSIM_EN": {"kind": KIND, "subtype": PRIVATE_SUBTYPE, "nibble": 0,
+                                             "flag": FLAG_ESIM, "length": 4},
+                            "MP_JOIN_CAP": {"kind": KIND, "subtype": PRIVATE_SUBTYPE,
+                                            "nibble": JOIN_CAP_NIBBLE, "length": JOIN_CAP_LEN}}}
 
     def key_b_hint(self, key_b: int) -> int:
         """The 10-bit fast hash of the winner's Key-B."""
@@ -103,12 +113,17 @@ class EsimCrypto:
         top = int.from_bytes(mac[:8], "big")
         return (top & ~((1 << CRC_BITS) - 1) & 0xFFFFFFFFFFFFFFFF) | self.key_b_hint(key_b)
 
+    def check_stage(self, tag: int, key_a: int, key_b: int, loser_key_b: int) -> str:
+        """Where the check of a tag ends: HINT (its low bits are not Key-B's CRC: refused
+        before any HMAC), HMAC (right hint, wrong MAC) or OK."""
+        if tag & ((1 << CRC_BITS) - 1) != self.key_b_hint(key_b):
+            return HINT
+        right = hmac.compare_digest(struct.pack("!Q", tag), struct.pack("!Q", self.tag(key_a, key_b, loser_key_b)))
+        return OK if right else HMAC
+
     def check(self, tag: int, key_a: int, key_b: int, loser_key_b: int) -> bool:
         """True when tag is the one the holder of the winner's keys computes (hint first: cheap)."""
-        if tag & ((1 << CRC_BITS) - 1) != self.key_b_hint(key_b):
-            return False
-        return hmac.compare_digest(struct.pack("!Q", tag),
-                                   struct.pack("!Q", self.tag(key_a, key_b, loser_key_b)))
+        return self.check_stage(tag, key_a, key_b, loser_key_b) == OK
 
 
 @dataclass(frozen=True)
@@ -195,13 +210,14 @@ def accept_as_join(half_open, sf, jc: JoinCap, crypto: EsimCrypto = DEFAULT_CRYP
     stack = half_open.stack
     winner = next((c for c in stack.connections if c is not half_open and c.remote_key == jc.key_a
                    and c.state == "ESTABLISHED" and not c.fallback), None)
-    stack.esim_checked = getattr(stack, "esim_checked", 0) + 1
-    if winner is None or not crypto.check(jc.tag, winner.remote_key, winner.local_key, half_open.local_key):
+    stage = NO_CONNECTION if winner is None else \
+        crypto.check_stage(jc.tag, winner.remote_key, winner.local_key, half_open.local_key)
+    stack.esim_checks[stage] += 1
+    if stage != OK:
         sf.send_rst([MpTcpRst(RST_MPTCP_ERROR)])
-        half_open._drop_subflow(sf, "MP_JOIN_CAP for no connection or with a wrong tag")
+        half_open._drop_subflow(sf, f"MP_JOIN_CAP refused ({stage})")
         stack.connections.discard(half_open)
         return False
-    stack.esim_accepted = getattr(stack, "esim_accepted", 0) + 1
     half_open.subflows.remove(sf)
     stack.connections.discard(half_open)
     half_open.state = "CLOSED"
