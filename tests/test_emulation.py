@@ -352,14 +352,14 @@ def test_calibration_reason_names_what_was_short(monkeypatch):
 
     monkeypatch.setattr(cal, "ping_rtts", lambda *a, **kw: {
         "n": 3, "sent": 50, "answered": 50, "discarded": 47, "mean_ms": 20.0, "p50_ms": 20.0,
-        "p99_ms": 20.0, "min_ms": 20.0, "max_ms": 20.0})
+        "p99_ms": 20.0, "min_ms": 20.0, "max_ms": 20.0, "samples_ms": [20.0] * 3})
     graph = from_dict({"name": "one", "paths": [{"name": "lte", "delay_ms": 10}]}).graph()
     link = SimpleNamespace(name="lte", up=LinkParams(delay_ms=10), down=LinkParams(delay_ms=10))
     path = SimpleNamespace(name="lte", graph=graph.paths[0], addr=graph.paths[0].addr)
     node = SimpleNamespace(pid=1)
     tb = SimpleNamespace(graph=graph, links=[link], node=lambda name: node, client=node,
                          paths=[path], backend=SimpleNamespace(name="userspace"))
-    res = cal.calibrate(tb, measure_rate=False)
+    res = cal.calibrate(tb, measure_rate=False, quick=False)  # one round of all 50
     assert not res["valid"]
     assert res["reason"] == ("lte: 3 usable RTT samples of 50 answered pings (47 discarded: "
                              "sending took over 0.2 ms), need at least 5")

@@ -62,3 +62,61 @@ def run(calibrations: int, checks: int, topology: str = "two-path",
     for n in EVERY_CANDIDATES:
         lines.append(f"  N = {n:>2}: {(full_s + (n - 1) * check_s) / n:.3f} s")
     return "\n".join(lines), not voided and len(valid) == len(cals)
+
+
+def compare(reps: int, topology: str = "two-path", params: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """The quick calibration against the reference one (one path at a time, 50
+    pings 10 ms apart, 2 s flows) on one testbed of `topology`: `reps` of each,
+    interleaved (time, RTT and rate spread per path), then a delay fault (one
+    link's uplink 1.5 tolerances slower than its record says) and last a rate
+    fault (its rate 0.8 of the record), each calibrated both ways. The report,
+    and whether both passed the honest testbed every time and both failed each fault."""
+    from testbed.core.emulation.calibrate import calibrate
+    from testbed.core.net import Testbed
+    from testbed.core.topology import load
+
+    params = params if params is not None else {"rate_mbit": 20, "wifi_delay_ms": 10,
+                                                "lte_delay_ms": 20}
+    lines = [f"{topology} {params}: quick vs reference calibration, {reps} each"]
+    ok = True
+    with Testbed(load(topology, **params)) as tb:
+        runs: dict[str, list[dict[str, Any]]] = {"quick": [], "reference": []}
+        for _ in range(max(1, reps)):
+            runs["reference"].append(calibrate(tb, quick=False))
+            runs["quick"].append(calibrate(tb))
+        for kind, cals in runs.items():
+            valid = sum(c["valid"] for c in cals)
+            ok &= valid == len(cals)
+            took = [c["duration_s"] for c in cals]
+            lines.append(f"{kind}: {valid} of {len(cals)} valid, {statistics.median(took):.2f} s median "
+                         f"({min(took):.2f}-{max(took):.2f})")
+            for c in cals:
+                if not c["valid"]:
+                    lines.append(f"  invalid: {c['reason']}")
+            for name in cals[0]["paths"]:
+                rtts = [c["paths"][name]["rtt_mean_ms"] for c in cals]
+                pings = [c["paths"][name]["pings"] for c in cals]
+                ratios = [r for c in cals for d in ("rate_up", "rate_down")
+                          if (r := c["paths"][name].get(d, {}).get("ratio")) is not None]
+                lines.append(f"  {name}: RTT {min(rtts):.3f}-{max(rtts):.3f} ms "
+                             f"(configured {cals[0]['paths'][name]['rtt_configured_ms']:g}, bound "
+                             f"+-{cals[0]['paths'][name]['rtt_tolerance_ms']:.2f}), pings "
+                             f"{min(pings)}-{max(pings)}"
+                             + (f", goodput/rate {min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""))
+        link = tb.links[0]
+        tol = runs["reference"][0]["paths"][tb.paths[0].name]["rtt_tolerance_ms"]
+        record = link.up
+        faults = [("delay", record.model_copy(update={"delay_ms": record.delay_ms + 1.5 * tol})),
+                  ("rate", record.model_copy(update={"rate_mbit": 0.8 * (record.rate_mbit or 20)}))]
+        for what, wrong in faults:
+            tb.backend.update(link, "up", wrong)  # the emulator now differs from the record
+            for kind, quick in (("reference", False), ("quick", True)):
+                c = calibrate(tb, quick=quick)
+                ok &= not c["valid"]
+                lines.append(f"{what} fault on {link.name} up ({what} {getattr(wrong, what + '_ms', None) or wrong.rate_mbit:g} "
+                             f"vs record {getattr(record, what + '_ms', None) or record.rate_mbit:g}): {kind} "
+                             + (f"caught it in {c['duration_s']:.2f} s: {c['reason']}" if not c["valid"]
+                                else "MISSED it"))
+            if what == "delay":  # the forwarder takes the record back (the rate fault is last)
+                tb.backend.update(link, "up", record)
+    return "\n".join(lines), ok

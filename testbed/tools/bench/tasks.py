@@ -7,7 +7,7 @@
     ./tb bench.chaos [--runs 200] [--interrupts 20] [--out DIR]
     ./tb bench.stack [--seconds 3]
     ./tb bench.parallel [--experiment establishment] [--ks 1,2,3,4] [--reps N]
-    ./tb bench.calibration [--calibrations 6] [--checks 100]
+    ./tb bench.calibration [--calibrations 6] [--checks 100] | --compare N
 """
 from __future__ import annotations
 
@@ -154,15 +154,24 @@ ns.add_task(parallel)
 
 
 @task(help={"calibrations": "consecutive full calibrations of one testbed (default 6)",
-            "checks": "drift checks against the last valid one (default 100)"})
-def calibration(c, calibrations=6, checks=100):
+            "checks": "drift checks against the last valid one (default 100)",
+            "compare": "instead: the quick calibration against the reference one, N of each, "
+                       "and both under an injected delay and rate fault"})
+def calibration(c, calibrations=6, checks=100, compare=0):
     """Spread of a kept testbed's full calibrations, and the drift check's cost and false alarms."""
     need_root()
     from invoke.exceptions import Exit
 
-    from testbed.tools.bench.calibration import run
+    from testbed.tools.bench import calibration as bench
 
-    text, ok = guard(lambda: run(int(calibrations), int(checks)))
+    if int(compare):
+        text, ok = guard(lambda: bench.compare(int(compare)))
+        print(text)
+        if not ok:
+            raise Exit("bench.calibration: a calibration failed an honest testbed or missed a fault",
+                       code=1)
+        return
+    text, ok = guard(lambda: bench.run(int(calibrations), int(checks)))
     print(text)
     if not ok:
         raise Exit("bench.calibration: a calibration failed or a drift check voided a run", code=1)
