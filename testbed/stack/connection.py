@@ -799,16 +799,21 @@ class Connection:
 
     def resume_round(self) -> None:
         """One re-establishing round of an inactive client: an MP_JOIN from every usable local address."""
+        now = time.monotonic()
         for sf in [s for s in self.subflows if s.state == State.SYN_SENT]:
-            sf.abort()   # the previous round's unanswered SYN: a fresh one replaces it
-            self.subflows.remove(sf)
-            self.stack.forget_subflow(sf)
+            if now - sf.syn_sent_at >= inactivity.JOIN_PATIENCE_S:
+                sf.abort()   # an earlier round's unanswered SYN: a fresh one replaces its backed-off RTO
+                self.subflows.remove(sf)
+                self.stack.forget_subflow(sf)
+        pending = {s.laddr for s in self.subflows}
         if self.peer_deny_join_initial and self.pm.peer_addrs:
             peer = next(iter(self.pm.peer_addrs.values()))
             remote = (peer.addr, peer.port or self.remote_port())
         else:
             remote = self.pm.initial_remote
         for laddr in self.stack.rescan():
+            if laddr in pending:
+                continue
             try:
                 self.stack.open_subflow(self, laddr, remote[0], remote[1], join=True,
                                         addr_id=self.pm.local_id(laddr))

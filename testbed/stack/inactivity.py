@@ -26,14 +26,15 @@ as before: the connection fails and closes when its last subflow dies):
   the state (our own value while the peer sent none, e.g. a kernel peer);
 - liveness: the draft does not say how a host learns that a subflow died. With
   ITO in force an established subflow that hears nothing from its peer for
-  `probe_s(timer)` sends a TCP keep-alive (one old byte, which any TCP answers
+  `probe_s(timer)` (timer/16, 0.25..60 s) sends a TCP keep-alive (one old byte, which any TCP answers
   with an ACK) every `probe_s`; after PROBES unanswered ones the subflow is
   declared dead (as are subflows reset or given up after RTOs);
 - inactive: the connection keeps its token and data for the effective timer
   (`inactive` event), then is removed (`expired` event, then `closed`, token
   freed). The active opener (client) starts re-establishing a subflow after
   half the timer: every `retry_s(timer)` an MP_JOIN from each local address
-  whose interface is up (the namespace is re-scanned: an address that appeared
+  whose interface is up and has no join pending for
+  JOIN_PATIENCE_S (the namespace is re-scanned: an address that appeared
   during the outage is attached and used) until one completes (`resumed`
   event; unacknowledged data is sent again on it) or the timer ends.
   `Connection.resume()` starts that at once.
@@ -57,6 +58,7 @@ DEFAULT_S = 7440            # the draft's suggestion
 MAX_SENDS = 3               # the draft: at most three sends unless one is received
 PROBES = 3                  # unanswered keep-alives before a subflow is declared dead
 OPTION_SPACE = 40           # TCP option bytes
+JOIN_PATIENCE_S = 1.0       # a re-establishing SYN unanswered this long is replaced by a fresh one
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,9 @@ def check_policy(timer_s: int | None, bounds_s: tuple[int, int]) -> None:
 
 
 def probe_s(timer_s: int) -> float:
-    """Silence on a subflow before a keep-alive, and between keep-alives: timer/8 within 0.5..75 s."""
-    return min(max(timer_s / 8, 0.5), 75.0)
+    """Silence on a subflow before a keep-alive, and between keep-alives: timer/16 within
+    0.25..60 s (a dead subflow is found after 4 of these: a quarter of the timer)."""
+    return min(max(timer_s / 16, 0.25), 60.0)
 
 
 def retry_s(timer_s: int) -> float:

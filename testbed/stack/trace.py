@@ -172,6 +172,9 @@ def expected_mptcp_fields(seg) -> dict[str, list[int | str]]:
         elif isinstance(opt, o.MpFail):
             put("subtype", o.MP_FAIL)
             put("rawdataseqno", opt.dsn)
+        elif hasattr(opt, "to_bytes"):
+            # a private-use option (subtype 0xf: ITO, SRL): tshark 4.0 dissects its subtype only
+            put("subtype", o.MP_EXPERIMENTAL)
         # MP_CAPABLE's C flag: tshark 4.0 does not dissect it (and warns
         # "Unsupported algorithm" when it is set); the kernel peer reads it.
     return out
