@@ -71,6 +71,7 @@ class Conn:
         self.last_rx_ns: int | None = None
         self.samples: list[tuple[int, int, int]] = []  # (t_ns, rx, tx) cumulative
         self.sf_samples: list[tuple[int, str, int, int]] = []  # t, label, acked, received
+        self.srtt_samples: list[tuple[int, str, float]] = []  # t, label, smoothed RTT in ms
         self.subflows: dict[str, dict[str, Any]] = {}
         self.token: int | None = None
         self._stop = threading.Event()
@@ -130,6 +131,8 @@ class Conn:
             rec["gone_ns"] = None
             rec.update(bytes_acked=info["bytes_acked"], bytes_received=info["bytes_received"])
             self.sf_samples.append((now, label, info["bytes_acked"], info["bytes_received"]))
+            if info.get("srtt_ms") is not None:  # the sender's view of each path's queue
+                self.srtt_samples.append((now, label, info["srtt_ms"]))
         for label, rec in self.subflows.items():
             if label not in seen and rec["gone_ns"] is None:
                 rec["gone_ns"] = now
@@ -146,6 +149,7 @@ class Conn:
                 "sha256_sent": self.tx_hash.hexdigest(), "sha256_received": self.rx_hash.hexdigest(),
                 "first_rx_ns": self.first_rx_ns, "last_rx_ns": self.last_rx_ns,
                 "token": self.token, "samples": self.samples, "subflow_samples": self.sf_samples,
+                "srtt_samples": self.srtt_samples,
                 "subflows": self.subflows}
 
 
@@ -158,6 +162,7 @@ def _subflows(sock: socket.socket | user_socket.UserSocket) -> dict[str, dict[st
     try:
         return {s.addrs.label: {"bytes_acked": s.tcp.bytes_acked or 0,
                                 "bytes_received": s.tcp.bytes_received or 0,
+                                "srtt_ms": s.tcp.rtt_us / 1000,
                                 "meta": {"id": s.id, "local": list(s.addrs.local),
                                          "remote": list(s.addrs.remote)}}
                 for s in so.subflows(sock)}
@@ -221,6 +226,7 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
     sock.settimeout(a.timeout)
     conn = Conn(sock, a.poll_ms / 1000, payload)
     conn.token = _token(sock)
+    limit = _schedule_limit(a, sock, out)
     header = {"mode": a.mode, "direction": a.direction, "bytes": a.bytes, "seconds": a.seconds,
               "request_bytes": a.request_bytes, "response_bytes": a.response_bytes,
               "count": a.count, "seed": a.seed + 1}
@@ -248,12 +254,39 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
         out["requests"] = requests
     except OSError as exc:
         out.update(_error(exc))
+    if limit is not None:
+        limit.cancel()
     conn.finish()
     out.update(conn.report())
     out["first_byte_ns"] = conn.first_rx_ns
     out["end_ns"] = time.monotonic_ns()
     sock.close()
     return out
+
+
+def _schedule_limit(a: argparse.Namespace, sock: Any, out: dict[str, Any]) -> threading.Timer | None:
+    """Apply the receiver's limit (--limit) at --limit-at-ns: a receive buffer on the
+    socket (SO_RCVBUF: the connection-level window of a kernel MPTCP socket), or a
+    subflow rate limit request (SRL) of the user-space stack for the subflow from
+    --limit-addr. out gets limit_applied_ns, or limit_error naming what failed."""
+    if not a.limit:
+        return None
+
+    def apply() -> None:
+        try:
+            if a.limit == "rcvbuf":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, a.limit_rcvbuf)
+                out["limit_rcvbuf_read"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            else:
+                out["limit_protocol"] = sock.request_rate_limit(a.limit_addr, a.limit_rate_kbit)
+            out["limit_applied_ns"] = time.monotonic_ns()
+        except (OSError, AttributeError, ValueError) as exc:
+            out["limit_error"] = f"{type(exc).__name__}: {exc}"
+
+    timer = threading.Timer(max(0.0, (a.limit_at_ns - time.monotonic_ns()) / 1e9), apply)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _outcome(sock: socket.socket | user_socket.UserSocket) -> str:
@@ -367,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backup", help="user stack client: local addresses joined as backup")
     p.add_argument("--checksum", action="store_true", help="user stack: ask for DSS checksums")
     p.add_argument("--scheduler", default="lowrtt", help="user stack: packet scheduler (testbed.stack.scheduler)")
+    p.add_argument("--limit", choices=["rcvbuf", "srl"],
+                   help="client: at --limit-at-ns set SO_RCVBUF, or ask for a subflow rate limit (user stack)")
+    p.add_argument("--limit-at-ns", type=int, default=0, help="client: time.monotonic_ns() of the limit")
+    p.add_argument("--limit-rcvbuf", type=int, help="client: SO_RCVBUF bytes (--limit rcvbuf)")
+    p.add_argument("--limit-addr", help="client: local address of the subflow to rate-limit (--limit srl)")
+    p.add_argument("--limit-rate-kbit", type=float, help="client: requested rate, kbit/s (--limit srl)")
     a = p.parse_args(argv)
     if a.stack == "user" and not a.netns:
         p.error("--stack user needs --netns (the stack never attaches to a namespace by default)")
@@ -375,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error("client needs --server")
         if a.mode == "bulk" and (a.bytes is None) == (a.seconds is None):
             p.error("bulk mode needs exactly one of --bytes and --seconds")
+        if a.limit == "rcvbuf" and (a.limit_rcvbuf is None or a.stack == "user"):
+            p.error("--limit rcvbuf needs --limit-rcvbuf and kernel sockets")
+        if a.limit == "srl" and (a.limit_addr is None or a.limit_rate_kbit is None or a.stack != "user"):
+            p.error("--limit srl needs --limit-addr, --limit-rate-kbit and --stack user")
     result = run_client(a) if a.role == "client" else run_server(a)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:

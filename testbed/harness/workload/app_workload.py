@@ -10,7 +10,10 @@ Each side runs kernel MPTCP sockets or the user-space stack (`client_stack`,
 `server_stack`: "kernel" | "user"); with the user stack the same metrics come
 from its connection info instead of MPTCP_INFO / TCP_INFO.
 Tables: events (source "app") and timeseries (series delivered_bytes at the
-receiver, key "total" and one key per subflow: its path name when known).
+receiver, key "total" and one key per subflow: its path name when known; series
+srtt_ms at the sender, one key per subflow: its smoothed RTT). `limit`: the
+client applies a receiver's limit mid-transfer (SO_RCVBUF, or an SRL request on
+the user-space stack); metrics limit_applied_s (late by) and limit_error.
 """
 from __future__ import annotations
 
@@ -74,6 +77,25 @@ class StackChoice(Strict):
         return self
 
 
+class ReceiverLimit(Strict):
+    """A limit the client (as receiver) applies to its own connection at one instant:
+    SO_RCVBUF on its kernel MPTCP socket (kind 'rcvbuf'), or the user-space stack's
+    subflow rate limit request (SRL) for the subflow on one path (kind 'srl')."""
+    kind: Literal["rcvbuf", "srl"]
+    at_ns: int = Field(ge=0, description="time.monotonic_ns() at which the client applies it")
+    rcvbuf_bytes: int | None = Field(None, ge=1024, le=64 << 20)
+    path: str | None = Field(None, description="srl: the path whose subflow is limited")
+    rate_kbit: float | None = Field(None, ge=0, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ReceiverLimit":
+        if self.kind == "rcvbuf" and self.rcvbuf_bytes is None:
+            raise ValueError("limit kind 'rcvbuf' needs rcvbuf_bytes")
+        if self.kind == "srl" and (self.path is None or self.rate_kbit is None):
+            raise ValueError("limit kind 'srl' needs path and rate_kbit")
+        return self
+
+
 class AppParams(StackChoice, WorkloadParams):
     """Parameters of the app workload."""
     mode: Literal["bulk", "rr"] = "bulk"
@@ -92,6 +114,7 @@ class AppParams(StackChoice, WorkloadParams):
     bind_path: str | None = Field(None, description="client source address = this path's")
     bind_dev: bool = Field(False, description="also SO_BINDTODEVICE to bind_path's interface")
     connect_timeout_s: float = Field(30, gt=0)
+    limit: ReceiverLimit | None = Field(None, description="client: a receiver's limit applied mid-transfer")
 
     @model_validator(mode="after")
     def _sizes(self) -> "AppParams":
@@ -105,6 +128,9 @@ class AppParams(StackChoice, WorkloadParams):
             raise ValueError("bind_dev is for kernel sockets: the user stack sends each subflow "
                              "on its path's interface anyway (bind_path picks the initial one)")
         check_stacks(self.client_stack, self.server_stack, self.protocol, self.server_protocol, self.cc)
+        if self.limit is not None and (self.limit.kind == "srl") != (self.client_stack == "user"):
+            raise ValueError(f"limit kind {self.limit.kind!r} needs client_stack "
+                             f"{'user' if self.limit.kind == 'srl' else 'kernel'}")
         return self
 
 
@@ -160,6 +186,11 @@ class AppWorkload(Workload):
                 "--connect-timeout", str(p.connect_timeout_s), *self._stack_args(tb, "client")]
         args += ["--bytes", str(p.bytes)] if p.bytes is not None else []
         args += ["--seconds", str(p.seconds)] if p.seconds is not None else []
+        if p.limit is not None:
+            lim = p.limit
+            args += ["--limit", lim.kind, "--limit-at-ns", str(lim.at_ns)]
+            args += (["--limit-rcvbuf", str(lim.rcvbuf_bytes)] if lim.kind == "rcvbuf" else
+                     ["--limit-addr", tb.path(lim.path).addr.client, "--limit-rate-kbit", str(lim.rate_kbit)])
         if p.bind_path is not None:
             path = tb.path(p.bind_path)
             args += ["--bind-addr", path.addr.client]
@@ -208,6 +239,12 @@ class AppWorkload(Workload):
             return [("client", c), ("server", s)]
         return [("server", s)] if p.direction == "up" else [("client", c)]
 
+    def _senders(self, c: dict, s: dict) -> list[tuple[str, dict]]:
+        p: AppParams = self.params  # type: ignore[assignment]
+        if p.mode == "rr":
+            return [("client", c), ("server", s)]
+        return [("client", c)] if p.direction == "up" else [("server", s)]
+
     def _metrics(self, c: dict, s: dict) -> dict[str, Any]:
         p: AppParams = self.params  # type: ignore[assignment]
         start = c.get("connect_start_ns")
@@ -246,6 +283,11 @@ class AppWorkload(Workload):
             if stream:
                 errs.append(abs(per_sf - stream) / stream)
         m["subflow_bytes_error"] = max(errs) if errs else None
+        if p.limit is not None:
+            m["limit_error"] = c.get("limit_error")
+            m["limit_applied_s"] = (c["limit_applied_ns"] - p.limit.at_ns) / 1e9 \
+                if c.get("limit_applied_ns") else None
+            m["limit_rcvbuf_read"] = c.get("limit_rcvbuf_read")
         reqs = c.get("requests") or []
         if reqs:
             m["rr_ttfb_median_s"] = statistics.median((fb - st) / 1e9 for st, fb, _ in reqs)
@@ -296,6 +338,12 @@ class AppWorkload(Workload):
                 rows.append({"t": rel_s(t, t0_ns), "host": host, "series": "delivered_bytes",
                              "key": key, "value": received - last.get(label, 0)})
                 last[label] = received
+        for host, r in self._senders(c, s):
+            for t, label, srtt_ms in r.get("srtt_samples", []):
+                sf = r["subflows"].get(label, {})
+                addr = (sf.get("local") if host == "client" else sf.get("remote")) or [""]
+                rows.append({"t": rel_s(t, t0_ns), "host": host, "series": "srtt_ms",
+                             "key": path_of(tb, addr[0]) or label, "value": srtt_ms})
         return frame("timeseries", rows)
 
 

@@ -146,6 +146,14 @@ class UserSocket:
         """The congestion control of the connection's subflows."""
         return self.conn.cc if self.conn is not None else self.stack.cc
 
+    def request_rate_limit(self, local_addr: str, kbps: float) -> int:
+        """Ask the peer to send at most kbps kbit/s on our subflows from local_addr (the
+        subflow rate limit option); how many subflows it concerns."""
+        try:
+            return self.conn.request_rate_limit(local_addr, kbps)
+        except StackError as exc:
+            raise OSError(errno_mod.ENOTCONN, str(exc)) from None
+
     def subflow_counters(self) -> dict[str, dict[str, Any]]:
         """label -> bytes_acked, bytes_received and addresses of every subflow past its
         handshake (what MPTCP_FULL_INFO lists for a kernel socket)."""
@@ -155,6 +163,7 @@ class UserSocket:
                 continue
             label = f"{s.local[0]}:{s.local[1]}-{s.remote[0]}:{s.remote[1]}"
             out[label] = {"bytes_acked": s.bytes_acked, "bytes_received": s.bytes_received,
+                          "srtt_ms": s.srtt_ms,
                           "meta": {"id": i, "local": list(s.local), "remote": list(s.remote)}}
         return out
 

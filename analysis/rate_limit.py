@@ -1,0 +1,155 @@
+"""Rate limit: what the rate-limit experiment's runs say about the room's question
+at IETF 105, "if the server clamps the window, can that achieve more or less the
+same as the subflow rate-limit option?" (docs/rate-limit.md).
+
+Input: complete runs of `rate-limit` (metrics per run: the limited path's rate
+after the request, accuracy = median |rate-R|/R, convergence, total goodput and
+each path's rate before and after, queueing delay per path). summary() gives one
+row per mode and R (medians over the repetitions); expectation_rows() gives the
+expectation table's rows, each with its measured value and whether it holds
+(None: not measured, saying which runs are missing).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis import Results
+
+EXPERIMENT = "rate-limit"
+MODES = ("srl", "window", "shaping", "none")
+MODE_LABELS = {"srl": "SRL option (sender paces)", "window": "receive-window clamp",
+               "shaping": "client shapes its LTE interface", "none": "no limit"}
+SRL = "draft-hoang-mptcp-sub-rate-limit-00"
+IETF105 = SRL + ", the question at IETF 105"
+TARGET = "this testbed's target"
+ACCURATE = 0.15        # a limit holds the path within 15 % of R (median over the bins after settling)
+UNTOUCHED = 0.85       # the other path keeps >= 85 % of its rate before the request
+CUT = 0.5              # "cuts" a path: below half of its rate before the request
+
+COLUMNS = {"metric.limited_after_mbit": "limited path after, Mbit/s", "metric.accuracy": "accuracy |rate-R|/R",
+           "metric.convergence_s": "convergence s", "metric.total_after_mbit": "total after, Mbit/s",
+           "metric.total_ratio": "total after / before"}
+
+
+def _num(df: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(float("nan"), index=df.index)
+
+
+def summary(res: Results) -> pd.DataFrame:
+    """One row per mode and R: medians over the complete runs of the limited path's
+    rate after the request, accuracy, convergence, each path's rate before and after,
+    total goodput after and its ratio to before, queueing delay per path; runs = how many."""
+    runs = res.of(EXPERIMENT)
+    if runs.empty or "metric.mode" not in runs:
+        return pd.DataFrame()
+    path = runs["param.path"].astype(str) if "param.path" in runs else pd.Series("lte", index=runs.index)
+    df = pd.DataFrame({"mode": runs["metric.mode"].astype(str), "R": _num(runs, "metric.rate_mbit"),
+                       "limited": path})
+    other = [c.split(".", 2)[2] for c in runs.columns if c.startswith("metric.before_mbit.")
+             and c.split(".", 2)[2] not in ("total", *set(path))]
+    for col in (*COLUMNS, "metric.before_mbit.total"):
+        df[col] = _num(runs, col)
+    # the limited path's and the other path's rates before/after (first other path: two-path runs)
+    df["limited_before"] = [_num(runs, f"metric.before_mbit.{p}").loc[i] for i, p in zip(runs.index, path)]
+    o = other[0] if other else None
+    df["other"] = o
+    df["other_before"] = _num(runs, f"metric.before_mbit.{o}") if o else float("nan")
+    df["other_after"] = _num(runs, f"metric.after_mbit.{o}") if o else float("nan")
+    for key in sorted({*path, *other}):
+        df[f"queueing {key} ms"] = _num(runs, f"metric.queueing_after_ms.{key}")
+    g = df.groupby(["mode", "R"], dropna=False)
+    out = g.median(numeric_only=True)
+    out["runs"] = g.size()
+    out["other"] = g["other"].first()
+    return out.reset_index()
+
+
+def table(summ: pd.DataFrame) -> pd.DataFrame:
+    """The report's table: per mode and R, the limited path and the total after the request."""
+    if summ.empty:
+        return summ
+    cols = ["mode", "R", "runs", *COLUMNS, "other_after",
+            *[c for c in summ.columns if c.startswith("queueing ")]]
+    out = summ[[c for c in cols if c in summ]].copy()
+    out["mode"] = pd.Categorical(out["mode"], [m for m in MODES if m in set(out["mode"])] +
+                                 sorted(set(out["mode"]) - set(MODES)))
+    out = out.sort_values(["mode", "R"]).rename(columns={**COLUMNS, "R": "R Mbit/s",
+                                                          "other_after": "other path after, Mbit/s"})
+    return out.round(3)
+
+
+def _cells(summ: pd.DataFrame, mode: str) -> pd.DataFrame:
+    return summ[summ["mode"] == mode].sort_values("R") if not summ.empty else summ
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | None]]:
+    """(source, subject, condition, expected, criterion, measured, holds) per row; holds None = not measured."""
+    summ = summary(res)
+    rows: list[tuple[str, str, str, str, str, str, bool | None]] = []
+    missing = "not measured (no complete rate-limit runs of mode {m})"
+    cond = "two-path download, the client asks for LTE <= R mid-transfer"
+
+    def accuracy_row(mode: str, source: str, subject: str, expected: str) -> None:
+        c = _cells(summ, mode)
+        if c.empty or c["metric.accuracy"].isna().all():
+            rows.append((source, subject, cond, expected, f"median |rate-R|/R <= {ACCURATE:g} at every R",
+                         missing.format(m=mode), None))
+            return
+        worst = float(c["metric.accuracy"].max())
+        rows.append((source, subject, cond, expected, f"median |rate-R|/R <= {ACCURATE:g} at every R",
+                     "; ".join(f"R = {r:g}: LTE {l:.2f} Mbit/s ({_pct(a)} off)" for r, l, a in
+                               zip(c["R"], c["metric.limited_after_mbit"], c["metric.accuracy"])),
+                     bool(worst <= ACCURATE)))
+
+    def other_row(mode: str, source: str, subject: str, expected: str, untouched: bool) -> None:
+        c = _cells(summ, mode)
+        crit = (f"the other path after >= {UNTOUCHED:g} x before, at every R" if untouched
+                else f"the other path after < {CUT:g} x before, at every R")
+        if c.empty or c["other_before"].isna().all():
+            rows.append((source, subject, cond, expected, crit, missing.format(m=mode), None))
+            return
+        ratio = c["other_after"] / c["other_before"]
+        ok = bool((ratio >= UNTOUCHED).all()) if untouched else bool((ratio < CUT).all())
+        rows.append((source, subject, cond, expected, crit,
+                     "; ".join(f"R = {r:g}: {o} {b:.1f} -> {a:.1f} Mbit/s, total {t:.1f} Mbit/s"
+                               for r, o, b, a, t in zip(c["R"], c["other"], c["other_before"],
+                                                         c["other_after"], c["metric.total_after_mbit"])),
+                     ok))
+
+    accuracy_row("srl", SRL, "SRL (user-space stack)", "the sender holds the subflow at the requested rate")
+    other_row("srl", SRL, "SRL (user-space stack)", "the other path keeps its rate", True)
+    other_row("window", IETF105, "receive-window clamp (kernel MPTCP)",
+              "the connection-level window cannot single out LTE: it cuts both paths", False)
+    accuracy_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP)",
+                 "egress + ingress shaping holds LTE at R")
+    other_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP)",
+              "the other path keeps its rate", True)
+    rows.append(answer_row(summ))
+    return rows
+
+
+def answer_row(summ: pd.DataFrame) -> tuple[str, str, str, str, str, str, bool | None]:
+    """The room's question answered in one sentence with numbers, at the R both modes share."""
+    expected = "no: clamping the window is not the same as the option"
+    crit = "window clamp's total goodput < 0.5 x SRL's at the same R"
+    s, w = _cells(summ, "srl"), _cells(summ, "window")
+    shared = sorted(set(s["R"]) & set(w["R"])) if not (s.empty or w.empty) else []
+    if not shared:
+        return (IETF105, "SRL vs receive-window clamp", "same R, same topology", expected, crit,
+                "not measured (needs complete srl and window runs at a common R)", None)
+    r = shared[len(shared) // 2]
+    a, b = s[s["R"] == r].iloc[0], w[w["R"] == r].iloc[0]
+    text = (f"At R = {r:g} Mbit/s, SRL holds LTE within {_pct(a['metric.accuracy'])} of R "
+            f"({a['metric.limited_after_mbit']:.2f} Mbit/s) while total goodput stays "
+            f"{a['metric.total_after_mbit']:.1f} Mbit/s ({a['other']} {a['other_after']:.1f}); "
+            f"the window clamp cuts both paths to {b['metric.total_after_mbit']:.1f} Mbit/s in total "
+            f"(LTE {b['metric.limited_after_mbit']:.2f}, {b['other']} {b['other_after']:.1f})")
+    return (IETF105, "SRL vs receive-window clamp", "same R, same topology", expected, crit, text,
+            bool(b["metric.total_after_mbit"] < 0.5 * a["metric.total_after_mbit"]))
+
+
+__all__ = ["EXPERIMENT", "MODES", "MODE_LABELS", "summary", "table", "expectation_rows", "answer_row"]

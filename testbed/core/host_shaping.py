@@ -1,0 +1,119 @@
+"""A host's own traffic control on one of its interfaces: shaping both directions.
+
+Not link emulation (that is testbed.core.emulation's job, on the emulator's
+ports): this is what an end host can do to its own traffic with the tools Linux
+offers, inside its own namespace. Egress: HTB at the rate with a pfifo queue, as
+the root qdisc of the interface. Ingress: Linux has no ingress queue, and this
+kernel has no `police` action (docs/rate-limit.md), so arriving frames are
+redirected (ingress qdisc, u32 match-all, mirred) to an IFB device of the same
+namespace whose egress runs the same HTB + pfifo; they re-enter the host's stack
+from there, shaped. remove() takes all of it away again (the IFB device too),
+and is safe to call twice or after a partial install.
+
+Note: an AF_PACKET socket (the user-space MPTCP stack) sees arriving frames
+before the ingress hook, so ingress shaping only acts on what the kernel's own
+TCP/MPTCP receives.
+"""
+from __future__ import annotations
+
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from testbed.base.errors import TestbedError
+from testbed.base.netns import run_in_netns
+
+INGRESS_HANDLE = 0xFFFF0000
+ETH_P_ALL = 0x0003
+
+
+def htb_class(rate_kbit: float, mtu: int = 1500) -> dict:
+    """HTB class attributes for a rate: ~1 ms of burst, at least two frames."""
+    burst = max(2 * (mtu + 14), int(rate_kbit * 1000 / 8 / 1000))
+    rate = f"{rate_kbit:.0f}kbit"
+    return {"rate": rate, "ceil": rate, "burst": burst, "cburst": burst, "quantum": mtu + 14}
+
+
+class HostShaper:
+    """Shapes one interface of a host (its namespace: a process id) in both directions."""
+
+    def __init__(self, pid: int, ifname: str, ifb_name: str | None = None):
+        self.pid, self.ifname = pid, ifname
+        self.ifb = ifb_name or f"ifb-{ifname}"[:15]
+        self.installed = False
+
+    def install(self, rate_kbit: float, queue_pkts: int) -> None:
+        """Shape egress and ingress of the interface to rate_kbit, each with a
+        pfifo of queue_pkts; TestbedError (after removing what was made) if the
+        kernel refuses a step."""
+        if rate_kbit <= 0 or queue_pkts < 1:
+            raise TestbedError(f"host shaping: rate {rate_kbit} kbit/s and queue {queue_pkts} "
+                               f"packets must be positive")
+        htb = htb_class(rate_kbit)
+
+        def apply() -> None:
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=self.ifname)[0]
+                ipr.link("add", ifname=self.ifb, kind="ifb")
+                ifb = ipr.link_lookup(ifname=self.ifb)[0]
+                ipr.link("set", index=ifb, state="up")
+                for dev in (idx, ifb):
+                    ipr.tc("add", "htb", index=dev, handle="1:", default=0x10)
+                    ipr.tc("add-class", "htb", index=dev, handle="1:10", parent="1:", **htb)
+                    ipr.tc("add", "pfifo", index=dev, handle="10:", parent="1:10", limit=queue_pkts)
+                ipr.tc("add", "ingress", index=idx, handle=INGRESS_HANDLE)
+                ipr.tc("add-filter", "u32", index=idx, parent=INGRESS_HANDLE, target=INGRESS_HANDLE | 1,
+                       protocol=ETH_P_ALL, prio=1, keys=["0x0/0x0+0"],
+                       action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                               "ifindex": ifb})
+
+        self.installed = True
+        try:
+            run_in_netns(self.pid, apply)
+        except (NetlinkError, OSError, IndexError) as exc:
+            self.remove()
+            raise TestbedError(f"host shaping on {self.ifname}: the kernel refused it ({exc})") from None
+
+    def remove(self) -> None:
+        """Take the shaping away: the interface's root and ingress qdiscs, the IFB device."""
+        if not self.installed:
+            return
+
+        def apply() -> None:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=self.ifname)
+                if found:
+                    for kind, handle in (("htb", None), ("ingress", INGRESS_HANDLE)):
+                        try:
+                            if handle is None:
+                                ipr.tc("del", kind, index=found[0], handle="1:")
+                            else:
+                                ipr.tc("del", kind, index=found[0], handle=handle)
+                        except NetlinkError:
+                            pass  # not installed (a partial install)
+                for ifb in ipr.link_lookup(ifname=self.ifb):
+                    ipr.link("del", index=ifb)
+
+        run_in_netns(self.pid, apply)
+        self.installed = False
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Bytes, packets and drops of the egress and the ingress (IFB) pfifo."""
+        def read() -> dict[str, dict[str, int]]:
+            out = {}
+            with IPRoute() as ipr:
+                for side, dev in (("egress", self.ifname), ("ingress", self.ifb)):
+                    found = ipr.link_lookup(ifname=dev)
+                    if not found:
+                        continue
+                    for q in ipr.get_qdiscs(index=found[0]):
+                        if q.get_attr("TCA_KIND") == "pfifo":
+                            st = q.get_attr("TCA_STATS2").get_attr("TCA_STATS_BASIC")
+                            qs = q.get_attr("TCA_STATS2").get_attr("TCA_STATS_QUEUE")
+                            out[side] = {"bytes": st["bytes"], "packets": st["packets"],
+                                         "drops": qs["drops"]}
+            return out
+        return run_in_netns(self.pid, read)
+
+
+__all__ = ["HostShaper", "htb_class"]
