@@ -241,3 +241,22 @@ def test_reader_upgrades_a_version_4_calibration_and_events(tmp_path):
     assert man["emulation"]["calibration"]["paths"]["wifi"] == {
         "links": None, "composed": None, "rtt_configured_ms": 200.0, "rtt_ok": True}
     assert man["applied_events"] == [{"flow": None, "action": "link_down", "path": "wifi", "ok": True}]
+
+
+def test_reader_upgrades_a_version_5_packets_table_with_the_draft_options_not_recorded(tmp_path):
+    """Version 5's packets table had no decoded experimental options: they read as NA
+    (not recorded), where a version-6 table says False for a flag not carried."""
+    from analysis import load
+
+    store = _store_in_old_format(tmp_path, 5)
+    old_columns = {c: d for c, d in schema.TABLES["packets"].items()
+                   if c not in ("ito_timer_s", "srl_kbps", "esim_en", "join_cap")}
+    pd.DataFrame({"t": [0.1], "path": ["wifi"], "subtype": [2]}).pipe(schema.conform, old_columns) \
+        .to_parquet(store / "throughput" / "aaaa-r000" / "packets.parquet")
+    res = load(store)
+    assert res.manifests[("throughput", "aaaa-r000")]["schema_version"] == schema.SCHEMA_VERSION == 6
+    row = res.packets.iloc[0]
+    assert row["subtype"] == 2
+    for col in ("ito_timer_s", "srl_kbps", "esim_en", "join_cap"):
+        assert pd.isna(row[col]), col
+    assert str(res.packets["esim_en"].dtype) == "boolean"

@@ -18,7 +18,7 @@ import pandas as pd
 
 from testbed.base.errors import TestbedError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Where a run's wall time goes, in the order the runner goes through them
 # (manifest `phases`: seconds per phase). Documented in docs/results.md.
@@ -38,7 +38,11 @@ TABLES: dict[str, dict[str, str]] = {
     "packets": {"t": "float64", "path": "string", "src": "string", "dst": "string",
                 "sport": "Int64", "dport": "Int64", "flags": "string", "subtype": "Int64",
                 "token": "Int64", "dsn": "Int64", "data_ack": "Int64", "addr_id": "Int64",
-                "mp_flags": "string"},
+                "mp_flags": "string",
+                # the experimental options, decoded by the stack's codec (version 6 on):
+                # ITO's timer, SRL's rate (kbit/s), ROBE_eSIM_EN set, MP_JOIN_CAP carried
+                "ito_timer_s": "Int64", "srl_kbps": "float64", "esim_en": "boolean",
+                "join_cap": "boolean"},
     # What a passive per-path observer learns per subflow (privacy experiment;
     # 64-bit keys and data-sequence bounds in two's complement); `connection` is
     # the ground truth from the client's sockets, never used by an attack.
@@ -73,7 +77,7 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
     out = df.copy()
     for col, dtype in schema.items():
         if col not in out.columns:
-            out[col] = pd.Series(pd.NA, index=out.index, dtype=dtype)
+            out[col] = pd.Series(None, index=out.index, dtype=dtype)   # NA (NaN for float64)
         elif dtype == "Int64" and out[col].dtype == object:
             # Python ints, maybe with None: exactly (a float detour rounds above 2**53)
             out[col] = pd.array([None if v is None or v is pd.NA or v != v else int(v)
@@ -165,9 +169,17 @@ def _v4_to_v5(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _v5_to_v6(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Version 6's packets table decodes the experimental options (ito_timer_s,
+    srl_kbps, esim_en, join_cap); a version-5 table has no such columns, and the
+    reader fills them with NA ("not recorded", not "absent": a version-6 table says
+    False for a flag that was not carried). The manifest itself is unchanged."""
+    return {**manifest, "schema_version": 6}
+
+
 # version -> the step that turns a manifest of that version into the next one
 UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+    1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def upgrade(manifest: dict[str, Any], where: str) -> dict[str, Any]:

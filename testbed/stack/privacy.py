@@ -51,7 +51,9 @@ def request_option(flags: int = FLAG_DSN_OFFSET) -> UnknownMptcp:
 def requested(options: list) -> int:
     """The flags of the private-use option among a segment's options (0: absent)."""
     for o in options:
-        if isinstance(o, UnknownMptcp) and o.subtype == PRIVATE_SUBTYPE and len(o.raw) >= 4:
+        # nibble 0, 4 bytes: the flags option, not another private-use option (MP_JOIN_CAP's
+        # address ID sits in the same byte)
+        if isinstance(o, UnknownMptcp) and o.subtype == PRIVATE_SUBTYPE and len(o.raw) == 4 and not o.raw[2] & 0xF:
             return o.raw[3]
     return 0
 

@@ -3,7 +3,10 @@ then tshark extracts the MPTCP options into the `packets` table.
 
 tshark 4.0 names the option fields tcp.options.mptcp.* (checked with
 `tshark -G fields`): subtype, recvtok, rawdataseqno, rawdataack, addrid, flags.
-A packet with several MPTCP options gives the first of each field. DSN and
+A packet with several MPTCP options gives the first of each field. The
+experimental (draft) options, which tshark does not know (ITO's timer, SRL's
+rate, ROBE_eSIM_EN, MP_JOIN_CAP), are decoded from tshark's raw option bytes
+(tcp.options) by the user-space stack's codec (testbed.stack.draft_options). DSN and
 data-ack are u64 on the wire but the table's dtype is Int64: values >= 2**63
 are stored in two's complement (lossless; add 2**64 to negatives). Capture
 timestamps are wall-clock; they are moved onto the run's monotonic clock with a
@@ -37,6 +40,7 @@ from pydantic import Field
 from testbed.base.errors import TestbedError
 from testbed.harness.probes.base import Probe, ProbeParams, concat, frame, register
 from testbed.harness.probes.ifstats import read_counters
+from testbed.stack.draft_options import draft_options, tshark_options
 
 READY_TIMEOUT_S = 5.0
 PCAP_HEADER_BYTES = 24
@@ -48,7 +52,8 @@ FIELDS = {"time": "frame.time_epoch", "src": "ip.src", "dst": "ip.dst",
           "sport": "tcp.srcport", "dport": "tcp.dstport", "flags": "tcp.flags",
           "subtype": "tcp.options.mptcp.subtype", "token": "tcp.options.mptcp.recvtok",
           "dsn": "tcp.options.mptcp.rawdataseqno", "data_ack": "tcp.options.mptcp.rawdataack",
-          "addr_id": "tcp.options.mptcp.addrid", "mp_flags": "tcp.options.mptcp.flags"}
+          "addr_id": "tcp.options.mptcp.addrid", "mp_flags": "tcp.options.mptcp.flags",
+          "options": "tcp.options"}
 
 
 class PcapParams(ProbeParams):
@@ -245,12 +250,15 @@ class PcapProbe(Probe):
         for rec in csv.reader(io.StringIO(out.stdout), delimiter="\t"):
             v = dict(zip(FIELDS, rec))
             t_ns = int(float(v["time"]) * 1e9) - real0 + mono0
+            draft = draft_options(tshark_options(v.get("options", "")))
             rows.append({"t": (t_ns - self._t0_ns) / 1e9, "path": path, "src": v["src"],
                          "dst": v["dst"], "sport": _int(v["sport"]), "dport": _int(v["dport"]),
                          "flags": v["flags"], "subtype": _int(v["subtype"]),
                          "token": _int(v["token"]), "dsn": _int(v["dsn"]),
                          "data_ack": _int(v["data_ack"]), "addr_id": _int(v["addr_id"]),
-                         "mp_flags": v["mp_flags"] or None})
+                         "mp_flags": v["mp_flags"] or None, "ito_timer_s": draft.ito_timer_s,
+                         "srl_kbps": draft.srl_kbps, "esim_en": draft.esim_en,
+                         "join_cap": draft.join_cap is not None})
         return frame("packets", rows)
 
     def tables(self) -> dict[str, pd.DataFrame]:
