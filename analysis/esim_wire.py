@@ -9,7 +9,7 @@ import subprocess
 import pandas as pd
 
 from testbed.stack import esim, privacy
-from testbed.stack.options import MpCapable
+from testbed.stack.options import MpCapable, MpTcpRst
 from testbed.stack.packet import decode_tcp_options
 
 FIELDS = ["frame.time_epoch", "ip.src", "tcp.srcport", "ip.dst", "tcp.dstport", "tcp.flags.syn",
@@ -18,7 +18,8 @@ FIELDS = ["frame.time_epoch", "ip.src", "tcp.srcport", "ip.dst", "tcp.dstport", 
 
 def esim_segments(pcap: str) -> pd.DataFrame:
     """One row per TCP segment of the capture: addresses, flags, MP_CAPABLE keys, whether it
-    carries ROBE_eSIM_EN, and MP_JOIN_CAP's address ID, Key-A and tag when present."""
+    carries ROBE_eSIM_EN, MP_JOIN_CAP's address ID, Key-A and tag when present, and the
+    reason of an MP_TCPRST."""
     cmd = ["tshark", "-r", pcap, "-T", "fields", "-E", "separator=|"]
     for f in FIELDS:
         cmd += ["-e", f]
@@ -29,6 +30,7 @@ def esim_segments(pcap: str) -> pd.DataFrame:
         opts = decode_tcp_options(bytes.fromhex(raw.replace(":", ""))) if raw else []
         cap = next((o for o in opts if isinstance(o, MpCapable)), None)
         jc = esim.join_cap_in(opts)
+        reset = next((o for o in opts if isinstance(o, MpTcpRst)), None)
         rows.append({"t": float(t), "src": src, "sport": int(sport), "dst": dst, "dport": int(dport),
                      "syn": syn == "1", "ack": ack == "1", "rst": rst == "1", "fin": fin == "1",
                      "mpc_sender_key": None if cap is None else cap.sender_key,
@@ -36,5 +38,11 @@ def esim_segments(pcap: str) -> pd.DataFrame:
                      "esim_en": esim.esim_enabled(privacy.requested(opts)),
                      "join_cap_addr_id": None if jc is None else jc.addr_id,
                      "join_cap_key_a": None if jc is None else jc.key_a,
-                     "join_cap_tag": None if jc is None else jc.tag})
-    return pd.DataFrame(rows)
+                     "join_cap_tag": None if jc is None else jc.tag,
+                     "mptcp_rst_reason": None if reset is None else reset.reason})
+    df = pd.DataFrame(rows)
+    # 64-bit keys and tags exactly (a float column would round them: None makes pandas choose float64)
+    for col in ("mpc_sender_key", "mpc_receiver_key", "join_cap_key_a", "join_cap_tag"):
+        if col in df:
+            df[col] = pd.array([None if r[col] is None else r[col] for r in rows], dtype="UInt64")
+    return df

@@ -1,4 +1,4 @@
-"""Statistics across repetitions: bootstrap confidence intervals and ECDFs.
+"""Statistics across repetitions: bootstrap confidence intervals and ECDFs; binomial intervals.
 
 Repetitions per cell are few (5 in a quick run, 20+ in a full one) and setup
 times are far from normal (SYN retransmissions make them multi-modal), so
@@ -7,6 +7,7 @@ Resampling is seeded: the same data always gives the same report.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -128,3 +129,29 @@ def share(df: pd.DataFrame, by: Sequence[str], col: str) -> pd.DataFrame:
               .groupby([*by, col], observed=True).size().rename("n").reset_index())
     totals = counts.groupby(list(by), observed=True)["n"].transform("sum")
     return counts.assign(share=counts["n"] / totals)
+
+
+def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
+    """Central interval [lo, hi] of Binomial(n, p) holding `level` of the mass."""
+    if p <= 0:
+        return 0, 0
+    if p >= 1:
+        return n, n
+    logp, logq = math.log(p), math.log1p(-p)
+    lg = math.lgamma
+    pmf = [math.exp(lg(n + 1) - lg(k + 1) - lg(n - k + 1) + k * logp + (n - k) * logq)
+           for k in range(n + 1)]
+    tail = (1 - level) / 2
+    acc, lo = 0.0, 0
+    for k, v in enumerate(pmf):
+        acc += v
+        if acc > tail:
+            lo = k
+            break
+    acc, hi = 0.0, n
+    for k in range(n, -1, -1):
+        acc += pmf[k]
+        if acc > tail:
+            hi = k
+            break
+    return lo, hi

@@ -46,11 +46,15 @@ class ScriptError(RuntimeError):
 class ScriptedPeer:
     """Hand-built segments from `local` to `remote` in a namespace, and the segments that come back."""
 
-    def __init__(self, netns: str | int | None, local: str, remote: str):
+    def __init__(self, netns: str | int | None, local: str, remote: str,
+                 ports: tuple[int, int] = CLIENT_PORTS):
+        """ports: the source ports to use (both ends included); another range than the
+        stack's client ports lets the peer share an address with a running Stack, which
+        answers segments to its own range only."""
         self.local, self.remote = local, remote
         self.received: list[TcpSegment] = []   # every segment from remote to local, in order
         self.wire: list[tuple[float, bytes]] = []  # (wall time, IPv4 packet) both ways, for write_pcap
-        self._ports = itertools.cycle(range(CLIENT_PORTS[0], CLIENT_PORTS[1] + 1))
+        self._ports = itertools.cycle(range(ports[0], ports[1] + 1))
 
         def attach() -> tuple[NftGuard, PathPort]:
             iface = next((i for i in list_interfaces() if i.addr == local), None)
@@ -59,6 +63,8 @@ class ScriptedPeer:
             guard = NftGuard(f"mptb_script_{os.getpid()}_{next(_tables)}")
             try:
                 guard.add_addresses([local])
+                if tuple(ports) != CLIENT_PORTS:
+                    guard.add_ports(*ports)
                 return guard, PathPort(iface, [local])
             except BaseException:
                 guard.close()
@@ -199,9 +205,19 @@ class ScriptedSubflow:
     def handshake(self, options: list, timeout: float = 1.0) -> TcpSegment | None:
         """Send a SYN with these options (and an MSS); the SYN/ACK, or an RST, or None."""
         start = len(self.peer.received)
-        self.send(SYN, [Mss(1460), *options])
+        self.syn(options)
+        return self.synack(timeout, since=start)
+
+    def syn(self, options: list) -> TcpSegment:
+        """Send a SYN with these options (and an MSS), nothing awaited: many subflows'
+        SYNs can be in flight before their answers are read with synack()."""
+        return self.send(SYN, [Mss(1460), *options])
+
+    def synack(self, timeout: float = 1.0, since: int = 0) -> TcpSegment | None:
+        """The answer to this subflow's SYN (SYN/ACK or RST, from index `since` of the
+        peer's received segments) or None; a SYN/ACK sets the sequence numbers to go on."""
         seg = self.expect(lambda s: bool(s.flags & RST) or s.flags & (SYN | ACK) == SYN | ACK,
-                          timeout, since=start)
+                          timeout, since=since)
         if seg is not None and seg.flags & SYN:
             self.peer_isn = seg.seq
             self.rcv_nxt = (seg.seq + 1) & U32

@@ -36,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.stats import binomial_interval
 from testbed.core import emulation
 from testbed.core.events import EventSpec
 from testbed.core.emulation.calibrate import ping_rtts, tcp_goodput
@@ -67,32 +68,6 @@ TARGETS = {
 
 
 # ---- statistics -----------------------------------------------------------
-def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
-    """Central interval [lo, hi] of Binomial(n, p) holding `level` of the mass."""
-    if p <= 0:
-        return 0, 0
-    if p >= 1:
-        return n, n
-    logp, logq = math.log(p), math.log1p(-p)
-    lg = math.lgamma
-    pmf = [math.exp(lg(n + 1) - lg(k + 1) - lg(n - k + 1) + k * logp + (n - k) * logq)
-           for k in range(n + 1)]
-    tail = (1 - level) / 2
-    acc, lo = 0.0, 0
-    for k, v in enumerate(pmf):
-        acc += v
-        if acc > tail:
-            lo = k
-            break
-    acc, hi = 0.0, n
-    for k in range(n, -1, -1):
-        acc += pmf[k]
-        if acc > tail:
-            hi = k
-            break
-    return lo, hi
-
-
 def rtt_tolerance_ms(cfg_ms: float) -> float:
     """The benchmark's RTT tolerance for a configured RTT: 2 %, at least 0.3 ms."""
     return max(0.02 * cfg_ms, 0.3)

@@ -8,6 +8,7 @@
     ./tb bench.stack [--seconds 3]
     ./tb bench.parallel [--experiment establishment] [--ks 1,2,3,4] [--reps N]
     ./tb bench.calibration [--calibrations 6] [--checks 100] | --compare N
+    ./tb bench.esim-forgery [--attempts 5000] [--variants random-tag,right-hint,replay,unknown-key]
 """
 from __future__ import annotations
 
@@ -178,3 +179,31 @@ def calibration(c, calibrations=6, checks=100, compare=0):
 
 
 ns.add_task(calibration)
+
+
+@task(name="esim-forgery",
+      help={"attempts": "forged MP_JOIN_CAP attempts per variant (default 5000, at most 5000)",
+            "variants": "comma-separated: random-tag, right-hint, replay, unknown-key (default all)",
+            "out": "directory for esim-forgery.json (default results/bench)"})
+def esim_forgery(c, attempts=5000, variants="random-tag,right-hint,replay,unknown-key", out="results/bench"):
+    """Forged MP_JOIN_CAP from an observer of eSIM's losing path vs the user-stack server: accepted, hint, refusals."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.base.errors import TestbedError
+    from testbed.tools.bench.esim_forgery import format_report, run_forgery
+
+    def go() -> dict:
+        try:
+            n = int(attempts)
+        except ValueError:
+            raise TestbedError(f"--attempts: {attempts!r} is not a whole number") from None
+        return run_forgery(n, tuple(v.strip() for v in str(variants).split(",") if v.strip()), out)
+
+    text, ok = format_report(guard(go))
+    print(text)
+    if not ok:
+        raise Exit("bench.esim-forgery: a bound was missed or the measurement was invalid", code=1)
+
+
+ns.add_task(esim_forgery)

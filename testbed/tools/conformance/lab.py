@@ -30,6 +30,18 @@ PORT = 5201
 BASE_SYSCTLS = {"net.mptcp.enabled": 1, "net.mptcp.blackhole_timeout": 0}
 
 
+def fell_back(sock: socket.socket) -> bool:
+    """Whether a kernel MPTCP socket's connection fell back to plain TCP. On a connection
+    that fell back the kernel hands SOL_MPTCP getsockopt() to TCP, which refuses it
+    (EOPNOTSUPP); before that, MPTCP_INFO's fallback flag says it."""
+    try:
+        return mptcp_info(sock).fallback
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return True
+        raise
+
+
 class KernelConnection:
     """One connection the kernel's listener accepted, and what its application saw."""
 
@@ -78,15 +90,8 @@ class KernelConnection:
         return mptcp_info(self.sock)
 
     def fell_back(self) -> bool:
-        """Whether the connection fell back to plain TCP. On a connection that fell back
-        the kernel hands SOL_MPTCP getsockopt() to TCP, which refuses it (EOPNOTSUPP);
-        before that, MPTCP_INFO's fallback flag says it."""
-        try:
-            return self.info().fallback
-        except OSError as exc:
-            if exc.errno == errno.EOPNOTSUPP:
-                return True
-            raise
+        """Whether the connection fell back to plain TCP (see fell_back())."""
+        return fell_back(self.sock)
 
     def send(self, data: bytes) -> None:
         """Write data from the kernel side's application."""
