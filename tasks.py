@@ -294,11 +294,12 @@ def harness(c, store="results-quick", repeats=5):
     """Benchmark: where a paper run's time goes (median seconds per phase and the
     per-run overhead against its target), then build + stop time of two-path and 8-path."""
     _need_root()
-    from testbed.tools.bench.harness import breakdown
+    from testbed.tools.bench.harness import breakdown, estimate_full
 
     if Path(store).is_dir():
         text, _ok = breakdown(Path(store))
         print(text)
+        print(estimate_full(Path(store)))
     else:
         print(f"{store}: no results there (run ./tb paper --quick, or pass --store)")
     from testbed.core.net import Testbed

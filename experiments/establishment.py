@@ -78,6 +78,7 @@ class Establishment(Experiment):
     description = "connection setup over a healthy/lossy/blackholed/slow/filtered default path"
     Params = Params
     max_parallel = 6  # latency-bound; 8 made the emulator late (docs/performance.md)
+    overlap_lanes = 2  # beside a bulk experiment's runs (docs/performance.md)
 
     def run(self, ctx: RunContext) -> RunOutput:
         from experiments.robe_trial import run_establishment_trial

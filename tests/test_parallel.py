@@ -185,3 +185,38 @@ def test_interrupted_parallel_sweep_removes_every_lanes_testbed(tmp_path, sig):
     assert len(stored) < 12, "the interrupt came after the sweep"
     assert len({m["run_id"] for m in stored}) == len(stored)
     recorded.assert_nothing_left(out)
+
+
+def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones(tmp_path, monkeypatch):
+    """The bulk scenarios go, in order, to one lane of their own; establishment
+    runs beside them with at most its overlap_lanes; summaries in campaign order."""
+    from concurrent.futures import Future
+
+    chains, beside = [], []
+
+    class Pool:
+        def submit_chain(self, scenarios, root, retry_failed):
+            chains.append([s.experiment for s in scenarios])
+            done = Future()
+            done.set_result([SweepSummary(planned=i + 1) for i in range(len(scenarios))])
+            return done
+
+    @contextlib.contextmanager
+    def pool(k):
+        yield Pool()
+
+    monkeypatch.setattr(parallel, "lane_pool", pool)
+    monkeypatch.setattr(parallel, "sweep_in_lanes", lambda pool, s, root, n, *a: beside.append(
+        (s.experiment, n)) or SweepSummary(planned=100))
+    monkeypatch.setattr(parallel, "sweep", lambda *a, **kw: pytest.fail("nothing runs in this process"))
+    est = sc.load(ROOT / "experiments" / "robe-establishment.toml")
+    thr = sc.load(ROOT / "experiments" / "throughput.toml")
+    fail = sc.load(ROOT / "experiments" / "failover.toml")
+    out = parallel.parallel_sweep([est, thr, fail], tmp_path, 6, progress=False)
+    assert chains == [["throughput", "failover"]]
+    assert beside == [("establishment", 2)]
+    assert [(e, s.planned) for e, s in out] == [("establishment", 100), ("throughput", 1), ("failover", 2)]
+    chains.clear(), beside.clear()  # without overlap: as before, establishment at its cap
+    monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: SweepSummary(planned=7))
+    out = parallel.parallel_sweep([est, thr], tmp_path, 6, progress=False, overlap=False)
+    assert chains == [] and beside == [("establishment", 6)]

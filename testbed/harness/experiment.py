@@ -78,6 +78,11 @@ class Experiment(Parametrized, abc.ABC):
     # gives it min(K, max_parallel) lanes): measured per experiment by
     # `./tb bench.parallel`, see docs/performance.md. 1: one at a time.
     max_parallel: int = 1
+    # How many of its runs may run at once beside the campaign's one-at-a-time
+    # (bulk) experiments, in `./tb paper --parallel K` (K > 1); 0: not beside
+    # them. Measured by comparing a campaign's runs and verdicts with and
+    # without (docs/performance.md).
+    overlap_lanes: int = 0
 
     @abc.abstractmethod
     def run(self, ctx: RunContext) -> RunOutput:

@@ -69,24 +69,80 @@ def lanes_for(scenario: Scenario, k: int) -> int:
     return max(1, min(k, experiments.experiment_class(scenario.experiment).max_parallel))
 
 
+def overlaps(scenario: Scenario) -> bool:
+    """Whether this scenario's experiment may run beside the campaign's
+    one-at-a-time (bulk) experiments (its `overlap_lanes` > 0)."""
+    return experiments.experiment_class(scenario.experiment).overlap_lanes > 0
+
+
 def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: bool = False,
-                   progress: bool = True) -> list[tuple[str, SweepSummary]]:
+                   progress: bool = True, overlap: bool = True) -> list[tuple[str, SweepSummary]]:
     """Sweep each scenario in turn into `root`, each with lanes_for(scenario, k)
-    lanes at once; one summary per scenario, as the serial sweeps give."""
+    lanes at once; one summary per scenario, in the given order, as the serial
+    sweeps give. With overlap (and k > 1), the scenarios of experiments that
+    allow it run beside the others: those (the one-lane ones) go in order in
+    one lane of their own, while these take up to their `overlap_lanes`."""
     check_parallel(k)
-    out: list[tuple[str, SweepSummary]] = []
+    beside = [s for s in scenarios if overlap and k > 1 and overlaps(s)]
+    chain = [s for s in scenarios if not any(s is b for b in beside)]
+    if not beside or not chain:
+        beside = []
+        chain = list(scenarios)
+    out: dict[int, tuple[str, SweepSummary]] = {}
     with lane_pool(k) as pool:  # one pool for the whole campaign: lanes start once
-        for scenario in scenarios:
-            n = lanes_for(scenario, k)
-            if n < k:  # said, not silently done: more were allowed
-                print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured to "
-                      "keep its fidelity here; docs/performance.md)", file=sys.stderr, flush=True)
-            if n == 1:
-                summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
-            else:
-                summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
-            out.append((scenario.experiment, summary))
-    return out
+        running, stopped = None, False
+        if beside:
+            print(f"note: {', '.join(_name(s) for s in chain)} one run at a time in a lane "
+                  f"of their own, {', '.join(_name(s) for s in beside)} beside them "
+                  "(docs/performance.md)", file=sys.stderr, flush=True)
+            running = pool.submit_chain(chain, root, retry_failed)
+        try:
+            for scenario in (beside or chain):
+                n = lanes_for(scenario, k)
+                if beside:  # next to a bulk run: as many as measured to keep its fidelity
+                    n = max(1, min(n, experiments.experiment_class(scenario.experiment).overlap_lanes,
+                                   k - 1))
+                elif n < k:  # said, not silently done: more were allowed
+                    print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured to "
+                          "keep its fidelity here; docs/performance.md)", file=sys.stderr, flush=True)
+                if n == 1 and not beside:
+                    summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
+                else:
+                    try:
+                        summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
+                    except BaseException:
+                        stopped = True  # it interrupted every lane, the chain's too
+                        raise
+                out[scenarios.index(scenario)] = (scenario.experiment, summary)
+            if running is not None:
+                for scenario, summary in zip(chain, _wait_chain(running)):
+                    out[scenarios.index(scenario)] = (scenario.experiment, summary)
+        except BaseException:
+            if running is not None and not running.done():
+                if stopped:  # interrupted once already: only wait for it to unwind
+                    _stop_lanes([running], signal_lanes=False)
+                else:
+                    _stop_lanes([running])
+            raise
+    return [out[i] for i in sorted(out)]
+
+
+def _name(scenario: Scenario) -> str:
+    return Path(scenario.path).name if scenario.path else scenario.experiment
+
+
+def _wait_chain(running: Future) -> list[SweepSummary]:
+    """The chain lane's summaries once it ends; SIGTERM and SIGHUP unwind as Ctrl-C."""
+    old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return running.result()
+    except BaseException:
+        if not running.done():  # interrupted here: the chain's run unwinds, waited for
+            _stop_lanes([running])
+        raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class LanePool:
@@ -102,6 +158,13 @@ class LanePool:
             self._executor = ProcessPoolExecutor(max_workers=self.k, initializer=_lane_init,
                                                  mp_context=multiprocessing.get_context("spawn"))
         return self._executor.submit(_lane, *args)
+
+    def submit_chain(self, scenarios: list[Scenario], root: Path, retry_failed: bool) -> Future:
+        """Start one lane sweeping these scenarios in turn, each one run at a time."""
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=self.k, initializer=_lane_init,
+                                                 mp_context=multiprocessing.get_context("spawn"))
+        return self._executor.submit(_chain, scenarios, root, retry_failed)
 
     def shutdown(self) -> None:
         """Wait for every lane process to end."""
@@ -167,12 +230,12 @@ def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
     return summary
 
 
-def _stop_lanes(futures: list[Future]) -> None:
+def _stop_lanes(futures: list[Future], signal_lanes: bool = True) -> None:
     """Interrupt every lane's run (SIGINT: each unwinds as a serial sweep does) and
     wait until every lane is idle again."""
     for f in futures:
         f.cancel()  # a lane not started yet never starts
-    for child in multiprocessing.active_children():
+    for child in multiprocessing.active_children() if signal_lanes else ():
         try:
             os.kill(child.pid, signal.SIGINT)
         except ProcessLookupError:
@@ -201,6 +264,15 @@ def _lane_init() -> None:
     if os.getppid() == 1:
         sys.exit(1)  # the parent died before PR_SET_PDEATHSIG took effect
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _chain(scenarios: list[Scenario], root: Path, retry_failed: bool) -> list[SweepSummary]:
+    """One lane sweeping scenarios in turn (serially, testbed reuse within each)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return [sweep(s, root, retry_failed=retry_failed, progress=False) for s in scenarios]
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _lane(scenario: Scenario, root: Path, retry_failed: bool) -> SweepSummary:

@@ -166,12 +166,12 @@ def tcp_goodput(src_pid: int, dst_pid: int, src_addr: str | None, dst_addr: str,
                 cc: str = "cubic", mptcp: bool = False, window: float | None = None) -> dict[str, Any]:
     """One bulk TCP (or MPTCP) flow src -> dst for `duration` s; goodput (Mbit/s)
     over [warmup, duration - 0.6] s (or [warmup, warmup + window] s, the flow
-    then ending 0.3 s after), from the sender's tcpi_bytes_acked read while the
+    ending at the last mark), from the sender's tcpi_bytes_acked read while the
     connection is in the Open state (the receiver's count for MPTCP)."""
-    # The tail after the last mark: reading it waits (up to 0.5 s) for the Open
-    # state, and the flow must still be sending meanwhile.
+    # run_flow keeps sending while it waits (up to 0.5 s) for the Open state to
+    # read a mark, so the flow needs no tail after the last one.
     marks = [warmup, duration - 0.6] if window is None else [warmup, warmup + window]
-    stop = duration if window is None else warmup + window + 0.3
+    stop = duration if window is None else warmup + window
     try:
         flow = run_flow(src_pid, dst_pid, dst_addr, port, marks,
                         src_addr=src_addr, protocol="mptcp" if mptcp else "tcp", cc=cc,

@@ -13,6 +13,25 @@ from testbed.tools.bench.harness import TARGET_CALIBRATED_S
 EVERY_CANDIDATES = (1, 5, 10, 20)
 
 
+def spread(kind: str, cals: list[dict[str, Any]]) -> list[str]:
+    """Lines on calibrations of one testbed: how many passed, their time, and per
+    path the range of mean RTTs, pings sent and goodput/rate ratios."""
+    took = [c["duration_s"] for c in cals]
+    lines = [f"{kind}: {sum(c['valid'] for c in cals)} of {len(cals)} valid, "
+             f"{statistics.median(took):.2f} s median ({min(took):.2f}-{max(took):.2f})"]
+    lines += [f"  invalid: {c['reason']}" for c in cals if not c["valid"]]
+    for name, first in cals[0]["paths"].items():
+        rtts = [c["paths"][name]["rtt_mean_ms"] for c in cals]
+        pings = [c["paths"][name]["pings"] for c in cals]
+        ratios = [r for c in cals for d in ("rate_up", "rate_down")
+                  if (r := c["paths"][name].get(d, {}).get("ratio")) is not None]
+        lines.append(f"  {name}: RTT {min(rtts):.3f}-{max(rtts):.3f} ms (configured "
+                     f"{first['rtt_configured_ms']:g}, bound +-{first['rtt_tolerance_ms']:.2f}), "
+                     f"pings {min(pings)}-{max(pings)}"
+                     + (f", goodput/rate {min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""))
+    return lines
+
+
 def run(calibrations: int, checks: int, topology: str = "two-path",
         params: dict[str, Any] | None = None) -> tuple[str, bool]:
     """Measure on one testbed of `topology`; the report and whether the drift
@@ -28,17 +47,7 @@ def run(calibrations: int, checks: int, topology: str = "two-path",
     with Testbed(load(topology, **params)) as tb:
         cals = [calibrate(tb) for _ in range(max(1, calibrations))]
         valid = [c for c in cals if c["valid"]]
-        lines.append(f"full calibrations: {len(cals)}, valid {len(valid)}, median "
-                     f"{statistics.median(c['duration_s'] for c in cals):.2f} s each")
-        for c in cals:
-            if not c["valid"]:
-                lines.append(f"  invalid: {c['reason']}")
-        for name in cals[0]["paths"]:
-            rtts = [c["paths"][name]["rtt_mean_ms"] for c in cals]
-            ratios = [c["paths"][name].get("rate_up", {}).get("ratio") for c in cals]
-            ratios = [r for r in ratios if r is not None]
-            lines.append(f"  {name}: RTT {min(rtts):.3f}-{max(rtts):.3f} ms"
-                         + (f", goodput/rate {min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""))
+        lines += spread("full calibrations", cals)
         if not valid:
             return "\n".join(lines + ["no valid calibration: no drift check measured"]), False
         ref = valid[-1]
@@ -85,24 +94,8 @@ def compare(reps: int, topology: str = "two-path", params: dict[str, Any] | None
             runs["reference"].append(calibrate(tb, quick=False))
             runs["quick"].append(calibrate(tb))
         for kind, cals in runs.items():
-            valid = sum(c["valid"] for c in cals)
-            ok &= valid == len(cals)
-            took = [c["duration_s"] for c in cals]
-            lines.append(f"{kind}: {valid} of {len(cals)} valid, {statistics.median(took):.2f} s median "
-                         f"({min(took):.2f}-{max(took):.2f})")
-            for c in cals:
-                if not c["valid"]:
-                    lines.append(f"  invalid: {c['reason']}")
-            for name in cals[0]["paths"]:
-                rtts = [c["paths"][name]["rtt_mean_ms"] for c in cals]
-                pings = [c["paths"][name]["pings"] for c in cals]
-                ratios = [r for c in cals for d in ("rate_up", "rate_down")
-                          if (r := c["paths"][name].get(d, {}).get("ratio")) is not None]
-                lines.append(f"  {name}: RTT {min(rtts):.3f}-{max(rtts):.3f} ms "
-                             f"(configured {cals[0]['paths'][name]['rtt_configured_ms']:g}, bound "
-                             f"+-{cals[0]['paths'][name]['rtt_tolerance_ms']:.2f}), pings "
-                             f"{min(pings)}-{max(pings)}"
-                             + (f", goodput/rate {min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""))
+            ok &= all(c["valid"] for c in cals)
+            lines += spread(kind, cals)
         link = tb.links[0]
         tol = runs["reference"][0]["paths"][tb.paths[0].name]["rtt_tolerance_ms"]
         record = link.up

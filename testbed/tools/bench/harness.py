@@ -50,3 +50,52 @@ def breakdown(store: Path) -> tuple[str, bool]:
     lines.append(f"all runs: {total:.0f} s, of which workload {work:.0f} s "
                  f"({100 * work / total if total else 0:.0f} %)")
     return "\n".join(lines), ok
+
+
+def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6) -> str:
+    """An estimate (not a measurement) of the full campaign's wall time from a
+    quick run's store: per run, the experiment's mean overhead and the part of
+    its workload that is not the transfer (both measured in `store`), plus the
+    full scenario's `params.seconds` (or, without it, the measured workload);
+    runs of experiments that overlap the one-at-a-time ones divided over their
+    lanes beside them, the rest summed one after another."""
+    from analysis import load
+    from testbed.harness import campaign as cp
+    from testbed.harness.experiment import experiment_class
+    from testbed.harness.scenario import expand
+
+    per: dict[str, list[tuple[float, float]]] = {}  # experiment: (overhead, workload - seconds)
+    for (experiment, _run_id), m in load(store).manifests.items():
+        phases = m.get("phases")
+        if not phases:
+            continue
+        seconds = (m.get("scenario") or {}).get("params", {}).get("seconds") or 0.0
+        overhead = sum(v for k, v in phases.items() if k != "workload")
+        per.setdefault(experiment, []).append((overhead, phases.get("workload", 0.0) - seconds))
+    chain = beside = 0.0
+    lines = [f"full campaign estimated from {store} (an estimate, not a measurement):",
+             f"{'scenario':<28} {'runs':>5} {'s/run':>7} {'lanes':>5} {'total s':>8}"]
+    missing = []
+    campaign = cp.load(campaign_file or cp.PAPER)
+    for entry, scenario in zip(campaign.scenario, campaign.scenarios(False)):
+        runs = len(expand(scenario))
+        seen = per.get(scenario.experiment)
+        if not seen:
+            missing.append(f"{entry.file} ({runs} runs)")
+            continue
+        seconds = float(scenario.params.get("seconds", 0.0)) if isinstance(scenario.params, dict) \
+            else float(getattr(scenario.params, "seconds", 0.0) or 0.0)
+        each = statistics.fmean(o for o, _ in seen) + statistics.fmean(w for _, w in seen) + seconds
+        cls = experiment_class(scenario.experiment)
+        n = max(1, min(cls.overlap_lanes or cls.max_parallel, lanes))
+        total = runs * each / n
+        if cls.overlap_lanes:
+            beside += total
+        else:
+            chain += total
+        lines.append(f"{entry.file:<28} {runs:>5} {each:7.2f} {n:>5} {total:8.0f}")
+    lines.append(f"one at a time: {chain / 60:.1f} min; beside them: {beside / 60:.1f} min; "
+                 f"wall about {max(chain, beside) / 60:.1f} min plus the report")
+    if missing:
+        lines.append("not in the store, not estimated: " + ", ".join(missing))
+    return "\n".join(lines)
