@@ -114,10 +114,14 @@ def multipath_rfc8684(E: Establishment, sc: str, st: str = "sim") -> tuple[str, 
     """SIM over RFC 8684: multipath after setup + one RTT of the winner (the join waits for the
     handshake's third ACK to be processed) + one MP_JOIN handshake on the joined path."""
     cell = E.cell(sc, st)
-    crit = ("p95 of multipath (client's stamp) − setup − RTT(winner) − RTT(joined) within [−1 ms, +5 ms]; "
+    crit = ("median of multipath (client's stamp) − setup − RTT(winner) − RTT(joined) within [−1 ms, +5 ms]; "
             "every run had a second subflow")
     if cell.empty:
         return crit, E.missing(sc, st) + f" ({E.stacks()})", NOT_MEASURED
+    usable, clean_paths = working_rtts(E, cell, st)
+    lossy = len(clean_paths) < len(usable)
+    if lossy:  # loss hits some joins, not all
+        crit = crit.replace("every run had", "at least half the runs had")
     rtt, _ = E.rtts(cell)
     if not rtt or "metric.winner_path" not in cell:
         return crit, "not measured (no path RTTs or metric.winner_path)", NOT_MEASURED
@@ -130,10 +134,17 @@ def multipath_rfc8684(E: Establishment, sc: str, st: str = "sim") -> tuple[str, 
     never = int(mp.isna().sum())
     if excess.empty:
         return crit, f"no run had a second subflow ({never}/{len(cell)} never)", FAILS
-    hi, lo = pct95(excess), float(excess.min())
-    meas = (f"multipath − setup − RTT(winner) − RTT(joined): min {fmt_s(lo)}, p95 {fmt_s(hi)}; "
+    med = float(np.median(excess))
+    meas = (f"multipath − setup − RTT(winner) − RTT(joined): median {fmt_s(med)} (min {fmt_s(float(excess.min()))}, "
+            f"p95 {fmt_s(pct95(excess))}); "
             f"multipath {ci_text(mp)}; {never}/{len(cell)} never")
-    return crit, meas, HOLDS if lo >= -EARLY_S and hi <= TOL_S and never == 0 else FAILS
+    if "metric.ttfb_s" in cell:
+        # the join starts when the server's first DSS arrives (its response, at the latest)
+        answer = clean(cell["metric.ttfb_s"].astype("float64") - cell["metric.setup_s"].astype("float64") - w_rtt)
+        if len(answer):
+            meas += f"; the server's response came RTT(winner) + {fmt_s(float(np.median(answer)))} after setup (median)"
+    enough = never * 2 <= len(cell) if lossy else never == 0
+    return crit, meas, HOLDS if -EARLY_S <= med <= TOL_S and enough else FAILS
 
 
 def falls_back(E: Establishment, st: str = "esim") -> tuple[str, str, str]:
@@ -243,9 +254,10 @@ def expectation_rows(res: Results) -> list[tuple[str, str, str, str, str, str, s
             continue  # one path is gone: there is nothing to join
         add(DRAFT_T1 + " / " + TARGET, subject, f"multipath available after ({sc})",
             f"max over MP_CAPABLE HS ({NOTE_STAMP})", lambda sc=sc: multipath_slowest(EU, sc, "esim"))
-        add("RFC 8684 / " + TARGET, "SIM (user-space stack, both sides)", f"multipath available after ({sc})",
-            "setup + RTT(winner) + MP_JOIN HS: the join waits for the third ACK's processing "
-            f"({NOTE_STAMP})", lambda sc=sc: multipath_rfc8684(EU, sc, "sim"))
+        for E, who in ((EU, "SIM (user-space stack, both sides)"), (EK, "SIM (user-space client, kernel server)")):
+            add("RFC 8684 / " + TARGET, who, f"multipath available after ({sc})",
+                "setup + RTT(winner) + MP_JOIN HS: the join waits for the third ACK's processing "
+                f"({NOTE_STAMP})", lambda sc=sc, E=E: multipath_rfc8684(E, sc, "sim"))
     add(DRAFT_T1, subject, "session setup guaranteed (all conditions)", "yes",
         lambda: _guaranteed(EU, "esim"))
     add(TARGET, "eSIM (user-space client, kernel server)", "all conditions",

@@ -81,7 +81,7 @@ class Establishment(Experiment):
     overlap_lanes = 2  # beside a bulk experiment's runs (docs/performance.md)
 
     def run(self, ctx: RunContext) -> RunOutput:
-        from experiments.robe_trial import run_establishment_trial
+        from experiments.robe_trial import release_user_stacks, run_establishment_trial
 
         p: Params = ctx.params
         tb = ctx.tb
@@ -102,7 +102,10 @@ class Establishment(Experiment):
             # the draft's open choices (hash, HMAC key, CRC) this run's stacks use
             ctx.record("stack", "client" if p.strategy == "esim" else "server", "esim_crypto",
                        **DEFAULT_CRYPTO.describe())
-        metrics = run_establishment_trial(tb, p.strategy, trial)
+        try:
+            metrics = run_establishment_trial(tb, p.strategy, trial)
+        finally:
+            release_user_stacks(tb)  # so that the testbed can carry the next run
         return RunOutput(metrics=dict(metrics), protocol=esim_protocol(p))
 
 

@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from testbed.harness.workload.user_socket import UserListener, UserSocket
@@ -71,7 +71,9 @@ from testbed.stack.esim import join_cap_in
 from testbed.stack.options import MpJoinAck
 from testbed.stack.packet import RST, SYN
 
-_servers: set[str] = set()  # run_id:port of the servers running (closed by their testbed)
+# run_id:port -> (stack, close) of the servers running (closed by their testbed's stop(); a
+# user-stack one also at the end of its run, see release_user_stacks)
+_servers: dict[str, tuple[str, Callable[[], None]]] = {}
 _histories: dict[str, History] = {}
 _client_stacks: dict[str, Stack] = {}  # run_id -> the client namespace's user-space stack
 
@@ -86,8 +88,11 @@ def ensure_server(tb: Any, port: int, response_bytes: int, stack: str = "kernel"
     stack="user") answering each request with `response_bytes` once
     `request_bytes` arrived; one thread per connection."""
     key = f"{tb.run_id}:{port}"
-    if key in _servers:
+    running = _servers.get(key)
+    if running is not None and running[0] == stack:
         return
+    if running is not None:  # the other kind of server on this port: one listener at a time
+        running[1]()
 
     stopping = threading.Event()
     if stack == "user":
@@ -98,7 +103,9 @@ def ensure_server(tb: Any, port: int, response_bytes: int, stack: str = "kernel"
         ls = tb.in_ns(tb.server, lambda: listener(port))
 
     def close() -> None:
-        _servers.discard(key)
+        if _servers.get(key, (None, None))[1] is not close:
+            return  # closed already
+        del _servers[key]
         _histories.pop(tb.run_id, None)
         stopping.set()
         if stack == "user":
@@ -144,7 +151,7 @@ def ensure_server(tb: Any, port: int, response_bytes: int, stack: str = "kernel"
 
     t = threading.Thread(target=serve, name=f"robe-server-{port}", daemon=True)
     t.start()
-    _servers.add(key)
+    _servers[key] = (stack, close)
     tb.on_stop(close)
 
 
@@ -177,10 +184,23 @@ def client_backend(tb: Any, client_stack: str) -> Backend:
         st = _client_stacks[tb.run_id] = Stack(netns=tb.client.pid, record=True)
 
         def close() -> None:
-            _client_stacks.pop(tb.run_id, None)
-            st.close()
+            if _client_stacks.get(tb.run_id) is st:
+                del _client_stacks[tb.run_id]
+                st.close()
         tb.on_stop(close)
     return UserStackBackend(st)
+
+
+def release_user_stacks(tb: Any) -> None:
+    """Close the testbed's user-space stacks (client and server) at the end of a run: their
+    nftables tables are not part of the testbed as built, so while they stand its reset
+    check fails and the next run gets a fresh testbed. The next run makes new ones."""
+    st = _client_stacks.pop(tb.run_id, None)
+    if st is not None:
+        st.close()
+    for key, (stack, close) in list(_servers.items()):
+        if key.startswith(f"{tb.run_id}:") and stack == "user":
+            close()
 
 
 def _sent_flags(backend: Backend, since: int) -> dict[str, int]:
@@ -291,4 +311,4 @@ def run_establishment_trial(tb: Any, strategy: str, scenario_params: dict[str, A
     }
 
 
-__all__ = ["run_establishment_trial", "ensure_server", "tb_paths", "payload"]
+__all__ = ["run_establishment_trial", "ensure_server", "release_user_stacks", "tb_paths", "payload"]

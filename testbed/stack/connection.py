@@ -988,6 +988,9 @@ class Connection:
                                          backup=backup, addr_id=self.pm.local_id(local_addr))
             ok = self.cond.wait_for(lambda: sf.fully_established or sf not in self.subflows, timeout)
             if not ok or sf not in self.subflows:
+                # A join given up on goes (silently, like a kernel subflow never answered): its SYNs
+                # would go on for their retries and a graceful close would wait for them.
+                self._drop_subflow(sf, "MP_JOIN not established in time")
                 raise StackError(f"MP_JOIN from {local_addr} failed")
 
     def resume(self, timeout: float = 10.0) -> None:
