@@ -71,3 +71,20 @@ def test_forged_join_caps_from_the_losing_path_are_all_refused_on_the_wire():
     assert by.loc["right-hint", "passed_hint"] == 50 and by.loc["replay", "passed_hint"] == 50
     assert doc["victim_after"] == {"bytes_sent": 20000, "bytes_intact": True, "subflows": 2}
     assert doc["seconds"] < 60, doc["seconds"]
+
+
+def test_the_report_shows_the_measurement_found_in_the_results_directory(tmp_path):
+    import json
+
+    from synthetic_store import generate
+
+    from analysis import load
+    from analysis.esim_security import FORGERY_FILE
+    from analysis.figures import esim as esim_section
+
+    store = generate(tmp_path / "results", reps=1, seed=3)
+    assert "esim_forgery" not in esim_section.build(load(store)).tables
+    (store / FORGERY_FILE).write_text(json.dumps(_doc(200)))
+    sec = esim_section.build(load(store))
+    assert sec.tables["esim_forgery"].holds.all() and "esim_forgery" in sec.inline
+    assert list(sec.tables["esim_forgery"].synacks) == [200] * 4

@@ -16,6 +16,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis import Results, paths
 from analysis.esim_checks import ESIM_CONDITIONS, multipath_client, stack_comparison
+from analysis.esim_security import FORGERY_FILE, forgery_table, load_forgery
 from analysis.figures import Figure, Section, grid, order, setup_style, strategy_color
 from analysis.figures.establishment import data, seconds_label, stack_pair
 
@@ -131,4 +132,11 @@ def build(res: Results) -> Section:
     else:
         sec.tables["robe_stacks"] = cmp.round(2)
         sec.inline.append("robe_stacks")
+    forgery = res.root / FORGERY_FILE
+    if forgery.is_file():
+        sec.tables["esim_forgery"] = forgery_table(load_forgery(forgery))
+        sec.inline.append("esim_forgery")
+    else:
+        sec.notes.append(f"No forged-MP_JOIN_CAP measurement in this results directory ({FORGERY_FILE}, "
+                         "written by ./tb bench.esim-forgery --out DIR): no security table.")
     return sec

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.esim_security import VARIANTS, forgery_table, render_table
+from analysis.esim_security import FORGERY_FILE, VARIANTS, forgery_table, render_table
 from analysis.esim_wire import esim_segments
 from experiments.robe_trial import tb_paths
 from testbed.base.errors import TestbedError
@@ -152,7 +152,7 @@ def run_forgery(attempts: int = 5000, variants: tuple[str, ...] = VARIANTS,
                 out: str | Path | None = None) -> dict[str, Any]:
     """The whole measurement (root): the victim's eSIM connection, then `attempts`
     forgeries per variant from the losing path; a JSON-ready document (written to
-    out/esim-forgery.json when out is given)."""
+    out/esim-forgery.json when out is given: in a results directory, the report shows it)."""
     for v in variants:
         if v not in VARIANTS:
             raise TestbedError(f"variants: {v!r} is not one of {', '.join(VARIANTS)}")
@@ -206,7 +206,7 @@ def run_forgery(attempts: int = 5000, variants: tuple[str, ...] = VARIANTS,
     doc["seconds"] = round(time.monotonic() - t0, 1)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "esim-forgery.json").write_text(json.dumps(doc, indent=2))
+        (Path(out) / FORGERY_FILE).write_text(json.dumps(doc, indent=2))
     return doc
 
 
