@@ -15,7 +15,7 @@ name the draft's open choices in the manifest's `protocol`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -79,6 +79,14 @@ class Establishment(Experiment):
     Params = Params
     max_parallel = 6  # latency-bound; 8 made the emulator late (docs/performance.md)
     overlap_lanes = 2  # beside a bulk experiment's runs (docs/performance.md)
+
+    @classmethod
+    def overlap_lanes_for(cls, params: dict[str, Any]) -> int:
+        """Not beside bulk runs when a side runs the user-space stack: its Python
+        engine beside them made the link emulator late (docs/performance.md)."""
+        if "user" in (params.get("client_stack"), params.get("server_stack")):
+            return 0
+        return cls.overlap_lanes
 
     def run(self, ctx: RunContext) -> RunOutput:
         from experiments.robe_trial import release_user_stacks, run_establishment_trial

@@ -210,12 +210,14 @@ def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones
         (s.experiment, n)) or SweepSummary(planned=100))
     monkeypatch.setattr(parallel, "sweep", lambda *a, **kw: pytest.fail("nothing runs in this process"))
     est = sc.load(ROOT / "experiments" / "robe-establishment.toml")
+    user = sc.load(ROOT / "experiments" / "robe-user.toml")  # some runs on the user-space stack
     thr = sc.load(ROOT / "experiments" / "throughput.toml")
     fail = sc.load(ROOT / "experiments" / "failover.toml")
-    out = parallel.parallel_sweep([est, thr, fail], tmp_path, 6, progress=False)
+    out = parallel.parallel_sweep([est, thr, user, fail], tmp_path, 6, progress=False)
     assert chains == [["throughput", "failover"]]
-    assert beside == [("establishment", 2)]
-    assert [(e, s.planned) for e, s in out] == [("establishment", 100), ("throughput", 1), ("failover", 2)]
+    # the user-stack scenario first, alone at its cap; then kernel establishment beside the chain
+    assert beside == [("establishment", 6), ("establishment", 2)]
+    assert [s.planned for e, s in out] == [100, 1, 100, 2]
     chains.clear(), beside.clear()  # without overlap: as before, establishment at its cap
     monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: SweepSummary(planned=7))
     out = parallel.parallel_sweep([est, thr], tmp_path, 6, progress=False, overlap=False)

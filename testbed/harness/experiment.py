@@ -84,6 +84,12 @@ class Experiment(Parametrized, abc.ABC):
     # without (docs/performance.md).
     overlap_lanes: int = 0
 
+    @classmethod
+    def overlap_lanes_for(cls, params: dict[str, Any]) -> int:
+        """overlap_lanes for a run with these (scenario) params; an experiment
+        whose runs differ in load narrows it per run."""
+        return cls.overlap_lanes
+
     @abc.abstractmethod
     def run(self, ctx: RunContext) -> RunOutput:
         """Drive the workload on ctx.tb (already built, probes running)."""

@@ -69,62 +69,79 @@ def lanes_for(scenario: Scenario, k: int) -> int:
     return max(1, min(k, experiments.experiment_class(scenario.experiment).max_parallel))
 
 
-def overlaps(scenario: Scenario) -> bool:
-    """Whether this scenario's experiment may run beside the campaign's
-    one-at-a-time (bulk) experiments (its `overlap_lanes` > 0)."""
-    return experiments.experiment_class(scenario.experiment).overlap_lanes > 0
+def overlap_lanes(scenario: Scenario) -> int:
+    """How many of this scenario's runs may run beside the campaign's
+    one-at-a-time (bulk) runs: the least its experiment allows for any of its
+    grid points (Experiment.overlap_lanes_for); 0: not beside them."""
+    cls = experiments.experiment_class(scenario.experiment)
+    if cls.overlap_lanes <= 0:
+        return 0
+    return min(cls.overlap_lanes_for(spec.scenario.params)
+               for spec in expand(scenario, validate_only=True))
 
 
 def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: bool = False,
                    progress: bool = True, overlap: bool = True) -> list[tuple[str, SweepSummary]]:
     """Sweep each scenario in turn into `root`, each with lanes_for(scenario, k)
     lanes at once; one summary per scenario, in the given order, as the serial
-    sweeps give. With overlap (and k > 1), the scenarios of experiments that
-    allow it run beside the others: those (the one-lane ones) go in order in
-    one lane of their own, while these take up to their `overlap_lanes`."""
+    sweeps give. With overlap (and k > 1): first the scenarios with several
+    lanes that may not overlap, each alone; then the one-lane scenarios go in
+    order through one lane of their own while those that may overlap run
+    beside them, each with up to its overlap_lanes."""
     check_parallel(k)
-    beside = [s for s in scenarios if overlap and k > 1 and overlaps(s)]
-    chain = [s for s in scenarios if not any(s is b for b in beside)]
+    room = {id(s): overlap_lanes(s) if overlap and k > 1 else 0 for s in scenarios}
+    beside = [s for s in scenarios if room[id(s)] > 0]
+    chain = [s for s in scenarios if not room[id(s)] and lanes_for(s, k) == 1]
     if not beside or not chain:
-        beside = []
-        chain = list(scenarios)
+        beside, chain = [], []
+    alone = [s for s in scenarios if not any(s is t for t in beside + chain)]
     out: dict[int, tuple[str, SweepSummary]] = {}
     with lane_pool(k) as pool:  # one pool for the whole campaign: lanes start once
-        running, stopped = None, False
+        for scenario in alone:
+            n = lanes_for(scenario, k)
+            if n < k:  # said, not silently done: more were allowed
+                print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured to "
+                      "keep its fidelity here; docs/performance.md)", file=sys.stderr, flush=True)
+            if n == 1:
+                summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
+            else:
+                summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
+            out[scenarios.index(scenario)] = (scenario.experiment, summary)
         if beside:
             print(f"note: {', '.join(_name(s) for s in chain)} one run at a time in a lane "
                   f"of their own, {', '.join(_name(s) for s in beside)} beside them "
                   "(docs/performance.md)", file=sys.stderr, flush=True)
-            running = pool.submit_chain(chain, root, retry_failed)
-        try:
-            for scenario in (beside or chain):
-                n = lanes_for(scenario, k)
-                if beside:  # next to a bulk run: as many as measured to keep its fidelity
-                    n = max(1, min(n, experiments.experiment_class(scenario.experiment).overlap_lanes,
-                                   k - 1))
-                elif n < k:  # said, not silently done: more were allowed
-                    print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured to "
-                          "keep its fidelity here; docs/performance.md)", file=sys.stderr, flush=True)
-                if n == 1 and not beside:
-                    summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
-                else:
-                    try:
-                        summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
-                    except BaseException:
-                        stopped = True  # it interrupted every lane, the chain's too
-                        raise
+            for scenario, summary in _beside_chain(pool, chain, beside, root, k, room,
+                                                   retry_failed, progress):
                 out[scenarios.index(scenario)] = (scenario.experiment, summary)
-            if running is not None:
-                for scenario, summary in zip(chain, _wait_chain(running)):
-                    out[scenarios.index(scenario)] = (scenario.experiment, summary)
-        except BaseException:
-            if running is not None and not running.done():
-                if stopped:  # interrupted once already: only wait for it to unwind
-                    _stop_lanes([running], signal_lanes=False)
-                else:
-                    _stop_lanes([running])
-            raise
     return [out[i] for i in sorted(out)]
+
+
+def _beside_chain(pool: "LanePool", chain: list[Scenario], beside: list[Scenario], root: Path,
+                  k: int, room: dict[int, int], retry_failed: bool,
+                  progress: bool) -> list[tuple[Scenario, SweepSummary]]:
+    """The chain in one lane while the beside scenarios sweep in turn, each with
+    min(its lanes, its overlap room, k - 1) lanes; every scenario's summary."""
+    out: list[tuple[Scenario, SweepSummary]] = []
+    running, stopped = pool.submit_chain(chain, root, retry_failed), False
+    try:
+        for scenario in beside:
+            n = max(1, min(lanes_for(scenario, k), room[id(scenario)], k - 1))
+            try:
+                summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
+            except BaseException:
+                stopped = True  # it interrupted every lane, the chain's too
+                raise
+            out.append((scenario, summary))
+        out += list(zip(chain, _wait_chain(running)))
+    except BaseException:
+        if not running.done():
+            if stopped:  # interrupted once already: only wait for it to unwind
+                _stop_lanes([running], signal_lanes=False)
+            else:
+                _stop_lanes([running])
+        raise
+    return out
 
 
 def _name(scenario: Scenario) -> str:
