@@ -58,7 +58,8 @@ class RxMapping:
 
 @dataclass(frozen=True)
 class Event:
-    """A path-manager style event: created, established, sf_established, sf_closed, closed."""
+    """A path-manager style event: created, established, sf_established, sf_closed, closed
+    (and with ITO: inactive, resumed, expired; stack/inactivity.py)."""
     kind: str
     token: int
     time: float

@@ -26,17 +26,17 @@ as before: the connection fails and closes when its last subflow dies):
   the state (our own value while the peer sent none, e.g. a kernel peer);
 - liveness: the draft does not say how a host learns that a subflow died. With
   ITO in force an established subflow that hears nothing from its peer for
-  `probe_s(timer)` (timer/16, 0.25..60 s) sends a TCP keep-alive (one old byte, which any TCP answers
-  with an ACK) every `probe_s`; after PROBES unanswered ones the subflow is
+  `probe_s(timer)` (timer/16, 0.25..60 s) sends a TCP keep-alive (one old
+  byte, which any TCP answers with an ACK) every `probe_s`; after PROBES unanswered ones the subflow is
   declared dead (as are subflows reset or given up after RTOs);
 - inactive: the connection keeps its token and data for the effective timer
   (`inactive` event), then is removed (`expired` event, then `closed`, token
   freed). The active opener (client) starts re-establishing a subflow after
   half the timer: every `retry_s(timer)` an MP_JOIN from each local address
-  whose interface is up and has no join pending for
-  JOIN_PATIENCE_S (the namespace is re-scanned: an address that appeared
-  during the outage is attached and used) until one completes (`resumed`
-  event; unacknowledged data is sent again on it) or the timer ends.
+  whose interface is up (the namespace is re-scanned: an address that appeared
+  during the outage is attached and used; a SYN unanswered for JOIN_PATIENCE_S
+  is replaced by a fresh one) until one completes (`resumed` event;
+  unacknowledged data is sent again on it) or the timer ends.
   `Connection.resume()` starts that at once.
 """
 from __future__ import annotations
