@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis import Results, esim_checks, paths, privacy, rate_limit
+from analysis import Results, esim_checks, inactivity, paths, privacy, rate_limit
 from analysis.establishment_checks import (FAILS, HOLDS, NOT_MEASURED,
                                            SIMULT_FLOWS, Establishment, bounded, ci_text, delayed,
                                            fallback, fastest_working, guaranteed, multipath_after,
@@ -259,5 +259,7 @@ def table(res: Results) -> pd.DataFrame:
              for r in privacy.expectation_rows(res)]
     rows += [Row(*r[:6], NOT_MEASURED if r[6] is None else HOLDS if r[6] else FAILS)
              for r in rate_limit.expectation_rows(res)]
+    rows += [Row(*r[:6], NOT_MEASURED if r[6] is None else HOLDS if r[6] else FAILS)
+             for r in inactivity.expectation_rows(res)]
     out = pd.DataFrame([asdict(r) for r in rows])
     return out.fillna("n/a").replace("", "n/a")

@@ -22,11 +22,11 @@ from markupsafe import Markup
 
 from analysis import Results, ResultsError, load
 from analysis import expectations
-from analysis.figures import (Section, emulation, esim, establishment, failover, fairness, privacy, rate_limit,
-                              save, throughput)
+from analysis.figures import (Section, emulation, esim, establishment, failover, fairness, inactivity, privacy,
+                              rate_limit, save, throughput)
 from testbed.base.safefs import open_for_write, write_file
 
-FAMILIES = (establishment, esim, failover, throughput, fairness, privacy, rate_limit)
+FAMILIES = (establishment, esim, failover, throughput, fairness, privacy, rate_limit, inactivity)
 
 
 def _distinct(values: Iterable[Any]) -> str:

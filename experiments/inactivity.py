@@ -96,12 +96,13 @@ def ito_protocol(p: Params) -> dict[str, Any]:
     """The manifest's `protocol` entry of a run with ITO: option code, length, values."""
     out: dict[str, Any] = {"client_s": p.ito_client_s, "server_s": p.ito_server_s,
                            "server_max_s": p.ito_server_max_s}
-    try:
-        from testbed.stack import inactivity  # the option's codec (its owner's module)
+    from testbed.stack import inactivity  # the option's codec (its owner's module)
 
-        out.update(inactivity.describe())
-    except (ImportError, AttributeError):
-        out.update({"kind": 30, "subtype": "0xf (private use), low nibble 2"})
+    out.update({"kind": 30, "subtype": 0xF, "nibble": inactivity.NIBBLE, "length": inactivity.LENGTH,
+                "timer_bits": 16, "keepalive_probes": inactivity.PROBES,
+                # the draft leaves liveness open: the stack's keep-alive interval per timer value
+                "keepalive_s": {str(v): inactivity.probe_s(v) for v in (p.ito_client_s, p.ito_server_s)
+                                if v is not None}})
     return {"ito": out}
 
 
@@ -295,15 +296,18 @@ class Inactivity(Experiment):
         samples = [x for x in s.get("samples", []) if x[0] <= cutoff]
         sf_gone = first_time([(t, n) for t, _h, n in samples], down_ns)
         held_gone = first_time([(t, h) for t, h, _n in samples], down_ns)
-        if held_gone is None and not p2 and s.get("failed_ns"):
-            held_gone = s["failed_ns"]  # the server's application saw its connection end
+        if held_gone is None and not p2 and s.get("failed_ns") and not str(s.get("error")).startswith("TimeoutError"):
+            held_gone = s["failed_ns"]  # the server's application saw its connection end (not its own timeout)
         return {"resumed": resumed, "sha256_match": intact, "bytes_received": s.get("bytes_received"),
                 "resume_s": (p2 - up_ns) / 1e9 if p2 and resumed else None,
                 "complete_s": (s["eof_ns"] - up_ns) / 1e9 if resumed else None,
                 "server_subflows_gone_s": (sf_gone - down_ns) / 1e9 if sf_gone else None,
                 "server_state_gone_s": (held_gone - down_ns) / 1e9 if held_gone else None,
                 "client_error": c.get("error"), "join_error": c.get("join_error"),
-                "server_error": s.get("error")}
+                "resume_error": c.get("resume_error"), "server_error": s.get("error"),
+                # the values each side kept (ITO: the peer's within the local bounds)
+                "ito_server_effective_s": (s.get("ito") or {}).get("adopted_s"),
+                "ito_client_effective_s": (c.get("ito") or {}).get("adopted_s")}
 
     # ---- mode state
     def _state(self, ctx: RunContext, p: Params, m: dict[str, Any]) -> RunOutput:

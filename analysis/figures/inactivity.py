@@ -48,7 +48,7 @@ def figure(res: Results) -> Figure | None:
     for (a, v), g in (summ.groupby(["arm", "variant"]) if not summ.empty else []):
         ax.plot(g["T"], g["resumed"], marker="o", color=colors[a], ls="-" if v == "same_address" else "--",
                 lw=1.4, label=f"{a} ({v.replace('_', ' ')})")
-    for x in sorted(set(IN.runs(res, "resume")["timer_s"].dropna())) if not summ.empty else []:
+    for x in sorted(set(IN.runs(res, "resume")["window_s"].dropna())) if not summ.empty else []:
         ax.axvline(x, color="0.5", ls=":", lw=1)
     ax.set_xlabel("outage T, s")
     ax.set_ylabel("resumed (fraction of runs)")
@@ -66,14 +66,16 @@ def figure(res: Results) -> Figure | None:
         ax.set_xlabel("time since every path went down, s")
         ax.set_ylabel(label)
         ax.set_title(label + " (idle connections)")
+        if series == "server_memory_bytes" and not d.empty:
+            ax.set_yscale("log")  # kernel socket buffers (kB) next to a process RSS (tens of MB)
         if not d.empty:
             ax.legend(fontsize="x-small")
     return Figure("inactivity", "Make-after-break and the server's state without subflows",
                   "Left: the fraction of runs in which the client resumed its connection after every "
                   "path was down for T s (solid: the same path and address came back; dashed: a path "
-                  "with an address new to the connection), per arm; dotted: the server's inactivity "
-                  "timer X of the ITO arms. Middle and right: N idle connections, every path down at 0: "
-                  "connections the server still holds and its memory (kernel: socket memory of the "
+                  "with an address new to the connection), per arm; dotted: X of the ITO arms, the "
+                  "shorter of the inactivity timers the two sides kept. Middle and right: N idle "
+                  "connections, every path down at 0: connections the server still holds and its memory (kernel: socket memory of the "
                   "server namespace's subflows; user-space stack: the server process's RSS).", fig)
 
 

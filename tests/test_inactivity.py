@@ -1,0 +1,56 @@
+"""The inactivity experiment: parameters refused at load (no root), and a short real
+sweep (root): make-after-break on kernel MPTCP and the user-space stack, N idle
+connections' server state, and the analysis rows reading that store."""
+from __future__ import annotations
+
+import pytest
+
+from testbed.base.errors import TestbedError
+from testbed.harness import scenario as sc
+
+from tests.test_experiments import run
+
+TOPOLOGY = {"spec": {"paths": [{"name": "wifi", "rate_mbit": 10, "delay_ms": 5},
+                               {"name": "lte", "rate_mbit": 10, "delay_ms": 10, "client_endpoint": []}]}}
+
+
+def scenario(params: dict, grid: dict | None = None) -> dict:
+    return {"experiment": "inactivity", "calibrate": False, "topology": TOPOLOGY, "params": params,
+            "grid": grid or {}}
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"ito_server_s": 5}, "ito_server_s needs server_stack 'user'"),
+    ({"outage_s": 0}, "outage_s"),
+    ({"mode": "state", "connections": 1001}, "connections"),
+    ({"mode": "resume", "connections": 2}, "connections > 1 only in mode 'state'"),
+    ({"client_stack": "user", "server_stack": "user", "ito_client_s": 70_000}, "ito_client_s"),
+])
+def test_bad_params_refused_at_load(params, words):
+    with pytest.raises(TestbedError) as exc:
+        sc.validate({"seed": 1, **scenario(params)})
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.root
+def test_resume_and_idle_state(tmp_path):
+    from analysis import inactivity, load
+
+    base = {"outage_s": 1.5, "variant": "new_address", "resume_timeout_s": 8}
+    runs = run(tmp_path, scenario(base, {"params": [base, {**base, "client_stack": "user",
+                                                            "server_stack": "user"}]}))
+    user = [r for r in runs if r["client_stack"] == "user"]
+    assert len(runs) == 2 and len(user) == 1
+    for r in runs:
+        assert r["outage_measured_s"] >= 1.5
+        assert r["returned_path"] == "lte"
+    assert user[0]["resumed"] is True and user[0]["sha256_match"] is True
+    assert 0 < user[0]["resume_s"] < 3
+    state = run(tmp_path / "state", scenario({"mode": "state", "connections": 20, "observe_s": 2,
+                                              "sample_ms": 200}))
+    [s] = state
+    assert s["held_at_down"] == 20 and s["held_at_end"] == 20  # the kernel keeps idle connections
+    assert s["memory_at_down_bytes"] > 0
+    rows = inactivity.expectation_rows(load(tmp_path / "state" / "out"))
+    kernel = [r for r in rows if r[1].startswith("kernel")]
+    assert kernel and kernel[0][6] is True and "20 idle connections: 20 held" in kernel[0][5]
