@@ -1,16 +1,15 @@
 """RobE_eSIM's options on the wire: tshark knows neither ROBE_eSIM_EN nor
 MP_JOIN_CAP, so each TCP segment's raw option bytes (tshark's tcp.options field)
-are decoded by the user-space stack's own codec (testbed.stack.packet, .esim);
-no packet parser here."""
+are decoded by the user-space stack's own codec (testbed.stack.draft_options, the
+one reader of the drafts' options); no packet parser here."""
 from __future__ import annotations
 
 import subprocess
 
 import pandas as pd
 
-from testbed.stack import esim, privacy
+from testbed.stack.draft_options import draft_options, tshark_options
 from testbed.stack.options import MpCapable, MpTcpRst
-from testbed.stack.packet import decode_tcp_options
 
 FIELDS = ["frame.time_epoch", "ip.src", "tcp.srcport", "ip.dst", "tcp.dstport", "tcp.flags.syn",
           "tcp.flags.ack", "tcp.flags.reset", "tcp.flags.fin", "tcp.options"]
@@ -27,15 +26,16 @@ def esim_segments(pcap: str) -> pd.DataFrame:
     rows = []
     for line in out.splitlines():
         t, src, sport, dst, dport, syn, ack, rst, fin, raw = line.split("|")
-        opts = decode_tcp_options(bytes.fromhex(raw.replace(":", ""))) if raw else []
+        opts = tshark_options(raw)
         cap = next((o for o in opts if isinstance(o, MpCapable)), None)
-        jc = esim.join_cap_in(opts)
+        drafts = draft_options(opts)
+        jc = drafts.join_cap
         reset = next((o for o in opts if isinstance(o, MpTcpRst)), None)
         rows.append({"t": float(t), "src": src, "sport": int(sport), "dst": dst, "dport": int(dport),
                      "syn": syn == "1", "ack": ack == "1", "rst": rst == "1", "fin": fin == "1",
                      "mpc_sender_key": None if cap is None else cap.sender_key,
                      "mpc_receiver_key": None if cap is None else cap.receiver_key,
-                     "esim_en": esim.esim_enabled(privacy.requested(opts)),
+                     "esim_en": drafts.esim_en,
                      "join_cap_addr_id": None if jc is None else jc.addr_id,
                      "join_cap_key_a": None if jc is None else jc.key_a,
                      "join_cap_tag": None if jc is None else jc.tag,
