@@ -88,3 +88,11 @@ def test_the_report_shows_the_measurement_found_in_the_results_directory(tmp_pat
     sec = esim_section.build(load(store))
     assert sec.tables["esim_forgery"].holds.all() and "esim_forgery" in sec.inline
     assert list(sec.tables["esim_forgery"].synacks) == [200] * 4
+
+
+@pytest.mark.root
+def test_bad_input_is_refused_in_one_line_before_anything_is_built():
+    from tests.conftest import assert_one_line_error, run_tb
+    assert_one_line_error(run_tb("bench.esim-forgery", "--variants", "random-tag,nope"), "variants", "nope")
+    assert_one_line_error(run_tb("bench.esim-forgery", "--attempts", "6000"), "attempts", "5000")
+    assert_one_line_error(run_tb("bench.esim-forgery", "--attempts", "many"), "--attempts", "many")

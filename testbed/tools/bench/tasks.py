@@ -185,7 +185,7 @@ ns.add_task(calibration)
       help={"attempts": "forged MP_JOIN_CAP attempts per variant (default 5000, at most 5000)",
             "variants": "comma-separated: random-tag, right-hint, replay, unknown-key (default all)",
             "out": "directory for esim-forgery.json (default results/bench)"})
-def esim_forgery(c, attempts=5000, variants="random-tag,right-hint,replay,unknown-key", out="results/bench"):
+def esim_forgery(c, attempts=None, variants="random-tag,right-hint,replay,unknown-key", out="results/bench"):
     """Forged MP_JOIN_CAP from an observer of eSIM's losing path vs the user-stack server: accepted, hint, refusals."""
     need_root()
     from invoke.exceptions import Exit
@@ -195,7 +195,7 @@ def esim_forgery(c, attempts=5000, variants="random-tag,right-hint,replay,unknow
 
     def go() -> dict:
         try:
-            n = int(attempts)
+            n = 5000 if attempts is None else int(attempts)   # a string: invoke would cast an int default itself
         except ValueError:
             raise TestbedError(f"--attempts: {attempts!r} is not a whole number") from None
         return run_forgery(n, tuple(v.strip() for v in str(variants).split(",") if v.strip()), out)
