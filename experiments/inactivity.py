@@ -265,6 +265,10 @@ class Inactivity(Experiment):
             ctx.record("experiment", "client", "endpoint_added", addr=back.addr.client)
         client.tell(f"resume {back.addr.client} {int(join and p.client_stack == 'user')}")
         c = client.result(p.resume_timeout_s + 20)
+        try:  # a server still reading once the client is done has what it will get
+            server.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            server.tell("stop")
         s = server.result(15)
         m.update({"outage_s": p.outage_s, "variant": p.variant, "returned_path": back.name,
                   "outage_measured_s": (up_ns - down_ns) / 1e9})
@@ -305,6 +309,7 @@ class Inactivity(Experiment):
                 "server_state_gone_s": (held_gone - down_ns) / 1e9 if held_gone else None,
                 "client_error": c.get("error"), "join_error": c.get("join_error"),
                 "resume_error": c.get("resume_error"), "server_error": s.get("error"),
+                "server_stopped": bool(s.get("stopped_ns")),  # still waiting when the client was done
                 # the values each side kept (ITO: the peer's within the local bounds)
                 "ito_server_effective_s": (s.get("ito") or {}).get("adopted_s"),
                 "ito_client_effective_s": (c.get("ito") or {}).get("adopted_s")}

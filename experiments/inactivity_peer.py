@@ -133,6 +133,8 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
         view.sample()
         sampler = threading.Thread(target=view.run, args=(a.sample_ms / 1000,), daemon=True)
         sampler.start()
+        stopped = threading.Event()
+        threading.Thread(target=_stop_on_command, args=(conn, stack, stopped), daemon=True).start()
         digest, got = hashlib.sha256(), 0
         try:
             while True:
@@ -148,9 +150,13 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
                 digest.update(data)
                 got += len(data)
                 out["last_byte_ns"] = t
-            out["eof_ns"] = now()
+            if not stopped.is_set():
+                out["eof_ns"] = now()
         except (OSError, StackError) as exc:
-            out.update(_error(exc), failed_ns=now())
+            if not stopped.is_set():
+                out.update(_error(exc), failed_ns=now())
+        if stopped.is_set():
+            out["stopped_ns"] = now()
         view.stop()
         out.update(bytes_received=got, sha256_received=digest.hexdigest(), samples=view.samples)
         if stack:
@@ -163,6 +169,18 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
         if stack:
             stack.close()
     return out
+
+
+def _stop_on_command(conn: Any, stack: Stack | None, stopped: threading.Event) -> None:
+    """`stop` on stdin (the client is done and the server still waits): end the connection
+    so the server reports what it has; not counted as the connection ending by itself."""
+    if sys.stdin.readline().strip() != "stop":
+        return
+    stopped.set()
+    try:
+        conn.abort() if stack else conn.shutdown(socket.SHUT_RDWR)
+    except (OSError, StackError):
+        pass
 
 
 def run_client(a: argparse.Namespace) -> dict[str, Any]:
