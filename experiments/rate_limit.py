@@ -15,12 +15,17 @@ the client asks for the limited path (LTE) to carry at most R, by one of four mo
   kernel MPTCP client, whose TCP sees the shaped arrivals.
 - `none`: no limit, the reference.
 
-srl runs on the user-space stack on both sides; the other modes are what hosts
-can do today, on kernel MPTCP on both sides (`sender` picks the server's stack:
-with the user-space stack as sender, a kernel receiver's SO_RCVBUF shrunk
-mid-transfer stalled the transfer, docs/rate-limit.md).
+The sender (server) is the user-space stack in every mode by default, so that
+only the limit differs (`sender = "kernel"` runs window, shaping and none on
+kernel MPTCP on both sides, what hosts can do today). The client is the
+user-space stack for srl (it sends the option) and kernel MPTCP otherwise (a
+kernel socket's SO_RCVBUF; tc ingress acts only on what the kernel receives).
+A connection that delivers nothing for stall_s is given up and counts as
+stalled: a finding for `window` (a kernel MPTCP receiver whose SO_RCVBUF shrinks
+mid-transfer stopped accepting data here, docs/rate-limit.md), a broken run for
+the others.
 
-Metrics: the LTE rate before and after the request, accuracy = median |rate-R|/R
+Metrics: stalled, last_data_s, the LTE rate before and after the request, accuracy = median |rate-R|/R
 over the bins after settle_s, convergence_s (request -> the first bin from which
 LTE stays within converge_band of R), total goodput and the WiFi rate after the
 request and their ratio to before, the sender's smoothed RTT per path after the
@@ -68,8 +73,9 @@ class Params(ExperimentParams):
     window_bytes: int | None = Field(
         None, ge=2048, le=64 << 20, description="window: SO_RCVBUF (default: R x the path's RTT)")
     cc: Literal["cubic", "reno"] = "cubic"
-    sender: Literal["auto", "kernel", "user"] = Field(
-        "auto", description="the server's (sender's) MPTCP: auto = the user-space stack for srl, the kernel otherwise")
+    stall_s: float = Field(8, ge=2, le=120, description="the connection counts as stalled after this long without a byte")
+    sender: Literal["kernel", "user"] = Field(
+        "user", description="the server's (sender's) MPTCP; kernel: not with mode srl")
 
     @model_validator(mode="after")
     def _timeline(self) -> "Params":
@@ -84,12 +90,6 @@ class Params(ExperimentParams):
             raise ValueError("mode 'srl' needs sender 'user' (kernel MPTCP does not know the option)")
         return self
 
-    @property
-    def server_stack(self) -> str:
-        """The sender's stack this run uses."""
-        if self.sender != "auto":
-            return self.sender
-        return "user" if self.mode == "srl" else "kernel"
 
 
 def srl_api() -> Any | None:
@@ -170,8 +170,8 @@ class RateLimit(Experiment):
             limit = ReceiverLimit(kind="rcvbuf", at_ns=at_ns,
                                   rcvbuf_bytes=p.window_bytes or max(2048, int(bdp_bytes)))
         load = workload.get("app", mode="bulk", direction="down", seconds=p.seconds, cc=p.cc,
-                            client_stack="user" if p.mode == "srl" else "kernel", server_stack=p.server_stack,
-                            limit=limit)
+                            client_stack="user" if p.mode == "srl" else "kernel", server_stack=p.sender,
+                            limit=limit, idle_timeout_s=p.stall_s)
         shaper = HostShaper(tb.client.pid, tb.path(p.path).client_if) if p.mode == "shaping" else None
         queue = p.shaping_queue_pkts or max(8, int(bdp_bytes / MSS_BYTES) + 1)
         shaped: dict[str, Any] = {}
@@ -202,9 +202,11 @@ class RateLimit(Experiment):
                      **{f"shaping_{side}_drops": s["drops"] for side, s in shaped.get("stats", {}).items()})
         if p.mode == "window":
             m["window_bytes"] = limit.rcvbuf_bytes
-        if m.get("outcome") in (None, "failed"):
+        if m.get("connect_s") is None:
             return RunOutput(metrics=m, tables=result.tables, status="failed",
                              reason=f"workload: connection failed (errno {m.get('errno')})")
+        # established, then no byte for stall_s: the receiver gave up (what it got is kept)
+        m["stalled"] = m.get("outcome") == "failed"
         ts = result.tables["timeseries"]
         binned = rates(ts, "client", p.bin_s, min(p.seconds, m.get("transfer_s") or p.seconds))
         m.update(summarise(binned, ts, p, names))
@@ -245,6 +247,9 @@ def summarise(binned: pd.DataFrame, ts: pd.DataFrame, p: Params, paths: list[str
     errs = [abs(x - R) / R for ti, x in zip(t, v) if ti >= acc_from]
     m["accuracy"] = statistics.median(errs) if errs else None
     m["convergence_s"] = convergence_s(t, v, R, p.converge_band, req)
+    tt, tv = series("total")
+    moving = [ti for ti, x in zip(tt, tv) if x > 0]
+    m["last_data_s"] = moving[-1] + p.bin_s if moving else None  # bin end of the last data delivered
     m["limited_after_mbit"] = m.get(f"after_mbit.{p.path}")
     m["total_after_mbit"] = m.get("after_mbit.total")
     before_total = m.get("before_mbit.total")
@@ -272,7 +277,9 @@ def invalid_reason(m: dict[str, Any], shaped: dict[str, Any], p: Params, n_paths
         return "the client never applied its limit (the transfer ended first?)"
     if p.mode == "shaping" and "applied_ns" not in shaped:
         return f"shaping was not installed: {shaped.get('error', 'the transfer ended first')}"
-    if not m.get("sha256_match"):
+    if m.get("stalled") and p.mode != "window":
+        return f"the transfer stalled (no byte for {p.stall_s:g} s)"
+    if not m.get("stalled") and not m.get("sha256_match"):
         return "data not intact (sha256 of received != sent)"
     if (m.get("subflows_max") or 0) < n_paths:
         return f"{m.get('subflows_max')} subflows, bound {n_paths} (one per path)"

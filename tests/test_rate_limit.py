@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import rate_limit as RL
-from experiments.rate_limit import Params, convergence_s, rates
+from experiments.rate_limit import convergence_s, rates
 from tests.conftest import assert_one_line_error, run_tb
 from tests.test_experiments import run
 
@@ -44,12 +44,6 @@ def test_convergence_is_the_first_bin_from_which_the_rate_stays_in_band():
     assert convergence_s(t, [20, 20, 1.0, 5, 2.1, 1.9], 2, 0.25, since=1) == 3
     assert convergence_s(t, [20, 20, 20, 20, 20, 20], 2, 0.25, since=1) is None
     assert convergence_s(t, [20, 2, 2, 2, 2, 2], 2, 0.25, since=1) == 0
-
-
-def test_params_pick_the_sender_stack_per_mode():
-    assert Params(mode="srl").server_stack == "user"
-    assert Params(mode="window").server_stack == "kernel"
-    assert Params(mode="none", sender="user").server_stack == "user"
 
 
 def _summ(srl_total: float, window_total: float) -> pd.DataFrame:
@@ -104,12 +98,14 @@ def test_each_mode_limits_lte_its_way(tmp_path):
     runs = run(tmp_path, {"experiment": "rate-limit", "calibrate": False, "timeout_s": 120,
                           "topology": {"name": "two-path", "params": {"rate_mbit": 20, "wifi_delay_ms": 10,
                                                                       "lte_delay_ms": 25}},
-                          "params": {"seconds": 8, "request_at_s": 2, "settle_s": 2, "rate_mbit": 2},
+                          "params": {"seconds": 6, "request_at_s": 2, "settle_s": 1.5, "stall_s": 3,
+                                     "rate_mbit": 2},
                           "grid": {"params.mode": ["srl", "window", "shaping", "none"]}})
     by = {r["mode"]: r for r in runs}
     assert set(by) == {"srl", "window", "shaping", "none"}
     for r in runs:
-        assert r["sha256_match"] is True and r["subflows_max"] == 2
+        assert r["subflows_max"] == 2
+        assert r["sha256_match"] is True or (r["mode"] == "window" and r["stalled"]), r["mode"]
         assert r["before_mbit.lte"] > 8, r  # both paths carried data before the request
     # no limit: LTE keeps its rate; SRL and shaping bring it near R, WiFi untouched
     assert by["none"]["limited_after_mbit"] > 8

@@ -335,6 +335,7 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
     out["outcome"] = _outcome(sock)
     out["cc"] = sock.congestion_control() if a.stack == "user" else so.congestion_control(sock)
     sock.settimeout(a.timeout)
+    conn = None
     try:
         hdr = b""
         while len(hdr) < HEADER_LEN:
@@ -358,11 +359,12 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
         else:
             _send_bulk(conn, h["bytes"], h["seconds"])
         out["last_byte_ns"] = time.monotonic_ns()
+    except (OSError, ValueError, KeyError) as exc:
+        out.update(_error(exc))
+    if conn is not None:  # what was sampled counts, also when the connection broke off
         conn.finish()
         out.update(conn.report())
         out["first_byte_ns"] = conn.first_rx_ns
-    except (OSError, ValueError, KeyError) as exc:
-        out.update(_error(exc))
     sock.close()
     ls.close()
     out["end_ns"] = time.monotonic_ns()

@@ -115,6 +115,9 @@ class AppParams(StackChoice, WorkloadParams):
     bind_dev: bool = Field(False, description="also SO_BINDTODEVICE to bind_path's interface")
     connect_timeout_s: float = Field(30, gt=0)
     limit: ReceiverLimit | None = Field(None, description="client: a receiver's limit applied mid-transfer")
+    idle_timeout_s: float | None = Field(
+        None, gt=0, le=3600, description="each side gives up after this long without progress "
+                                         "(None: the workload's timeout); the run then reports what it got")
 
     @model_validator(mode="after")
     def _sizes(self) -> "AppParams":
@@ -164,7 +167,7 @@ class AppWorkload(Workload):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         base = [sys.executable, "-m", "testbed.harness.workload.app"]
         common = ["--port", str(p.port), "--cc", cc, "--poll-ms", str(p.poll_ms), "--seed", str(p.seed),
-                  "--timeout", str(timeout_s)]
+                  "--timeout", str(p.idle_timeout_s or timeout_s)]
         with logs["server"].open("w") as log:  # the child keeps its own copy of the fd
             srv = tb.popen(tb.server, [*base, "server", "--out", str(files["server"]), *common,
                                        "--protocol", p.server_protocol or p.protocol,
