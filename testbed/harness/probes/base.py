@@ -39,6 +39,8 @@ def frame(table: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
             out[col] = pd.array([_int_or_na(v) for v in out[col]], dtype="Int64")
         elif dtype == "float64":
             out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
+        elif dtype == "boolean":
+            out[col] = out[col].astype("boolean")
         else:
             out[col] = out[col].astype("string")
     return out
