@@ -216,7 +216,7 @@ def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones
     out = parallel.parallel_sweep([est, thr, user, fail], tmp_path, 6, progress=False)
     assert chains == [["throughput", "failover"]]
     # the user-stack scenario first, alone at its cap; then kernel establishment beside the chain
-    assert beside == [("establishment", 6), ("establishment", 2)]
+    assert beside == [("establishment", 6), ("establishment", 1)]
     assert [s.planned for e, s in out] == [100, 1, 100, 2]
     chains.clear(), beside.clear()  # without overlap: as before, establishment at its cap
     monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: SweepSummary(planned=7))

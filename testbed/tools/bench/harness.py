@@ -54,48 +54,50 @@ def breakdown(store: Path) -> tuple[str, bool]:
 
 def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6) -> str:
     """An estimate (not a measurement) of the full campaign's wall time from a
-    quick run's store: per run, the experiment's mean overhead and the part of
-    its workload that is not the transfer (both measured in `store`), plus the
-    full scenario's `params.seconds` (or, without it, the measured workload);
-    runs of experiments that overlap the one-at-a-time ones divided over their
-    lanes beside them, the rest summed one after another."""
+    quick run's store: per run, the scenario's mean overhead and the part of
+    its workload that is not the transfer (both measured in `store`, per
+    scenario file, else per experiment), plus the full scenario's
+    `params.seconds` (or, without it, the measured workload); runs divided
+    over their lanes, grouped as `./tb paper` runs them (harness.parallel):
+    those alone first, then the one-at-a-time chain with the overlapping ones
+    beside it."""
     from analysis import load
     from testbed.harness import campaign as cp
-    from testbed.harness.experiment import experiment_class
+    from testbed.harness.parallel import lanes_for, overlap_lanes
     from testbed.harness.scenario import expand
 
-    per: dict[str, list[tuple[float, float]]] = {}  # experiment: (overhead, workload - seconds)
+    per: dict[str, list[tuple[float, float]]] = {}  # file or experiment: (overhead, workload - seconds)
     for (experiment, _run_id), m in load(store).manifests.items():
         phases = m.get("phases")
         if not phases:
             continue
-        seconds = (m.get("scenario") or {}).get("params", {}).get("seconds") or 0.0
-        overhead = sum(v for k, v in phases.items() if k != "workload")
-        per.setdefault(experiment, []).append((overhead, phases.get("workload", 0.0) - seconds))
-    chain = beside = 0.0
+        scenario = m.get("scenario") or {}
+        seconds = scenario.get("params", {}).get("seconds") or 0.0
+        sample = (sum(v for k, v in phases.items() if k != "workload"),
+                  phases.get("workload", 0.0) - seconds)
+        for key in {Path(scenario.get("path") or experiment).name, experiment}:
+            per.setdefault(key, []).append(sample)
+    totals = {"alone": 0.0, "chain": 0.0, "beside": 0.0}
     lines = [f"full campaign estimated from {store} (an estimate, not a measurement):",
-             f"{'scenario':<28} {'runs':>5} {'s/run':>7} {'lanes':>5} {'total s':>8}"]
+             f"{'scenario':<28} {'runs':>5} {'s/run':>7} {'lanes':>5} {'total s':>8}  group"]
     missing = []
     campaign = cp.load(campaign_file or cp.PAPER)
     for entry, scenario in zip(campaign.scenario, campaign.scenarios(False)):
         runs = len(expand(scenario))
-        seen = per.get(scenario.experiment)
+        seen = per.get(entry.file) or per.get(scenario.experiment)
         if not seen:
             missing.append(f"{entry.file} ({runs} runs)")
             continue
-        seconds = float(scenario.params.get("seconds", 0.0)) if isinstance(scenario.params, dict) \
-            else float(getattr(scenario.params, "seconds", 0.0) or 0.0)
+        seconds = float(scenario.params.get("seconds", 0.0) or 0.0)
         each = statistics.fmean(o for o, _ in seen) + statistics.fmean(w for _, w in seen) + seconds
-        cls = experiment_class(scenario.experiment)
-        n = max(1, min(cls.overlap_lanes or cls.max_parallel, lanes))
-        total = runs * each / n
-        if cls.overlap_lanes:
-            beside += total
-        else:
-            chain += total
-        lines.append(f"{entry.file:<28} {runs:>5} {each:7.2f} {n:>5} {total:8.0f}")
-    lines.append(f"one at a time: {chain / 60:.1f} min; beside them: {beside / 60:.1f} min; "
-                 f"wall about {max(chain, beside) / 60:.1f} min plus the report")
+        room, n = overlap_lanes(scenario), lanes_for(scenario, lanes)
+        group = "beside" if room else ("chain" if n == 1 else "alone")
+        n = max(1, min(n, room, lanes - 1)) if room else n
+        totals[group] += runs * each / n
+        lines.append(f"{entry.file:<28} {runs:>5} {each:7.2f} {n:>5} {runs * each / n:8.0f}  {group}")
+    wall = totals["alone"] + max(totals["chain"], totals["beside"])
+    lines.append(f"alone {totals['alone'] / 60:.1f} min, then one at a time {totals['chain'] / 60:.1f} min "
+                 f"with {totals['beside'] / 60:.1f} min beside: about {wall / 60:.1f} min plus the report")
     if missing:
         lines.append("not in the store, not estimated: " + ", ".join(missing))
     return "\n".join(lines)
