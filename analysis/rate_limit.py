@@ -16,8 +16,9 @@ import pandas as pd
 from analysis import Results
 
 EXPERIMENT = "rate-limit"
-MODES = ("srl", "window", "shaping", "none")
-MODE_LABELS = {"srl": "SRL option (sender paces)", "window": "receive-window clamp",
+MODES = ("srl", "window", "window_start", "shaping", "none")
+MODE_LABELS = {"srl": "SRL option (sender paces)", "window": "receive-window clamp at the request",
+               "window_start": "receive-window clamp from the start",
                "shaping": "client shapes its LTE interface", "none": "no limit"}
 SRL = "draft-hoang-mptcp-sub-rate-limit-00"
 IETF105 = SRL + ", the question at IETF 105"
@@ -49,6 +50,8 @@ def summary(res: Results) -> pd.DataFrame:
              and c.split(".", 2)[2] not in ("total", *set(path))]
     for col in (*COLUMNS, "metric.before_mbit.total"):
         df[col] = _num(runs, col)
+    df["stalled"] = (runs["metric.stalled"].astype("boolean").fillna(False).astype(float)
+                     if "metric.stalled" in runs else 0.0)  # share of the cell's runs
     # the limited path's and the other path's rates before/after (first other path: two-path runs)
     df["limited_before"] = [_num(runs, f"metric.before_mbit.{p}").loc[i] for i, p in zip(runs.index, path)]
     o = other[0] if other else None
@@ -68,12 +71,12 @@ def table(summ: pd.DataFrame) -> pd.DataFrame:
     """The report's table: per mode and R, the limited path and the total after the request."""
     if summ.empty:
         return summ
-    cols = ["mode", "R", "runs", *COLUMNS, "other_after",
+    cols = ["mode", "R", "runs", "stalled", *COLUMNS, "other_after",
             *[c for c in summ.columns if c.startswith("queueing ")]]
     out = summ[[c for c in cols if c in summ]].copy()
     out["mode"] = pd.Categorical(out["mode"], [m for m in MODES if m in set(out["mode"])] +
                                  sorted(set(out["mode"]) - set(MODES)))
-    out = out.sort_values(["mode", "R"]).rename(columns={**COLUMNS, "R": "R Mbit/s",
+    out = out.sort_values(["mode", "R"]).rename(columns={**COLUMNS, "R": "R Mbit/s", "stalled": "stalled (share of runs)",
                                                           "other_after": "other path after, Mbit/s"})
     return out.round(3)
 
@@ -105,12 +108,20 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
                                zip(c["R"], c["metric.limited_after_mbit"], c["metric.accuracy"])),
                      bool(worst <= ACCURATE)))
 
-    def other_row(mode: str, source: str, subject: str, expected: str, untouched: bool) -> None:
-        c = _cells(summ, mode)
-        crit = (f"the other path after >= {UNTOUCHED:g} x before, at every R" if untouched
-                else f"the other path after < {CUT:g} x before, at every R")
+    def other_row(mode: str, source: str, subject: str, expected: str, untouched: bool,
+                  reference: str | None = None) -> None:
+        """The other path's rate after the request against its rate before (or, with
+        reference, against that mode's rate after at the same R)."""
+        c = _cells(summ, mode).copy()
+        before = f"in mode {reference}" if reference else "before"
+        crit = (f"the other path after >= {UNTOUCHED:g} x {before}, at every R" if untouched
+                else f"the other path after < {CUT:g} x {before}, at every R")
+        if reference and not c.empty:
+            ref = _cells(summ, reference).set_index("R")["other_after"] if not summ.empty else pd.Series(dtype=float)
+            c["other_before"] = c["R"].map(ref)
         if c.empty or c["other_before"].isna().all():
-            rows.append((source, subject, cond, expected, crit, missing.format(m=mode), None))
+            rows.append((source, subject, cond, expected, crit,
+                         missing.format(m=mode + (f" and {reference}" if reference else "")), None))
             return
         ratio = c["other_after"] / c["other_before"]
         ok = bool((ratio >= UNTOUCHED).all()) if untouched else bool((ratio < CUT).all())
@@ -122,8 +133,10 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
 
     accuracy_row("srl", SRL, "SRL (user-space stack)", "the sender holds the subflow at the requested rate")
     other_row("srl", SRL, "SRL (user-space stack)", "the other path keeps its rate", True)
-    other_row("window", IETF105, "receive-window clamp (kernel MPTCP)",
+    other_row("window", IETF105, "receive-window clamp at the request (kernel MPTCP receiver)",
               "the connection-level window cannot single out LTE: it cuts both paths", False)
+    other_row("window_start", IETF105, "receive-window clamp from the start (kernel MPTCP receiver)",
+              "the connection-level window cannot single out LTE: it cuts both paths", False, reference="none")
     accuracy_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP)",
                  "egress + ingress shaping holds LTE at R")
     other_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP)",
@@ -133,23 +146,32 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
 
 
 def answer_row(summ: pd.DataFrame) -> tuple[str, str, str, str, str, str, bool | None]:
-    """The room's question answered in one sentence with numbers, at the R both modes share."""
+    """The room's question answered in one sentence with numbers, at an R that srl and a
+    window mode share (the middle one): SRL's LTE and total against each window clamp's."""
     expected = "no: clamping the window is not the same as the option"
-    crit = "window clamp's total goodput < 0.5 x SRL's at the same R"
-    s, w = _cells(summ, "srl"), _cells(summ, "window")
-    shared = sorted(set(s["R"]) & set(w["R"])) if not (s.empty or w.empty) else []
+    crit = "every window clamp's total goodput < 0.5 x SRL's at the same R"
+    s = _cells(summ, "srl")
+    ws = {m: _cells(summ, m) for m in ("window", "window_start")}
+    shared = sorted(set(s["R"]) & set().union(*(set(w["R"]) for w in ws.values()))) if not s.empty else []
     if not shared:
         return (IETF105, "SRL vs receive-window clamp", "same R, same topology", expected, crit,
                 "not measured (needs complete srl and window runs at a common R)", None)
     r = shared[len(shared) // 2]
-    a, b = s[s["R"] == r].iloc[0], w[w["R"] == r].iloc[0]
+    a = s[s["R"] == r].iloc[0]
     text = (f"At R = {r:g} Mbit/s, SRL holds LTE within {_pct(a['metric.accuracy'])} of R "
             f"({a['metric.limited_after_mbit']:.2f} Mbit/s) while total goodput stays "
-            f"{a['metric.total_after_mbit']:.1f} Mbit/s ({a['other']} {a['other_after']:.1f}); "
-            f"the window clamp cuts both paths to {b['metric.total_after_mbit']:.1f} Mbit/s in total "
-            f"(LTE {b['metric.limited_after_mbit']:.2f}, {b['other']} {b['other_after']:.1f})")
-    return (IETF105, "SRL vs receive-window clamp", "same R, same topology", expected, crit, text,
-            bool(b["metric.total_after_mbit"] < 0.5 * a["metric.total_after_mbit"]))
+            f"{a['metric.total_after_mbit']:.1f} Mbit/s ({a['other']} {a['other_after']:.1f})")
+    ok = True
+    for mode, when in (("window", "set at the request"), ("window_start", "set from the start")):
+        w = ws[mode]
+        if w.empty or r not in set(w["R"]):
+            continue
+        b = w[w["R"] == r].iloc[0]
+        stall = " (the connection stalled)" if b.get("stalled", 0) >= 0.5 else ""
+        text += (f"; the window clamp {when} cuts both paths to {b['metric.total_after_mbit']:.1f} Mbit/s "
+                 f"in total (LTE {b['metric.limited_after_mbit']:.2f}, {b['other']} {b['other_after']:.1f}){stall}")
+        ok = ok and bool(b["metric.total_after_mbit"] < 0.5 * a["metric.total_after_mbit"])
+    return (IETF105, "SRL vs receive-window clamp", "same R, same topology", expected, crit, text, ok)
 
 
 __all__ = ["EXPERIMENT", "MODES", "MODE_LABELS", "summary", "table", "expectation_rows", "answer_row"]

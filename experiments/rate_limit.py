@@ -9,7 +9,9 @@ the client asks for the limited path (LTE) to carry at most R, by one of four mo
   receiver clamps its receive window, sized so that LTE alone would run at R
   (SO_RCVBUF = R x LTE's RTT on a kernel MPTCP client socket; TCP_WINDOW_CLAMP is
   refused on MPTCP sockets by Linux 6.18). The MPTCP window is connection-level,
-  so the clamp bounds both paths together.
+  so the clamp bounds both paths together. `window_start`: the same clamp set as
+  soon as the connection is up (the steady state of a server policy; its
+  "before" is clamped too, the reference is `none`).
 - `shaping`: the client shapes its own LTE interface, egress and ingress, to R
   (testbed.core.host_shaping: HTB, and IFB + HTB for arriving frames) with a
   kernel MPTCP client, whose TCP sees the shaped arrivals.
@@ -50,7 +52,8 @@ from testbed.harness.experiment import Experiment, ExperimentParams, RunContext,
 from testbed.harness.probes.base import frame
 from testbed.harness.workload.app_workload import ReceiverLimit
 
-Mode = Literal["srl", "window", "shaping", "none"]
+Mode = Literal["srl", "window", "window_start", "shaping", "none"]
+WINDOW_MODES = ("window", "window_start")
 MSS_BYTES = 1448
 # The server writes for `seconds`; what its send buffer still holds then drains at the
 # limited rate (a window clamp set mid-transfer makes Linux prune data it had room for:
@@ -84,8 +87,8 @@ class Params(ExperimentParams):
                              f"must fit in seconds ({self.seconds:g})")
         if self.shaping_queue_pkts is not None and self.mode != "shaping":
             raise ValueError("shaping_queue_pkts is for mode 'shaping'")
-        if self.window_bytes is not None and self.mode != "window":
-            raise ValueError("window_bytes is for mode 'window'")
+        if self.window_bytes is not None and self.mode not in WINDOW_MODES:
+            raise ValueError("window_bytes is for modes 'window' and 'window_start'")
         if self.mode == "srl" and self.sender == "kernel":
             raise ValueError("mode 'srl' needs sender 'user' (kernel MPTCP does not know the option)")
         return self
@@ -166,8 +169,8 @@ class RateLimit(Experiment):
         limit = None
         if p.mode == "srl":
             limit = ReceiverLimit(kind="srl", at_ns=at_ns, path=p.path, rate_kbit=p.rate_mbit * 1000)
-        elif p.mode == "window":
-            limit = ReceiverLimit(kind="rcvbuf", at_ns=at_ns,
+        elif p.mode in WINDOW_MODES:  # window_start: as soon as the connection is up
+            limit = ReceiverLimit(kind="rcvbuf", at_ns=at_ns if p.mode == "window" else ctx.t0_ns,
                                   rcvbuf_bytes=p.window_bytes or max(2048, int(bdp_bytes)))
         load = workload.get("app", mode="bulk", direction="down", seconds=p.seconds, cc=p.cc,
                             client_stack="user" if p.mode == "srl" else "kernel", server_stack=p.sender,
@@ -200,7 +203,7 @@ class RateLimit(Experiment):
             m.update(shaping_queue_pkts=queue, shaping_late_s=(shaped["applied_ns"] - at_ns) / 1e9
                      if "applied_ns" in shaped else None,
                      **{f"shaping_{side}_drops": s["drops"] for side, s in shaped.get("stats", {}).items()})
-        if p.mode == "window":
+        if p.mode in WINDOW_MODES:
             m["window_bytes"] = limit.rcvbuf_bytes
         if m.get("connect_s") is None:
             return RunOutput(metrics=m, tables=result.tables, status="failed",
@@ -273,11 +276,11 @@ def invalid_reason(m: dict[str, Any], shaped: dict[str, Any], p: Params, n_paths
     data not intact, a path without a subflow, no rate after the request."""
     if m.get("limit_error"):
         return f"the client's limit failed: {m['limit_error']}"
-    if p.mode in ("srl", "window") and m.get("limit_applied_s") is None:
+    if p.mode in ("srl", *WINDOW_MODES) and m.get("limit_applied_s") is None:
         return "the client never applied its limit (the transfer ended first?)"
     if p.mode == "shaping" and "applied_ns" not in shaped:
         return f"shaping was not installed: {shaped.get('error', 'the transfer ended first')}"
-    if m.get("stalled") and p.mode != "window":
+    if m.get("stalled") and p.mode not in WINDOW_MODES:
         return f"the transfer stalled (no byte for {p.stall_s:g} s)"
     if not m.get("stalled") and not m.get("sha256_match"):
         return "data not intact (sha256 of received != sent)"

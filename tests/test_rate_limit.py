@@ -19,7 +19,7 @@ from tests.test_experiments import run
 @pytest.mark.parametrize("sets, needle", [
     (["params.request_at_s=11"], "must fit in seconds"),
     (["params.mode=srl", "params.sender=kernel"], "needs sender 'user'"),
-    (["params.mode=none", "params.window_bytes=5000"], "window_bytes is for mode 'window'"),
+    (["params.mode=none", "params.window_bytes=5000"], "window_bytes is for modes 'window'"),
     (["params.rate_mbit=0"], "rate_mbit"),
 ])
 def test_bad_parameters_are_refused_at_load_in_one_line(tmp_path, sets, needle):
@@ -100,19 +100,21 @@ def test_each_mode_limits_lte_its_way(tmp_path):
                                                                       "lte_delay_ms": 25}},
                           "params": {"seconds": 6, "request_at_s": 2, "settle_s": 1.5, "stall_s": 3,
                                      "rate_mbit": 2},
-                          "grid": {"params.mode": ["srl", "window", "shaping", "none"]}})
+                          "grid": {"params.mode": ["srl", "window", "window_start", "shaping", "none"]}})
     by = {r["mode"]: r for r in runs}
-    assert set(by) == {"srl", "window", "shaping", "none"}
+    assert set(by) == {"srl", "window", "window_start", "shaping", "none"}
     for r in runs:
         assert r["subflows_max"] == 2
         assert r["sha256_match"] is True or (r["mode"] == "window" and r["stalled"]), r["mode"]
-        assert r["before_mbit.lte"] > 8, r  # both paths carried data before the request
+        if r["mode"] != "window_start":
+            assert r["before_mbit.lte"] > 8, r  # both paths carried data before the request
     # no limit: LTE keeps its rate; SRL and shaping bring it near R, WiFi untouched
     assert by["none"]["limited_after_mbit"] > 8
     for mode in ("srl", "shaping"):
         assert by[mode]["accuracy"] < 0.5, (mode, by[mode]["limited_after_mbit"])
         assert by[mode]["after_mbit.wifi"] > 0.7 * by[mode]["before_mbit.wifi"], mode
     assert by["srl"]["total_after_mbit"] < by["none"]["total_after_mbit"] - 5
-    # the connection-level window clamp slows WiFi too
+    # the connection-level window clamp slows WiFi too, set at the request or from the start
     assert by["window"]["after_mbit.wifi"] < 0.5 * by["window"]["before_mbit.wifi"]
+    assert by["window_start"]["after_mbit.wifi"] < 0.5 * by["none"]["after_mbit.wifi"]
     assert by["srl"]["_manifest"]["protocol"]["srl"]["length"] == 7

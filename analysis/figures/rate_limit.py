@@ -13,7 +13,7 @@ from analysis import Results
 from analysis import rate_limit as RL
 from analysis.figures import Figure, Section, grid, setup_style
 
-MODE_COLORS = dict(zip(RL.MODES, sns.color_palette("colorblind", 4)))
+MODE_COLORS = dict(zip(RL.MODES, sns.color_palette("colorblind", len(RL.MODES))))
 
 
 def _series(res: Results, runs: pd.DataFrame, key: str) -> pd.DataFrame:
