@@ -54,8 +54,8 @@ def multipath_side_by_side(res: Results, df: pd.DataFrame) -> Figure:
                            boxprops=dict(facecolor=(*strategy_color(st), 0.25), edgecolor="0.3", lw=0.8),
                            medianprops=dict(color="0.1", lw=1.2), whiskerprops=dict(color="0.4"),
                            capprops=dict(color="0.4"))
-                ax.scatter(v, y + rng.uniform(-0.15, 0.15, len(v)), s=10, marker="D",
-                           color=strategy_color(st), alpha=0.85, lw=0, zorder=3)
+                ax.scatter(v, y + rng.uniform(-0.15, 0.15, len(v)), s=16, marker="D",
+                           color=strategy_color(st), alpha=0.9, edgecolor="0.2", lw=0.3, zorder=3)
             never = len(g) - len(v)
             if len(g) and never:
                 ax.text(0.99, 1 - (y + 0.5) / len(SIDE_BY_SIDE), f"{never}/{len(g)} never", transform=ax.transAxes,
@@ -63,7 +63,7 @@ def multipath_side_by_side(res: Results, df: pd.DataFrame) -> Figure:
                         bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.5))
         bound = _slowest_rtt(res, d)
         if bound:
-            ax.axvline(bound, color="0.25", lw=1.1, ls="--", zorder=4)
+            ax.axvline(bound, color="0.25", lw=1.1, ls="--", zorder=2)
         ax.set_xscale("log")
         ax.set_xlim(lo, hi)
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
