@@ -120,7 +120,7 @@ def state_summary(res: Results) -> pd.DataFrame:
 
 
 def _sentence_kernel(resume: pd.DataFrame, state: pd.DataFrame, r: pd.DataFrame) -> tuple[str, bool | None]:
-    k = resume[resume["arm"] == "kernel"] if not resume.empty else resume
+    k = resume[resume["arm"] == "kernel"] if not resume.empty else pd.DataFrame(columns=["variant", "T", "resumed"])
     s = state[state["arm"] == "kernel"] if not state.empty else state
     if k.empty and s.empty:
         return "not measured (no complete kernel runs of inactivity)", None
@@ -195,7 +195,7 @@ def expectation_rows(res: Results) -> list[tuple[str, str, str, str, str, str, b
                  "keeps the connection's state (the room: forever unless memory is short)",
                  "every idle connection still held at the end of the observation", text, ok))
     u = state[state["arm"] == "user stack"] if not state.empty else state
-    ur = resume[resume["arm"] == "user stack"] if not resume.empty else resume
+    ur = resume[resume["arm"] == "user stack"] if not resume.empty else pd.DataFrame(columns=["variant", "resumed"])
     if u.empty and ur.empty:
         rows.append((ITO, "user-space stack without ITO", "idle connections, every path down",
                      "keeps the state (no timer)", "every idle connection still held at the end",

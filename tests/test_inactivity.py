@@ -46,7 +46,7 @@ def test_resume_and_idle_state(tmp_path):
         assert r["returned_path"] == "lte"
     assert user[0]["resumed"] is True and user[0]["sha256_match"] is True
     assert 0 < user[0]["resume_s"] < 3
-    state = run(tmp_path / "state", scenario({"mode": "state", "connections": 20, "observe_s": 2,
+    state = run(tmp_path / "state", scenario({"mode": "state", "connections": 20, "observe_s": 2, "p1_bytes": 1000,
                                               "sample_ms": 200}))
     [s] = state
     assert s["held_at_down"] == 20 and s["held_at_end"] == 20  # the kernel keeps idle connections
