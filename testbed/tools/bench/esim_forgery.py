@@ -63,6 +63,7 @@ PORT = 5740
 ATTACKER_PORTS = (45000, 49999)   # outside the stack's client range (61000-65535)
 BATCH = 32                        # half-open attempts in flight at once (the listener's backlog is 64)
 ANSWER_TIMEOUT_S = 1.0
+VICTIM_TRIES = 2                  # the eSIM subflow needs the win processed before the loser's SYN/ACK (8 ms here)
 
 
 @dataclass(frozen=True)
@@ -172,19 +173,28 @@ def run_forgery(attempts: int = 5000, variants: tuple[str, ...] = VARIANTS,
             addrs = {p.addr.client: (p.name, p.client_if) for p in tb.paths}
             # 1. the victim: RobE_eSIM from both paths, recorded in the client namespace
             cap1 = work / "victim.pcap"
-            dump = _tcpdump(tb, "any", cap1, f"tcp port {PORT}")
-            try:
-                conn, rep = tb.in_ns(tb.client, lambda: connect(
-                    (tb.server_addr, PORT), "esim", tb_paths(tb), 5.0,
-                    options=Options(join_timeout_s=2.0), backend=UserStackBackend(client)))
-                rep.wait_joins(3.0)
-                victim = lst.accept(5.0)
-                time.sleep(0.1)
-            finally:
-                stop_tcpdumps([dump])
-            if server.esim_checks[esim.OK] != 1 or len(victim.subflows) != 2:
-                raise TestbedError(f"the victim got no eSIM subflow (server checks {dict(server.esim_checks)}, "
-                                   f"{len(victim.subflows)} subflow(s)): nothing to attack")
+            for attempt in range(VICTIM_TRIES):
+                accepted_before = server.esim_checks[esim.OK]
+                cap1.unlink(missing_ok=True)
+                dump = _tcpdump(tb, "any", cap1, f"tcp port {PORT}")
+                try:
+                    conn, rep = tb.in_ns(tb.client, lambda: connect(
+                        (tb.server_addr, PORT), "esim", tb_paths(tb), 5.0,
+                        options=Options(join_timeout_s=2.0), backend=UserStackBackend(client)))
+                    rep.wait_joins(3.0)
+                    victim = lst.accept(5.0)
+                    time.sleep(0.1)
+                finally:
+                    stop_tcpdumps([dump])
+                if server.esim_checks[esim.OK] - accepted_before == 1 and len(victim.subflows) == 2:
+                    break
+                # the loser's SYN/ACK came before the win was processed: it joined as SIM does
+                conn.abort()
+                if attempt == VICTIM_TRIES - 1:
+                    raise TestbedError(f"the victim got no eSIM subflow in {VICTIM_TRIES} establishments "
+                                       f"(server checks {dict(server.esim_checks)}, {len(victim.subflows)} "
+                                       "subflow(s)): nothing to attack")
+            doc["victim_establishments"] = attempt + 1
             seen = observe_losing_path(cap1, addrs)
             doc["observed"] = {"loser_path": addrs[seen.loser_addr][0], "addr_id": seen.addr_id,
                                "key_a": f"{seen.key_a:016x}", "tag": f"{seen.tag:016x}",
