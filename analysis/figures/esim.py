@@ -112,7 +112,11 @@ def build(res: Results) -> Section:
     sec = Section("esim", "RobE_eSIM and RobE over the user-space stack",
                   "RobE_eSIM keeps SIM's losing attempts and turns them into subflows (user-space stack on "
                   "both sides; against the kernel server it falls back to SIM), and the same strategy code "
-                  "run over the user-space stack next to kernel sockets (experiments: robe-esim, robe-user).")
+                  "run over the user-space stack next to kernel sockets (experiments: robe-esim, robe-user). "
+                  "Multipath is the client's stamp (when it could use its join) for both clients. Tables: "
+                  "the user-space-stack client's medians per condition, strategy and server (esim_summary; "
+                  "fell_back_to_sim and esim_subflows count runs); SIM, TIMER and MPTCP over kernel sockets "
+                  "and over the user-space stack against the kernel server, medians in ms (robe_stacks).")
     all_runs = data(res)
     uu = stack_pair(all_runs, "user", "user")
     side = uu[uu["param.strategy"].isin(SIDE_BY_SIDE)] if not uu.empty else uu
