@@ -174,6 +174,11 @@ def _median(v: pd.Series) -> float:
     return float(np.median(a)) if len(a) else np.nan
 
 
+def _fallbacks(cell: pd.DataFrame) -> int:
+    """Runs that connected by falling back to plain TCP."""
+    return int((cell["metric.outcome"] == "fallback").sum()) if "metric.outcome" in cell else 0
+
+
 def stack_comparison(res: Results) -> pd.DataFrame:
     """Per condition and strategy (SIM, TIMER, MPTCP) against the kernel server: the median
     setup and multipath (client's stamp) of RobE over kernel sockets and over the user-space
@@ -189,13 +194,19 @@ def stack_comparison(res: Results) -> pd.DataFrame:
             if k.empty or u.empty:
                 continue
             row = {"condition": sc, "strategy": st, "n_kernel": len(k), "n_user": len(u),
-                   "connected_kernel": float(_connected(k).mean()), "connected_user": float(_connected(u).mean())}
+                   "connected_kernel": float(_connected(k).mean()), "connected_user": float(_connected(u).mean()),
+                   "fallback_kernel": _fallbacks(k), "fallback_user": _fallbacks(u)}
             for what, get in (("setup", lambda c: c["metric.setup_s"]), ("multipath", multipath_client)):
                 a, b = _median(get(k)), _median(get(u))
                 row[f"{what}_kernel_ms"], row[f"{what}_user_ms"] = a * 1e3, b * 1e3
                 row[f"{what}_diff_ms"] = (b - a) * 1e3
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def fmt_ms(ms: float) -> str:
+    """Milliseconds as fmt_s writes seconds ('n/a' when missing)."""
+    return fmt_s(ms / 1e3)
 
 
 def stacks_agree(cmp: pd.DataFrame, st: str) -> tuple[str, str, str]:
@@ -216,9 +227,12 @@ def stacks_agree(cmp: pd.DataFrame, st: str) -> tuple[str, str, str]:
             parts.append(f"{r['condition']}: neither connected (n={r['n_kernel']}/{r['n_user']})")
             continue
         mp = (f", multipath {r['multipath_diff_ms']:+.1f} ms" if np.isfinite(r["multipath_diff_ms"]) else "")
-        parts.append(f"{r['condition']}: setup {r['setup_kernel_ms']:.1f} vs {r['setup_user_ms']:.1f} ms "
-                     f"({r['setup_diff_ms']:+.1f}){mp}; connected {r['connected_kernel']:.0%}/"
-                     f"{r['connected_user']:.0%} (n={r['n_kernel']}/{r['n_user']})")
+        fb = "".join(f", {r[f'fallback_{who}']} fell back to TCP on {who}"
+                     for who in ("kernel", "user") if r[f"fallback_{who}"])
+        diff = f" ({r['setup_diff_ms']:+.1f} ms)" if both else ""
+        parts.append(f"{r['condition']}: setup {fmt_ms(r['setup_kernel_ms'])} vs {fmt_ms(r['setup_user_ms'])}"
+                     f"{diff}{mp}; connected {r['connected_kernel']:.0%}/{r['connected_user']:.0%} "
+                     f"(n={r['n_kernel']}/{r['n_user']}{fb})")
     return crit, "; ".join(parts), HOLDS if ok else FAILS
 
 

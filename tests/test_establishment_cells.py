@@ -153,3 +153,13 @@ def test_esim_runs_name_their_choices_in_the_manifest():
     assert p["options"]["MP_JOIN_CAP"] == {"kind": 30, "subtype": 0xF, "nibble": 1, "length": 20}
     assert p["options"]["ROBE_eSIM_EN"]["flag"] == 0x04 and (p["client"], p["server"]) == (True, False)
     assert esim_protocol(Params(strategy="sim", client_stack="user", server_stack="user"))["robe_esim"]["server"]
+
+
+def test_a_kernel_only_fallback_to_tcp_is_named(monkeypatch):
+    # behind a middlebox dropping MPTCP SYNs, Linux falls back to TCP; the user stack does not
+    runs = [{"condition": "mptcp_drop", "strategy": "mptcp", "client": "kernel", "server": "kernel",
+             "setup": 3.08, "outcome": "fallback"}] * 2 + \
+        [{"condition": "mptcp_drop", "strategy": "mptcp", "server": "kernel", "setup": np.nan,
+          "outcome": "failed"}] * 2
+    _, meas, verdict = esim.stacks_agree(esim.stack_comparison(_with(monkeypatch, *runs)), "mptcp")
+    assert verdict == ec.FAILS and "2 fell back to TCP on kernel" in meas and "vs n/a;" in meas, meas
