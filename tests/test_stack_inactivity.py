@@ -121,6 +121,26 @@ def test_all_paths_down_for_6s_the_server_drops_the_state_after_the_timer(pair):
         assert conn.wait_closed(3), conn.info()
 
 
+def test_the_app_resumes_before_half_the_timer(pair):
+    """Connection.resume() re-establishes as soon as a path is back (ITO 8 s: the automatic
+    rounds would start only 4 s after the last subflow died)."""
+    with Stack(pair.b, inactivity_s=8) as server, Stack(pair.a, inactivity_s=8) as client:
+        conn, srv = two_path_connection(pair, server, client)
+        with pytest.raises(StackError, match="only the connection's opener"):
+            srv.resume(timeout=0.1)
+        down = time.monotonic()
+        links(pair, up=False)
+        ev = events_of(client, conn.info().token, down + 2.6)   # dead after 4 x 0.5 s of silence
+        assert "inactive" in [e.kind for e in ev], [(e.kind, e.reason) for e in ev]
+        links(pair, up=True, devs=("va0",))
+        conn.resume(timeout=3)
+        took = time.monotonic() - down
+        assert took < 5.0, took   # the automatic rounds start at 2 + 4 s
+        assert conn.info().inactivity.inactive_for_s is None
+        conn.send(b"after")
+        assert srv.recv(5, timeout=5) == b"after"
+
+
 def test_without_ito_nothing_is_probed_and_the_last_subflow_dying_closes(pair):
     """The stack as before: no keep-alives, no option on the wire, and a connection whose
     last subflow is reset fails at once (what the inactivity experiment compares against)."""
