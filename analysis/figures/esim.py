@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis import Results, paths
 from analysis.esim_checks import ESIM_CONDITIONS, multipath_client, stack_comparison
 from analysis.esim_security import FORGERY_FILE, forgery_table, load_forgery
 from analysis.figures import Figure, Section, grid, order, setup_style, strategy_color
-from analysis.figures.establishment import data, seconds_label, stack_pair
+from analysis.figures.establishment import data, log_time_axis, stack_pair
 
 SIDE_BY_SIDE = ["sim", "esim"]
 
@@ -64,12 +63,7 @@ def multipath_side_by_side(res: Results, df: pd.DataFrame) -> Figure:
         bound = _slowest_rtt(res, d)
         if bound:
             ax.axvline(bound, color="0.25", lw=1.1, ls="--", zorder=2)
-        ax.set_xscale("log")
-        ax.set_xlim(lo, hi)
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(seconds_label))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.tick_params(axis="x", labelrotation=35)
+        log_time_axis(ax, lo, hi)
         ax.set_yticks(range(len(SIDE_BY_SIDE)), [s.upper() if s == "sim" else "eSIM" for s in SIDE_BY_SIDE])
         ax.set_ylim(len(SIDE_BY_SIDE) - 0.5, -0.5)
         ax.set_title(sc)

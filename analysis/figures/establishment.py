@@ -33,7 +33,8 @@ def seconds_label(x: float, _pos: object = None) -> str:
     return f"{x:g} s"
 
 
-def _log_time_axis(ax, lo: float, hi: float) -> None:
+def log_time_axis(ax, lo: float, hi: float) -> None:
+    """A log time axis from lo to hi seconds, ticks at 1 and 3 per decade read as ms or s."""
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
@@ -132,7 +133,7 @@ def setup_ecdf(df: pd.DataFrame) -> Figure:
                     lw=3.0 - 1.6 * i / max(len(strategies) - 1, 1), alpha=0.9)
         for t in SYN_TIMES_S:
             ax.axvline(t, color="0.55", lw=0.7, ls=":", zorder=0)
-        _log_time_axis(ax, lo, hi)
+        log_time_axis(ax, lo, hi)
         ax.set_ylim(-0.02, 1.04)
         ax.set_title(_title(d, sc))
     for ax in axes:
@@ -183,7 +184,7 @@ def multipath_strip(df: pd.DataFrame) -> Figure:
                 ax.text(0.995, 1 - (y + 0.5) / len(strategies), f"{never}/{len(g)} never",
                         transform=ax.transAxes, ha="right", va="center", fontsize=7.5, color="0.3",
                         bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.5))
-        _log_time_axis(ax, lo, hi)
+        log_time_axis(ax, lo, hi)
         ax.set_yticks(range(len(strategies)), strategies)
         ax.set_ylim(len(strategies) - 0.5, -0.5)
         ax.set_title(_title(d, sc))
