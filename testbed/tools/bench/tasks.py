@@ -207,3 +207,38 @@ def esim_forgery(c, attempts=None, variants="random-tag,right-hint,replay,unknow
 
 
 ns.add_task(esim_forgery)
+
+
+@task(name="rate-limit",
+      help={"rate_kbit": "the rate the receiver asks for on lte, kbit/s (default 2000)",
+            "modes": "comma-separated enforcement modes: pacing, cwnd (default both)"})
+def rate_limit(c, rate_kbit=2000.0, modes="pacing,cwnd"):
+    """The user-space stack's SRL enforcement: lte's rate vs the request, convergence, bursts (pacing vs cwnd)."""
+    need_root()
+    from invoke.exceptions import Exit
+
+    from testbed.base.errors import TestbedError
+    from testbed.stack.rate_limit import MODES
+    from testbed.tools.bench.rate_limit import run
+
+    def go() -> tuple[str, bool]:
+        chosen = tuple(m.strip() for m in str(modes).split(",") if m.strip())
+        bad = [m for m in chosen if m not in MODES]
+        if bad or not chosen:
+            raise TestbedError(f"--modes: {','.join(bad) or 'nothing'} is not among {', '.join(MODES)}")
+        try:
+            rate = float(rate_kbit)
+        except ValueError:
+            raise TestbedError(f"--rate-kbit: {rate_kbit!r} is not a number") from None
+        if not 0 < rate <= RATE_LIMIT_MAX_KBIT:
+            raise TestbedError(f"--rate-kbit: {rate:g} is not in (0, {RATE_LIMIT_MAX_KBIT}]")
+        return run(rate, chosen)
+
+    text, ok = guard(go)
+    print(text)
+    if not ok:
+        raise Exit("bench.rate-limit: lte's rate missed the +-25 % target", code=1)
+
+
+RATE_LIMIT_MAX_KBIT = 20_000   # the lte path's rate in the bench's topology
+ns.add_task(rate_limit)
