@@ -177,9 +177,10 @@ def expectation_rows(res: Results) -> list[tuple[str, str, str, str, str, str, b
     else:
         for x, g in ito.groupby("timer_s"):
             sf, gone = _num(g, "metric.server_subflows_gone_s"), _num(g, "metric.server_state_gone_s")
-            # Runs that ended before the timer could run out (resumed in time) say nothing here.
-            judged = g[sf.notna()]
-            d = (gone - sf)[sf.notna()]
+            # A run whose connection resumed before the timer ran out says nothing here.
+            lost = sf.notna() & ~_flag(g, "metric.resumed")
+            judged = g[lost]
+            d = (gone - sf)[lost]
             if judged.empty:
                 text, ok = "not measured (no run in which the server lost every subflow)", None
             else:
