@@ -16,12 +16,15 @@ from testbed.core.model import HostSettings
 from testbed.mptcp import pm
 from testbed.base.netns import read_sysctl, run_in_netns, write_sysctl
 
-# Recorded with every run in addition to the MPTCP ones: they shape SYN timing.
+# Recorded with every run in addition to the MPTCP ones: they shape SYN timing, and
+# (retries2, keep-alive) how long a subflow whose path vanished lives on.
 RECORDED_TCP_SYSCTLS = [
     "net.ipv4.tcp_syn_retries",
     "net.ipv4.tcp_syn_linear_timeouts",
     "net.ipv4.tcp_congestion_control",
     "net.ipv4.tcp_no_metrics_save",
+    "net.ipv4.tcp_retries2",
+    "net.ipv4.tcp_keepalive_time",
 ]
 
 
