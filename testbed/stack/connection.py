@@ -1084,7 +1084,8 @@ class Connection:
 
     def _rate_limit_timer(self, now: float) -> None:
         for sf in self.subflows:
-            if sf.srl_limiter is not None and (sf.srl_limiter.deadline() or now + 1) <= now:
+            wake = sf.srl_limiter.deadline() if sf.srl_limiter is not None else None
+            if wake is not None and wake <= now:
                 sf.srl_limiter.woke()     # push() runs next and sends what the tokens allow
             req = sf.srl_request
             if req is None or req.due() is None or req.due() > now:
