@@ -45,7 +45,8 @@ def rate_figure(res: Results, runs: pd.DataFrame, summ: pd.DataFrame) -> Figure 
                         label=RL.MODE_LABELS[mode])
         ax.axhline(r, color="0.3", ls="--", lw=1, label="R (requested)")
         ax.axvline(at, color="0.5", ls=":", lw=1, label="request")
-        ax.set_yscale("symlog", linthresh=1)
+        ax.set_yscale("symlog", linthresh=1)  # R = 1 and 20 Mbit/s both readable
+        ax.set_ylim(bottom=0)
         ax.set_title(f"R = {r:g} Mbit/s")
         ax.set_xlabel("time since start, s")
         ax.set_ylabel(f"{path} rate, Mbit/s")
