@@ -25,7 +25,6 @@ IETF105 = SRL + ", the question at IETF 105"
 TARGET = "this testbed's target"
 ACCURATE = 0.15        # a limit holds the path within 15 % of R (median over the bins after settling)
 UNTOUCHED = 0.85       # the other path keeps >= 85 % of its rate before the request
-CUT = 0.5              # "cuts" a path: below half of its rate before the request
 
 COLUMNS = {"metric.limited_after_mbit": "limited path after, Mbit/s", "metric.accuracy": "accuracy |rate-R|/R",
            "metric.convergence_s": "convergence s", "metric.total_after_mbit": "total after, Mbit/s",
@@ -48,7 +47,7 @@ def summary(res: Results) -> pd.DataFrame:
                        "limited": path})
     other = [c.split(".", 2)[2] for c in runs.columns if c.startswith("metric.before_mbit.")
              and c.split(".", 2)[2] not in ("total", *set(path))]
-    for col in (*COLUMNS, "metric.before_mbit.total"):
+    for col in (*COLUMNS, "metric.before_mbit.total", "metric.last_data_s"):
         df[col] = _num(runs, col)
     df["stalled"] = (runs["metric.stalled"].astype("boolean").fillna(False).astype(float)
                      if "metric.stalled" in runs else 0.0)  # share of the cell's runs
@@ -108,39 +107,52 @@ def expectation_rows(res) -> list[tuple[str, str, str, str, str, str, bool | Non
                                zip(c["R"], c["metric.limited_after_mbit"], c["metric.accuracy"])),
                      bool(worst <= ACCURATE)))
 
-    def other_row(mode: str, source: str, subject: str, expected: str, untouched: bool,
-                  reference: str | None = None) -> None:
-        """The other path's rate after the request against its rate before (or, with
-        reference, against that mode's rate after at the same R)."""
-        c = _cells(summ, mode).copy()
-        before = f"in mode {reference}" if reference else "before"
-        crit = (f"the other path after >= {UNTOUCHED:g} x {before}, at every R" if untouched
-                else f"the other path after < {CUT:g} x {before}, at every R")
-        if reference and not c.empty:
-            ref = _cells(summ, reference).set_index("R")["other_after"] if not summ.empty else pd.Series(dtype=float)
-            c["other_before"] = c["R"].map(ref)
+    def other_row(mode: str, source: str, subject: str, expected: str) -> None:
+        """The other path's rate after the request against its rate before, at every R."""
+        c = _cells(summ, mode)
+        crit = f"the other path after >= {UNTOUCHED:g} x before, at every R"
         if c.empty or c["other_before"].isna().all():
-            rows.append((source, subject, cond, expected, crit,
-                         missing.format(m=mode + (f" and {reference}" if reference else "")), None))
+            rows.append((source, subject, cond, expected, crit, missing.format(m=mode), None))
             return
-        ratio = c["other_after"] / c["other_before"]
-        ok = bool((ratio >= UNTOUCHED).all()) if untouched else bool((ratio < CUT).all())
+        ok = bool((c["other_after"] >= UNTOUCHED * c["other_before"]).all())
         rows.append((source, subject, cond, expected, crit,
                      "; ".join(f"R = {r:g}: {o} {b:.1f} -> {a:.1f} Mbit/s, total {t:.1f} Mbit/s"
                                for r, o, b, a, t in zip(c["R"], c["other"], c["other_before"],
                                                          c["other_after"], c["metric.total_after_mbit"])),
                      ok))
 
+    def same_row(mode: str, subject: str, reference: str | None) -> None:
+        """Whether a window clamp does what the option does at some R: LTE within ACCURATE
+        of R and the other path at >= UNTOUCHED of its rate (before, or in mode reference)."""
+        c = _cells(summ, mode).copy()
+        expected = "the connection-level window cannot cap LTE alone (it is not the option's effect)"
+        crit = (f"at no R: LTE within {_pct(ACCURATE)} of R and the other path >= {UNTOUCHED:g} x its rate "
+                + (f"in mode {reference}" if reference else "before the request"))
+        if reference and not c.empty:
+            c["other_before"] = c["R"].map(_cells(summ, reference).set_index("R")["other_after"])
+        if c.empty or c["other_before"].isna().all():
+            rows.append((IETF105, subject, cond, expected, crit,
+                         missing.format(m=mode + (f" and {reference}" if reference else "")), None))
+            return
+        end = summ["metric.last_data_s"].max()  # where runs that did not stall stopped
+        same = (c["metric.accuracy"] <= ACCURATE) & (c["other_after"] >= UNTOUCHED * c["other_before"])
+        text = "; ".join(
+            f"R = {r:g}: LTE {l:.2f} Mbit/s ({_pct(a)} off), {o} {b:.1f} -> {x:.1f}, total {t:.1f} Mbit/s"
+            + (f", stalled at {d:g} s" if st >= 0.5 and d < end - 1 else "")
+            for r, l, a, o, b, x, t, st, d in zip(c["R"], c["metric.limited_after_mbit"], c["metric.accuracy"],
+                                                   c["other"], c["other_before"], c["other_after"],
+                                                   c["metric.total_after_mbit"], c["stalled"],
+                                                   c["metric.last_data_s"]))
+        rows.append((IETF105, subject, cond, expected, crit, text, not bool(same.any())))
+
     accuracy_row("srl", SRL, "SRL (user-space stack)", "the sender holds the subflow at the requested rate")
-    other_row("srl", SRL, "SRL (user-space stack)", "the other path keeps its rate", True)
-    other_row("window", IETF105, "receive-window clamp at the request (kernel MPTCP receiver)",
-              "the connection-level window cannot single out LTE: it cuts both paths", False)
-    other_row("window_start", IETF105, "receive-window clamp from the start (kernel MPTCP receiver)",
-              "the connection-level window cannot single out LTE: it cuts both paths", False, reference="none")
-    accuracy_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP)",
+    other_row("srl", SRL, "SRL (user-space stack)", "the other path keeps its rate")
+    same_row("window", "receive-window clamp at the request (kernel MPTCP receiver)", None)
+    same_row("window_start", "receive-window clamp from the start (kernel MPTCP receiver)", "none")
+    accuracy_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP client)",
                  "egress + ingress shaping holds LTE at R")
-    other_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP)",
-              "the other path keeps its rate", True)
+    other_row("shaping", TARGET, "client shapes its LTE interface (kernel MPTCP client)",
+              "the other path keeps its rate")
     rows.append(answer_row(summ))
     return rows
 
@@ -167,7 +179,8 @@ def answer_row(summ: pd.DataFrame) -> tuple[str, str, str, str, str, str, bool |
         if w.empty or r not in set(w["R"]):
             continue
         b = w[w["R"] == r].iloc[0]
-        stall = " (the connection stalled)" if b.get("stalled", 0) >= 0.5 else ""
+        stall = (f" (the connection stalled at {b['metric.last_data_s']:g} s)"
+                 if b["stalled"] >= 0.5 and b["metric.last_data_s"] < a["metric.last_data_s"] - 1 else "")
         text += (f"; the window clamp {when} cuts both paths to {b['metric.total_after_mbit']:.1f} Mbit/s "
                  f"in total (LTE {b['metric.limited_after_mbit']:.2f}, {b['other']} {b['other_after']:.1f}){stall}")
         ok = ok and bool(b["metric.total_after_mbit"] < 0.5 * a["metric.total_after_mbit"])

@@ -48,6 +48,7 @@ def test_convergence_is_the_first_bin_from_which_the_rate_stays_in_band():
 
 def _summ(srl_total: float, window_total: float) -> pd.DataFrame:
     row = {"R": 2.0, "other": "wifi", "metric.accuracy": 0.05, "metric.limited_after_mbit": 1.9,
+           "stalled": 0.0, "metric.last_data_s": 12.0,
            "other_before": 18.0, "metric.total_after_mbit": 0.0, "other_after": 0.0}
     return pd.DataFrame([{**row, "mode": "srl", "metric.total_after_mbit": srl_total, "other_after": srl_total - 1.9},
                          {**row, "mode": "window", "metric.total_after_mbit": window_total,
