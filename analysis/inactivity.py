@@ -181,8 +181,13 @@ def expectation_rows(res: Results) -> list[tuple[str, str, str, str, str, str, b
             lost = sf.notna() & ~_flag(g, "metric.resumed")
             judged = g[lost]
             d = (gone - sf)[lost]
+            alive = g[sf.isna() & ~_flag(g, "metric.resumed")]
+            kept = [f"{h:.0f} of {n:.0f}" for h, n in zip(_num(alive, "metric.held_at_end"),
+                                                         _num(alive, "metric.connections")) if not pd.isna(h)]
             if judged.empty:
                 text, ok = "not measured (no run in which the server lost every subflow)", None
+                if kept:  # say why: subflows the server never found dead keep their connections
+                    text += f"; subflows never all found dead, connections still held at the end: {', '.join(kept)}"
             else:
                 late = d.isna() | (d > x + GONE_SLACK_S)
                 text = (f"X = {x:g} s: {int((~late).sum())} of {len(judged)} runs; state gone "
