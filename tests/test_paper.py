@@ -88,14 +88,17 @@ def test_paper_campaign_is_data_with_the_runs_it_always_had():
 
     plan = paper.load()
     files = [e.file for e in plan.scenario]
-    assert files == ["robe-establishment.toml", "failover.toml", "failover-mpprio.toml", "throughput.toml",
-                     "fairness.toml", "fairness-user.toml", "failover-redundant.toml", "privacy.toml",
-                     "privacy-countermeasures.toml"]
-    runs = {q: sum(len(sc.expand(s)) for s in plan.scenarios(q)) for q in (True, False)}
-    assert runs == {True: 88 + 6 + 3 + 2 + 1, False: 772 + 24 + 9 + 32 + 16}
+    assert files == ["robe-establishment.toml", "robe-esim.toml", "robe-user.toml", "failover.toml",
+                     "failover-mpprio.toml", "throughput.toml", "fairness.toml", "fairness-user.toml",
+                     "failover-redundant.toml", "privacy.toml", "privacy-countermeasures.toml",
+                     "inactivity.toml", "inactivity-state.toml", "rate-limit.toml"]
+    runs = {q: [len(sc.expand(s)) for s in plan.scenarios(q)] for q in (True, False)}
+    assert runs == {True: [70, 20, 12, 6, 2, 6, 4, 6, 3, 2, 1, 4, 2, 5],
+                    False: [700, 200, 300, 18, 6, 36, 12, 24, 9, 32, 16, 24, 3, 30]}
     quick = plan.scenarios(True)
-    assert [s.repetitions for s in quick] == [2, 1, 1, 1, 1, 1, 1, 1, 1]
-    assert quick[3].params == {"seconds": 6} and quick[3].grid["topology.params.delays"] == [[0, 0], [25, 1]]
+    assert [s.repetitions for s in quick] == [2] + [1] * 13
+    throughput = quick[files.index("throughput.toml")]
+    assert throughput.params == {"seconds": 6} and throughput.grid["topology.params.delays"] == [[0, 0], [25, 1]]
 
 
 @pytest.mark.root
