@@ -103,6 +103,19 @@ def ignored_or_not(lab: Lab, conn: ScriptedConnection, kernel: KernelConnection,
                                 f"{counters_text(lab.counters())}")
 
 
+def mapped_data_with(lab: Lab, conn: ScriptedConnection, kernel: KernelConnection, option,
+                     payload: bytes) -> Observation | None:
+    """Send payload on the initial subflow with its DSS mapping and `option` next to it: None
+    once the kernel's application read it (within 1 s), else the 'data dropped' observation."""
+    want = len(kernel.data) + len(payload)
+    conn.initial.send(ACK, [conn.dss(conn.initial, payload), option], payload)
+    conn.snd_dsn = (conn.snd_dsn + len(payload)) & 0xFFFFFFFFFFFFFFFF
+    if kernel.wait(lambda k: len(k.data) >= want, 1.0):
+        return None
+    return Observation("data dropped", f"the kernel's application read {len(kernel.data)} of {want} bytes; "
+                                       f"{counters_text(lab.counters())}")
+
+
 def data_acks(segments: list[TcpSegment]) -> list[int]:
     """The DATA_ACK values of these segments, in order."""
     return [d.data_ack for s in segments if (d := s.option(Dss)) is not None and d.data_ack is not None]

@@ -13,7 +13,8 @@ from testbed.stack.packet import ACK, RST
 from testbed.stack.scripted import ScriptedConnection, ScriptError
 from testbed.tools.conformance.case import Observation, case
 from testbed.tools.conformance.lab import KernelConnection, Lab
-from testbed.tools.conformance.wire import counters_text, describe, established, send_and_wait, still_works
+from testbed.tools.conformance.wire import counters_text, describe, established, mapped_data_with, send_and_wait, \
+    still_works
 
 ITO = InactivityTime(4)
 IGNORED = "ignored"
@@ -65,10 +66,4 @@ def ito_on_dss_segment(lab: Lab) -> Observation:
     """100 bytes with a DSS mapping and ITO (timer 4 s) on an established connection."""
     conn, kernel = established(lab)
     start = len(lab.peer.received)
-    payload = b"i" * 100
-    conn.initial.send(ACK, [conn.dss(conn.initial, payload), ITO], payload)
-    conn.snd_dsn = (conn.snd_dsn + len(payload)) & 0xFFFFFFFFFFFFFFFF
-    if not kernel.wait(lambda k: len(k.data) >= 200, 1.0):
-        return Observation("data dropped", f"the kernel's application read {len(kernel.data)} of 200 bytes; "
-                                           f"{counters_text(lab.counters())}")
-    return _after_ito(lab, conn, kernel, start)
+    return mapped_data_with(lab, conn, kernel, ITO, b"i" * 100) or _after_ito(lab, conn, kernel, start)

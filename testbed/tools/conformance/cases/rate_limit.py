@@ -12,7 +12,7 @@ from testbed.stack.rate_limit import SubflowRateLimit
 from testbed.stack.scripted import ScriptedConnection
 from testbed.tools.conformance.case import Observation, case
 from testbed.tools.conformance.lab import KernelConnection, Lab
-from testbed.tools.conformance.wire import counters_text, describe, established, still_works
+from testbed.tools.conformance.wire import counters_text, describe, established, mapped_data_with, still_works
 
 STOP = SubflowRateLimit(0.0)
 IGNORED = "ignored, kernel still sends"
@@ -50,13 +50,7 @@ def srl_on_data_segment(lab: Lab) -> Observation:
     """100 bytes with a DSS mapping and SRL rate 0 (private-use subtype 0xF, nibble 3, 7 bytes), then the kernel writes."""
     conn, kernel = established(lab)
     start = len(lab.peer.received)
-    payload = b"r" * 100
-    conn.initial.send(ACK, [conn.dss(conn.initial, payload), STOP], payload)
-    conn.snd_dsn = (conn.snd_dsn + len(payload)) & 0xFFFFFFFFFFFFFFFF
-    if not kernel.wait(lambda k: len(k.data) >= 200, 1.0):
-        return Observation("data dropped", f"the kernel's application read {len(kernel.data)} of 200 bytes; "
-                                           f"{counters_text(lab.counters())}")
-    return _after_srl(lab, conn, kernel, start)
+    return mapped_data_with(lab, conn, kernel, STOP, b"r" * 100) or _after_srl(lab, conn, kernel, start)
 
 
 @case("srl-on-pure-ack", "3",
