@@ -13,7 +13,8 @@ from analysis import Results
 from analysis import rate_limit as RL
 from analysis.figures import Figure, Section, grid, setup_style
 
-MODE_COLORS = dict(zip(RL.MODES, sns.color_palette("colorblind", len(RL.MODES))))
+_CB = sns.color_palette("colorblind", 10)
+MODE_COLORS = {"srl": _CB[0], "window": _CB[1], "window_start": _CB[2], "shaping": _CB[4], "none": _CB[7]}
 
 
 def _series(res: Results, runs: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -41,12 +42,12 @@ def rate_figure(res: Results, runs: pd.DataFrame, summ: pd.DataFrame) -> Figure 
         for mode in RL.MODES:
             g = d[(d["mode"] == mode) & (d["R"] == r)]
             if not g.empty:
-                ax.step(g["t"], g["value"], where="post", color=MODE_COLORS[mode], lw=1.4,
+                ax.step(g["t"], g["value"], where="post", color=MODE_COLORS.get(mode, "0.3"), lw=1.4,
                         label=RL.MODE_LABELS[mode])
         ax.axhline(r, color="0.3", ls="--", lw=1, label="R (requested)")
         ax.axvline(at, color="0.5", ls=":", lw=1, label="request")
         ax.set_yscale("symlog", linthresh=1)  # R = 1 and 20 Mbit/s both readable
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=-0.15)  # a path at 0 stays visible above the axis
         ax.set_title(f"R = {r:g} Mbit/s")
         ax.set_xlabel("time since start, s")
         ax.set_ylabel(f"{path} rate, Mbit/s")
@@ -54,11 +55,11 @@ def rate_figure(res: Results, runs: pd.DataFrame, summ: pd.DataFrame) -> Figure 
     for mode in RL.MODES:
         g = summ[summ["mode"] == mode].sort_values("R")
         if not g.empty:
-            ax.plot(g["R"], g["metric.total_after_mbit"], marker="o", color=MODE_COLORS[mode],
+            ax.plot(g["R"], g["metric.total_after_mbit"], marker="o", color=MODE_COLORS.get(mode, "0.3"),
                     lw=1.4, label=RL.MODE_LABELS[mode])
     ax.set_xlabel("R, Mbit/s")
     ax.set_ylabel("total after request, Mbit/s")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=-1)  # a stalled mode's 0 stays visible
     ax.set_title("total goodput")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3)
