@@ -64,7 +64,7 @@ DRAIN_S = 60
 class Params(ExperimentParams):
     """Parameters of the rate-limit experiment."""
     mode: Mode = "none"
-    rate_mbit: float = Field(2.0, gt=0, le=1000, description="R: the rate asked for on the limited path")
+    rate_mbit: float = Field(2.0, ge=0.01, le=1000, description="R: the rate asked for on the limited path (shaping and the emulator go down to 10 kbit/s)")
     path: str = Field("lte", description="the path whose rate the client limits")
     seconds: float = Field(12, ge=4, le=600, description="length of the download")
     request_at_s: float = Field(3, ge=0.5, le=590, description="when the client asks, s after the start")

@@ -22,16 +22,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.base.errors import TestbedError
 from testbed.base.netns import run_in_netns
+from testbed.core.emulation import shaping
+from testbed.core.model import LinkParams
 
 INGRESS_HANDLE = 0xFFFF0000
 ETH_P_ALL = 0x0003
-
-
-def htb_class(rate_kbit: float, mtu: int = 1500) -> dict:
-    """HTB class attributes for a rate: ~1 ms of burst, at least two frames."""
-    burst = max(2 * (mtu + 14), int(rate_kbit * 1000 / 8 / 1000))
-    rate = f"{rate_kbit:.0f}kbit"
-    return {"rate": rate, "ceil": rate, "burst": burst, "cburst": burst, "quantum": mtu + 14}
+MTU = 1500  # the testbed's interfaces
 
 
 class HostShaper:
@@ -49,7 +45,7 @@ class HostShaper:
         if rate_kbit <= 0 or queue_pkts < 1:
             raise TestbedError(f"host shaping: rate {rate_kbit} kbit/s and queue {queue_pkts} "
                                f"packets must be positive")
-        htb = htb_class(rate_kbit)
+        htb = shaping.htb_args(LinkParams(rate_mbit=rate_kbit / 1000), MTU)  # the emulator's HTB settings
 
         def apply() -> None:
             with IPRoute() as ipr:
@@ -116,4 +112,4 @@ class HostShaper:
         return run_in_netns(self.pid, read)
 
 
-__all__ = ["HostShaper", "htb_class"]
+__all__ = ["HostShaper"]
