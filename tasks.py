@@ -16,6 +16,7 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+from testbed.base.errors import TestbedError
 from testbed.tools.bench.tasks import ns as bench_tasks
 from testbed.tools.cli import fail as _fail, guard as _guard, need_root as _need_root
 from testbed.tools.conformance.tasks import conformance
@@ -212,6 +213,7 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=No
                                retry_failed=retry_failed, parallel=lanes)
         for experiment, summary in summaries:
             print(f"{experiment}: {summary.line()}")
+        _paper_forgery(results, quick)
         from analysis.report import build_report
 
         index = build_report(results, Path(report) if report else results / "report")
@@ -224,6 +226,24 @@ def paper(c, quick=False, out=None, report=None, retry_failed=False, campaign=No
                        f"(./tb results.ls {results}; rerun them with --retry-failed)", code=1)
 
     _guard(go)
+
+
+def _paper_forgery(results: Path, quick: bool) -> None:
+    """The report's RobE_eSIM security table: forged MP_JOIN_CAP attempts on the wire, measured
+    on this machine once per results directory (500 per variant with --quick, else 5,000)."""
+    from testbed.tools.bench.esim_forgery import FORGERY_FILE, run_forgery
+
+    if (results / FORGERY_FILE).exists():
+        return
+    attempts = 500 if quick else 5000
+    try:
+        doc = run_forgery(attempts=attempts, out=results)
+    except TestbedError as exc:  # the report then says the table is missing, and why not here
+        print(f"paper: esim forgery not measured: {exc}".splitlines()[0], file=sys.stderr)
+        return
+    accepted = sum(v["server"]["accepted"] for v in doc["variants"].values())
+    print(f"paper: esim forgery: {accepted} of {attempts * len(doc['variants'])} forged MP_JOIN_CAP "
+          f"accepted ({doc['seconds']:g} s)" + (f"; invalid: {doc['invalid']}" if doc.get("invalid") else ""))
 
 
 @task(help={"address": "the Dask scheduler, tcp://HOST:PORT",

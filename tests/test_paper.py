@@ -134,3 +134,19 @@ def test_user_errors_exit_2_in_every_task(args, needle):
     proc = run_tb(*args)
     assert_one_line_error(proc, needle)
     assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
+
+
+@pytest.mark.root
+def test_paper_measures_the_esim_forgery_table_once_per_results_directory(tmp_path, capsys):
+    """`./tb paper`'s forgery step writes the report's table into the results directory, once."""
+    import tasks
+    from analysis.esim_security import FORGERY_FILE, forgery_table, load_forgery
+
+    tasks._paper_forgery(tmp_path, quick=True)
+    doc = load_forgery(tmp_path / FORGERY_FILE)
+    assert doc["attempts_per_variant"] == 500 and "invalid" not in doc, doc.get("invalid")
+    assert forgery_table(doc)["accepted"].sum() == 0
+    assert "0 of 2000 forged MP_JOIN_CAP accepted" in capsys.readouterr().out
+    stamp = (tmp_path / FORGERY_FILE).stat().st_mtime_ns
+    tasks._paper_forgery(tmp_path, quick=True)    # stored: not measured again
+    assert (tmp_path / FORGERY_FILE).stat().st_mtime_ns == stamp
