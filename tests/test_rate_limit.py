@@ -106,7 +106,8 @@ def test_each_mode_limits_lte_its_way(tmp_path):
     assert set(by) == {"srl", "window", "window_start", "shaping", "none"}
     for r in runs:
         assert r["subflows_max"] == 2
-        assert r["sha256_match"] is True or (r["mode"] == "window" and r["stalled"]), r["mode"]
+        # a window clamp may stall a kernel receiver (docs/rate-limit.md): what arrived is measured
+        assert r["sha256_match"] is True or (r["mode"].startswith("window") and r["stalled"]), r["mode"]
         if r["mode"] != "window_start":
             assert r["before_mbit.lte"] > 8, r  # both paths carried data before the request
     # no limit: LTE keeps its rate; SRL and shaping bring it near R, WiFi untouched
