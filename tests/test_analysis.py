@@ -163,7 +163,8 @@ def test_expectations_complete_store(res):
     assert {"draft-amend-tcpm-mptcp-robe-02, Table 1", "physical limit"} <= set(t["source"].str.split(" /").str[0])
     # the user reads the documents' and the project's words, never the tracker's
     allowed = ("draft-amend-tcpm-mptcp-robe-02", "RFC 8684", "RFC 6356", "physical limit",
-               "this testbed's target", "draft-bagnulo-mptcp-privacy-00", "draft-hoang-mptcp-sub-rate-limit-00")
+               "this testbed's target", "draft-bagnulo-mptcp-privacy-00", "draft-hoang-mptcp-sub-rate-limit-00",
+               "draft-hoang-mptcp-inactivity-time-00")
     for source in t["source"]:
         assert all(part.strip().startswith(allowed) for part in source.split(" / ")), source
     assert not t.apply(lambda c: c.astype(str).str.contains(r"\bissue|notes/", regex=True)).any().any()
