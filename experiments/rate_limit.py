@@ -37,7 +37,6 @@ bins of bin_s, keys total / wifi / lte) in the timeseries table.
 """
 from __future__ import annotations
 
-import importlib
 import statistics
 import threading
 import time
@@ -51,6 +50,7 @@ from testbed.harness import workload
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
 from testbed.harness.probes.base import frame
 from testbed.harness.workload.app_workload import ReceiverLimit
+from testbed.stack import rate_limit as srl_option
 
 Mode = Literal["srl", "window", "window_start", "shaping", "none"]
 WINDOW_MODES = ("window", "window_start")
@@ -93,16 +93,6 @@ class Params(ExperimentParams):
             raise ValueError("mode 'srl' needs sender 'user' (kernel MPTCP does not know the option)")
         return self
 
-
-
-def srl_api() -> Any | None:
-    """The user-space stack's SRL module, when it has one (None: not implemented yet)."""
-    try:
-        module = importlib.import_module("testbed.stack.rate_limit")
-    except ImportError:
-        return None
-    from testbed.stack import Connection
-    return module if hasattr(Connection, "request_rate_limit") else None
 
 
 def rates(ts: pd.DataFrame, host: str, bin_s: float, end_s: float) -> pd.DataFrame:
@@ -157,11 +147,6 @@ class RateLimit(Experiment):
         if lte_mbit is not None and p.rate_mbit >= lte_mbit:
             return RunOutput(metrics={}, status="failed",
                              reason=f"rate_mbit {p.rate_mbit:g} must be below the path's rate {lte_mbit:g} Mbit/s")
-        srl = srl_api() if p.mode == "srl" else None
-        if p.mode == "srl" and srl is None:
-            return RunOutput(metrics={"mode": p.mode}, status="invalid",
-                             reason="the user-space stack has no subflow rate limit (SRL) API yet "
-                                    "(testbed.stack.rate_limit, Connection.request_rate_limit)")
         rtt_ms = path_rtt_ms(tb, p.path)
         bdp_bytes = p.rate_mbit * 1e6 / 8 * rtt_ms / 1000
         ctx.start_clock()
@@ -217,9 +202,8 @@ class RateLimit(Experiment):
         tables["timeseries"] = pd.concat(
             [ts, frame("timeseries", [{"t": r.t, "host": "client", "series": "rate_mbit", "key": r.key,
                                        "value": r.value} for r in binned.itertuples()])], ignore_index=True)
-        protocol = {}
-        if p.mode == "srl" and hasattr(srl, "describe"):
-            protocol = {"srl": srl.describe()}
+        # the option's choices where the draft leaves them open (the server enforces by pacing)
+        protocol = {"srl": srl_option.describe("pacing")} if p.mode == "srl" else {}
         problem = invalid_reason(m, shaped, p, len(names))
         if problem:
             return RunOutput(metrics=m, tables=tables, status="invalid", reason=problem, protocol=protocol)
