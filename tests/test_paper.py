@@ -88,17 +88,37 @@ def test_paper_campaign_is_data_with_the_runs_it_always_had():
 
     plan = paper.load()
     files = [e.file for e in plan.scenario]
-    assert files == ["robe-establishment.toml", "robe-esim.toml", "robe-user.toml", "failover.toml",
+    assert files == ["robe-establishment.toml", "robe-esim.toml", "robe-esim.toml", "robe-user.toml", "failover.toml",
                      "failover-mpprio.toml", "throughput.toml", "fairness.toml", "fairness-user.toml",
                      "failover-redundant.toml", "privacy.toml", "privacy-countermeasures.toml",
                      "inactivity.toml", "inactivity-state.toml", "rate-limit.toml"]
+    # the second robe-esim entry is quick-only: the full run of the first already holds its runs
+    assert [e.quick_only for e in plan.scenario] == [False, False, True] + [False] * 12
     runs = {q: [len(sc.expand(s)) for s in plan.scenarios(q)] for q in (True, False)}
-    assert runs == {True: [70, 20, 12, 6, 2, 6, 4, 6, 3, 2, 1, 4, 2, 5],
+    assert runs == {True: [70, 20, 5, 12, 6, 2, 6, 4, 6, 3, 2, 1, 4, 2, 5],
                     False: [700, 200, 300, 18, 6, 36, 12, 24, 9, 32, 16, 24, 3, 30]}
     quick = plan.scenarios(True)
-    assert [s.repetitions for s in quick] == [2] + [1] * 13
+    assert [s.repetitions for s in quick] == [2, 1, 5] + [1] * 12
     throughput = quick[files.index("throughput.toml")]
     assert throughput.params == {"seconds": 6} and throughput.grid["topology.params.delays"] == [[0, 0], [25, 1]]
+
+
+def test_quick_paper_gives_every_esim_cell_judged_on_random_effects_enough_runs():
+    """eSIM's multipath row with loss needs MIN_RUNS_RANDOM runs: the quick campaign plans that
+    many distinct runs of the lossy eSIM cell (user-space stack both sides), sharing run ids
+    with the full robe-esim sweep's cell, so the full campaign does not run them again."""
+    from analysis.establishment_checks import MIN_RUNS_RANDOM
+    from testbed.harness import scenario as sc
+
+    plan = paper.load()
+
+    def lossy_esim(q: bool) -> set[str]:
+        return {spec.run_id for s in plan.scenarios(q) if s.path.endswith("robe-esim.toml") for spec in sc.expand(s)
+                if spec.params.get("params.strategy") == "esim" and spec.params.get("params.server_stack") == "user"
+                and str(spec.params.get("params.condition", "")).startswith("lossy")}
+    quick, full = lossy_esim(True), lossy_esim(False)
+    assert len(quick) >= MIN_RUNS_RANDOM
+    assert quick <= full
 
 
 @pytest.mark.root
@@ -150,3 +170,24 @@ def test_paper_measures_the_esim_forgery_table_once_per_results_directory(tmp_pa
     stamp = (tmp_path / FORGERY_FILE).stat().st_mtime_ns
     tasks._paper_forgery(tmp_path, quick=True)    # stored: not measured again
     assert (tmp_path / FORGERY_FILE).stat().st_mtime_ns == stamp
+
+
+def test_paper_forgery_failure_is_stored_invalid_and_measured_again(tmp_path, monkeypatch, capsys):
+    """A forgery measurement that breaks leaves the campaign's report to be built: it is stored
+    invalid with its reason (the report shows it) and measured again next time."""
+    import tasks
+    from analysis.esim_security import FORGERY_FILE, invalid_reason, load_forgery
+    from testbed.stack import StackError
+    from testbed.tools.bench import esim_forgery
+
+    calls = []
+
+    def broken(**kw):
+        calls.append(kw)
+        raise StackError("accept timed out after 5 s")
+    monkeypatch.setattr(esim_forgery, "run_forgery", broken)
+    tasks._paper_forgery(tmp_path, quick=True)
+    assert invalid_reason(load_forgery(tmp_path / FORGERY_FILE)) == "StackError: accept timed out after 5 s"
+    assert "esim forgery not measured" in capsys.readouterr().err
+    tasks._paper_forgery(tmp_path, quick=False)     # invalid: measured again, 5,000 per variant
+    assert [c["attempts"] for c in calls] == [500, 5000]

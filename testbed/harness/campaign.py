@@ -8,7 +8,8 @@
     quick = { repetitions = 1, "params.seconds" = 6 }
 
 `quick` keys are the dotted keys of `./tb run --set` (a table value replaces the
-whole table, e.g. `grid = {...}`). The campaign and every scenario it names,
+whole table, e.g. `grid = {...}`). An entry with `quick_only = true` runs only
+with --quick (more repetitions of a few cells another entry's full run holds). The campaign and every scenario it names,
 quick overrides applied, are validated when the campaign is loaded, before
 anything runs.
 """
@@ -35,6 +36,9 @@ class CampaignEntry(Strict):
 
     file: str
     quick: dict[str, Any] = Field(default_factory=dict)
+    # More repetitions of some cells for --quick only (rows judged on a random effect need
+    # several runs): the full run leaves it out, another entry's full sweep holds the same runs.
+    quick_only: bool = False
 
 
 class Campaign(Strict):
@@ -44,10 +48,16 @@ class Campaign(Strict):
     scenario: list[CampaignEntry] = Field(min_length=1)
     path: str = ""
 
+    def entries(self, quick: bool) -> list[tuple[CampaignEntry, sc.Scenario]]:
+        """(entry, scenario) of every entry this variant runs (quick-only entries with --quick
+        alone), validated, with the quick overrides when asked."""
+        base = Path(self.path).parent
+        return [(entry, sc.load(base / entry.file, entry.quick if quick else None))
+                for entry in self.scenario if quick or not entry.quick_only]
+
     def scenarios(self, quick: bool) -> list[sc.Scenario]:
         """The campaign's scenarios, validated, with the quick overrides when asked."""
-        base = Path(self.path).parent
-        return [sc.load(base / entry.file, entry.quick if quick else None) for entry in self.scenario]
+        return [s for _, s in self.entries(quick)]
 
 
 def load(path: str | Path = PAPER) -> Campaign:

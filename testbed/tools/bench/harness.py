@@ -82,7 +82,7 @@ def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6
              f"{'scenario':<28} {'runs':>5} {'s/run':>7} {'lanes':>5} {'total s':>8}  group"]
     missing = []
     campaign = cp.load(campaign_file or cp.PAPER)
-    for entry, scenario in zip(campaign.scenario, campaign.scenarios(False)):
+    for entry, scenario in campaign.entries(False):
         runs = len(expand(scenario))
         seen = per.get(entry.file) or per.get(scenario.experiment)
         if not seen:
