@@ -36,6 +36,16 @@ def load_forgery(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def invalid_reason(doc: dict[str, Any]) -> str | None:
+    """Why a stored measurement is no measurement (its capture lost packets, it never got
+    to attack, the victim was not checked), or None when it is one."""
+    if doc.get("invalid"):
+        return str(doc["invalid"])
+    if not doc.get("variants") or "victim_after" not in doc:
+        return "the measurement did not finish (no variants or no check of the victim afterwards)"
+    return None
+
+
 def predicted_hint(variant: str, n: int) -> tuple[int, int]:
     """The interval of hint passes the arithmetic predicts for n answered forgeries."""
     if variant == "random-tag":

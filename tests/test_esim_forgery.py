@@ -22,7 +22,8 @@ def _doc(n: int = 100) -> dict:
                            "accepted": 0},
                 "wire": {"join_caps_sent": n, "rst_mptcprst": n, "server_acks_after_join_cap": 0}}
     return {"variants": {"random-tag": variant(0, 0), "right-hint": variant(n, 0), "replay": variant(n, 0),
-                         "unknown-key": variant(0, n)}}
+                         "unknown-key": variant(0, n)},
+            "victim_after": {"bytes_sent": 20000, "bytes_intact": True, "subflows": 2}}
 
 
 def test_the_table_holds_only_when_nothing_is_accepted_and_every_refusal_is_on_the_wire():
@@ -88,6 +89,12 @@ def test_the_report_shows_the_measurement_found_in_the_results_directory(tmp_pat
     sec = esim_section.build(load(store))
     assert sec.tables["esim_forgery"].holds.all() and "esim_forgery" in sec.inline
     assert list(sec.tables["esim_forgery"].synacks) == [200] * 4
+    assert any("2 subflow(s) and carried 20000 bytes intact" in n for n in sec.notes)
+    # an invalid measurement is no table, and the report says why
+    (store / FORGERY_FILE).write_text(json.dumps({**_doc(200), "invalid": "random-tag: capture lost 3 packets"}))
+    sec = esim_section.build(load(store))
+    assert "esim_forgery" not in sec.tables
+    assert any("is invalid: random-tag: capture lost 3 packets" in n for n in sec.notes)
 
 
 @pytest.mark.root

@@ -15,7 +15,7 @@ from matplotlib.lines import Line2D
 
 from analysis import Results, paths
 from analysis.esim_checks import ESIM_CONDITIONS, multipath_client, stack_comparison
-from analysis.esim_security import FORGERY_FILE, forgery_table, load_forgery
+from analysis.esim_security import FORGERY_FILE, forgery_table, invalid_reason, load_forgery
 from analysis.figures import Figure, Section, grid, order, setup_style, strategy_color
 from analysis.figures.establishment import data, log_time_axis, stack_pair
 
@@ -131,10 +131,18 @@ def build(res: Results) -> Section:
         sec.tables["robe_stacks"] = cmp.round(2)
         sec.inline.append("robe_stacks")
     forgery = res.root / FORGERY_FILE
-    if forgery.is_file():
-        sec.tables["esim_forgery"] = forgery_table(load_forgery(forgery))
-        sec.inline.append("esim_forgery")
-    else:
+    doc = load_forgery(forgery) if forgery.is_file() else None
+    why = invalid_reason(doc) if doc is not None else None
+    if doc is None:
         sec.notes.append(f"No forged-MP_JOIN_CAP measurement in this results directory ({FORGERY_FILE}, "
-                         "written by ./tb bench.esim-forgery --out DIR): no security table.")
+                         "written by ./tb paper or ./tb bench.esim-forgery --out DIR): no security table.")
+    elif why:
+        sec.notes.append(f"The forged-MP_JOIN_CAP measurement in this results directory is invalid: {why}. "
+                         "No security table (./tb paper measures again).")
+    else:
+        sec.tables["esim_forgery"] = forgery_table(doc)
+        sec.inline.append("esim_forgery")
+        after = doc["victim_after"]
+        sec.notes.append(f"After the forgeries the victim connection had {after['subflows']} subflow(s) and "
+                         f"carried {after['bytes_sent']} bytes {'intact' if after['bytes_intact'] else 'NOT intact'}.")
     return sec
