@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 from testbed.mptcp import sockopt as so
-from testbed.stack import Stack, StackError
+from testbed.stack import Stack, StackError, inactivity
 
 PORT = 5000
 
@@ -66,8 +66,9 @@ def stack_options(a: argparse.Namespace) -> dict[str, Any]:
     if a.ito_s is None:
         return {}
     opts: dict[str, Any] = {"inactivity_s": a.ito_s}
-    if a.ito_min_s is not None or a.ito_max_s is not None:
-        opts["inactivity_bounds_s"] = (a.ito_min_s, a.ito_max_s)
+    if a.ito_min_s is not None or a.ito_max_s is not None:  # a bound not given: the option's own
+        opts["inactivity_bounds_s"] = (0 if a.ito_min_s is None else a.ito_min_s,
+                                       inactivity.TIMER_MAX if a.ito_max_s is None else a.ito_max_s)
     return opts
 
 

@@ -3,6 +3,8 @@ sweep (root): make-after-break on kernel MPTCP and the user-space stack, N idle
 connections' server state, and the analysis rows reading that store."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from testbed.base.errors import TestbedError
@@ -54,3 +56,22 @@ def test_resume_and_idle_state(tmp_path):
     rows = inactivity.expectation_rows(load(tmp_path / "state" / "out"))
     kernel = [r for r in rows if r[1].startswith("kernel")]
     assert kernel and kernel[0][6] is True and "20 idle connections: 20 held" in kernel[0][5]
+
+
+@pytest.mark.parametrize("argv, bounds", [
+    (["--ito-s", "5", "--ito-max-s", "3"], (0, 3)),
+    (["--ito-s", "5", "--ito-min-s", "7"], (7, 65_535)),
+    (["--ito-s", "5", "--ito-min-s", "1", "--ito-max-s", "9"], (1, 9)),
+])
+def test_peer_defaults_a_missing_ito_bound(argv, bounds):
+    """Only one bound given: the other is the option's own (0 or 65535), a pair the stack accepts."""
+    from experiments import inactivity_peer as peer
+    from testbed.stack import inactivity
+
+    a = argparse.Namespace(ito_s=None, ito_min_s=None, ito_max_s=None)
+    a.ito_s = int(argv[1])
+    for flag, val in zip(argv[2::2], argv[3::2]):
+        setattr(a, flag[2:].replace("-", "_"), int(val))
+    opts = peer.stack_options(a)
+    assert opts["inactivity_bounds_s"] == bounds
+    inactivity.check_policy(opts["inactivity_s"], opts["inactivity_bounds_s"])
