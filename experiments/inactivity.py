@@ -25,7 +25,6 @@ connection without subflows (metrics kernel_*; all of them in the manifest).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -83,13 +82,17 @@ class Params(StackChoice):
         return self
 
 
-def ito_unavailable() -> str | None:
-    """Why the user-space stack cannot run ITO here (None: it can)."""
-    from testbed.stack import Stack
+OUTAGE_SLACK_S, OUTAGE_SLACK_FRAC = 0.1, 0.05  # measured outage vs outage_s: 0.1 s + 5 %
 
-    if "inactivity_s" not in inspect.signature(Stack).parameters:
-        return "the user-space stack has no inactivity-time option yet (Stack(inactivity_s=...))"
-    return None
+
+def outage_mismatch(outage_s: float, measured_s: float) -> str | None:
+    """Why a run's measured outage (link_down applied -> link_up applied) voids it: off
+    outage_s by more than 0.1 s + 5 % (None: within the bound)."""
+    bound = OUTAGE_SLACK_S + OUTAGE_SLACK_FRAC * outage_s
+    if abs(measured_s - outage_s) <= bound:
+        return None
+    return (f"outage_measured_s {measured_s:.3f} s differs from outage_s {outage_s:g} s by more than "
+            f"{bound:.3f} s (0.1 s + 5 %)")
 
 
 def ito_protocol(p: Params) -> dict[str, Any]:
@@ -190,11 +193,6 @@ class Inactivity(Experiment):
 
     def run(self, ctx: RunContext) -> RunOutput:
         p: Params = ctx.params
-        if "user" in (p.client_stack, p.server_stack) and (p.ito_client_s is not None
-                                                           or p.ito_server_s is not None):
-            why = ito_unavailable()
-            if why:
-                return RunOutput(metrics={"mode": p.mode}, status="invalid", reason=f"skipped: {why}")
         m: dict[str, Any] = {"mode": p.mode, "client_stack": p.client_stack, "server_stack": p.server_stack,
                              "ito_client_s": p.ito_client_s, "ito_server_s": p.ito_server_s,
                              "ito": p.ito_client_s is not None or p.ito_server_s is not None}
@@ -286,6 +284,10 @@ class Inactivity(Experiment):
         if not s:
             return RunOutput(metrics=m, status="failed",
                              reason=f"the server wrote no result: {server.tail()}")
+        off = outage_mismatch(p.outage_s, m["outage_measured_s"])
+        if off:  # the outage the run measured is not the one it claims
+            return RunOutput(metrics=m, tables={"timeseries": frame("timeseries", rows)},
+                             status="invalid", reason=off)
         return RunOutput(metrics=m, tables={"timeseries": frame("timeseries", rows)})
 
     @staticmethod

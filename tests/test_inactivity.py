@@ -75,3 +75,16 @@ def test_peer_defaults_a_missing_ito_bound(argv, bounds):
     opts = peer.stack_options(a)
     assert opts["inactivity_bounds_s"] == bounds
     inactivity.check_policy(opts["inactivity_s"], opts["inactivity_bounds_s"])
+
+
+@pytest.mark.parametrize("outage_s, measured_s, bad", [
+    (5, 5.08, False), (5, 5.34, False), (5, 5.36, True), (5, 4.6, True), (1.5, 1.6, False), (1.5, 1.7, True),
+])
+def test_outage_off_its_setting_voids_the_run(outage_s, measured_s, bad):
+    """A measured outage off outage_s by more than 0.1 s + 5 % is a reason naming both values and the bound."""
+    from experiments.inactivity import outage_mismatch
+
+    why = outage_mismatch(outage_s, measured_s)
+    assert (why is not None) == bad
+    if bad:
+        assert f"{measured_s:.3f}" in why and f"outage_s {outage_s:g} s" in why and "0.1 s + 5 %" in why
