@@ -88,3 +88,49 @@ def test_outage_off_its_setting_voids_the_run(outage_s, measured_s, bad):
     assert (why is not None) == bad
     if bad:
         assert f"{measured_s:.3f}" in why and f"outage_s {outage_s:g} s" in why and "0.1 s + 5 %" in why
+
+
+def _ito_store(outages: list[tuple[float, float, bool]]):
+    """A store of user-stack ITO resume runs (X = 5 s both sides): (outage_s, measured, resumed) each."""
+    from dataclasses import MISSING, fields
+    from pathlib import Path
+
+    import pandas as pd
+
+    from analysis import Results
+
+    rows = [{"experiment": "inactivity", "run_id": f"r{i}", "status": "complete", "metric.mode": "resume",
+             "metric.client_stack": "user", "metric.server_stack": "user", "metric.variant": "same_address",
+             "metric.ito_client_s": 5, "metric.ito_server_s": 5, "metric.ito_server_effective_s": 5,
+             "metric.ito_client_effective_s": 5, "metric.outage_s": t, "metric.outage_measured_s": m,
+             "metric.resumed": ok} for i, (t, m, ok) in enumerate(outages)]
+    tables = {f.name: pd.DataFrame() for f in fields(Results)
+              if f.name not in ("root", "runs") and f.default is MISSING and f.default_factory is MISSING}
+    return Results(Path("."), pd.DataFrame(rows), **tables)
+
+
+def _resume_row(outages):
+    from analysis import inactivity
+
+    [row] = [r for r in inactivity.expectation_rows(_ito_store(outages)) if "resume" in r[3] and "X = 5" in r[3]]
+    return row
+
+
+@pytest.mark.parametrize("outages, holds", [
+    ([(2, 2.0, True), (4, 4.0, True), (8, 8.0, False), (12, 12.0, False)], True),
+    ([(2, 2.0, True), (4, 4.0, False)], False),                  # a short outage did not resume (no long run)
+    ([(2, 2.0, True), (8, 8.0, True)], False),                   # a long outage resumed: no timer at work
+    ([(5.5, 5.5, True), (5.8, 5.8, False)], None),               # only between X and X + 1 s: not judged
+    ([(2, 2.0, True), (4, 6.5, True)], False),                   # measured 6.5 s (> X + 1) resumed
+])
+def test_ito_resume_row_judges_both_sides(outages, holds):
+    """Outages (as measured) shorter than X resume and longer than X + 1 s do not; else it fails."""
+    row = _resume_row(outages)
+    assert row[6] is holds, row
+    assert "longer than X + 1 s do not" in row[3]
+
+
+def test_ito_resume_row_one_side_only_is_not_judged():
+    """Short outages that all resumed but no long one: the row says so and is not judged."""
+    row = _resume_row([(2, 2.0, True), (4, 4.0, True)])
+    assert row[6] is None and "not judged: no run longer than X + 1 s" in row[5]
