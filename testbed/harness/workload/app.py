@@ -38,6 +38,7 @@ from typing import Any
 from testbed.core.bulk import CHUNK, receive_stream, send_stream
 from testbed.harness.workload import user_socket
 from testbed.mptcp import sockopt as so
+from testbed.stack import StackError
 
 HEADER_LEN = 512
 BLOCK_LEN = 1_048_573  # payload period: prime, so chunk boundaries never line up
@@ -280,7 +281,7 @@ def _schedule_limit(a: argparse.Namespace, sock: Any, out: dict[str, Any]) -> th
             else:
                 out["limit_protocol"] = sock.request_rate_limit(a.limit_addr, a.limit_rate_kbit)
             out["limit_applied_ns"] = time.monotonic_ns()
-        except (OSError, AttributeError, ValueError) as exc:
+        except (OSError, AttributeError, ValueError, StackError) as exc:  # StackError: e.g. no such subflow
             out["limit_error"] = f"{type(exc).__name__}: {exc}"
 
     timer = threading.Timer(max(0.0, (a.limit_at_ns - time.monotonic_ns()) / 1e9), apply)
