@@ -191,6 +191,15 @@ class Inactivity(Experiment):
     description = "every path down for T s, one comes back: does the connection resume; server state meanwhile"
     Params = Params
 
+    @classmethod
+    def check_topology(cls, params: Any, topology: Any) -> None:
+        """variant new_address needs a second path of the client (its address comes back)."""
+        g = topology.graph()
+        paths = [gp.name for gp in g.paths if gp.client == g.client]
+        if params.mode == "resume" and params.variant == "new_address" and len(paths) < 2:
+            raise TestbedError(f"params.variant 'new_address' needs at least 2 paths, the topology has "
+                               f"{len(paths)} ({', '.join(paths)})")
+
     def run(self, ctx: RunContext) -> RunOutput:
         p: Params = ctx.params
         m: dict[str, Any] = {"mode": p.mode, "client_stack": p.client_stack, "server_stack": p.server_stack,

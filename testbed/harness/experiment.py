@@ -22,6 +22,7 @@ from testbed.base.registry import Parametrized, Registry
 from testbed.base.strict import Strict
 
 if TYPE_CHECKING:  # only for the annotations: importing Testbed pulls in Mininet
+    from testbed.core.model import TopologySpec
     from testbed.core.net import Testbed
     from testbed.harness.scenario import RunSpec
 
@@ -89,6 +90,12 @@ class Experiment(Parametrized, abc.ABC):
         """overlap_lanes for a run with these (scenario) params; an experiment
         whose runs differ in load narrows it per run."""
         return cls.overlap_lanes
+
+    @classmethod
+    def check_topology(cls, params: Any, topology: "TopologySpec") -> None:
+        """Refuse (TestbedError, one line naming the key and the bound) params this
+        topology cannot serve; called at load for every grid point, before anything
+        is built. params: the validated Params. Default: everything fits."""
 
     @abc.abstractmethod
     def run(self, ctx: RunContext) -> RunOutput:

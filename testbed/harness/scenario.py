@@ -178,7 +178,7 @@ def validate(data: dict[str, Any], where: str = "scenario") -> Scenario:
             check_events(spec.scenario.events, topology, spec.scenario.hosts.client.path_manager,
                          cross=[f.name for f in spec.scenario.cross])
             _check_cross_started(spec.scenario)
-            experiment.validate_params(spec.scenario.params)
+            experiment.check_topology(experiment.validate_params(spec.scenario.params), topology)
         except TestbedError as exc:
             point = f" (grid point {spec.params})" if spec.params else ""
             raise TestbedError(f"{where}: {exc}{point}") from None
