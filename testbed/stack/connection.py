@@ -801,9 +801,11 @@ class Connection:
     def resume_round(self) -> None:
         """One re-establishing round of an inactive client: an MP_JOIN from every usable local address."""
         now = time.monotonic()
-        for sf in [s for s in self.subflows if s.state == State.SYN_SENT]:
+        # every subflow left is half-open (none is up while inactive): a join whose SYN, or
+        # third ACK, went unanswered (also one half-open when the paths went down)
+        for sf in [s for s in self.subflows if s.state in (State.SYN_SENT, State.SYN_RCVD) or not s.fully_established]:
             if now - sf.syn_sent_at >= inactivity.JOIN_PATIENCE_S:
-                sf.abort()   # an earlier round's unanswered SYN: a fresh one replaces its backed-off RTO
+                sf.abort()   # a fresh SYN replaces its backed-off retries
                 self.subflows.remove(sf)
                 self.stack.forget_subflow(sf)
         pending = {s.laddr for s in self.subflows}
@@ -858,7 +860,10 @@ class Connection:
         self.closed_subflows.append(info)
         self.stack.forget_subflow(sf)
         self.stack.emit_event(Event("sf_closed", self.local_token, time.time(), sf.key, sf.backup, reason))
-        if not self.subflows and self.ito is not None:
+        # With ITO the connection is inactive once no *established* subflow is left: a
+        # half-open join (SYN/ACK or third ACK unanswered, retried for about a minute) is
+        # not probed by keep-alives and must not keep a dead connection from expiring.
+        if self.ito is not None and not self.ito.any_up():
             if self.ito.inactive_since is not None:
                 return   # a failed re-establishing attempt: the timer decides
             if self.ito.keeps_state():

@@ -209,6 +209,11 @@ class Inactivity:
             return False
         return not (c.eof and c.data_fin_acked)
 
+    def any_up(self) -> bool:
+        """True while one of the connection's subflows is established and not found dead
+        (half-open joins do not count: they are not probed)."""
+        return any(sf in self.live for sf in self.conn.subflows)
+
     def enter_inactive(self, now: float) -> None:
         """No established subflow is left: keep the state for the effective timer."""
         self.inactive_since = now
