@@ -71,6 +71,11 @@ def apply_condition(tb: Testbed, condition: str, slow_delay_ms: float) -> None:
         tb.apply_event(event)
 
 
+# Lanes for runs with the user-space stack on a side (measured: docs/robe.md, "Kernel sockets
+# vs the user-space stack, measured"); kernel-socket runs keep max_parallel.
+USER_STACK_LANES = 3
+
+
 @register
 class Establishment(Experiment):
     """Connection setup over a degraded default path, per strategy."""
@@ -81,6 +86,14 @@ class Establishment(Experiment):
     # Not beside the bulk runs: with it (one or two lanes) a bulk run went invalid
     # in two of three quick papers (docs/performance.md).
     overlap_lanes = 0
+
+    @classmethod
+    def max_parallel_for(cls, params: dict[str, Any]) -> int:
+        """Fewer lanes when a side runs the user-space stack: its Python engine competes for
+        the two cores, and six at a time moved user-stack setup medians 1 ms (docs/robe.md)."""
+        if "user" in (params.get("client_stack"), params.get("server_stack")):
+            return USER_STACK_LANES
+        return cls.max_parallel
 
     @classmethod
     def overlap_lanes_for(cls, params: dict[str, Any]) -> int:

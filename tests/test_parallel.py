@@ -220,9 +220,21 @@ def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones
     out = parallel.parallel_sweep([est, thr, user, fail], tmp_path, 6, progress=False)
     assert chains == [["throughput", "failover"]]
     # the user-stack scenario first, alone at its cap; then kernel establishment beside the chain
-    assert beside == [("establishment", 6), ("establishment", 1)]
+    from experiments.establishment import USER_STACK_LANES
+    assert beside == [("establishment", USER_STACK_LANES), ("establishment", 1)]
     assert [s.planned for e, s in out] == [100, 1, 100, 2]
     chains.clear(), beside.clear()  # without overlap: as before, establishment at its cap
     monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: SweepSummary(planned=7))
     out = parallel.parallel_sweep([est, thr], tmp_path, 6, progress=False, overlap=False)
     assert chains == [] and beside == [("establishment", 6)]
+
+
+def test_user_stack_establishment_gets_fewer_lanes_kernel_sockets_keep_six():
+    """Runs with the user-space stack on a side are CPU-bound on this 2-core machine: a scenario
+    with any such grid point gets USER_STACK_LANES; kernel-socket establishment keeps its 6."""
+    from experiments.establishment import USER_STACK_LANES
+    kernel = sc.load(ROOT / "experiments" / "robe-establishment.toml")
+    for name in ("robe-user.toml", "robe-esim.toml"):
+        assert parallel.lanes_for(sc.load(ROOT / "experiments" / name), parallel.MAX_PARALLEL) == USER_STACK_LANES
+    assert parallel.lanes_for(kernel, 6) == 6
+    assert 1 <= USER_STACK_LANES < 6

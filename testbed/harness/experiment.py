@@ -92,6 +92,12 @@ class Experiment(Parametrized, abc.ABC):
         return cls.overlap_lanes
 
     @classmethod
+    def max_parallel_for(cls, params: dict[str, Any]) -> int:
+        """max_parallel for a run with these (scenario) params; an experiment whose
+        runs differ in load narrows it per run."""
+        return cls.max_parallel
+
+    @classmethod
     def check_topology(cls, params: Any, topology: "TopologySpec") -> None:
         """Refuse (TestbedError, one line naming the key and the bound) params this
         topology cannot serve; called at load for every grid point, before anything

@@ -65,8 +65,11 @@ def check_parallel(k: int | str) -> int:
 
 
 def lanes_for(scenario: Scenario, k: int) -> int:
-    """How many of K lanes this scenario's experiment gets (its max_parallel caps it)."""
-    return max(1, min(k, experiments.experiment_class(scenario.experiment).max_parallel))
+    """How many of K lanes this scenario gets: its experiment's max_parallel, narrowed to the
+    least any of its grid points allows (Experiment.max_parallel_for)."""
+    cls = experiments.experiment_class(scenario.experiment)
+    cap = min(cls.max_parallel_for(spec.scenario.params) for spec in expand(scenario, validate_only=True))
+    return max(1, min(k, cap))
 
 
 def overlap_lanes(scenario: Scenario) -> int:
