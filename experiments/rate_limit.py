@@ -22,10 +22,14 @@ only the limit differs (`sender = "kernel"` runs window, shaping and none on
 kernel MPTCP on both sides, what hosts can do today). The client is the
 user-space stack for srl (it sends the option) and kernel MPTCP otherwise (a
 kernel socket's SO_RCVBUF; tc ingress acts only on what the kernel receives).
-A connection that delivers nothing for stall_s is given up and counts as
-stalled: a finding for `window` (a kernel MPTCP receiver whose SO_RCVBUF shrinks
-mid-transfer stopped accepting data here, docs/rate-limit.md), a broken run for
-the others.
+A connection that delivers nothing for stall_s is given up by the client's idle
+timeout and counts as stalled: a finding for `window` (a kernel MPTCP receiver
+whose SO_RCVBUF shrinks mid-transfer stopped accepting data here,
+docs/rate-limit.md), a broken run for the others; any other failure (a reset, an
+error) is not a stall and makes the run invalid. A limit applied later than one
+rate bin after the request makes the run invalid. check_topology refuses at load
+a path the topology lacks, R at or above the path's rate, and shaping without its
+kernel parts built in or loaded (testbed.core.host_shaping.missing_kernel_parts).
 
 Metrics: stalled, last_data_s, the LTE rate before and after the request, accuracy = median |rate-R|/R
 over the bins after settle_s, convergence_s (request -> the first bin from which
@@ -45,6 +49,8 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field, model_validator
 
+from testbed.base.errors import TestbedError
+from testbed.core import host_shaping
 from testbed.core.host_shaping import HostShaper
 from testbed.harness import workload
 from testbed.harness.experiment import Experiment, ExperimentParams, RunContext, RunOutput, register
@@ -136,17 +142,29 @@ class RateLimit(Experiment):
     description = "client caps one path of a download at R: SRL vs receive-window clamp vs own shaping vs none"
     Params = Params
 
+    @classmethod
+    def check_topology(cls, params: Any, topology: Any) -> None:
+        """The limited path exists beside another, R is below its rate, and mode
+        shaping has the kernel parts it needs without loading a module."""
+        p: Params = params
+        g = topology.graph()
+        paths = {gp.name: gp for gp in g.paths if gp.client == g.client}
+        if p.path not in paths or len(paths) < 2:
+            raise TestbedError(f"params.path {p.path!r}: must name one of the topology's paths "
+                               f"({', '.join(paths)}), two or more needed")
+        path_mbit = g.composed(paths[p.path]).direction("down").rate_mbit
+        if path_mbit is not None and p.rate_mbit >= path_mbit:
+            raise TestbedError(f"params.rate_mbit {p.rate_mbit:g}: must be below the path's rate "
+                               f"{path_mbit:g} Mbit/s")
+        missing = host_shaping.missing_kernel_parts() if p.mode == "shaping" else []
+        if missing:
+            raise TestbedError(f"params.mode 'shaping' needs {', '.join(missing)} built into the kernel "
+                               f"or loaded (asking for a module loads it, which changes the host)")
+
     def run(self, ctx: RunContext) -> RunOutput:
         p: Params = ctx.params
         tb = ctx.tb
-        names = [q.name for q in tb.paths]
-        if p.path not in names or len(names) < 2:
-            return RunOutput(metrics={}, status="failed",
-                             reason=f"path {p.path!r}: the topology's paths are {', '.join(names)} (two or more needed)")
-        lte_mbit = tb.graph.composed(tb.path(p.path).graph).direction("down").rate_mbit
-        if lte_mbit is not None and p.rate_mbit >= lte_mbit:
-            return RunOutput(metrics={}, status="failed",
-                             reason=f"rate_mbit {p.rate_mbit:g} must be below the path's rate {lte_mbit:g} Mbit/s")
+        names = [q.name for q in tb.paths]  # check_topology: p.path is one of two or more
         rtt_ms = path_rtt_ms(tb, p.path)
         bdp_bytes = p.rate_mbit * 1e6 / 8 * rtt_ms / 1000
         ctx.start_clock()
@@ -180,8 +198,7 @@ class RateLimit(Experiment):
                 timer.cancel()
                 timer.join()
             if shaper is not None:
-                shaped["stats"] = shaper.stats() if shaper.installed else {}
-                shaper.remove()
+                stop_shaping(shaper, shaped)
         m = dict(result.metrics)
         m.update(mode=p.mode, rate_mbit=p.rate_mbit, path_rtt_ms=rtt_ms, request_at_s=p.request_at_s)
         if shaper is not None:
@@ -193,8 +210,7 @@ class RateLimit(Experiment):
         if m.get("connect_s") is None:
             return RunOutput(metrics=m, tables=result.tables, status="failed",
                              reason=f"workload: connection failed (errno {m.get('errno')})")
-        # established, then no byte for stall_s: the receiver gave up (what it got is kept)
-        m["stalled"] = m.get("outcome") == "failed"
+        m["stalled"] = is_stalled(m)
         ts = result.tables["timeseries"]
         binned = rates(ts, "client", p.bin_s, min(p.seconds, m.get("transfer_s") or p.seconds))
         m.update(summarise(binned, ts, p, names))
@@ -208,6 +224,24 @@ class RateLimit(Experiment):
         if problem:
             return RunOutput(metrics=m, tables=tables, status="invalid", reason=problem, protocol=protocol)
         return RunOutput(metrics=m, tables=tables, protocol=protocol)
+
+
+def stop_shaping(shaper: HostShaper, shaped: dict[str, Any]) -> None:
+    """Read the shaper's queue statistics into shaped["stats"] (or the reason into
+    shaped["stats_error"]), then remove the shaping whatever happened."""
+    try:
+        shaped["stats"] = shaper.stats() if shaper.installed else {}
+    except Exception as exc:  # noqa: BLE001 - the removal below must still run
+        shaped["stats_error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        shaper.remove()
+
+
+def is_stalled(m: dict[str, Any]) -> bool:
+    """Established, then no progress for stall_s: an idle timeout ended the transfer
+    (what the client got is kept): the client's, or the server's, whose send blocked
+    on a shut window (its close then resets the client). Any other error is not a stall."""
+    return m.get("outcome") == "failed" and bool(m.get("idle_timeout") or m.get("server_idle_timeout"))
 
 
 def summarise(binned: pd.DataFrame, ts: pd.DataFrame, p: Params, paths: list[str]) -> dict[str, Any]:
@@ -256,14 +290,23 @@ def summarise(binned: pd.DataFrame, ts: pd.DataFrame, p: Params, paths: list[str
 
 
 def invalid_reason(m: dict[str, Any], shaped: dict[str, Any], p: Params, n_paths: int) -> str:
-    """Why the run cannot answer the question ('' when it can): the limit not applied,
-    data not intact, a path without a subflow, no rate after the request."""
+    """Why the run cannot answer the question ('' when it can): the limit not applied
+    or later than one rate bin, the transfer failed other than by a stall, data not
+    intact, a path without a subflow, no rate after the request."""
     if m.get("limit_error"):
         return f"the client's limit failed: {m['limit_error']}"
     if p.mode in ("srl", *WINDOW_MODES) and m.get("limit_applied_s") is None:
         return "the client never applied its limit (the transfer ended first?)"
     if p.mode == "shaping" and "applied_ns" not in shaped:
         return f"shaping was not installed: {shaped.get('error', 'the transfer ended first')}"
+    # window_start is due when the connection is up, which its at (the clock's start) precedes
+    late = m.get("shaping_late_s") if p.mode == "shaping" else \
+        m.get("limit_applied_s") if p.mode in ("srl", "window") else None
+    if late is not None and late > p.bin_s:
+        return f"the limit came {late:.3g} s after the request, bound {p.bin_s:g} s (one rate bin)"
+    if m.get("outcome") == "failed" and not m.get("stalled"):
+        server = f"; the server's: {m['server_error']}" if m.get("server_error") else ""
+        return f"the transfer failed: {m.get('error') or 'errno ' + str(m.get('errno'))}{server}"
     if m.get("stalled") and p.mode not in WINDOW_MODES:
         return f"the transfer stalled (no byte for {p.stall_s:g} s)"
     if not m.get("stalled") and not m.get("sha256_match"):

@@ -21,13 +21,125 @@ from tests.test_experiments import run
     (["params.mode=srl", "params.sender=kernel"], "needs sender 'user'"),
     (["params.mode=none", "params.window_bytes=5000"], "window_bytes is for modes 'window'"),
     (["params.rate_mbit=0"], "rate_mbit"),
+    (["params.path=5g"], "path '5g'"),  # the topology's paths are wifi and lte
+    (["params.rate_mbit=20"], "below the path's rate 20"),  # LTE carries 20 Mbit/s
 ])
 def test_bad_parameters_are_refused_at_load_in_one_line(tmp_path, sets, needle):
     args = ["run", "experiments/rate-limit.toml", "--out", str(tmp_path / "store")]
     for s in sets:
         args += ["--set", s]
-    assert_one_line_error(run_tb(*args, timeout=60), needle)
+    proc = run_tb(*args, timeout=60)
+    assert_one_line_error(proc, needle)
+    assert proc.returncode == 2
     assert not (tmp_path / "store").exists()
+
+
+def test_shaping_is_refused_at_load_without_the_kernel_parts_built_in_or_loaded(monkeypatch):
+    from experiments.rate_limit import Params, RateLimit
+    from testbed.base.errors import TestbedError
+    from testbed.core import host_shaping
+    from testbed.core.topology import load as load_topology
+    topo = load_topology("two-path", rate_mbit=20)
+    monkeypatch.setattr(host_shaping, "missing_kernel_parts", lambda: ["ifb"])
+    with pytest.raises(TestbedError, match="mode 'shaping' needs ifb"):
+        RateLimit.check_topology(Params(mode="shaping"), topo)
+    RateLimit.check_topology(Params(mode="none"), topo)  # the other modes do not need it
+    monkeypatch.setattr(host_shaping, "missing_kernel_parts", lambda: [])
+    RateLimit.check_topology(Params(mode="shaping"), topo)
+
+
+def test_kernel_parts_count_as_present_when_built_in_or_loaded(tmp_path):
+    from testbed.core.host_shaping import KERNEL_PARTS, missing_kernel_parts
+    sysmod, builtin = tmp_path / "module", tmp_path / "modules.builtin"
+    sysmod.mkdir()
+    assert missing_kernel_parts(sysmod, builtin, None) == list(KERNEL_PARTS)
+    (sysmod / "ifb").mkdir()  # loaded (or built in with parameters)
+    builtin.write_text("kernel/net/sched/act_mirred.ko\nkernel/net/sched/sch_ingress.ko\n")
+    assert missing_kernel_parts(sysmod, builtin, None) == ["cls_u32"]
+    config = tmp_path / "config"
+    config.write_text("CONFIG_NET_CLS_U32=y\nCONFIG_IFB=m\n")
+    assert missing_kernel_parts(tmp_path / "none", tmp_path / "none", config) == ["ifb", "act_mirred",
+                                                                                   "sch_ingress"]
+
+
+class _Shaper:
+    installed = True
+
+    def __init__(self):
+        self.removed = False
+
+    def stats(self):
+        raise OSError("netlink went away")
+
+    def remove(self):
+        self.removed = True
+
+
+def test_shaping_is_removed_even_when_its_statistics_cannot_be_read():
+    from experiments.rate_limit import stop_shaping
+    shaper, shaped = _Shaper(), {}
+    stop_shaping(shaper, shaped)
+    assert shaper.removed and "netlink went away" in shaped["stats_error"]
+
+
+def _metrics(**kw):
+    m = {"outcome": "mptcp", "sha256_match": True, "subflows_max": 2, "limited_after_mbit": 2.0,
+         "limit_applied_s": 0.01}
+    return {**m, **kw}
+
+
+def test_a_limit_applied_later_than_one_bin_makes_the_run_invalid_naming_both():
+    from experiments.rate_limit import Params, invalid_reason
+    p = Params(mode="srl", bin_s=0.5)
+    assert invalid_reason(_metrics(), {}, p, 2) == ""
+    why = invalid_reason(_metrics(limit_applied_s=0.8), {}, p, 2)
+    assert "0.8 s" in why and "0.5 s" in why, why
+    shaping = Params(mode="shaping", bin_s=0.5)
+    assert invalid_reason(_metrics(shaping_late_s=0.1), {"applied_ns": 1}, shaping, 2) == ""
+    why = invalid_reason(_metrics(shaping_late_s=0.75), {"applied_ns": 1}, shaping, 2)
+    assert "0.75 s" in why and "0.5 s" in why, why
+
+
+def test_only_the_idle_timeout_counts_as_a_stall_any_other_failure_is_named():
+    from experiments.rate_limit import Params, invalid_reason, is_stalled
+    timed_out = _metrics(outcome="failed", idle_timeout=True, error="TimeoutError: timed out")
+    reset = _metrics(outcome="failed", idle_timeout=False, error="ConnectionResetError: [Errno 104] reset")
+    assert is_stalled(timed_out) and not is_stalled(reset) and not is_stalled(_metrics())
+    # the sender's idle timeout ran out first (its send blocked on a shut window): it reset
+    assert is_stalled({**reset, "server_idle_timeout": True})
+    window = Params(mode="window")
+    assert invalid_reason({**timed_out, "stalled": True, "sha256_match": False}, {}, window, 2) == ""
+    why = invalid_reason({**reset, "stalled": False, "sha256_match": False}, {}, window, 2)
+    assert "ConnectionResetError" in why, why
+
+
+def test_the_app_workload_reports_what_ended_a_failed_transfer():
+    from testbed.harness import workload
+    load = workload.get("app", mode="bulk", direction="down", seconds=5, idle_timeout_s=3)
+    c = {"outcome": "failed", "connect_start_ns": 0, "established_ns": 10**7,
+         "error": "TimeoutError: timed out", "idle_timeout": True}
+    m = load._metrics(c, {})
+    assert m["idle_timeout"] is True and m["error"] == "TimeoutError: timed out"
+    m = load._metrics({**c, "error": "ConnectionResetError: reset", "idle_timeout": False}, {})
+    assert m["idle_timeout"] is False and "ConnectionResetError" in m["error"]
+    server = {"outcome": "failed", "error": "TimeoutError: send timed out", "idle_timeout": True}
+    m = load._metrics({**c, "error": "ConnectionResetError: reset", "idle_timeout": False}, server)
+    assert m["server_idle_timeout"] is True and m["server_error"] == "TimeoutError: send timed out"
+
+
+def test_a_stack_error_from_the_limit_request_is_reported_as_the_limit_error():
+    import argparse
+    from testbed.harness.workload.app import _schedule_limit
+    from testbed.stack import StackError
+
+    class Sock:
+        def request_rate_limit(self, addr, kbit):
+            raise StackError("no established subflow from 10.0.2.1")
+
+    out = {}
+    a = argparse.Namespace(limit="srl", limit_at_ns=0, limit_addr="10.0.2.1", limit_rate_kbit=2000)
+    _schedule_limit(a, Sock(), out).join(5)
+    assert "no established subflow" in out["limit_error"] and "limit_applied_ns" not in out
 
 
 def test_rates_bin_delivered_bytes_per_key_and_drop_the_partial_tail():

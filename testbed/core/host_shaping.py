@@ -16,6 +16,9 @@ TCP/MPTCP receives.
 """
 from __future__ import annotations
 
+import gzip
+import os
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -24,6 +27,38 @@ from testbed.base.errors import TestbedError
 from testbed.base.netns import run_in_netns
 from testbed.core.emulation import shaping
 from testbed.core.model import LinkParams
+
+# The kernel parts install() uses, each with its kernel config symbol. Asking
+# for one that is a module not loaded yet makes the kernel load it, and loading
+# `ifb` creates ifb0/ifb1 in the host's root namespace: a host change the testbed
+# must not make, so shaping is refused unless each is built in or loaded.
+KERNEL_PARTS = {"ifb": "CONFIG_IFB", "act_mirred": "CONFIG_NET_ACT_MIRRED",
+                "sch_ingress": "CONFIG_NET_SCH_INGRESS", "cls_u32": "CONFIG_NET_CLS_U32"}
+SYS_MODULE = Path("/sys/module")
+KERNEL_CONFIG = Path("/proc/config.gz")
+
+
+def missing_kernel_parts(sys_module: Path = SYS_MODULE, builtin_list: Path | None = None,
+                         config: Path | None = KERNEL_CONFIG) -> list[str]:
+    """The KERNEL_PARTS neither loaded (/sys/module) nor built in (the kernel's
+    modules.builtin list, or =y in its config), in KERNEL_PARTS' order."""
+    if builtin_list is None:
+        builtin_list = Path("/lib/modules") / os.uname().release / "modules.builtin"
+    present = {name for name in KERNEL_PARTS if (sys_module / name).exists()}
+    try:
+        present |= {Path(line.strip()).name.removesuffix(".ko") for line in builtin_list.read_text().splitlines()}
+    except OSError:
+        pass  # no list: the config says
+    if config is not None:
+        try:
+            raw = config.read_bytes()
+            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+            built_in = {line.split("=")[0] for line in text.splitlines() if line.endswith("=y")}
+            present |= {name for name, symbol in KERNEL_PARTS.items() if symbol in built_in}
+        except (OSError, EOFError, gzip.BadGzipFile):
+            pass
+    return [name for name in KERNEL_PARTS if name not in present]
+
 
 INGRESS_HANDLE = 0xFFFF0000
 ETH_P_ALL = 0x0003
@@ -45,6 +80,9 @@ class HostShaper:
         if rate_kbit <= 0 or queue_pkts < 1:
             raise TestbedError(f"host shaping: rate {rate_kbit} kbit/s and queue {queue_pkts} "
                                f"packets must be positive")
+        missing = missing_kernel_parts()
+        if missing:  # asking for them would load them, ifb's devices in the host's namespace
+            raise TestbedError(f"host shaping needs {', '.join(missing)} built into the kernel or loaded")
         htb = shaping.htb_args(LinkParams(rate_mbit=rate_kbit / 1000), MTU)  # the emulator's HTB settings
 
         def apply() -> None:
@@ -112,4 +150,4 @@ class HostShaper:
         return run_in_netns(self.pid, read)
 
 
-__all__ = ["HostShaper"]
+__all__ = ["HostShaper", "KERNEL_PARTS", "missing_kernel_parts"]

@@ -255,6 +255,8 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
         out["requests"] = requests
     except OSError as exc:
         out.update(_error(exc))
+        # established, so a timeout here is the socket's idle timeout (--timeout) running out
+        out["idle_timeout"] = isinstance(exc, TimeoutError)
     if limit is not None:
         limit.cancel()
     conn.finish()
@@ -362,6 +364,7 @@ def run_server(a: argparse.Namespace) -> dict[str, Any]:
         out["last_byte_ns"] = time.monotonic_ns()
     except (OSError, ValueError, KeyError) as exc:
         out.update(_error(exc))
+        out["idle_timeout"] = isinstance(exc, TimeoutError)  # accepted: the idle timeout ran out
     if conn is not None:  # what was sampled counts, also when the connection broke off
         conn.finish()
         out.update(conn.report())

@@ -14,6 +14,9 @@ receiver, key "total" and one key per subflow: its path name when known; series
 srtt_ms at the sender, one key per subflow: its smoothed RTT). `limit`: the
 client applies a receiver's limit mid-transfer (SO_RCVBUF, or an SRL request on
 the user-space stack); metrics limit_applied_s (late by) and limit_error.
+A transfer that failed after establishment has metrics error (the client's
+exception) and idle_timeout (true when the idle timeout, idle_timeout_s, ended it);
+a server whose transfer failed, server_error and server_idle_timeout.
 """
 from __future__ import annotations
 
@@ -259,6 +262,10 @@ class AppWorkload(Workload):
             m["connect_failed_s"] = (c["failed_ns"] - start) / 1e9 if c.get("failed_ns") else None
             return m
         m["connect_s"] = (c["established_ns"] - start) / 1e9
+        if c.get("outcome") == "failed":  # after establishment: what ended the transfer
+            m["error"], m["idle_timeout"] = c.get("error"), bool(c.get("idle_timeout"))
+        if s.get("outcome") == "failed":  # the server's side of it (its own timeout may reset the client)
+            m["server_error"], m["server_idle_timeout"] = s.get("error"), bool(s.get("idle_timeout"))
         if p.mode == "rr" or p.direction == "down":
             fb = c.get("first_byte_ns")
             m["ttfb_s"] = (fb - start) / 1e9 if fb else None
