@@ -100,6 +100,10 @@ class ServerView:
             self.samples.append((now(), held, len(info.subflows) if held else 0))
             return
         try:
+            # MPTCP_INFO answers on a closed connection too: the msk's own state (TCP_INFO
+            # on an MPTCP socket) says whether the kernel still holds it
+            if so.tcp_info(self.conn).state == "CLOSE":
+                raise ConnectionResetError(errno_mod.ENOTCONN, "the connection is closed")
             info = so.mptcp_info(self.conn)
             # subflows counts the additional ones; subflows_total (6.10+) the initial too
             n = info.subflows_total if info.subflows_total is not None else info.subflows + 1
@@ -221,6 +225,8 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
             conn.close()
             conn.wait_closed(a.timeout)
         else:
+            if join:
+                _kernel_wait_join(conn, addr, a.timeout, out)
             conn.shutdown(socket.SHUT_WR)
             while recv():
                 pass
@@ -233,6 +239,24 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
             out["stack_log"] = stack.log_lines[-20:]
             stack.close()
     return out
+
+
+def _kernel_wait_join(conn: socket.socket, addr: str, timeout: float, out: dict[str, Any]) -> None:
+    """Kernel client: wait until the path manager's subflow from addr is established before
+    shutting down. Shutting down while that join is still in SYN_SENT makes the kernel drop it
+    (mptcp_subflow_shutdown() disconnects SYN_SENT subflows once the DATA_FIN is due); the
+    server's SYN/ACK then finds no socket and the client's TCP answers with a bare RST
+    (MPJoinSynTx 1, no MPJoinSynAckRx, TcpOutRsts 1), and the data waits for a dead path."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(sf.addrs.local[0] == addr and sf.tcp.state == "ESTABLISHED" for sf in so.subflows(conn)):
+                out["joined_ns"] = now()
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    out["join_error"] = f"no established subflow from {addr} within {timeout:g} s"
 
 
 def _user_resume(conn: Any, addr: str, join: bool, timeout: float, out: dict[str, Any]) -> None:
@@ -321,7 +345,10 @@ def run_state_server(a: argparse.Namespace) -> dict[str, Any]:
                 t = now()
                 if stack:
                     live = [c for c in conns if c in stack.connections and c.state != "CLOSED"]
-                    subflows = sum(len(c.info().subflows) for c in live)
+                    # established subflows only, as the kernel counts them: a join left
+                    # half-open when the paths went down is no subflow that "died" later
+                    subflows = sum(1 for c in live for sf in c.info().subflows
+                                   if sf.fully_established and sf.state not in ("SYN_SENT", "SYN_RCVD"))
                     mem = _rss_bytes()
                 else:
                     _reap(conns, gone)

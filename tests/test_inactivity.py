@@ -134,3 +134,40 @@ def test_ito_resume_row_one_side_only_is_not_judged():
     """Short outages that all resumed but no long one: the row says so and is not judged."""
     row = _resume_row([(2, 2.0, True), (4, 4.0, True)])
     assert row[6] is None and "not judged: no run longer than X + 1 s" in row[5]
+
+
+@pytest.mark.root
+def test_kernel_server_view_drops_a_connection_that_is_gone():
+    """The kernel server's sample says held 0 once the connection is gone (the client aborted),
+    though the application still has its socket and MPTCP_INFO still answers."""
+    import socket
+    import struct
+    import time
+
+    from experiments.inactivity_peer import ServerView
+    from testbed.base.netns import ScratchNetns, run_command
+    from testbed.mptcp import sockopt as so
+
+    with ScratchNetns() as scratch:
+        assert run_command(scratch.path, ["ip", "link", "set", "lo", "up"]).returncode == 0
+
+        def pair():
+            lst = so.listener(5000, "127.0.0.1", "mptcp", "cubic")
+            cli = so.mptcp_socket("cubic")
+            cli.connect(("127.0.0.1", 5000))
+            return lst, cli, lst.accept()[0]
+
+        lst, cli, srv = scratch.run(pair)
+        try:
+            view = ServerView(srv, None)
+            view.sample()
+            cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            cli.close()  # an abort: the server's connection is reset
+            time.sleep(0.3)
+            so.mptcp_info(srv)  # still answers: not a sign the connection is held
+            view.sample()
+            assert [h for _t, h, _n in view.samples] == [1, 0]
+            assert view.samples[-1][2] == 0
+        finally:
+            srv.close()
+            lst.close()
