@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from testbed.core.emulation.calibrate import calibrate, disjoint_groups, rtt_decided
+from testbed.core.emulation.calibrate import calibrate, disjoint_groups, rate_window_s, rtt_decided
 from testbed.core.topology import load
 
 root = pytest.mark.root
@@ -19,6 +19,12 @@ def _shape(name: str, **params) -> SimpleNamespace:
     g = load(name, **params).graph()
     return SimpleNamespace(graph=g, links=[SimpleNamespace(name=l.name) for l in g.links if l.emulator],
                            paths=[SimpleNamespace(name=p.name, graph=p) for p in g.paths])
+
+
+def test_the_rate_window_holds_enough_segments_and_round_trips():
+    assert rate_window_s(20, 40) == 0.5                    # 833 segments, 12 RTTs: the floor
+    assert rate_window_s(1, 10) == pytest.approx(1.2)      # 100 segments of 1500 bytes at 1 Mbit/s
+    assert rate_window_s(100, 400) == pytest.approx(1.6)   # 4 round trips of a 400 ms path
 
 
 def test_paths_sharing_an_emulated_link_are_not_measured_at_once():

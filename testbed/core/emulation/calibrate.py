@@ -204,8 +204,19 @@ RTT_INTERVAL_S = 0.002
 RTT_CONFIDENCE_Z = 3.29
 # The rate check's measured window: at 10-20 Mbit/s, 0.5 s is 400-800 full-size
 # segments, so one segment more or less moves the ratio by <= 0.25 %, against
-# a margin of >= 4 % on either side of the expected 95.6 %.
+# a margin of >= 4 % on either side of the expected 95.6 %. Slower or longer
+# paths get a longer window: at least RATE_WINDOW_SEGMENTS segments (one
+# segment <= 1 % of the ratio) and RATE_WINDOW_RTTS round trips.
 RATE_WINDOW_S = 0.5
+RATE_WINDOW_SEGMENTS = 100
+RATE_WINDOW_RTTS = 4
+SEGMENT_BITS = 1500 * 8
+
+
+def rate_window_s(rate_mbit: float, rtt_ms: float) -> float:
+    """How long the quick rate check measures a path of this rate and RTT."""
+    return max(RATE_WINDOW_S, RATE_WINDOW_SEGMENTS * SEGMENT_BITS / (rate_mbit * 1e6),
+               RATE_WINDOW_RTTS * rtt_ms / 1000)
 
 
 def path_ends(p: Any) -> tuple[str, str]:
@@ -369,8 +380,10 @@ def calibrate(tb: Any, rtt_tol_pct: float = 5.0, rtt_tol_ms: float = 1.0,
                                        warmup=min(0.5 + 4 * pl["cfg_rtt"] / 1000, flow_s / 2),
                                        port=5300 + pl["index"])
         # Slow start fills the path within ~log2(BDP / 10 segments) + 1 RTTs.
+        params = pl["composed"].up if d == "up" else pl["composed"].down
+        window = rate_window_s(params.rate_mbit, pl["cfg_rtt"])
         return lambda: tcp_goodput(src.pid, dst.pid, saddr, daddr,
-                                   warmup=0.15 + 7 * pl["cfg_rtt"] / 1000, window=RATE_WINDOW_S,
+                                   warmup=0.15 + 7 * pl["cfg_rtt"] / 1000, window=window,
                                    port=5300 + pl["index"])
 
     for d in ("up", "down"):  # one direction at a time: a flow's ACKs use the other
