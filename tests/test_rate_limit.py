@@ -232,3 +232,34 @@ def test_each_mode_limits_lte_its_way(tmp_path):
     assert by["window"]["after_mbit.wifi"] < 0.5 * by["window"]["before_mbit.wifi"]
     assert by["window_start"]["after_mbit.wifi"] < 0.5 * by["none"]["after_mbit.wifi"]
     assert by["srl"]["_manifest"]["protocol"]["srl"]["length"] == 7
+
+
+class _Draining:
+    """A connection closed with data queued that the peer acknowledges `steps` times."""
+
+    def __init__(self, steps: int):
+        self.state, self.steps, self.acked, self.waits = "ESTABLISHED", steps, 0, 0
+
+    def close(self):
+        pass
+
+    def wait_closed(self, timeout):
+        self.waits += 1
+        if self.steps:
+            self.steps -= 1
+            self.acked += 1000
+        return False
+
+    def info(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(subflows=[SimpleNamespace(bytes_acked=self.acked)])
+
+
+def test_a_user_socket_close_waits_while_the_peer_still_takes_data(monkeypatch):
+    from testbed.harness.workload import user_socket
+    monkeypatch.setattr(user_socket, "LINGER_S", 0.0)
+    for steps, waits in ((0, 1), (3, 4)):  # gives up after one linger without progress
+        sock = user_socket.UserSocket(None, owns_stack=False)
+        sock.conn = _Draining(steps)
+        sock.close()
+        assert sock.conn.waits == waits, steps

@@ -107,12 +107,23 @@ class UserSocket:
             self.conn.abort()
 
     def close(self) -> None:
-        """Graceful close (waiting up to LINGER_S for the peer's DATA_FIN), then the stack if ours."""
+        """Graceful close, then the stack if ours: waits for the peer's DATA_FIN as long
+        as the peer keeps acknowledging data, giving up after LINGER_S without progress."""
         if self.conn is not None and self.conn.state != "CLOSED":
             self.conn.close()
-            self.conn.wait_closed(LINGER_S)
+            # Like a kernel socket closed with data queued (the kernel keeps sending it):
+            # a slow receiver still draining our send buffer is not cut off by a reset.
+            acked = self._acked()
+            while not self.conn.wait_closed(LINGER_S):
+                now = self._acked()
+                if now == acked:
+                    break
+                acked = now
         if self.owns_stack:
             self.stack.close()
+
+    def _acked(self) -> int:
+        return sum(sf.bytes_acked for sf in self.conn.info().subflows)
 
     def getsockname(self) -> tuple[str, int]:
         """The initial subflow's local address."""
