@@ -48,6 +48,10 @@ def test_resume_and_idle_state(tmp_path):
         assert r["returned_path"] == "lte"
     assert user[0]["resumed"] is True and user[0]["sha256_match"] is True
     assert 0 < user[0]["resume_s"] < 3
+    # the kernel client resumes from the new address too, once it waits for its path
+    # manager's join before closing (tests/test_inactivity_kernel_join.py says why)
+    [kernel] = [r for r in runs if r["client_stack"] == "kernel"]
+    assert kernel["resumed"] is True and kernel["sha256_match"] is True and kernel["join_error"] is None
     state = run(tmp_path / "state", scenario({"mode": "state", "connections": 20, "observe_s": 2, "p1_bytes": 1000,
                                               "sample_ms": 200}))
     [s] = state
