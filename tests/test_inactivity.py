@@ -96,21 +96,14 @@ def test_outage_off_its_setting_voids_the_run(outage_s, measured_s, bad):
 
 def _ito_store(outages: list[tuple[float, float, bool]]):
     """A store of user-stack ITO resume runs (X = 5 s both sides): (outage_s, measured, resumed) each."""
-    from dataclasses import MISSING, fields
-    from pathlib import Path
-
-    import pandas as pd
-
-    from analysis import Results
+    from tests.test_fairness_rows import results
 
     rows = [{"experiment": "inactivity", "run_id": f"r{i}", "status": "complete", "metric.mode": "resume",
              "metric.client_stack": "user", "metric.server_stack": "user", "metric.variant": "same_address",
              "metric.ito_client_s": 5, "metric.ito_server_s": 5, "metric.ito_server_effective_s": 5,
              "metric.ito_client_effective_s": 5, "metric.outage_s": t, "metric.outage_measured_s": m,
              "metric.resumed": ok} for i, (t, m, ok) in enumerate(outages)]
-    tables = {f.name: pd.DataFrame() for f in fields(Results)
-              if f.name not in ("root", "runs") and f.default is MISSING and f.default_factory is MISSING}
-    return Results(Path("."), pd.DataFrame(rows), **tables)
+    return results(rows)
 
 
 def _resume_row(outages):
