@@ -195,7 +195,7 @@ class Inactivity(Experiment):
     def check_topology(cls, params: Any, topology: Any) -> None:
         """variant new_address needs a second path of the client (its address comes back)."""
         g = topology.graph()
-        paths = [gp.name for gp in g.paths if gp.client == g.client]
+        paths = [gp.name for gp in g.paths_of(g.client)]
         if params.mode == "resume" and params.variant == "new_address" and len(paths) < 2:
             raise TestbedError(f"params.variant 'new_address' needs at least 2 paths, the topology has "
                                f"{len(paths)} ({', '.join(paths)})")

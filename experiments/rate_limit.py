@@ -148,7 +148,7 @@ class RateLimit(Experiment):
         shaping has the kernel parts it needs without loading a module."""
         p: Params = params
         g = topology.graph()
-        paths = {gp.name: gp for gp in g.paths if gp.client == g.client}
+        paths = {gp.name: gp for gp in g.paths_of(g.client)}
         if p.path not in paths or len(paths) < 2:
             raise TestbedError(f"params.path {p.path!r}: must name one of the topology's paths "
                                f"({', '.join(paths)}), two or more needed")
