@@ -270,7 +270,9 @@ class Inactivity(Experiment):
             pm.add_endpoints(tb.client.pid, [pm.Endpoint(back.addr.client, None, ("subflow",),
                                                          NEW_ENDPOINT_ID)])
             ctx.record("experiment", "client", "endpoint_added", addr=back.addr.client)
-        client.tell(f"resume {back.addr.client} {int(join and p.client_stack == 'user')}")
+        # join 1: the user-space client joins from the address; a kernel client waits for its
+        # path manager's join before it closes (a close during the join discards it)
+        client.tell(f"resume {back.addr.client} {int(join)}")
         c = client.result(p.resume_timeout_s + 20)
         try:  # a server still reading once the client is done has what it will get
             server.proc.wait(3)

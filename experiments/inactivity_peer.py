@@ -9,8 +9,9 @@ answers one byte once it has them all (nothing is in flight when the outage
 starts), and the client prints `{"ready": t_ns}` on stdout. It then waits for a
 line `resume <local address> <join 0|1>` on stdin (the experiment sends it when
 a path is back), joins from that address when told to (user-space stack; the
-kernel's path manager joins by itself when it gets an endpoint), sends --p2
-bytes more on the same connection and closes. The server reads to the end,
+kernel's path manager joins by itself when it gets an endpoint, and the kernel
+client waits for that join before it closes), sends --p2 bytes more on the same
+connection and closes. The server reads to the end,
 hashing everything, samples its view of the connection every --sample-ms, and
 writes its result; so does the client.
 
