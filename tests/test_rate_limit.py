@@ -22,7 +22,7 @@ from tests.test_experiments import run
     (["params.mode=none", "params.window_bytes=5000"], "window_bytes is for modes 'window'"),
     (["params.rate_mbit=0"], "rate_mbit"),
     (["params.path=5g"], "path '5g'"),  # the topology's paths are wifi and lte
-    (["params.rate_mbit=20"], "below the path's rate 20"),  # LTE carries 20 Mbit/s
+    (["params.rate_mbit=10"], "below the path's rate 10"),  # LTE carries 10 Mbit/s
 ])
 def test_bad_parameters_are_refused_at_load_in_one_line(tmp_path, sets, needle):
     args = ["run", "experiments/rate-limit.toml", "--out", str(tmp_path / "store")]
@@ -209,7 +209,9 @@ def test_host_shaper_installs_both_directions_and_removes_everything():
 @pytest.mark.slow
 def test_each_mode_limits_lte_its_way(tmp_path):
     runs = run(tmp_path, {"experiment": "rate-limit", "calibrate": False, "timeout_s": 120,
-                          "topology": {"name": "two-path", "params": {"rate_mbit": 20, "wifi_delay_ms": 10,
+                          # 10 Mbit/s paths as in experiments/rate-limit.toml: at 20 the Python
+                          # sender and the link emulator share 2 cores badly (runs voided)
+                          "topology": {"name": "two-path", "params": {"rate_mbit": 10, "wifi_delay_ms": 10,
                                                                       "lte_delay_ms": 25}},
                           "params": {"seconds": 6, "request_at_s": 2, "settle_s": 1.5, "stall_s": 3,
                                      "rate_mbit": 2},
@@ -221,16 +223,18 @@ def test_each_mode_limits_lte_its_way(tmp_path):
         # a window clamp may stall a kernel receiver (docs/rate-limit.md): what arrived is measured
         assert r["sha256_match"] is True or (r["mode"].startswith("window") and r["stalled"]), r["mode"]
         if r["mode"] != "window_start":
-            assert r["before_mbit.lte"] > 8, r  # both paths carried data before the request
+            assert r["before_mbit.lte"] > 5, r  # both paths carried data before the request
     # no limit: LTE keeps its rate; SRL and shaping bring it near R, WiFi untouched
-    assert by["none"]["limited_after_mbit"] > 8
+    assert by["none"]["limited_after_mbit"] > 6
     for mode in ("srl", "shaping"):
         assert by[mode]["accuracy"] < 0.5, (mode, by[mode]["limited_after_mbit"])
         assert by[mode]["after_mbit.wifi"] > 0.7 * by[mode]["before_mbit.wifi"], mode
-    assert by["srl"]["total_after_mbit"] < by["none"]["total_after_mbit"] - 5
+    assert by["srl"]["total_after_mbit"] < by["none"]["total_after_mbit"] - 4
     # the connection-level window clamp slows WiFi too, set at the request or from the start
+    # (from the start at R = 2: LTE carries nothing, the whole connection about window / WiFi's RTT)
     assert by["window"]["after_mbit.wifi"] < 0.5 * by["window"]["before_mbit.wifi"]
-    assert by["window_start"]["after_mbit.wifi"] < 0.5 * by["none"]["after_mbit.wifi"]
+    assert by["window_start"]["limited_after_mbit"] < 0.5
+    assert by["window_start"]["total_after_mbit"] < 0.6 * by["srl"]["total_after_mbit"]
     assert by["srl"]["_manifest"]["protocol"]["srl"]["length"] == 7
 
 
