@@ -7,13 +7,13 @@ import time
 
 import pytest
 
+from test_experiments import run
 from testbed.base.errors import TestbedError
 from testbed.base.netns import run_command
 from testbed.core.net import Testbed
 from testbed.core.topology import load
 from testbed.harness import scenario as sc
 from testbed.harness import workload
-from testbed.harness.runner import sweep
 
 
 def test_stack_choice_is_refused_at_load_in_one_line():
@@ -63,15 +63,13 @@ def test_app_workload_runs_every_stack_combination_on_a_topology(tmp_path):
 @pytest.mark.root
 @pytest.mark.timeout(120)
 def test_failover_with_a_user_stack_client_reinjects_and_keeps_the_data_intact(tmp_path):
-    s = sc.validate({"seed": 1, "timeout_s": 90, "experiment": "failover", "calibrate": False,
-                     "topology": {"name": "two-path",
-                                  "params": {"rate_mbit": 20, "wifi_delay_ms": 5, "lte_delay_ms": 10}},
-                     "params": {"seconds": 5, "client_stack": "user"},
-                     "events": [{"at_s": 2.0, "action": "link_down", "path": "wifi"}]})
-    [d] = sweep(s, tmp_path / "out", progress=False).run_dirs
-    manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["status"] == "complete", manifest["reason"]
-    m = json.loads((d / "metrics.json").read_text())
+    # 10 Mbit/s and the experiments' run(): a clean-clone CI run saw the link emulator
+    # 0.20 % late (bound 0.1 %) at 20 Mbit/s under the Python sender, which voids the run
+    [m] = run(tmp_path, {"timeout_s": 90, "experiment": "failover", "calibrate": False,
+                         "topology": {"name": "two-path",
+                                      "params": {"rate_mbit": 10, "wifi_delay_ms": 5, "lte_delay_ms": 10}},
+                         "params": {"seconds": 5, "client_stack": "user"},
+                         "events": [{"at_s": 2.0, "action": "link_down", "path": "wifi"}]})
     assert m["client_stack"] == "user" and m["outcome"] == "mptcp"
     assert m["sha256_match"] is True  # what was in flight on wifi was reinjected on lte
     assert m["recovered"] is True and m["stall_s"] < 3.0, m
