@@ -47,6 +47,17 @@ def _kernels(releases: Iterable[Any]) -> str:
     return f"MIXED: results from machines with different kernels are pooled: {per}"
 
 
+def _voided(mans: list[dict]) -> str:
+    """How many stored runs replaced attempts the testbed voided (calibration,
+    drift check or the link emulator out of tolerance), and the first reason."""
+    attempts = [a for m in mans for a in (m.get("voided_attempts") or []) if isinstance(a, dict)]
+    if not attempts:
+        return "none"
+    runs = sum(1 for m in mans if m.get("voided_attempts"))
+    return (f"{runs} of {len(mans)} runs, {len(attempts)} voided attempts "
+            f"(e.g. {attempts[0].get('reason') or 'no reason stored'})")
+
+
 def provenance(res: Results) -> list[tuple[str, str]]:
     """What the numbers were measured on; several values mean mixed provenance (shown as such)."""
     mans = list(res.manifests.values())
@@ -75,6 +86,7 @@ def provenance(res: Results) -> list[tuple[str, str]]:
                     f"virtualisation: {_distinct(get(m, 'host', 'virtualisation') for m in mans)})"),
         ("python", _distinct(get(m, "host", "python") or get(m, "tools", "python") for m in mans)),
         ("experiments", _distinct(m.get("experiment") for m in mans)),
+        ("runs the testbed voided and ran again", _voided(mans)),
         ("first run started", min(starts) if starts else "unknown"),
         ("last run ended", max(ends) if ends else "unknown"),
         ("report built", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),

@@ -190,6 +190,14 @@ def test_signal_unwinds_and_cleans(sig):
     assert_no_leak(before)
 
 
+def clean_slate() -> dict:
+    """Clean what earlier crashed runs left (a test's own count of crashed runs
+    must not include them), then return the footprint."""
+    res = run_tb("clean", timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return footprint()
+
+
 def kill9(proc: subprocess.Popen, before: dict) -> None:
     proc.kill()
     proc.wait(timeout=10)
@@ -197,7 +205,7 @@ def kill9(proc: subprocess.Popen, before: dict) -> None:
 
 
 def test_kill9_then_invoke_clean_spares_foreign_processes():
-    before = footprint()
+    before = clean_slate()
     # Someone else's process named like a Mininet shell: must survive `clean`.
     foreign = subprocess.Popen(["bash", "-c", "exec -a mininet:x sleep 600"])
     # And one that now has a PID the record names (the recorded process ended
@@ -224,7 +232,7 @@ def test_kill9_then_invoke_clean_spares_foreign_processes():
 def test_clean_finds_a_namespace_whose_shell_died():
     """The client's shell is gone but a command it started still runs in the
     client's namespace: no live recorded process leads there any more."""
-    before = footprint()
+    before = clean_slate()
     proc, info = start_runner()
     os.kill(info["nodes"]["c"], signal.SIGKILL)
     kill9(proc, before)
@@ -238,7 +246,7 @@ def test_clean_finds_a_namespace_held_only_by_a_descriptor():
     """A process that is not ours keeps an emulator's namespace open: clean
     does not kill it, but empties the namespace (its bridge goes) and keeps the
     record until the namespace is gone."""
-    before = footprint()
+    before = clean_slate()
     proc, info = start_runner()
     holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; "
                                "fd = os.open(sys.argv[1], os.O_RDONLY); print(fd, flush=True); time.sleep(600)",

@@ -17,7 +17,7 @@ def test_a_user_stack_run_stores_its_srl_requests_decoded(tmp_path):
                          "params": {"mode": "srl", "rate_mbit": 2, "seconds": 4, "request_at_s": 1,
                                     "settle_s": 1}})
     from analysis import load
-    packets = load(tmp_path / ("retry" if (tmp_path / "retry").exists() else "out")).packets
+    packets = load(tmp_path / "out").packets
     assert len(packets) > 100
     srl = packets[packets["srl_kbps"].notna()]
     assert 1 <= len(srl) <= 3, srl                          # at most three sends until honoured

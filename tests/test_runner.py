@@ -129,23 +129,38 @@ def _testbed_of(pid: int) -> Path | None:
 def test_sweep_killed_with_sigkill_resumes_each_run_exactly_once(tmp_path):
     scenario = write(tmp_path, FAST.format(reps=2))
     out = tmp_path / "out"
+    assert run_tb("clean").returncode == 0  # earlier crashed runs' leftovers: not this test's count
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(scenario), str(out)], cwd=ROOT)
     deadline = time.time() + 90
-    # Kill mid-run: a run is stored, the next one is being written (a .tmp-
-    # directory exists) and its testbed is up (a state file of this runner).
-    while time.time() < deadline:
+
+    def mid_run() -> bool:
+        """A run is stored, the next one is being written (a .tmp- directory
+        exists) and its testbed is up (a state file of this runner)."""
         done = list((out / "throughput").glob("*-r*/manifest.json")) if out.exists() else []
         partial = list((out / "throughput").glob(".tmp-*")) if out.exists() else []
-        if done and partial and _testbed_of(proc.pid) is not None:
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail("never caught the runner mid-run")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+        return bool(done and partial and _testbed_of(proc.pid) is not None)
+
+    try:
+        # Frozen (SIGSTOP) before the check that decides the kill, so the run
+        # cannot finish between the check and the kill.
+        while time.time() < deadline:
+            if mid_run():
+                proc.send_signal(signal.SIGSTOP)
+                if mid_run():
+                    break
+                proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+        else:
+            pytest.fail("never caught the runner mid-run")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        res = run_tb("clean")  # the killed runner's namespaces and processes, also on failure
     stored = len(list((out / "throughput").glob("*-r*/manifest.json")))
     assert list((out / "throughput").glob(".tmp-*")), "the kill did not land mid-run"
-    res = run_tb("clean")  # the killed runner's namespaces and processes
     assert res.returncode == 0 and "removed 1 crashed run" in res.stdout, res.stdout + res.stderr
     summary = sweep(sc.load(scenario), out, progress=False)
     assert summary.skipped == stored and summary.done == {"complete": 4 - stored}
@@ -335,3 +350,64 @@ def test_an_experiments_protocol_choices_are_stored_in_the_manifest(tmp_path):
     assert summary.done == {"complete": 1}, summary
     manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
     assert manifest["protocol"] == {"option": {"code": "0xf/2", "length": 5}}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("late_attempts, retries, status, voided", [
+    (1, 1, "complete", 1),   # the re-run stands; the voided attempt is listed
+    (2, 1, "invalid", 1),    # out of retries: stored invalid, with the attempt before it
+    (1, 0, "invalid", 0),    # void_retries = 0: the first verdict stands
+])
+def test_a_run_the_emulator_voided_is_run_again_and_says_so(tmp_path, monkeypatch,
+                                                            late_attempts, retries, status, voided):
+    from testbed.harness import runner
+
+    real, calls = runner.judge_run, []
+
+    def late(before, after):  # the emulator's verdict over the run, late for the first attempts
+        calls.append(1)
+        verdict = real(before, after)
+        if len(calls) <= late_attempts:
+            return {**verdict, "valid": False, "reason": "link wifi: 0.20 % of frames late (bound 0.1 %)"}
+        return verdict
+
+    monkeypatch.setattr(runner, "judge_run", late)
+    body = f"void_retries = {retries}\n" + FAST.format(reps=1).replace('"params.direction" = ["up", "down"]', "")
+    s = sc.load(write(tmp_path, body))
+    summary = sweep(s, tmp_path / "out", progress=False)
+    assert summary.done == {status: 1}
+    assert len(calls) == voided + 1
+    [run_dir] = summary.run_dirs
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == status
+    attempts = manifest.get("voided_attempts", [])
+    assert len(attempts) == voided
+    for attempt in attempts:
+        assert attempt["reason"] == "emulation during the run: link wifi: 0.20 % of frames late (bound 0.1 %)"
+        assert attempt["start"] and attempt["end"]
+    assert manifest.get("voided_by_testbed", False) is (status == "invalid")
+    assert [d.name for d in (tmp_path / "out" / "throughput").iterdir()] == [run_dir.name]
+
+
+@pytest.mark.root
+def test_a_failed_run_is_not_run_again(tmp_path):
+    body = FAST.format(reps=1).replace('"params.direction" = ["up", "down"]', "") + \
+        '\n[[events]]\nat_s = 0\naction = "set_link"\npath = "wifi"\nchanges = { delay_ms = 5 }\n'
+    summary = sweep(sc.load(write(tmp_path, body)), tmp_path / "out", progress=False)
+    assert summary.done == {"failed": 1}  # the bridge backend refuses a delay
+    manifest = json.loads((summary.run_dirs[0] / "manifest.json").read_text())
+    assert "voided_attempts" not in manifest and not manifest.get("voided_by_testbed")
+
+
+def test_the_report_counts_runs_the_testbed_voided(tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.report import provenance
+
+    late = {"start": "s", "end": "e", "reason": "emulation during the run: wifi up 0.2 % late"}
+    mans = {"a": {"voided_attempts": [late, late]}, "b": {}, "c": {"voided_attempts": [late]}}
+    row = dict(provenance(SimpleNamespace(root=tmp_path, manifests=mans)))
+    assert row["runs the testbed voided and ran again"] == \
+        "2 of 3 runs, 3 voided attempts (e.g. emulation during the run: wifi up 0.2 % late)"
+    row = dict(provenance(SimpleNamespace(root=tmp_path, manifests={"b": {}})))
+    assert row["runs the testbed voided and ran again"] == "none"

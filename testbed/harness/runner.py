@@ -246,8 +246,24 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
+    """Run and store one grid point's repetition; a run the testbed voided is run
+    again up to the scenario's void_retries times, its voided attempts listed."""
+    voided: list[dict[str, Any]] = []
+    while True:
+        run_dir = _attempt(spec, root, pool, voided)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        # Only the testbed's own failures: a failed run or one a probe voided is the
+        # measurement's outcome, and running it again would hide it.
+        if (manifest["status"] != "invalid" or not manifest.get("voided_by_testbed")
+                or len(voided) >= spec.scenario.void_retries):
+            return run_dir
+        voided.append({key: manifest.get(key) for key in ("start", "end", "reason")})
+
+
+def _attempt(spec: RunSpec, root: Path, pool: TestbedPool | None,
+             voided: list[dict[str, Any]]) -> Path:
     """Build the testbed (or take the pool's, reset and verified), run one grid
-    point's repetition with its probes, store it."""
+    point's repetition with its probes, store it (replacing an earlier attempt)."""
     sc = spec.scenario
     started = time.monotonic()
     clock = PhaseClock()
@@ -298,9 +314,11 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
                     what = "calibration" if calibration["kind"] == "full" else \
                         f"drift check ({calibration['runs_since_full']} runs after the calibration)"
                     output.reason = f"{what}: {calibration.get('reason') or 'out of tolerance'}"
+                    manifest["voided_by_testbed"] = True
                 elif output.status == "complete" and not emulation_run["valid"]:
                     output.status = "invalid"
                     output.reason = f"emulation during the run: {emulation_run['reason']}"
+                    manifest["voided_by_testbed"] = True
                 # At the end: the emulator's counters (drops by cause, lateness) cover the run.
                 manifest["emulation"] = {**tb.backend.describe(), "calibration": calibration,
                                          "run": emulation_run}
@@ -331,6 +349,8 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
                      "duration_s": round(time.monotonic() - started, 3)})
     if output.protocol:
         manifest["protocol"] = output.protocol
+    if voided:
+        manifest["voided_attempts"] = list(voided)
     if ctx is not None:
         # Also for a failed run: which change failed, and what had been applied before it.
         manifest["applied_events"] = [a.record(ctx.t0_ns / 1e9) for a in ctx.tb.applied_events]

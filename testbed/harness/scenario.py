@@ -72,6 +72,7 @@ MAX_CROSS_FLOWS = 16  # each is two threads of the runner's process
 # A testbed kept across runs is calibrated fully when built and then every N
 # runs, the runs in between get the drift check (testbed.core.emulation.drift).
 CALIBRATE_EVERY = 10
+VOID_RETRIES = 1
 
 
 class Scenario(Strict):
@@ -85,6 +86,10 @@ class Scenario(Strict):
     backend: str = "auto"
     calibrate: bool = True
     calibrate_every: int = Field(CALIBRATE_EVERY, ge=1, le=10_000)  # full calibration every N runs
+    # A run the testbed itself voided (its calibration or drift check out of
+    # tolerance, the link emulator late during the run) is run again up to N times;
+    # the stored run lists the voided attempts with their reasons.
+    void_retries: int = Field(VOID_RETRIES, ge=0, le=5)
     topology: TopologyRef
     hosts: Hosts = Field(default_factory=Hosts)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -97,7 +102,8 @@ class Scenario(Strict):
     path: str | None = None  # where it was loaded from (recorded, not user-set)
 
 
-IDENTITY_EXCLUDED = {"repetitions", "description", "path", "timeout_s", "calibrate_every"}
+IDENTITY_EXCLUDED = {"repetitions", "description", "path", "timeout_s", "calibrate_every",
+                     "void_retries"}
 
 
 @dataclass(frozen=True)
