@@ -188,6 +188,7 @@ timeout_s = 90
 backend = "userspace"
 calibrate = true
 calibrate_every = 10
+void_retries = {retries}
 [topology]
 name = "two-path"
 params = { rate_mbit = 10, wifi_delay_ms = 5, lte_delay_ms = 5 }
@@ -196,8 +197,9 @@ seconds = 1.5
 """
 
 
+@pytest.mark.parametrize("retries", [0, 1])
 def test_calibrated_runs_between_calibrations_get_a_drift_check_that_catches_drift(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, retries):
     resets = []
     original = Testbed.reset
 
@@ -210,11 +212,17 @@ def test_calibrated_runs_between_calibrations_get_a_drift_check_that_catches_dri
         return problems
 
     monkeypatch.setattr(Testbed, "reset", reset_then_perturb)
-    (tmp_path / "s.toml").write_text(CALIBRATED)
+    (tmp_path / "s.toml").write_text(CALIBRATED.replace("{retries}", str(retries)))
     summary = sweep(scenario.load(tmp_path / "s.toml"), tmp_path / "store", progress=False)
     runs = _manifests(summary)
     assert [m["testbed_reuse"]["reused"] for m in runs] == [False, True, True]
     cals = [m["emulation"]["calibration"] for m in runs]
+    if retries:  # the voided run is run again, calibrated fully, and the drift is still there
+        [voided] = runs[2]["voided_attempts"]
+        assert voided["reason"].startswith("drift check (2 runs after the calibration): wifi: RTT ")
+        assert (cals[2]["kind"], runs[2]["status"]) == ("full", "invalid")
+        assert runs[2]["reason"].startswith("calibration: ") and "wifi" in runs[2]["reason"]
+        return
     assert [(c["kind"], c["runs_since_full"], c["every"]) for c in cals] == [
         ("full", 0, 10), ("drift_check", 1, 10), ("drift_check", 2, 10)]
     assert [m["status"] for m in runs] == ["complete", "complete", "invalid"], runs[2]["reason"]
