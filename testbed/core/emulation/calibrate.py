@@ -495,7 +495,8 @@ def judge_run(before: dict[str, dict[str, Any]] | None,
 # highest aggregate configured rate at which the user-space forwarders, fully
 # loaded by one MPTCP transfer over n-path (4 paths), still kept the run
 # tolerance above. Cached in the project's .cache/ directory and trusted only
-# on the same kernel, CPU count, Python and forwarder code.
+# on the same kernel, CPU count, Python and forwarder code (forwarder.py and
+# its C fast path, fastpath.c).
 CAPACITY_FILE = Path(__file__).resolve().parents[3] / ".cache" / "emulation-capacity.json"
 
 
@@ -504,7 +505,8 @@ def capacity_key() -> dict[str, Any]:
     import hashlib
     import platform
 
-    forwarder = Path(__file__).with_name("forwarder.py").read_bytes()
+    here = Path(__file__)
+    forwarder = here.with_name("forwarder.py").read_bytes() + here.with_name("fastpath.c").read_bytes()
     return {"kernel": platform.release(), "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "forwarder_sha256": hashlib.sha256(forwarder).hexdigest()[:16]}

@@ -8,14 +8,20 @@ It joins the emulator's network namespace, opens one AF_PACKET socket per port
 frames a -> b ("up") and b -> a ("down") through a deadline queue per
 direction: random or Gilbert-Elliott loss and the blackhole switch are decided
 on arrival, the packet leaves at arrival + delay (+ jitter). Without `reorder`
-deadlines never decrease, so a FIFO (deque) is the queue; with `reorder` it is
-a heap. Rate and bottleneck queue are HTB + pfifo on the egress port (see
-shaping.py); a send refused with ENOBUFS is the full pfifo and counts as a
-queue drop.
+deadlines never decrease, so a FIFO is the queue; with `reorder` it is a heap.
+Rate and bottleneck queue are HTB + pfifo on the egress port (see shaping.py);
+a send refused with ENOBUFS is the full pfifo and counts as a queue drop, one
+refused with EAGAIN a full socket buffer (drop_sndbuf).
 
-Timing: select() sleeps until shortly before the next deadline (with timer
+The per-packet path is C (fastpath.c, built and driven by fastpath.py): it
+forwards until the control socket is readable, then this process answers the
+message (writing the new parameters into the C side's struct) and lets it
+forward again. This module keeps the command line, the namespace, the sockets,
+the scheduling and the control channel.
+
+Timing: ppoll() sleeps until shortly before the next deadline (with timer
 slack 1 ns, wake-ups overshoot by ~20-100 us) and the last stretch (SPIN_S) is
-busy-polled with select(timeout=0), which still notices arriving packets. The
+busy-polled with a zero timeout, which still notices arriving packets. The
 process runs SCHED_FIFO (priority 10) by default so that it wakes up on time on
 a busy machine; see set_scheduling().
 
@@ -32,103 +38,79 @@ line keep their departure time (as with netem).
 from __future__ import annotations
 
 import argparse
-import errno
-import heapq
 import json
 import os
-import random
-import select
 import socket
 import struct
 import sys
 import time
-from collections import deque
 from typing import Any
 
 from testbed.base.sockbuf import force_buffers
+from testbed.core.emulation.fastpath import COUNTERS, FastPath, FpDir
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23
 
-# Busy-poll this long before a deadline: select() wake-ups overshoot. Measured
+# Busy-poll this long before a deadline: wake-ups from a sleep overshoot. Measured
 # here (2 cores, load average 2) with timer slack 1 ns: SCHED_FIFO median 19 us,
 # p99 44 us; SCHED_OTHER median 27, p90 41, p99 108 us (70-170 us with the
 # default 50 us slack). Spinning longer only burns CPU and, under SCHED_FIFO,
 # starves the softirqs that drain HTB on the same core.
 SPIN_S = {"fifo": 0.00006, "nice": 0.0001, "other": 0.0001}
 PR_SET_TIMERSLACK = 29
-EARLY_S = 0.000010  # send a packet at most this early
-BATCH = 64  # packets drained per socket before deadlines are looked at again
 SNDBUF = 64 << 20  # larger than any pfifo we install: the pfifo must be the queue
 RCVBUF = 32 << 20
 
-COUNTERS = ("rx", "tx", "drop_loss", "drop_blackhole", "drop_queue", "drop_sndbuf",
-            "drop_error", "late_1ms")
-
 
 class Dir:
-    """State of one direction: parameters, queue, counters."""
+    """One direction's parameters as the control channel sets them, kept in the
+    C fast path's struct (which owns the queue, the counters and the lateness)."""
 
-    __slots__ = (
-        "blackhole",
-        "c",
-        "delay",
-        "ge",
-        "ge_bad",
-        "jitter",
-        "last_deadline",
-        "late_max",
-        "late_sum",
-        "loss",
-        "name",
-        "params",
-        "queue",
-        "reorder",
-    )
-
-    def __init__(self, name: str, params: dict[str, Any]):
+    def __init__(self, name: str, state: FpDir, params: dict[str, Any]):
         self.name = name
-        self.queue: Any = deque()
-        self.last_deadline = 0.0
-        self.blackhole = False
-        self.ge_bad = False
-        self.c = dict.fromkeys(COUNTERS, 0)
-        self.late_sum = 0.0
-        self.late_max = 0.0
-        self.reorder = False
+        self.s = state
         self.set(params)
+
+    @property
+    def blackhole(self) -> bool:
+        """Whether every packet arriving in this direction is dropped."""
+        return bool(self.s.blackhole)
+
+    @blackhole.setter
+    def blackhole(self, on: bool) -> None:
+        self.s.blackhole = int(on)
 
     def set(self, params: dict[str, Any]) -> None:
         """Take new parameters for this direction (effective for the next packet)."""
         self.params = dict(params)
-        self.delay = float(params.get("delay_ms") or 0) / 1000
-        self.jitter = float(params.get("jitter_ms") or 0) / 1000
-        self.loss = float(params.get("loss_pct") or 0) / 100
+        s = self.s
+        s.delay = float(params.get("delay_ms") or 0) / 1000
+        s.jitter = float(params.get("jitter_ms") or 0) / 1000
+        s.loss = float(params.get("loss_pct") or 0) / 100
         ge = params.get("gilbert")
         # (p, r, loss in bad, loss in good) as probabilities
-        self.ge = None if not ge else (ge["p_pct"] / 100, ge["r_pct"] / 100,
-                                       ge.get("bad_loss_pct", 100) / 100,
-                                       ge.get("good_loss_pct", 0) / 100)
-        reorder = bool(params.get("reorder")) and self.jitter > 0
-        if reorder != self.reorder:
-            items = list(self.queue)
-            if reorder:
-                heapq.heapify(items)
-                self.queue = items
-            else:
-                self.queue = deque(sorted(items))
-            self.reorder = reorder
+        s.ge_on = 1 if ge else 0
+        if ge:
+            s.ge_p, s.ge_r = ge["p_pct"] / 100, ge["r_pct"] / 100
+            s.ge_bad_loss = ge.get("bad_loss_pct", 100) / 100
+            s.ge_good_loss = ge.get("good_loss_pct", 0) / 100
+        # A FIFO needs no reordering to undo; the C side reshapes the queue
+        # (sorts it or heapifies it) before it forwards again.
+        s.reorder = int(bool(params.get("reorder")) and s.jitter > 0)
 
     def stats(self) -> dict[str, Any]:
         """This direction's counters, queue length and lateness."""
-        out: dict[str, Any] = dict(self.c)
-        out["queued"] = len(self.queue)
-        out["late_mean_us"] = round(self.late_sum / self.c["tx"] * 1e6, 1) if self.c["tx"] else 0.0
-        out["late_max_us"] = round(self.late_max * 1e6, 1)
+        s = self.s
+        out: dict[str, Any] = dict(zip(COUNTERS, s.c))
+        tx = out["tx"]
+        out["queued"] = s.queued
+        out["late_mean_us"] = round(s.late_sum / tx * 1e6, 1) if tx else 0.0
+        out["late_max_us"] = round(s.late_max * 1e6, 1)
         out["blackhole"] = self.blackhole
-        out["ge_state"] = "bad" if self.ge_bad else "good"
+        out["ge_state"] = "bad" if s.ge_bad else "good"
         return out
 
 
@@ -157,100 +139,14 @@ class Forwarder:
         self.sb = open_port(port_b, mtu)
         self.ctl = ctl
         self.bufsize = max(2048, mtu + 64)
-        self.up = Dir("up", config.get("up", {}))
-        self.down = Dir("down", config.get("down", {}))
-        self.rng = random.Random(seed)
+        self.fast = FastPath(self.sa.fileno(), self.sb.fileno(), ctl.fileno(), self.bufsize, seed)
+        self.up = Dir("up", self.fast.dirs[0], config.get("up", {}))
+        self.down = Dir("down", self.fast.dirs[1], config.get("down", {}))
         self.kernel_drops = {"up": 0, "down": 0}
         self.running = True
         self.sched = "other"
         self.spin = SPIN_S["other"]
         self.started = time.monotonic()
-
-    # ---- receive: loss decisions and deadlines ---------------------------
-    def ingest(self, sock: socket.socket, d: Dir) -> int:
-        """Drain up to BATCH frames from sock into d's delay line."""
-        recv = sock.recv
-        bufsize = self.bufsize
-        rnd = self.rng.random
-        c = d.c
-        q = d.queue
-        n = 0
-        now = time.monotonic()
-        delay, jitter, loss, ge = d.delay, d.jitter, d.loss, d.ge
-        blackhole, reorder = d.blackhole, d.reorder
-        last = d.last_deadline
-        try:
-            while n < BATCH:
-                pkt = recv(bufsize)
-                n += 1
-                if blackhole:
-                    c["drop_blackhole"] += 1
-                    continue
-                if ge is not None:
-                    if d.ge_bad:
-                        if rnd() < ge[1]:
-                            d.ge_bad = False
-                    elif rnd() < ge[0]:
-                        d.ge_bad = True
-                    if rnd() < (ge[2] if d.ge_bad else ge[3]):
-                        c["drop_loss"] += 1
-                        continue
-                elif loss and rnd() < loss:
-                    c["drop_loss"] += 1
-                    continue
-                deadline = now + delay
-                if jitter:
-                    deadline += (2 * rnd() - 1) * jitter
-                    if deadline < now:
-                        deadline = now
-                    if reorder:
-                        heapq.heappush(q, (deadline, n, pkt))
-                        continue
-                if deadline < last:  # never overtake: no reordering
-                    deadline = last
-                last = deadline
-                q.append((deadline, n, pkt))
-        except BlockingIOError:
-            pass
-        c["rx"] += n
-        d.last_deadline = last
-        return n
-
-    # ---- transmit: everything due ----------------------------------------
-    def flush(self, d: Dir, sock: socket.socket, now: float) -> None:
-        """Send the packets of direction d that are due."""
-        q = d.queue
-        if not q or q[0][0] > now + EARLY_S:
-            return
-        send = sock.send
-        c = d.c
-        limit = now + EARLY_S
-        late_sum = 0.0
-        late_max = d.late_max
-        sent = 0
-        pop = heapq.heappop if d.reorder else None
-        while q and q[0][0] <= limit:
-            deadline, _, pkt = pop(q) if pop else q.popleft()
-            late = now - deadline
-            if late > 0:
-                late_sum += late
-                if late > late_max:
-                    late_max = late
-                if late > 0.001:
-                    c["late_1ms"] += 1
-            try:
-                send(pkt)
-                sent += 1
-            except BlockingIOError:
-                c["drop_sndbuf"] += 1
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    c["drop_queue"] += 1
-                else:
-                    c["drop_error"] += 1
-        c["tx"] += sent
-        d.late_sum += late_sum
-        d.late_max = late_max
 
     # ---- control channel --------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -313,42 +209,15 @@ class Forwarder:
 
     # ---- main loop --------------------------------------------------------
     def run(self) -> None:
-        """Forward packets until told to stop."""
-        sa, sb, ctl = self.sa, self.sb, self.ctl
-        up, down = self.up, self.down
-        ingest, flush = self.ingest, self.flush
-        rlist = [sa, sb, ctl]
-        mono = time.monotonic
-        sel = select.select
-        spin = self.spin
+        """Forward packets until told to stop: the C fast path forwards until a
+        control message is readable, Python answers it, and so on."""
         self.ctl.send(json.dumps({"ready": True, "pid": os.getpid(), "sched": self.sched}).encode())
-        while self.running:
-            now = mono()
-            flush(up, sb, now)
-            flush(down, sa, now)
-            qu, qd = up.queue, down.queue
-            if qu:
-                nxt = qu[0][0]
-                if qd and qd[0][0] < nxt:
-                    nxt = qd[0][0]
-            elif qd:
-                nxt = qd[0][0]
-            else:
-                nxt = None
-            if nxt is None:
-                timeout = None
-            else:
-                wait = nxt - mono()
-                timeout = wait - spin if wait > spin else 0
-            r = sel(rlist, (), (), timeout)[0]
-            if r:
-                for s in r:
-                    if s is sa:
-                        ingest(sa, up)
-                    elif s is sb:
-                        ingest(sb, down)
-                    else:
-                        self.handle_ctl()
+        try:
+            while self.running:
+                if self.fast.run(self.spin):
+                    self.handle_ctl()
+        finally:
+            self.fast.close()
 
 
 def set_scheduling(policy: str, priority: int) -> str:

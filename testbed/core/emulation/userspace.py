@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.core.emulation import register, shaping
+from testbed.core.emulation import fastpath, register, shaping
 from testbed.core.emulation.base import Backend, Direction, EmulatedLink
 from testbed.base.netns import NetnsWorker
 from testbed.base.rtnl import RawRtnl, attr
@@ -189,6 +189,10 @@ class UserspaceBackend(Backend):
             return "AF_PACKET sockets need root (CAP_NET_RAW): run as root"
         except OSError as exc:
             return f"AF_PACKET unavailable ({exc.strerror}): enable CONFIG_PACKET or use backend 'netem'"
+        try:  # built here, once, before any forwarder needs it
+            fastpath.build()
+        except TestbedError as exc:
+            return str(exc)
         return None
 
     def _handle(self, link: EmulatedLink) -> ForwarderHandle:
@@ -317,7 +321,7 @@ class UserspaceBackend(Backend):
                 counters[self._names[key]] = h.request({"op": "stats"})["stats"]
             except TestbedError as exc:
                 counters[self._names[key]] = {"error": str(exc)}
-        return {"backend": self.name, "forwarder": "python AF_PACKET deadline queues",
+        return {"backend": self.name, "forwarder": "AF_PACKET deadline queues in C (fastpath.c)",
                 "sched": sorted({h.sched for h in self._handles.values()}) or [self.sched],
                 "python": sys.version.split()[0], "seeds": dict(self._seeds), "counters": counters}
 

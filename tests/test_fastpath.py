@@ -1,0 +1,185 @@
+"""The link emulator's C fast path: its build, and its per-packet decisions and
+counters checked against packets sent through it (over socket pairs: the loop
+only needs file descriptors, so no namespace is built; the forwarder on real
+AF_PACKET ports is covered by test_emulation)."""
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from testbed.base.errors import TestbedError
+from testbed.base.sockbuf import force_buffers
+from testbed.core.emulation import fastpath
+from testbed.core.emulation.forwarder import Dir
+
+BUF = 8 << 20
+
+
+class Link:
+    """A FastPath between two socket pairs, run by a thread: send() into port a's
+    peer, frames come out of port b's peer."""
+
+    def __init__(self, up: dict, seed: int = 1, b_sndbuf: int = BUF):
+        self.a, self.a_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.b, self.b_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.ctl, self.ctl_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (self.a, self.a_peer, self.b_peer):
+            force_buffers(s, rcvbuf=BUF, sndbuf=BUF)
+        # a datagram stays charged to the sender's buffer until it is read
+        force_buffers(self.b, rcvbuf=BUF, sndbuf=b_sndbuf)
+        self.fp = fastpath.FastPath(self.a.fileno(), self.b.fileno(), self.ctl.fileno(), 2048, seed)
+        self.up = Dir("up", self.fp.dirs[0], up)
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            if self.fp.run(0.0001) and self.ctl.recv(64) == b"stop":
+                return
+
+    def send(self, n: int, gap_s: float = 0.0) -> None:
+        """n datagrams carrying their sequence number and send time."""
+        for i in range(n):
+            self.a_peer.send(struct.pack("!Id", i, time.monotonic()) + b"x" * 100)
+            if gap_s:
+                time.sleep(gap_s)
+
+    def drain(self, n: int, timeout: float = 10.0) -> list[tuple[int, float, float]]:
+        """(seq, sent, received) of what came out, once all n were decided on."""
+        out = []
+        self.b_peer.settimeout(0.2)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s = self.up.s
+            if s.c[0] == n and s.queued == 0 and len(out) >= s.c[1]:
+                break
+            try:
+                data = self.b_peer.recv(4096)
+            except TimeoutError:
+                continue
+            seq, sent = struct.unpack("!Id", data[:12])
+            out.append((seq, sent, time.monotonic()))
+        return out
+
+    def close(self) -> dict:
+        """Stop the loop; this direction's stats."""
+        self.ctl_peer.send(b"stop")
+        self.thread.join(5)
+        stats = self.up.stats()
+        self.fp.close()
+        for s in (self.a, self.a_peer, self.b, self.b_peer, self.ctl, self.ctl_peer):
+            s.close()
+        return stats
+
+
+def run_link(up: dict, n: int, seed: int = 1, gap_s: float = 0.0):
+    link = Link(up, seed)
+    sender = threading.Thread(target=link.send, args=(n, gap_s))
+    try:
+        sender.start()  # received while sent: the receive times are the delays
+        got = link.drain(n)
+        sender.join()
+    finally:
+        stats = link.close()
+    return got, stats
+
+
+def test_random_loss_is_within_binomial_bounds_and_counted():
+    n, p = 5000, 0.1
+    got, st = run_link({"loss_pct": 10}, n)
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(st["drop_loss"] - n * p) < 5 * sd, st
+    assert st["rx"] == n and st["tx"] + st["drop_loss"] == n and len(got) == st["tx"]
+    assert [g[0] for g in got] == sorted(g[0] for g in got)  # FIFO: order kept
+
+
+def test_the_same_seed_loses_the_same_packets():
+    a, _ = run_link({"loss_pct": 30}, 500, seed=7)
+    b, _ = run_link({"loss_pct": 30}, 500, seed=7)
+    c, _ = run_link({"loss_pct": 30}, 500, seed=8)
+    assert [g[0] for g in a] == [g[0] for g in b] != [g[0] for g in c]
+
+
+def test_gilbert_elliott_losses_come_in_bursts():
+    n = 10000
+    got, st = run_link({"gilbert": {"p_pct": 5, "r_pct": 20}}, n)
+    # stationary bad-state share p / (p + r) = 0.2, every bad packet lost
+    assert 0.15 < st["drop_loss"] / n < 0.25, st
+    delivered = {g[0] for g in got}
+    bursts, run_len = [], 0
+    for i in range(n):
+        if i in delivered:
+            if run_len:
+                bursts.append(run_len)
+            run_len = 0
+        else:
+            run_len += 1
+    assert 3.5 < sum(bursts) / len(bursts) < 6.5  # mean burst 1 / r = 5
+
+
+def test_blackhole_drops_everything_and_counts_it():
+    link = Link({})
+    try:
+        link.up.blackhole = True
+        link.send(300)
+        got = link.drain(300, timeout=3)
+    finally:
+        st = link.close()
+    assert got == [] and st["drop_blackhole"] == 300 and st["tx"] == 0 and st["blackhole"]
+
+
+def test_delay_holds_packets_and_jitter_reorders_only_when_asked():
+    got, st = run_link({"delay_ms": 20}, 50, gap_s=0.001)
+    held = [recv - sent for _, sent, recv in got]
+    assert len(got) == 50 and min(held) >= 0.020 - 0.00002 and st["late_1ms"] == 0
+    fifo, _ = run_link({"delay_ms": 10, "jitter_ms": 5}, 300, gap_s=0.0005)
+    assert [g[0] for g in fifo] == list(range(300))  # never overtakes
+    heap, _ = run_link({"delay_ms": 10, "jitter_ms": 5, "reorder": True}, 300, gap_s=0.0005)
+    seqs = [g[0] for g in heap]
+    assert sorted(seqs) == list(range(300)) and seqs != list(range(300))
+
+
+def test_a_full_receiver_counts_as_sndbuf_drops():
+    link = Link({}, b_sndbuf=4096)  # nobody reads port b's peer
+    try:
+        link.send(200)
+        time.sleep(0.3)
+    finally:
+        st = link.close()
+    assert st["drop_sndbuf"] > 0 and st["tx"] + st["drop_sndbuf"] == 200, st
+
+
+def test_a_changed_source_builds_a_new_library(tmp_path):
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 1; }\n")
+    first = fastpath.build(src, tmp_path / "cache")
+    assert fastpath.build(src, tmp_path / "cache") == first  # cached
+    src.write_text("int f(void) { return 2; }\n")
+    second = fastpath.build(src, tmp_path / "cache")
+    assert second != first and second.exists()
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary file left
+
+
+def test_a_compile_error_is_a_one_line_refusal(tmp_path):
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return undeclared_thing; }\n")
+    with pytest.raises(TestbedError) as exc:
+        fastpath.build(src, tmp_path / "cache")
+    msg = str(exc.value)
+    assert "\n" not in msg and "did not compile" in msg and "undeclared_thing" in msg
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_no_compiler_is_a_one_line_refusal(tmp_path, monkeypatch):
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 3; }\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(TestbedError) as exc:
+        fastpath.build(src, tmp_path / "cache")
+    assert "\n" not in str(exc.value) and "gcc" in str(exc.value)
