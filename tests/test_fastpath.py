@@ -16,6 +16,7 @@ from testbed.base.errors import TestbedError
 from testbed.base.sockbuf import force_buffers
 from testbed.core.emulation import fastpath
 from testbed.core.emulation.forwarder import Dir
+from tests.test_emulation import loss_runs
 
 BUF = 8 << 20
 
@@ -110,15 +111,7 @@ def test_gilbert_elliott_losses_come_in_bursts():
     got, st = run_link({"gilbert": {"p_pct": 5, "r_pct": 20}}, n)
     # stationary bad-state share p / (p + r) = 0.2, every bad packet lost
     assert 0.15 < st["drop_loss"] / n < 0.25, st
-    delivered = {g[0] for g in got}
-    bursts, run_len = [], 0
-    for i in range(n):
-        if i in delivered:
-            if run_len:
-                bursts.append(run_len)
-            run_len = 0
-        else:
-            run_len += 1
+    bursts = loss_runs({g[0] for g in got}, n)
     assert 3.5 < sum(bursts) / len(bursts) < 6.5  # mean burst 1 / r = 5
 
 
