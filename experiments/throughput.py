@@ -6,7 +6,7 @@ bytes on the wire, transfer time against the ideal size*8 / sum of rates.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -55,17 +55,6 @@ class Throughput(Experiment):
     name = "throughput"
     description = "bulk transfer over 1..N paths: goodput, efficiency, per-path share"
     Params = Params
-    # Two at once keep every run valid since the link emulator's loop is C
-    # (emulator late max 0.03 %, goodput moved 0.6 % median; docs/performance.md).
-    max_parallel = 2
-
-    @classmethod
-    def max_parallel_for(cls, params: dict[str, Any]) -> int:
-        """One at a time when a side runs the user-space stack: its Python engine
-        competes for the two cores (two at once not measured with it)."""
-        if "user" in (params.get("client_stack"), params.get("server_stack")):
-            return 1
-        return cls.max_parallel
 
     def run(self, ctx: RunContext) -> RunOutput:
         p: Params = ctx.params

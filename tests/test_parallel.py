@@ -239,11 +239,3 @@ def test_user_stack_establishment_gets_fewer_lanes_kernel_sockets_keep_six():
     assert parallel.lanes_for(kernel, 6) == 6
     assert 1 <= USER_STACK_LANES < 6
 
-
-def test_throughput_runs_two_at_once_with_kernel_sockets_one_with_the_user_stack():
-    """Two throughput runs at once kept every run valid once the link emulator's loop
-    was C (docs/performance.md); a user-space-stack side was not measured so."""
-    from experiments.throughput import Throughput
-    assert parallel.lanes_for(sc.load(ROOT / "experiments" / "throughput.toml"), 6) == 2
-    assert Throughput.max_parallel_for({"client_stack": "user"}) == 1
-    assert Throughput.max_parallel_for({"server_stack": "user"}) == 1
