@@ -387,6 +387,8 @@ def test_a_run_the_emulator_voided_is_run_again_and_says_so(tmp_path, monkeypatc
         assert attempt["start"] and attempt["end"]
     assert manifest.get("voided_by_testbed", False) is (status == "invalid")
     assert [d.name for d in (tmp_path / "out" / "throughput").iterdir()] == [run_dir.name]
+    # Each attempt after a voided one runs on a testbed built afresh.
+    assert manifest["testbed_reuse"]["reused"] is False
 
 
 @pytest.mark.root

@@ -258,6 +258,8 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
                 or len(voided) >= spec.scenario.void_retries):
             return run_dir
         voided.append({key: manifest.get(key) for key in ("start", "end", "reason")})
+        if pool is not None:  # the testbed let the run down: the next attempt builds and calibrates afresh
+            pool.close()
 
 
 def _attempt(spec: RunSpec, root: Path, pool: TestbedPool | None,
