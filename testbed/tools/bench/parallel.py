@@ -39,12 +39,13 @@ class Measured:
     cells: dict[str, list[Any]] = field(default_factory=dict)  # cell -> metric per repetition
     outcomes: dict[str, list[Any]] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    voided: int = 0  # attempts the testbed voided and the runner ran again (stored runs hide them)
 
 
 def measure(store: Path, experiment: str, k: int, wall_s: float) -> Measured:
     """Summarise the runs of one sweep stored in `store`."""
     metric = METRICS.get(experiment)
-    runs, bad, reasons = 0, {}, []
+    runs, bad, reasons, voided = 0, {}, [], 0
     rtt_dev, ratio, late = [], [], [0.0]
     cells: dict[str, list[Any]] = {}
     outcomes: dict[str, list[Any]] = {}
@@ -54,6 +55,9 @@ def measure(store: Path, experiment: str, k: int, wall_s: float) -> Measured:
         if m["status"] != "complete":
             bad[m["status"]] = bad.get(m["status"], 0) + 1
             reasons.append(f"{m['run_id']}: {m['reason']}")
+        for attempt in m.get("voided_attempts") or []:
+            voided += 1
+            reasons.append(f"{m['run_id']} (voided, run again): {attempt.get('reason')}")
         emulation = m.get("emulation") or {}
         cal = emulation.get("calibration") or {}
         if cal.get("kind", "full") == "full":
@@ -72,7 +76,7 @@ def measure(store: Path, experiment: str, k: int, wall_s: float) -> Measured:
     return Measured(k=k, wall_s=wall_s, runs=runs, not_complete=bad,
                     rtt_dev_ms=max(rtt_dev) if rtt_dev else None,
                     rate_ratio_min=min(ratio) if ratio else None, late_fraction_max=max(late),
-                    cells=cells, outcomes=outcomes, reasons=reasons)
+                    cells=cells, outcomes=outcomes, reasons=reasons, voided=voided)
 
 
 def _median(values: list[Any]) -> float | None:
@@ -124,7 +128,7 @@ def run_benchmark(experiment: str = "establishment", ks: tuple[int, ...] = (1, 2
     metric = METRICS.get(experiment, "-")
     lines = [f"{experiment}: paper --quick scenario, {base.runs} runs per K, metric {metric} "
              f"(max K allowed: {MAX_PARALLEL})",
-             f"{'K':>2} {'wall s':>7} {'speed-up':>8} {'not complete':>14} {'RTT dev ms':>10} "
+             f"{'K':>2} {'wall s':>7} {'speed-up':>8} {'not complete':>14} {'voided':>6} {'RTT dev ms':>10} "
              f"{'rate min':>8} {'late max':>9} {'shift med':>9} {'shift max':>9} {'outcomes':>8}"]
     details = []
     for r in results:
@@ -132,7 +136,7 @@ def run_benchmark(experiment: str = "establishment", ks: tuple[int, ...] = (1, 2
         details += cells
         bad = ",".join(f"{n} {s}" for s, n in r.not_complete.items()) or "0"
         fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-        lines.append(f"{r.k:>2} {r.wall_s:7.1f} {base.wall_s / r.wall_s:7.2f}x {bad:>14} "
+        lines.append(f"{r.k:>2} {r.wall_s:7.1f} {base.wall_s / r.wall_s:7.2f}x {bad:>14} {r.voided:>6} "
                      f"{fmt(r.rtt_dev_ms, '10.2f'):>10} {fmt(r.rate_ratio_min, '8.3f'):>8} "
                      f"{r.late_fraction_max:9.2%} {fmt(med, '9.1%'):>9} {fmt(top, '9.1%'):>9} "
                      f"{changed:>8}")
