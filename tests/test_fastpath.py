@@ -176,3 +176,13 @@ def test_no_compiler_is_a_one_line_refusal(tmp_path, monkeypatch):
     with pytest.raises(TestbedError) as exc:
         fastpath.build(src, tmp_path / "cache")
     assert "\n" not in str(exc.value) and "gcc" in str(exc.value)
+
+
+def test_the_cached_capacity_is_keyed_by_the_c_source_too():
+    """A changed fastpath.c invalidates ./tb bench.capacity's cached measurement."""
+    import hashlib
+
+    from testbed.core.emulation import calibrate
+    here = fastpath.SOURCE.parent
+    code = (here / "forwarder.py").read_bytes() + fastpath.SOURCE.read_bytes()
+    assert calibrate.capacity_key()["forwarder_sha256"] == hashlib.sha256(code).hexdigest()[:16]
