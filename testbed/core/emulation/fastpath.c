@@ -161,6 +161,22 @@ static inline struct entry *q_top(struct fp_dir *d) {
     return d->len ? &d->q[d->head] : NULL;
 }
 
+/* Put e at heap index i (a hole) or below it, moving smaller children up. */
+static void sift_down(struct fp_dir *d, size_t i, struct entry e) {
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= d->len)
+            break;
+        if (child + 1 < d->len && before(&d->q[child + 1], &d->q[child]))
+            child++;
+        if (!before(&d->q[child], &e))
+            break;
+        d->q[i] = d->q[child];
+        i = child;
+    }
+    d->q[i] = e;
+}
+
 static struct entry q_pop(struct fp_dir *d) {
     struct entry top = d->q[d->head];
     if (!d->heap) {
@@ -168,26 +184,23 @@ static struct entry q_pop(struct fp_dir *d) {
         d->len--;
         return top;
     }
-    struct entry last = d->q[--d->len];  /* sift down from the root */
-    size_t i = 0, n = d->len;
-    for (;;) {
-        size_t child = 2 * i + 1;
-        if (child >= n)
-            break;
-        if (child + 1 < n && before(&d->q[child + 1], &d->q[child]))
-            child++;
-        if (!before(&d->q[child], &last))
-            break;
-        d->q[i] = d->q[child];
-        i = child;
-    }
-    if (n)
-        d->q[i] = last;
+    struct entry last = d->q[--d->len];
+    if (d->len)
+        sift_down(d, 0, last);
     return top;
 }
 
-/* Bring the queue's shape in line with the reorder parameter. A FIFO is
- * sorted, hence already a heap; a heap becomes a FIFO by sorting. */
+/* Restore the heap property over the whole (linearized) array, bottom-up. */
+static void q_heapify(struct fp_dir *d) {
+    for (size_t k = d->len / 2; k-- > 0;)
+        sift_down(d, k, d->q[k]);
+}
+
+/* Bring the queue's shape in line with the reorder parameter. Entering heap
+ * mode heapifies (whatever the FIFO holds is not assumed ordered); leaving it
+ * sorts the queue and moves last_deadline up to its last deadline, since
+ * heap mode does not advance it and FIFO packets must not be given a deadline
+ * before those of the packets they queue behind. */
 static int q_apply_shape(struct fp_dir *d) {
     int want = d->reorder ? 1 : 0;
     if (want == d->heap)
@@ -195,8 +208,13 @@ static int q_apply_shape(struct fp_dir *d) {
     int r = q_linearize(d, d->cap);
     if (r)
         return r;
-    if (!want)
+    if (want) {
+        q_heapify(d);
+    } else {
         qsort(d->q, d->len, sizeof *d->q, cmp_entry);
+        if (d->len && d->q[d->len - 1].deadline > d->last_deadline)
+            d->last_deadline = d->q[d->len - 1].deadline;
+    }
     d->heap = want;
     return 0;
 }
