@@ -246,3 +246,38 @@ def test_leaving_heap_mode_with_packets_queued_makes_nothing_late():
     # make them all late: bound the lateness well below the 75 ms of a stale deadline
     assert st["late_max_us"] < 20_000, st
     assert got[-1][2] - got[-1][1] < 0.005 + 0.003  # held its delay, not a stale deadline
+
+
+def test_a_failing_fast_path_stops_the_forwarder_with_one_line(monkeypatch, capsys):
+    """An error from the C loop (a port gone) is one line on stderr and on the
+    control channel, exit 1: no traceback."""
+    import errno
+    import json
+
+    from testbed.core.emulation import forwarder
+
+    class FailingFastPath(fastpath.FastPath):
+        def run(self, spin: float) -> bool:
+            raise OSError(errno.EBADF, "link emulator fast path: Bad file descriptor")
+
+    ports = []
+
+    def fake_port(ifname: str, mtu: int) -> socket.socket:
+        ports.extend(socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM))
+        return ports[-2]
+
+    monkeypatch.setattr(forwarder, "open_port", fake_port)
+    monkeypatch.setattr(forwarder, "FastPath", FailingFastPath)
+    monkeypatch.setattr(forwarder, "set_scheduling", lambda policy, prio: "other")
+    ctl, ctl_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        rc = forwarder.main(["--port-a", "a", "--port-b", "b", "--ctl-fd", str(ctl.detach())])
+        assert json.loads(ctl_peer.recv(4096))["ready"]
+        reply = json.loads(ctl_peer.recv(4096))
+    finally:
+        ctl_peer.close()
+        for s in ports:
+            s.close()
+    err = capsys.readouterr().err
+    assert rc == 1 and not reply["ok"] and "Bad file descriptor" in reply["error"]
+    assert err.count("\n") == 1 and "Bad file descriptor" in err and "Traceback" not in err

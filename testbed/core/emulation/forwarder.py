@@ -280,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         fwd.run()
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # a port failed under the C loop: one line, not a traceback
+        msg = f"link emulator forwarder stopped: {exc.strerror or exc}"
+        try:  # the parent's next request gets this as its answer
+            ctl.send(json.dumps({"ok": False, "error": msg}).encode())
+        except OSError:
+            pass
+        print(msg, file=sys.stderr)
+        return 1
     return 0
 
 
