@@ -4,6 +4,7 @@ only needs file descriptors, so no namespace is built; the forwarder on real
 AF_PACKET ports is covered by test_emulation)."""
 from __future__ import annotations
 
+import ctypes
 import math
 import socket
 import struct
@@ -281,3 +282,72 @@ def test_a_failing_fast_path_stops_the_forwarder_with_one_line(monkeypatch, caps
     err = capsys.readouterr().err
     assert rc == 1 and not reply["ok"] and "Bad file descriptor" in reply["error"]
     assert err.count("\n") == 1 and "Bad file descriptor" in err and "Traceback" not in err
+
+
+def test_a_cache_dir_that_cannot_be_made_is_a_one_line_refusal(tmp_path):
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 4; }\n")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TestbedError) as exc:
+        fastpath.build(src, tmp_path / "file" / "cache")  # under a file: mkdir fails
+    assert "\n" not in str(exc.value) and "cache" in str(exc.value)
+
+
+def test_a_compiler_that_cannot_run_is_a_one_line_refusal(tmp_path, monkeypatch):
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 5; }\n")
+    broken = tmp_path / "brokencc"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.raises(TestbedError) as exc:
+        fastpath.build(src, tmp_path / "cache")
+    assert "\n" not in str(exc.value) and "brokencc" in str(exc.value)
+
+
+def test_cc_with_arguments_is_split_like_a_shell(tmp_path, monkeypatch):
+    """$CC may be "ccache gcc": the first word is the program, the rest its arguments."""
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 6; }\n")
+    marker = tmp_path / "called"
+    wrapper = tmp_path / "wrap.sh"
+    wrapper.write_text('touch "$1"; shift; exec cc "$@"\n')
+    monkeypatch.setenv("CC", f"sh {wrapper} {marker}")
+    lib = fastpath.build(src, tmp_path / "cache")
+    assert marker.exists() and ctypes.CDLL(str(lib)).f() == 6
+
+
+def test_a_corrupt_cached_library_is_built_again(tmp_path):
+    """A truncated .so left in the cache (a crash mid-write, a full disk) is rebuilt
+    once, not loaded and failed on at every start."""
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 7; }\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lib = cache / f"fp-{fastpath.source_digest(src)}.so"
+    lib.write_bytes(b"\x7fELF\x02\x01\x01")  # a truncated ELF header
+    assert fastpath.build(src, cache) == lib
+    assert ctypes.CDLL(str(lib)).f() == 7
+
+
+def test_a_new_build_prunes_the_older_ones(tmp_path):
+    src = tmp_path / "fp.c"
+    src.write_text("int f(void) { return 8; }\n")
+    first = fastpath.build(src, tmp_path / "cache")
+    src.write_text("int f(void) { return 9; }\n")
+    second = fastpath.build(src, tmp_path / "cache")
+    assert not first.exists() and list((tmp_path / "cache").iterdir()) == [second]
+
+
+def test_after_close_the_directions_are_a_copy_and_run_is_refused():
+    """close() frees the C struct: what Python still holds must not point into it."""
+    link = Link({"delay_ms": 1})
+    try:
+        link.send(5)
+        link.drain(5, timeout=3)
+    finally:
+        link.close()
+    d = link.fp.dirs[0]
+    assert d._b_needsfree_ and d.c[0] == 5 and d.delay == 0.001  # owned copy, final values
+    with pytest.raises(TestbedError):
+        link.fp.run(0.0001)

@@ -5,12 +5,15 @@ decisions, deadline queues, sending, counters, the wait until the next
 deadline); forwarder.py keeps the command line, namespace, scheduling and the
 JSON control channel and calls FastPath.run() between control messages.
 
-The library is compiled on first use with the system C compiler ($CC, else
-cc, else gcc; `-O2 -shared -fPIC`, no Python headers) into the project's
-.cache/fastpath/, named by the hash of the source and flags: a changed source
-builds a new file, and the compile writes a temporary file renamed into place,
-so processes building at once never load a half-written library. No compiler
-or a failed compile is one TestbedError line naming what is missing.
+The library is compiled on first use with the system C compiler ($CC split
+like a shell would, else cc, else gcc; `-O2 -shared -fPIC`, no Python headers)
+into the project's .cache/fastpath/, named by the hash of the source and flags:
+a changed source builds a new file (and removes the older builds), and the
+compile writes a temporary file, fsynced and renamed into place, so processes
+building at once never load a half-written library. A cached library is
+loaded before it is trusted; one that does not load is built again, once. No
+compiler, a compiler that cannot run, a cache directory that cannot be
+written or a failed compile is one TestbedError line naming what is wrong.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,42 +43,77 @@ def source_digest(source: Path = SOURCE) -> str:
     return h.hexdigest()[:16]
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and (path := shutil.which(name)):
-            return path
+def _compiler() -> list[str] | None:
+    """The compiler's command: $CC split like a shell would ("ccache gcc"), else cc, else gcc."""
+    cc = os.environ.get("CC", "")
+    for argv in (shlex.split(cc) if cc.strip() else [], ["cc"], ["gcc"]):
+        if argv and (path := shutil.which(argv[0])):
+            return [path, *argv[1:]]
+    return None
+
+
+def _load_error(lib: Path) -> str | None:
+    """Why lib does not load (dlopen's one-line reason), or None if it does."""
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as exc:
+        return str(exc)
     return None
 
 
 def build(source: Path = SOURCE, cache_dir: Path = CACHE_DIR) -> Path:
-    """The compiled library for source, compiling it if this source has none yet."""
+    """The compiled library for source, loadable here: compiled if this source has
+    none yet or the cached one does not load (then rebuilt once)."""
     lib = cache_dir / f"{source.stem}-{source_digest(source)}.so"
     if lib.exists():
-        return lib
+        if _load_error(lib) is None:
+            return lib
+        lib.unlink(missing_ok=True)  # truncated or corrupt (a crash mid-write): build it again
     cc = _compiler()
     if cc is None:
         raise TestbedError(f"the link emulator's fast path ({source.name}) needs a C compiler and "
                            "libc headers: none found (install gcc and libc6-dev, listed in "
                            "scripts/apt-packages.txt; ./scripts/bootstrap.sh installs them)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{lib.name}.{os.getpid()}.tmp"
     try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(source)], capture_output=True,
+        _compile(cc, source, lib)
+    except OSError as exc:  # cache dir not writable, compiler not executable, disk full
+        raise TestbedError(f"the link emulator's fast path could not be built into {cache_dir} "
+                           f"with {' '.join(cc)}: {exc.strerror or exc}"
+                           + (f" ({exc.filename})" if exc.filename else "")) from None
+    problem = _load_error(lib)
+    if problem:
+        raise TestbedError(f"the link emulator's fast path was built but does not load: {problem}")
+    for old in cache_dir.glob(f"{source.stem}-*.so"):  # builds of earlier sources
+        if old != lib:
+            old.unlink(missing_ok=True)
+    return lib
+
+
+def _compile(cc: list[str], source: Path, lib: Path) -> None:
+    """Compile source into lib through a temporary file (fsynced, then renamed)."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+    try:
+        proc = subprocess.run([*cc, *CFLAGS, "-o", str(tmp), str(source)], capture_output=True,
                               text=True, timeout=COMPILE_TIMEOUT_S, stdin=subprocess.DEVNULL,
                               env={**os.environ, "LC_ALL": "C"})
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).splitlines()
             first = next((ln for ln in lines if ": error:" in ln or ": fatal error:" in ln),
                          lines[0] if lines else "")
-            raise TestbedError(f"the link emulator's fast path did not compile ({Path(cc).name} "
+            raise TestbedError(f"the link emulator's fast path did not compile ({Path(cc[0]).name} "
                                f"exit {proc.returncode}): {first.strip()}")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # on disk before it gets its name: a crash leaves no name on a partial file
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, lib)  # atomic: a concurrent loader sees no file or a whole one
     except subprocess.TimeoutExpired:
         raise TestbedError(f"the link emulator's fast path did not compile within "
                            f"{COMPILE_TIMEOUT_S} s") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return lib
 
 
 class FpDir(ctypes.Structure):
@@ -129,13 +168,17 @@ class FastPath:
 
     def run(self, spin: float) -> bool:
         """Forward until the control socket is readable (True) or a signal came (False)."""
+        if not self._fp:
+            raise TestbedError("the link emulator's fast path was closed: it cannot run again")
         rc = self._lib.fp_run(self._fp, spin)
         if rc < 0:
             raise OSError(-rc, f"link emulator fast path: {os.strerror(-rc)}")
         return rc == 0
 
     def close(self) -> None:
-        """Free the queues and buffers (packets still queued are dropped)."""
+        """Free the queues and buffers (packets still queued are dropped); `dirs`
+        become Python-owned copies of the final parameters and counters."""
         if self._fp:
+            self.dirs = tuple(FpDir.from_buffer_copy(d) for d in self.dirs)
             self._lib.fp_close(self._fp)
             self._fp = None
