@@ -179,14 +179,17 @@ def test_no_compiler_is_a_one_line_refusal(tmp_path, monkeypatch):
     assert "\n" not in str(exc.value) and "gcc" in str(exc.value)
 
 
-def test_the_cached_capacity_is_keyed_by_the_c_source_too():
+def test_the_cached_capacity_is_keyed_by_the_c_source_too(tmp_path, monkeypatch):
     """A changed fastpath.c invalidates ./tb bench.capacity's cached measurement."""
-    import hashlib
-
     from testbed.core.emulation import calibrate
-    here = fastpath.SOURCE.parent
-    code = (here / "forwarder.py").read_bytes() + fastpath.SOURCE.read_bytes()
-    assert calibrate.capacity_key()["forwarder_sha256"] == hashlib.sha256(code).hexdigest()[:16]
+    before = calibrate.capacity_key()
+    changed = tmp_path / "fastpath.c"
+    changed.write_bytes(fastpath.SOURCE.read_bytes() + b"/* changed */\n")
+    monkeypatch.setattr(fastpath, "SOURCE", changed)
+    after = calibrate.capacity_key()
+    assert after["forwarder_sha256"] != before["forwarder_sha256"]
+    assert {k: v for k, v in after.items() if k != "forwarder_sha256"} == \
+        {k: v for k, v in before.items() if k != "forwarder_sha256"}
 
 
 def reconfigure(link: Link, params: dict) -> None:

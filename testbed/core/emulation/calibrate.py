@@ -31,6 +31,7 @@ from typing import Any
 from testbed.base.errors import TestbedError
 from testbed.base.sockbuf import force_buffers
 from testbed.core.bulk import run_flow
+from testbed.core.emulation import fastpath
 from testbed.core.model import LinkParams
 
 
@@ -505,8 +506,9 @@ def capacity_key() -> dict[str, Any]:
     import hashlib
     import platform
 
-    here = Path(__file__)
-    forwarder = here.with_name("forwarder.py").read_bytes() + here.with_name("fastpath.c").read_bytes()
+    # the C part's identity is the fast path's own (the one its built library is named by)
+    forwarder = (Path(__file__).with_name("forwarder.py").read_bytes()
+                 + fastpath.source_digest(fastpath.SOURCE).encode())
     return {"kernel": platform.release(), "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "forwarder_sha256": hashlib.sha256(forwarder).hexdigest()[:16]}
