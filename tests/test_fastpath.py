@@ -354,3 +354,19 @@ def test_after_close_the_directions_are_a_copy_and_run_is_refused():
     assert d._b_needsfree_ and d.c[0] == 5 and d.delay == 0.001  # owned copy, final values
     with pytest.raises(TestbedError):
         link.fp.run(0.0001)
+
+
+def test_auto_refusal_names_each_backends_reason(monkeypatch):
+    """With the default backend "auto", a machine where no backend can delay is told
+    why for each one, in one line (docs/emulation.md quotes it)."""
+    from testbed.core import emulation
+
+    emulation.backends()  # the optional backends registered
+    for name in ("netem", "userspace"):
+        monkeypatch.setattr(emulation.BACKENDS[name], "check",
+                            classmethod(lambda cls: f"{cls.name} cannot here"))
+    with pytest.raises(TestbedError) as exc:
+        emulation.select("auto")
+    msg = str(exc.value)
+    assert "\n" not in msg and "netem: netem cannot here" in msg
+    assert "userspace: userspace cannot here" in msg

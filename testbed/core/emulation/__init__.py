@@ -36,14 +36,17 @@ def select(name: str, topology: TopologySpec | None = None) -> Backend:
             raise TestbedError(f"backend {name!r} unusable: {problem}")
         return BACKENDS[name]()
     needs_delay = topology is None or topology.needs_delay_line()
+    reasons = []
     for candidate in AUTO_ORDER:
         cls = BACKENDS.get(candidate)
         if cls is None or (candidate == "bridge" and needs_delay):
             continue
-        if cls.check() is None:
+        problem = cls.check()
+        if problem is None:
             return cls()
-    raise TestbedError("no link-emulation backend can apply delay/loss on this machine "
-                       "(run `./tb doctor` for details)")
+        reasons.append(f"{candidate}: {problem}")
+    raise TestbedError("no link-emulation backend can apply delay/loss on this machine ("
+                       + "; ".join(reasons or ["none installed"]) + ")")
 
 
 def _load_optional() -> None:
