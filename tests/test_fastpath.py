@@ -130,7 +130,9 @@ def test_blackhole_drops_everything_and_counts_it():
 def test_delay_holds_packets_and_jitter_reorders_only_when_asked():
     got, st = run_link({"delay_ms": 20}, 50, gap_s=0.001)
     held = [recv - sent for _, sent, recv in got]
-    assert len(got) == 50 and min(held) >= 0.020 - 0.00002 and st["late_1ms"] == 0
+    # this thread is not SCHED_FIFO like the forwarder: on a busy machine one wake-up
+    # in 50 may come > 1 ms late (seen in ~1 of 10 runs); a systematic lateness is all 50
+    assert len(got) == 50 and min(held) >= 0.020 - 0.00002 and st["late_1ms"] <= 2, st
     fifo, _ = run_link({"delay_ms": 10, "jitter_ms": 5}, 300, gap_s=0.0005)
     assert [g[0] for g in fifo] == list(range(300))  # never overtakes
     heap, _ = run_link({"delay_ms": 10, "jitter_ms": 5, "reorder": True}, 300, gap_s=0.0005)
