@@ -130,8 +130,9 @@ def _run_dirs(root: Path) -> list[Path]:
     found = []
     for m in sorted(root.rglob("manifest.json")):
         rel = m.parent.relative_to(root).parts
-        # .tmp-* is a run still being written; raw/ holds tool output, never a run
-        if any(p.startswith(".tmp-") or p == "raw" for p in rel):
+        # .tmp-* is a run still being written, .old-* one being replaced; raw/ holds
+        # tool output, never a run
+        if any(p.startswith((".tmp-", ".old-")) or p == "raw" for p in rel):
             continue
         found.append(m.parent)
     return found

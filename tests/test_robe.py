@@ -288,8 +288,13 @@ def test_wire_timer_next_mp_capable_only_after_timer():
         t_wifi = min(p["t"] for p in mpc_syns if p["ip.src"] == addr["wifi"])
         t_lte = min(p["t"] for p in mpc_syns if p["ip.src"] == addr["lte"])
         assert 1.0 <= t_lte - t_wifi < 1.005, t_lte - t_wifi
-        # one SYN on wifi (no retransmission before the timer), reset at expiry
-        assert len([p for p in mpc_syns if p["ip.src"] == addr["wifi"]]) == 1
+        # one SYN on wifi before the timer (no retransmission before it), reset at expiry.
+        # The kernel's first SYN retransmission is due at its 1 s initial RTO, the same
+        # moment as the 1 s timer: one that leaves with the switch (a CI replica saw it
+        # 0.7 ms after the timer) is not before the timer.
+        wifi_syns = [p["t"] - t_wifi for p in mpc_syns if p["ip.src"] == addr["wifi"]]
+        assert len([t for t in wifi_syns if t < 1.0]) == 1, wifi_syns
+        assert max(wifi_syns) < 1.005, wifi_syns  # none after the reset at expiry
         assert any(p["ip.src"] == addr["wifi"] and p["tcp.flags.reset"] == "1" for p in pkts)
         ls.close()
 

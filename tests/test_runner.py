@@ -413,3 +413,30 @@ def test_the_report_counts_runs_the_testbed_voided(tmp_path):
         "2 of 3 runs, 3 voided attempts (e.g. emulation during the run: wifi up 0.2 % late)"
     row = dict(provenance(SimpleNamespace(root=tmp_path, manifests={"b": {}})))
     assert row["runs the testbed voided and ran again"] == "none"
+
+
+@pytest.mark.root
+def test_a_run_interrupted_between_attempts_is_not_stored_and_runs_again_on_resume(tmp_path, monkeypatch):
+    from testbed.harness import runner
+
+    def late(before, after):
+        return {"valid": False, "reason": "link wifi: 0.20 % of frames late (bound 0.1 %)"}
+
+    real_close, closes = runner.TestbedPool.close, []
+
+    def interrupted_close(self):  # Ctrl-C as the voided attempt's testbed goes
+        closes.append(1)
+        real_close(self)
+        if len(closes) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "judge_run", late)
+    monkeypatch.setattr(runner.TestbedPool, "close", interrupted_close)
+    body = FAST.format(reps=1).replace('"params.direction" = ["up", "down"]', "")
+    s = sc.load(write(tmp_path, body))
+    with pytest.raises(KeyboardInterrupt):
+        sweep(s, tmp_path / "out", progress=False)
+    assert list((tmp_path / "out" / "throughput").iterdir()) == [], "a voided attempt was stored"
+    monkeypatch.undo()
+    summary = sweep(s, tmp_path / "out", progress=False)
+    assert summary.skipped == 0 and summary.done == {"complete": 1}

@@ -3,6 +3,7 @@ refused, and several writers on one store (each run stored once)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -119,6 +120,32 @@ def test_manifest_is_flushed_before_the_rename(tmp_path, monkeypatch):
     final = w.finish({"experiment": "exp", "run_id": "x-r000", "status": "complete"}, {})
     assert any(p.endswith("/.tmp-x-r000/manifest.json") for p in synced), synced
     assert json.loads((final / "manifest.json").read_text())["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_a_replaced_run_is_moved_aside_first_and_a_crash_between_leaves_it_absent(tmp_path, monkeypatch):
+    from testbed.harness.results import remove_abandoned, run_stamp
+
+    RunWriter(tmp_path, "exp", "x-r000").finish({"run_id": "x-r000", "status": "failed"}, {})
+    renames, real_rename = [], os.rename
+
+    def crash_after_the_first(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        if len(renames) == 2:
+            raise OSError("power cut")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_after_the_first)
+    with pytest.raises(OSError, match="power cut"):
+        RunWriter(tmp_path, "exp", "x-r000").finish({"run_id": "x-r000", "status": "complete"}, {})
+    monkeypatch.undo()
+    assert renames[0] == ("x-r000", ".old-x-r000")  # aside, not deleted file by file
+    assert run_stamp(tmp_path, "exp", "x-r000") is None  # absent: a resume runs it again
+    assert sorted(remove_abandoned(tmp_path, "exp")) == [".old-x-r000", ".tmp-x-r000"]
+    final = RunWriter(tmp_path, "exp", "x-r000").finish({"run_id": "x-r000", "status": "complete"}, {})
+    RunWriter(tmp_path, "exp", "x-r000").finish({"run_id": "x-r000", "status": "complete"}, {})
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir() if not p.name.startswith(".lock")) == \
+        ["x-r000"], list((tmp_path / "exp").iterdir())
+    assert json.loads((final / "manifest.json").read_text())["status"] == "complete"
 
 
 # ---- one schema -----------------------------------------------------------------

@@ -213,7 +213,9 @@ def execute_on_worker(spec_pickle: bytes) -> RunFiles:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=_die_with_parent)
         try:
-            out, _ = child.communicate(spec_pickle, timeout=spec.scenario.timeout_s + RUN_GRACE_S)
+            # Each attempt the testbed voids is run again (void_retries), each with its timeout.
+            attempts = 1 + spec.scenario.void_retries
+            out, _ = child.communicate(spec_pickle, timeout=attempts * (spec.scenario.timeout_s + RUN_GRACE_S))
         except subprocess.TimeoutExpired:
             child.terminate()  # the testbed tears down on SIGTERM
             try:

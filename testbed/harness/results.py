@@ -89,20 +89,33 @@ class RunWriter:
             if frame is not None and len(frame):
                 conform(frame, TABLES[name]).to_parquet(self.tmp / f"{name}.parquet", index=False)
 
-    def finish(self, manifest: dict[str, Any], metrics: dict[str, Any]) -> Path:
-        """Write metrics and manifest, then move the run into the store atomically."""
+    def write(self, manifest: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Write metrics and manifest into the .tmp- directory (not stored yet)."""
         _write_synced(self.tmp / "metrics.json", json.dumps(metrics, indent=1, default=_jsonable))
         manifest = {"schema_version": SCHEMA_VERSION, **manifest}
         _write_synced(self.tmp / "manifest.json", json.dumps(manifest, indent=1, default=_jsonable))
+
+    def finish(self, manifest: dict[str, Any], metrics: dict[str, Any]) -> Path:
+        """Write metrics and manifest, then move the run into the store atomically."""
+        self.write(manifest, metrics)
         return self.commit()
+
+    def discard(self) -> None:
+        """Drop what was written (an attempt that is not to be stored)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def commit(self) -> Path:
         """Rename the written .tmp- directory into place (a run stored by another
         machine is written there by the caller, file by file, synced)."""
+        old = self.final.parent / f".old-{self.final.name}"
         if self.final.exists():  # a retried failed run replaces the old one
-            shutil.rmtree(self.final)
+            # Aside first: a crash between the renames leaves the run absent (run
+            # again on resume), never a half-deleted run that counts as stored.
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.final, old)
         os.rename(self.tmp, self.final)
         _fsync_dir(self.final.parent)  # the rename itself survives a power cut
+        shutil.rmtree(old, ignore_errors=True)
         return self.final
 
 
@@ -154,10 +167,11 @@ def run_stamp(root: Path, experiment: str, run_id: str) -> tuple[str | None, int
 
 
 def remove_abandoned(root: Path, experiment: str) -> list[str]:
-    """Delete .tmp- run directories nobody is writing (their run lock is free)."""
+    """Delete .tmp- (being written) and .old- (being replaced) run directories
+    nobody is writing (their run lock is free)."""
     removed = []
-    for tmp in sorted((root / experiment).glob(".tmp-*")):
-        lock = RunLock(root, experiment, tmp.name.removeprefix(".tmp-"))
+    for tmp in sorted([*(root / experiment).glob(".tmp-*"), *(root / experiment).glob(".old-*")]):
+        lock = RunLock(root, experiment, tmp.name.removeprefix(".tmp-").removeprefix(".old-"))
         if not lock.acquire():
             continue  # another process is writing this run right now
         try:
@@ -172,7 +186,7 @@ def list_runs(root: Path) -> pd.DataFrame:
     """One row per stored run: experiment, id, status and reason."""
     rows = []
     for manifest in sorted(root.glob("*/*/manifest.json")):
-        if manifest.parent.name.startswith(".tmp-"):
+        if manifest.parent.name.startswith((".tmp-", ".old-")):
             continue
         try:
             m = json.loads(manifest.read_text())

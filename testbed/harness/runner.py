@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
+from testbed.base.errors import TestbedError
 from testbed.base.netns import run_command
 from testbed.core.emulation.calibrate import capacity_warning, emulator_counters, judge_run
 from testbed.harness import experiment as experiments
@@ -159,6 +160,7 @@ class SweepSummary:
     planned: int = 0
     skipped: int = 0
     elsewhere: int = 0  # being written by another process sweeping the same store
+    voided: int = 0  # attempts the testbed voided that were run again (not stored)
     done: dict[str, int] = field(default_factory=dict)  # status -> count
     run_dirs: list[Path] = field(default_factory=list)
 
@@ -166,7 +168,8 @@ class SweepSummary:
         """The summary in one line."""
         parts = ", ".join(f"{n} {s}" for s, n in sorted(self.done.items())) or "nothing run"
         busy = f", {self.elsewhere} left to another process" if self.elsewhere else ""
-        return f"{self.planned} runs planned, {self.skipped} already stored{busy}, {parts}"
+        again = f" ({self.voided} attempts the testbed voided were run again)" if self.voided else ""
+        return f"{self.planned} runs planned, {self.skipped} already stored{busy}, {parts}{again}"
 
 
 def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
@@ -204,7 +207,9 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
                         status = "stored meanwhile"
                     else:
                         run_dir = run_one(spec, root, pool)
-                        status = json.loads((run_dir / "manifest.json").read_text())["status"]
+                        stored = json.loads((run_dir / "manifest.json").read_text())
+                        status = stored["status"]
+                        summary.voided += len(stored.get("voided_attempts") or [])
                         summary.done[status] = summary.done.get(status, 0) + 1
                         summary.run_dirs.append(run_dir)
                 finally:
@@ -250,22 +255,30 @@ def run_one(spec: RunSpec, root: Path, pool: TestbedPool | None = None) -> Path:
     again up to the scenario's void_retries times, its voided attempts listed."""
     voided: list[dict[str, Any]] = []
     while True:
-        run_dir = _attempt(spec, root, pool, voided)
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        writer, manifest = _attempt(spec, root, pool, voided)
         # Only the testbed's own failures: a failed run or one a probe voided is the
         # measurement's outcome, and running it again would hide it.
         if (manifest["status"] != "invalid" or not manifest.get("voided_by_testbed")
                 or len(voided) >= spec.scenario.void_retries):
-            return run_dir
-        voided.append({key: manifest.get(key) for key in ("start", "end", "reason")})
+            return writer.commit()
+        # Never stored: interrupted before the next attempt is stored, the run is
+        # absent and a resumed sweep runs it again.
+        writer.discard()
+        voided.append({key: manifest.get(key) for key in
+                       ("start", "end", "duration_s", "reason", "emulation")})
         if pool is not None:  # the testbed let the run down: the next attempt builds and calibrates afresh
-            pool.close()
+            try:
+                pool.close()
+            except TestbedError as exc:  # its teardown's trouble is not this run's
+                print(f"warning: tearing down the testbed of a voided run: {exc}",
+                      file=sys.stderr, flush=True)
 
 
 def _attempt(spec: RunSpec, root: Path, pool: TestbedPool | None,
-             voided: list[dict[str, Any]]) -> Path:
+             voided: list[dict[str, Any]]) -> tuple[RunWriter, dict[str, Any]]:
     """Build the testbed (or take the pool's, reset and verified), run one grid
-    point's repetition with its probes, store it (replacing an earlier attempt)."""
+    point's repetition with its probes, write it (not stored yet) and return the
+    writer and the manifest."""
     sc = spec.scenario
     started = time.monotonic()
     clock = PhaseClock()
@@ -364,7 +377,8 @@ def _attempt(spec: RunSpec, root: Path, pool: TestbedPool | None,
     clock.end()
     # store covers the tables; the manifest's own write and the rename come after
     manifest["phases"] = clock.record()
-    return writer.finish(manifest, output.metrics)
+    writer.write(manifest, output.metrics)
+    return writer, manifest
 
 
 def _on_timeout(signum: int, frame: object) -> None:
