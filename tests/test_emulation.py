@@ -407,3 +407,47 @@ def test_capacity_warning_only_above_the_cached_measurement(tmp_path):
     data["key"]["kernel"] = "another"  # measured on another kernel: not trusted
     cache.write_text(json.dumps(data))
     assert capacity_warning(eight, "userspace", cache) is None
+
+
+@root
+def test_a_stopping_forwarder_leaves_real_time_before_it_winds_down():
+    """A forwarder runs SCHED_FIFO; its exit (interpreter teardown, tens of ms
+    of CPU) must not run at that priority, or the forwarders of a testbed
+    beside it wait behind it. The stop answer carries the policy the kernel
+    reports at that moment, and the process is gone soon after."""
+    import subprocess
+    import sys
+
+    ns = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fwd = None
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{ns.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline, "unshare did not switch namespaces"
+            time.sleep(0.01)
+        subprocess.run(["nsenter", "-t", str(ns.pid), "-n", "ip", "link", "add", "pa", "type",
+                        "veth", "peer", "name", "pb"], check=True)
+        for port in ("pa", "pb"):
+            subprocess.run(["nsenter", "-t", str(ns.pid), "-n", "ip", "link", "set", port, "up"],
+                           check=True)
+        fwd = subprocess.Popen([sys.executable, "-m", "testbed.core.emulation.forwarder",
+                                "--netns", f"/proc/{ns.pid}/ns/net", "--port-a", "pa",
+                                "--port-b", "pb", "--ctl-fd", str(child.fileno()), "--sched", "fifo"],
+                               pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        child.close()
+        ctl.settimeout(10)
+        hello = json.loads(ctl.recv(65536))
+        assert hello["ready"] and hello["sched"] == "fifo:10", hello
+        ctl.send(json.dumps({"op": "stop"}).encode())
+        reply = json.loads(ctl.recv(1 << 20))
+        assert reply["ok"] and reply["stats"]["sched"] == "fifo:10", reply
+        assert reply["exit_sched"] == "other", reply
+        assert fwd.wait(timeout=5) == 0
+    finally:
+        if fwd is not None and fwd.poll() is None:
+            fwd.kill()
+            fwd.wait()
+        ns.kill()
+        ns.wait()
+        ctl.close()

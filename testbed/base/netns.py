@@ -213,9 +213,9 @@ class NetnsWorker:
 
         try:
             setns_current_thread(ns_path(pid))
+            ipr = IPRoute()  # set-up is CPU work: done before the thread turns real-time
             if self._realtime:
                 realtime_thread()
-            ipr = IPRoute()
         except BaseException as exc:
             self._error = exc
             self._ready.set()
