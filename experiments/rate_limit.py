@@ -141,6 +141,8 @@ class RateLimit(Experiment):
     name = "rate-limit"
     description = "client caps one path of a download at R: SRL vs receive-window clamp vs own shaping vs none"
     Params = Params
+    # Two at once keep every run valid (quick scenario: 1.75x, none voided): docs/performance.md.
+    max_parallel = 2
 
     @classmethod
     def check_topology(cls, params: Any, topology: Any) -> None:

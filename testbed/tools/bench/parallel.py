@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.base.errors import TestbedError
 from testbed.harness import campaign as cp
 from testbed.harness.parallel import MAX_PARALLEL, lane_pool, sweep_in_lanes
 from testbed.harness.runner import sweep
@@ -105,12 +106,16 @@ def shift(base: Measured, other: Measured) -> tuple[float | None, float | None, 
 
 
 def run_benchmark(experiment: str = "establishment", ks: tuple[int, ...] = (1, 2, 3, 4),
-                  reps: int | None = None) -> str:
-    """Sweep the paper's quick scenario of `experiment` at each K; the table as text."""
+                  reps: int | None = None, file: str | None = None) -> str:
+    """Sweep the paper's quick scenario of `experiment` (its first scenario
+    file, or `file`) at each K; the table as text."""
     campaign = cp.load(cp.PAPER)
-    matches = [s for s in campaign.scenarios(quick=True) if s.experiment == experiment]
+    matches = [s for entry, s in campaign.entries(quick=True)
+               if s.experiment == experiment and (file is None or entry.file == file)]
     if not matches:
-        raise ValueError(f"no scenario of experiment {experiment!r} in {cp.PAPER.name}")
+        which = f"scenario file {file!r} of experiment {experiment!r}" if file else \
+            f"scenario of experiment {experiment!r}"
+        raise TestbedError(f"no {which} in {cp.PAPER.name}")
     scenario = matches[0]
     if reps is not None:
         scenario = scenario.model_copy(update={"repetitions": reps})

@@ -132,16 +132,19 @@ def stack(c, seconds=3.0, connects=50, two_path_seconds=10.0):
         raise Exit("bench.stack: a target was missed", code=1)
 
 
-@task(help={"experiment": "establishment, throughput, failover or fairness (the paper's --quick scenario)",
+@task(help={"experiment": "an experiment of the paper, e.g. establishment, throughput, failover, fairness "
+                          "(its --quick scenario)",
             "ks": "the K values to measure, comma-separated (default 1,2,3,4)",
-            "reps": "repetitions per cell (default: as in the quick scenario)"})
-def parallel(c, experiment="establishment", ks="1,2,3,4", reps=None):
+            "reps": "repetitions per cell (default: as in the quick scenario)",
+            "file": "which of the paper's scenario files of that experiment (default: its first), "
+                    "e.g. fairness-user.toml"})
+def parallel(c, experiment="establishment", ks="1,2,3,4", reps=None, file=None):
     """Fidelity and speed-up of `--parallel K`: one sweep per K, compared with K = 1."""
     need_root()
     from testbed.tools.bench.parallel import run_benchmark
 
     print(guard(lambda: run_benchmark(experiment, tuple(int(k) for k in ks.split(",")),
-                                      int(reps) if reps is not None else None)))
+                                      int(reps) if reps is not None else None, file)))
 
 
 ns = Collection("bench")
