@@ -124,10 +124,26 @@ def test_an_experiment_gets_at_most_its_measured_lanes(tmp_path):
 def test_an_experiment_held_below_k_says_so_and_runs_one_at_a_time(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: calls.append(s) or SweepSummary())
-    fail = sc.load(ROOT / "experiments" / "failover.toml")
-    [(experiment, _)] = parallel.parallel_sweep([fail], tmp_path, 3, progress=False)
-    assert experiment == "failover" and calls == [fail]  # in this process, no lanes
-    assert "note: failover: 1 run(s) at once" in capsys.readouterr().err
+    priv = sc.load(ROOT / "experiments" / "privacy.toml")
+    [(experiment, _)] = parallel.parallel_sweep([priv], tmp_path, 3, progress=False)
+    assert experiment == "privacy" and calls == [priv]  # in this process, no lanes
+    assert "note: privacy: 1 run(s) at once" in capsys.readouterr().err
+
+
+def test_lanes_start_on_testbed_identities_of_their_own():
+    """Each lane walks the identity groups from a group of its own, wrapping
+    around: every run in each lane's walk, each group kept together."""
+    from testbed.harness.runner import lane_walk
+    keys = ["a", "a", "a", "b", "b", "c", "c", "c", "d"]
+    assert lane_walk(keys) == list(range(9))
+    walks = [lane_walk(keys, lane, 2) for lane in range(2)]
+    assert [keys[w[0]] for w in walks] == ["a", "c"]
+    assert walks[1] == [5, 6, 7, 8, 0, 1, 2, 3, 4]
+    for lanes in (2, 3, 4, 6):
+        for lane in range(lanes):
+            assert sorted(lane_walk(keys, lane, lanes)) == list(range(9))
+    assert len({keys[lane_walk(keys, lane, 4)[0]] for lane in range(4)}) == 4
+    assert lane_walk([], 1, 2) == []
 
 
 # ---- namespaces ----------------------------------------------------------------
@@ -215,17 +231,17 @@ def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones
     monkeypatch.setattr(parallel, "sweep", lambda *a, **kw: pytest.fail("nothing runs in this process"))
     est = sc.load(ROOT / "experiments" / "robe-establishment.toml")
     user = sc.load(ROOT / "experiments" / "robe-user.toml")  # some runs on the user-space stack
-    fair = sc.load(ROOT / "experiments" / "fairness.toml")
-    fail = sc.load(ROOT / "experiments" / "failover.toml")
-    out = parallel.parallel_sweep([est, fair, user, fail], tmp_path, 6, progress=False)
-    assert chains == [["fairness", "failover"]]
+    priv = sc.load(ROOT / "experiments" / "privacy.toml")  # one run at a time
+    inact = sc.load(ROOT / "experiments" / "inactivity.toml")
+    out = parallel.parallel_sweep([est, priv, user, inact], tmp_path, 6, progress=False)
+    assert chains == [["privacy", "inactivity"]]
     # the user-stack scenario first, alone at its cap; then kernel establishment beside the chain
     from experiments.establishment import USER_STACK_LANES
     assert beside == [("establishment", USER_STACK_LANES), ("establishment", 1)]
     assert [s.planned for e, s in out] == [100, 1, 100, 2]
     chains.clear(), beside.clear()  # without overlap: as before, establishment at its cap
     monkeypatch.setattr(parallel, "sweep", lambda s, root, **kw: SweepSummary(planned=7))
-    out = parallel.parallel_sweep([est, fair], tmp_path, 6, progress=False, overlap=False)
+    out = parallel.parallel_sweep([est, priv], tmp_path, 6, progress=False, overlap=False)
     assert chains == [] and beside == [("establishment", 6)]
 
 
@@ -239,3 +255,23 @@ def test_user_stack_establishment_gets_fewer_lanes_kernel_sockets_keep_six():
     assert parallel.lanes_for(kernel, 6) == 6
     assert 1 <= USER_STACK_LANES < 6
 
+
+
+@pytest.mark.root
+def test_two_lanes_keep_a_testbed_each_across_two_identities(tmp_path):
+    """Two testbed identities, three runs each, two lanes: each lane builds for
+    one identity and reuses it, rather than both lanes taking turns in one
+    identity and building a testbed for nearly every run."""
+    path = tmp_path / "two-identities.toml"
+    path.write_text(establishment_sweep(calibrate=False, trial_timeout_s=3, strategies=["tcp"],
+                                        repetitions=3).replace(
+        '"params.condition" = ["healthy", "blackhole"]',
+        '"params.condition" = ["healthy"]\n"topology.params.lte_delay_ms" = [20, 30]'))
+    out = tmp_path / "out"
+    with _parallel_run(path, out) as proc:
+        stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stdout + stderr
+    manifests = _manifests(out)
+    assert len(manifests) == 6
+    reused = sum(bool(m["testbed_reuse"]["reused"]) for m in manifests)
+    assert reused >= 3, [(m["testbed"]["run_id"], m["testbed_reuse"]) for m in manifests]

@@ -222,7 +222,7 @@ def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
     # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C: lanes stopped, waited for.
     old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        futures = [pool.submit(scenario, root, retry_failed) for _ in range(n)]
+        futures = [pool.submit(scenario, root, retry_failed, lane, n) for lane in range(n)]
         while True:
             finished, running = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
             if bar is not None:
@@ -295,10 +295,13 @@ def _chain(scenarios: list[Scenario], root: Path, retry_failed: bool) -> list[Sw
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _lane(scenario: Scenario, root: Path, retry_failed: bool) -> SweepSummary:
-    """One lane: the serial sweep, taking whichever planned run no other lane holds."""
+def _lane(scenario: Scenario, root: Path, retry_failed: bool, lane: int = 0,
+          lanes: int = 1) -> SweepSummary:
+    """One lane: the serial sweep, taking whichever planned run no other lane
+    holds, starting at a testbed identity of its own."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return sweep(scenario, root, retry_failed=retry_failed, progress=False)
+        return sweep(scenario, root, retry_failed=retry_failed, progress=False, lane=lane,
+                     lanes=lanes)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

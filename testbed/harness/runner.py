@@ -172,13 +172,27 @@ class SweepSummary:
         return f"{self.planned} runs planned, {self.skipped} already stored{busy}, {parts}{again}"
 
 
+def lane_walk(keys: list[str], lane: int = 0, lanes: int = 1) -> list[int]:
+    """The order (indices into keys, already grouped by testbed identity) in
+    which lane `lane` of `lanes` walks a sweep: the groups rotated so that each
+    lane starts on a group of its own. Lanes sharing a sweep then keep their
+    testbeds (one build per group) instead of taking turns inside one group
+    and building a testbed per run; they meet only in the last groups."""
+    starts = [i for i, key in enumerate(keys) if i == 0 or key != keys[i - 1]]
+    groups = [list(range(a, b)) for a, b in zip(starts, starts[1:] + [len(keys)])]
+    first = (lane * len(groups)) // max(lanes, 1) if groups else 0
+    return [i for g in groups[first:] + groups[:first] for i in g]
+
+
 def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
-          progress: bool = True, reuse: bool = True) -> SweepSummary:
+          progress: bool = True, reuse: bool = True, lane: int = 0,
+          lanes: int = 1) -> SweepSummary:
     """Run every planned run that is not stored yet; several processes may sweep
     one store at once: each run is written by whoever takes its lock first.
     With reuse, consecutive runs of one testbed identity share a testbed (reset
     and verified between runs); runs are grouped by identity, keeping the seeded
-    shuffled order within each group."""
+    shuffled order within each group, and lane `lane` of `lanes` sweeping
+    together starts at a group of its own (lane_walk)."""
     specs = expand(scenario)
     for warning in capacity_warnings(specs):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -192,6 +206,8 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
     pool = TestbedPool() if reuse else None
     if pool is not None:  # stable: the shuffled order holds within a group
         todo.sort(key=lambda item: TestbedPool.identity(item[0].scenario) or "")
+        keys = [TestbedPool.identity(spec.scenario) or "" for spec, _ in todo]
+        todo = [todo[i] for i in lane_walk(keys, lane, lanes)]
     bar = _progress(len(todo), scenario.experiment, progress)
     try:
         for spec, seen in todo:
