@@ -19,6 +19,7 @@ from testbed.base.errors import TestbedError
 from testbed.core.state import STATE_DIR, alive, namespace_members
 from testbed.harness import parallel
 from testbed.harness import scenario as sc
+from testbed.harness.scenario import Scenario
 from testbed.harness.runner import SweepSummary
 from testbed.tools.bench.chaos import footprint
 
@@ -228,6 +229,8 @@ def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones
     monkeypatch.setattr(parallel, "lane_pool", pool)
     monkeypatch.setattr(parallel, "sweep_in_lanes", lambda pool, s, root, n, *a: beside.append(
         (s.experiment, n)) or SweepSummary(planned=100))
+    monkeypatch.setattr(parallel, "sweep_many_in_lanes", lambda pool, group, root, n, *a: [
+        beside.append((s.experiment, n)) or SweepSummary(planned=100) for s in group])
     monkeypatch.setattr(parallel, "sweep", lambda *a, **kw: pytest.fail("nothing runs in this process"))
     est = sc.load(ROOT / "experiments" / "robe-establishment.toml")
     user = sc.load(ROOT / "experiments" / "robe-user.toml")  # some runs on the user-space stack
@@ -275,3 +278,30 @@ def test_two_lanes_keep_a_testbed_each_across_two_identities(tmp_path):
     assert len(manifests) == 6
     reused = sum(bool(m["testbed_reuse"]["reused"]) for m in manifests)
     assert reused >= 3, [(m["testbed"]["run_id"], m["testbed_reuse"]) for m in manifests]
+
+
+@pytest.mark.root
+def test_consecutive_scenarios_with_the_same_lanes_run_without_a_gap(tmp_path):
+    """Two scenarios at two lanes each, three runs each: a lane that is done with
+    its share of the first goes on to the second while the other lane finishes
+    the first's last run, instead of idling until the first scenario ends."""
+    def scenario(name: str, seed: int) -> Scenario:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(establishment_sweep(calibrate=False, trial_timeout_s=3, strategies=["tcp"],
+                                            repetitions=3)
+                        .replace("seed = 5", f"seed = {seed}")
+                        .replace('"params.condition" = ["healthy", "blackhole"]',
+                                 '"params.condition" = ["blackhole"]'))
+        return sc.load(path)  # runs of ~1-3 s: long against a lane's start-up
+
+
+    first, second = scenario("first", 5), scenario("second", 6)
+    out = tmp_path / "out"
+    summaries = parallel.parallel_sweep([first, second], out, 2, progress=False)
+    assert [sum(s.done.values()) for _e, s in summaries] == [3, 3]
+    runs = {m["run_id"]: m for m in _manifests(out)}
+    ids = [[s.run_id for s in sc.expand(x)] for x in (first, second)]
+    assert sorted(runs) == sorted(ids[0] + ids[1])
+    first_end = max(runs[i]["end"] for i in ids[0])
+    second_start = min(runs[i]["start"] for i in ids[1])
+    assert second_start < first_end, (second_start, first_end)

@@ -100,16 +100,19 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
     alone = [s for s in scenarios if not any(s is t for t in beside + chain)]
     out: dict[int, tuple[str, SweepSummary]] = {}
     with lane_pool(k) as pool:  # one pool for the whole campaign: lanes start once
-        for scenario in alone:
-            n = lanes_for(scenario, k)
-            if n < k:  # said, not silently done: more were allowed
-                print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured to "
-                      "keep its fidelity here; docs/performance.md)", file=sys.stderr, flush=True)
+        for n, group in _same_lanes(alone, k):
+            for scenario in group:
+                if n < k:  # said, not silently done: more were allowed
+                    print(f"note: {scenario.experiment}: {n} run(s) at once (the most measured "
+                          "to keep its fidelity here; docs/performance.md)", file=sys.stderr,
+                          flush=True)
             if n == 1:
-                summary = sweep(scenario, root, retry_failed=retry_failed, progress=progress)
+                summaries = [sweep(s, root, retry_failed=retry_failed, progress=progress)
+                             for s in group]
             else:
-                summary = sweep_in_lanes(pool, scenario, root, n, retry_failed, progress)
-            out[scenarios.index(scenario)] = (scenario.experiment, summary)
+                summaries = sweep_many_in_lanes(pool, group, root, n, retry_failed, progress)
+            for scenario, summary in zip(group, summaries):
+                out[scenarios.index(scenario)] = (scenario.experiment, summary)
         if beside:
             print(f"note: {', '.join(_name(s) for s in chain)} one run at a time in a lane "
                   f"of their own, {', '.join(_name(s) for s in beside)} beside them "
@@ -118,6 +121,19 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
                                                    retry_failed, progress):
                 out[scenarios.index(scenario)] = (scenario.experiment, summary)
     return [out[i] for i in sorted(out)]
+
+
+def _same_lanes(scenarios: list[Scenario], k: int) -> list[tuple[int, list[Scenario]]]:
+    """Consecutive scenarios with the same number of lanes, grouped: their lanes
+    go from one scenario to the next without waiting for the others' last runs."""
+    groups: list[tuple[int, list[Scenario]]] = []
+    for scenario in scenarios:
+        n = lanes_for(scenario, k)
+        if groups and groups[-1][0] == n:
+            groups[-1][1].append(scenario)
+        else:
+            groups.append((n, [scenario]))
+    return groups
 
 
 def _beside_chain(pool: "LanePool", chain: list[Scenario], beside: list[Scenario], root: Path,
@@ -206,28 +222,39 @@ def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
                    retry_failed: bool = False, progress: bool = True) -> SweepSummary:
     """One scenario's sweep by n lanes of the pool at once (n <= pool.k, no cap
     by the experiment: the caller decided); merged into one summary."""
+    return sweep_many_in_lanes(pool, [scenario], root, n, retry_failed, progress)[0]
+
+
+def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n: int,
+                        retry_failed: bool = False, progress: bool = True) -> list[SweepSummary]:
+    """Scenarios swept in turn by n lanes at once, each lane going on to the next
+    scenario as soon as it finds no run of the current one left to take; one
+    merged summary per scenario."""
     n = min(n, pool.k)
-    specs = expand(scenario)
-    todo = {}
-    for spec in specs:
-        seen = run_stamp(root, scenario.experiment, spec.run_id)
-        if seen is None or (retry_failed and seen[0] == "failed"):
-            todo[spec.run_id] = seen
+    plans = [expand(scenario) for scenario in scenarios]
+    todo: list[dict[str, tuple | None]] = []
+    for scenario, specs in zip(scenarios, plans):
+        todo.append({})
+        for spec in specs:
+            seen = run_stamp(root, scenario.experiment, spec.run_id)
+            if seen is None or (retry_failed and seen[0] == "failed"):
+                todo[-1][spec.run_id] = seen
+    total = sum(len(t) for t in todo)
     bar = None
-    if progress and todo:
+    if progress and total:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc=f"{scenario.experiment} x{n}", unit="run",
-                   dynamic_ncols=True)
+        names = "+".join(dict.fromkeys(s.experiment for s in scenarios))
+        bar = tqdm(total=total, desc=f"{names} x{n}", unit="run", dynamic_ncols=True)
     futures: list[Future] = []
     # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C: lanes stopped, waited for.
     old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        futures = [pool.submit(scenario, root, retry_failed, lane, n) for lane in range(n)]
+        futures = [pool.submit(scenarios, root, retry_failed, lane, n) for lane in range(n)]
         while True:
             finished, running = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
             if bar is not None:
                 stored = sum(run_stamp(root, scenario.experiment, run_id) != seen
-                             for run_id, seen in todo.items())
+                             for scenario, t in zip(scenarios, todo) for run_id, seen in t.items())
                 bar.update(stored - bar.n)
             if not running or any(f.exception() is not None for f in finished):
                 break
@@ -240,14 +267,18 @@ def sweep_in_lanes(pool: LanePool, scenario: Scenario, root: Path, n: int,
             signal.signal(sig, handler)
         if bar is not None:
             bar.close()
-    summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
-    for lane in lanes:
-        for status, count in lane.done.items():
-            summary.done[status] = summary.done.get(status, 0) + count
-        summary.run_dirs += lane.run_dirs
-    # Neither run by a lane nor planned as stored: another process took it.
-    summary.elsewhere = max(0, len(todo) - sum(summary.done.values()))
-    return summary
+    summaries = []
+    for i, specs in enumerate(plans):
+        summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo[i]))
+        for lane in lanes:
+            for status, count in lane[i].done.items():
+                summary.done[status] = summary.done.get(status, 0) + count
+            summary.run_dirs += lane[i].run_dirs
+            summary.voided += lane[i].voided
+        # Neither run by a lane nor planned as stored: another process took it.
+        summary.elsewhere = max(0, len(todo[i]) - sum(summary.done.values()))
+        summaries.append(summary)
+    return summaries
 
 
 def _stop_lanes(futures: list[Future], signal_lanes: bool = True) -> None:
@@ -295,13 +326,13 @@ def _chain(scenarios: list[Scenario], root: Path, retry_failed: bool) -> list[Sw
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _lane(scenario: Scenario, root: Path, retry_failed: bool, lane: int = 0,
-          lanes: int = 1) -> SweepSummary:
-    """One lane: the serial sweep, taking whichever planned run no other lane
-    holds, starting at a testbed identity of its own."""
+def _lane(scenarios: list[Scenario], root: Path, retry_failed: bool, lane: int = 0,
+          lanes: int = 1) -> list[SweepSummary]:
+    """One lane: the serial sweep of each scenario in turn, taking whichever
+    planned run no other lane holds, starting at a testbed identity of its own."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return sweep(scenario, root, retry_failed=retry_failed, progress=False, lane=lane,
-                     lanes=lanes)
+        return [sweep(s, root, retry_failed=retry_failed, progress=False, lane=lane, lanes=lanes)
+                for s in scenarios]
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
