@@ -305,3 +305,16 @@ def test_consecutive_scenarios_with_the_same_lanes_run_without_a_gap(tmp_path):
     first_end = max(runs[i]["end"] for i in ids[0])
     second_start = min(runs[i]["start"] for i in ids[1])
     assert second_start < first_end, (second_start, first_end)
+
+
+def test_inactivity_state_runs_with_a_thousand_connections_go_one_at_a_time():
+    """The quick state runs (20-50 connections) were measured two at a time; the
+    full ones (up to 1,000 idle connections) were not, and run alone."""
+    from testbed.harness import campaign as cp
+
+    plan = cp.load(cp.PAPER)
+    for quick, lanes in ((True, 2), (False, 1)):
+        [state] = [s for e, s in plan.entries(quick) if e.file == "inactivity-state.toml"]
+        assert parallel.lanes_for(state, 6) == lanes
+    resume = sc.load(ROOT / "experiments" / "inactivity.toml")
+    assert parallel.lanes_for(resume, 6) == 2

@@ -22,7 +22,7 @@ from testbed.harness.runner import sweep
 # The metric each experiment's cells are compared by (K vs K = 1), and
 # establishment's verdict per run.
 METRICS = {"establishment": "setup_s", "throughput": "goodput_mbit", "failover": "recovery_s",
-           "fairness": "jain_index"}
+           "fairness": "jain_index", "inactivity": "resume_s"}
 SHOWN_SHIFT = 0.2  # cells whose metric moved more than this from K = 1 are listed
 
 
