@@ -199,7 +199,8 @@ class Inactivity(Experiment):
         """One at a time for state runs with more idle connections than measured in
         parallel (the quick ones: 20 on the user-space stack, 50 on the kernel): a
         thousand connections keep a user-space server's engine busy for seconds."""
-        if params.get("mode") == "state" and int(params.get("connections", 0)) > 50:
+        measured = 20 if params.get("server_stack") == "user" else 50
+        if params.get("mode") == "state" and int(params.get("connections", 0)) > measured:
             return 1
         return cls.max_parallel
 

@@ -147,6 +147,67 @@ def test_lanes_start_on_testbed_identities_of_their_own():
     assert lane_walk([], 1, 2) == []
 
 
+class _LanesInTurn:
+    """A lane pool whose lanes run one after the other in this process: the
+    worst case for lanes that plan on their own (the last one comes when the
+    others have stored everything)."""
+    k = 2
+
+    def submit(self, *args):
+        from concurrent.futures import Future
+        done = Future()
+        done.set_result(parallel._lane(*args))
+        return done
+
+
+def _store_as(root: Path, experiment: str, run_id: str, status: str) -> Path:
+    """Store a run the way the store does: a new directory renamed into place."""
+    import shutil
+    final = root / experiment / run_id
+    tmp = root / experiment / f".tmp-{run_id}"
+    tmp.mkdir(parents=True)
+    (tmp / "manifest.json").write_text(json.dumps({"status": status, "run_id": run_id}))
+    if final.exists():
+        old = root / experiment / f".old-{run_id}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def test_lanes_take_only_what_the_sweep_planned_and_count_each_run_once(tmp_path, monkeypatch):
+    """--retry-failed over a group of scenarios: every failed run is run once more,
+    not once per lane that reaches it after another lane stored it failed again;
+    a run two scenarios of the group share is run once and counted as stored by
+    the second, as a serial sweep counts it."""
+    from testbed.harness import runner
+
+    path = tmp_path / "small.toml"
+    path.write_text(establishment_sweep(calibrate=False, trial_timeout_s=3, strategies=["tcp", "sim"],
+                                        repetitions=2))
+    first = sc.load(path)
+    second = sc.load(path)  # the same runs again, as the paper's quick-only eSIM entry shares one
+    out = tmp_path / "out"
+    ids = [s.run_id for s in sc.expand(first)]
+    for run_id in ids:
+        _store_as(out, "establishment", run_id, "failed")
+    calls = []
+
+    def run_one(spec, root, pool=None):
+        calls.append(spec.run_id)
+        return _store_as(root, spec.scenario.experiment, spec.run_id, "failed")
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    summaries = parallel.sweep_many_in_lanes(_LanesInTurn(), [first, second], out, 2,
+                                             retry_failed=True, progress=False)
+    assert sorted(calls) == sorted(ids), calls
+    assert [s.done for s in summaries] == [{"failed": len(ids)}, {}]
+    assert [(s.planned, s.skipped, s.elsewhere) for s in summaries] == [
+        (len(ids), 0, 0), (len(ids), len(ids), 0)]
+
+
 # ---- namespaces ----------------------------------------------------------------
 
 @pytest.mark.root
@@ -235,8 +296,8 @@ def test_a_campaign_runs_latency_bound_experiments_beside_the_one_at_a_time_ones
     est = sc.load(ROOT / "experiments" / "robe-establishment.toml")
     user = sc.load(ROOT / "experiments" / "robe-user.toml")  # some runs on the user-space stack
     priv = sc.load(ROOT / "experiments" / "privacy.toml")  # one run at a time
-    inact = sc.load(ROOT / "experiments" / "inactivity.toml")
-    out = parallel.parallel_sweep([est, priv, user, inact], tmp_path, 6, progress=False)
+    state = sc.load(ROOT / "experiments" / "inactivity-state.toml")  # 1,000 connections: alone
+    out = parallel.parallel_sweep([est, priv, user, state], tmp_path, 6, progress=False)
     assert chains == [["privacy", "inactivity"]]
     # the user-stack scenario first, alone at its cap; then kernel establishment beside the chain
     from experiments.establishment import USER_STACK_LANES
@@ -318,3 +379,8 @@ def test_inactivity_state_runs_with_a_thousand_connections_go_one_at_a_time():
         assert parallel.lanes_for(state, 6) == lanes
     resume = sc.load(ROOT / "experiments" / "inactivity.toml")
     assert parallel.lanes_for(resume, 6) == 2
+    from experiments.inactivity import Inactivity
+    for stack, measured in (("user", 20), ("kernel", 50)):
+        state = {"mode": "state", "server_stack": stack}
+        assert Inactivity.max_parallel_for({**state, "connections": measured}) == 2
+        assert Inactivity.max_parallel_for({**state, "connections": measured + 1}) == 1

@@ -1,11 +1,13 @@
 """Parallel runs on one machine: `--parallel K` runs up to K testbeds at once.
 
 Each lane is a process of a concurrent.futures process pool running the
-ordinary sweep (runner.sweep) of the same scenario into the same store: the
-lanes walk the same planned order and each run is taken by whichever lane gets
-its run lock first (results.RunLock), so every run is written once, by the
-store, under its lock, and a lane keeps its own testbed between runs (reuse
-works per lane). Lanes share no testbed state: each testbed lives in
+ordinary sweep (runner.sweep) of the same scenarios into the same store: the
+runs are planned once, here, and each is taken by whichever lane gets its run
+lock first (results.RunLock), so every run is written once, by the store,
+under its lock. A lane keeps its own testbed between runs (reuse works per
+lane) and starts on a testbed identity of its own (runner.lane_walk); lanes
+go from one scenario of a group to the next without waiting for each other
+(sweep_many_in_lanes). Lanes share no testbed state: each testbed lives in
 namespaces of its own (interfaces, addresses, routes, nft tables, qdiscs and
 the emulator processes are per namespace) and its state record is named after
 the lane's process.
@@ -87,10 +89,11 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
                    progress: bool = True, overlap: bool = True) -> list[tuple[str, SweepSummary]]:
     """Sweep each scenario in turn into `root`, each with lanes_for(scenario, k)
     lanes at once; one summary per scenario, in the given order, as the serial
-    sweeps give. With overlap (and k > 1): first the scenarios with several
-    lanes that may not overlap, each alone; then the one-lane scenarios go in
-    order through one lane of their own while those that may overlap run
-    beside them, each with up to its overlap_lanes."""
+    sweeps give. Consecutive scenarios with the same number of lanes are
+    swept as one group (sweep_many_in_lanes). With overlap (and k > 1): first
+    the scenarios with several lanes that may not overlap; then the one-lane
+    scenarios go in order through one lane of their own while those that may
+    overlap run beside them, each with up to its overlap_lanes."""
     check_parallel(k)
     room = {id(s): overlap_lanes(s) if overlap and k > 1 else 0 for s in scenarios}
     beside = [s for s in scenarios if room[id(s)] > 0]
@@ -232,14 +235,24 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
     merged summary per scenario."""
     n = min(n, pool.k)
     plans = [expand(scenario) for scenario in scenarios]
+    # Planned once, here, for every lane: a lane that reaches a scenario late must
+    # not plan again (it would take a run another lane just stored failed, under
+    # --retry-failed); a run an earlier scenario of the group plans is left to it,
+    # as a serial sweep finds it stored.
     todo: list[dict[str, tuple | None]] = []
+    taken: set[tuple[str, str]] = set()
     for scenario, specs in zip(scenarios, plans):
         todo.append({})
         for spec in specs:
+            if (scenario.experiment, spec.run_id) in taken:
+                continue
             seen = run_stamp(root, scenario.experiment, spec.run_id)
             if seen is None or (retry_failed and seen[0] == "failed"):
                 todo[-1][spec.run_id] = seen
+                taken.add((scenario.experiment, spec.run_id))
     total = sum(len(t) for t in todo)
+    waiting = {(scenario.experiment, run_id): seen
+               for scenario, t in zip(scenarios, todo) for run_id, seen in t.items()}
     bar = None
     if progress and total:
         from tqdm import tqdm
@@ -249,13 +262,13 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
     # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C: lanes stopped, waited for.
     old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        futures = [pool.submit(scenarios, root, retry_failed, lane, n) for lane in range(n)]
+        futures = [pool.submit(scenarios, root, retry_failed, lane, n, todo) for lane in range(n)]
         while True:
             finished, running = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
-            if bar is not None:
-                stored = sum(run_stamp(root, scenario.experiment, run_id) != seen
-                             for scenario, t in zip(scenarios, todo) for run_id, seen in t.items())
-                bar.update(stored - bar.n)
+            if bar is not None:  # only the runs not seen stored yet are looked at again
+                waiting = {key: seen for key, seen in waiting.items()
+                           if run_stamp(root, key[0], key[1]) == seen}
+                bar.update(total - len(waiting) - bar.n)
             if not running or any(f.exception() is not None for f in finished):
                 break
         lanes = [f.result() for f in futures]  # a lane's error is the sweep's
@@ -327,12 +340,14 @@ def _chain(scenarios: list[Scenario], root: Path, retry_failed: bool) -> list[Sw
 
 
 def _lane(scenarios: list[Scenario], root: Path, retry_failed: bool, lane: int = 0,
-          lanes: int = 1) -> list[SweepSummary]:
+          lanes: int = 1, plans: list[dict] | None = None) -> list[SweepSummary]:
     """One lane: the serial sweep of each scenario in turn, taking whichever
-    planned run no other lane holds, starting at a testbed identity of its own."""
+    planned run no other lane holds, starting at a testbed identity of its own;
+    plans: the runs the parent planned per scenario (None: each sweep plans)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return [sweep(s, root, retry_failed=retry_failed, progress=False, lane=lane, lanes=lanes)
-                for s in scenarios]
+        return [sweep(s, root, retry_failed=retry_failed, progress=False, lane=lane, lanes=lanes,
+                      planned=plans[i] if plans is not None else None)
+                for i, s in enumerate(scenarios)]
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

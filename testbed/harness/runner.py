@@ -186,19 +186,26 @@ def lane_walk(keys: list[str], lane: int = 0, lanes: int = 1) -> list[int]:
 
 def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
           progress: bool = True, reuse: bool = True, lane: int = 0,
-          lanes: int = 1) -> SweepSummary:
+          lanes: int = 1, planned: dict[str, Any] | None = None) -> SweepSummary:
     """Run every planned run that is not stored yet; several processes may sweep
     one store at once: each run is written by whoever takes its lock first.
     With reuse, consecutive runs of one testbed identity share a testbed (reset
     and verified between runs); runs are grouped by identity, keeping the seeded
     shuffled order within each group, and lane `lane` of `lanes` sweeping
-    together starts at a group of its own (lane_walk)."""
+    together starts at a group of its own (lane_walk). `planned` (run id ->
+    the stamp it was planned with): the runs a parallel sweep planned once for
+    all its lanes; a lane takes only those, and only while their stamp holds,
+    so a run another lane stored since is never run twice."""
     specs = expand(scenario)
     for warning in capacity_warnings(specs):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     remove_abandoned(root, scenario.experiment)
     todo = []
     for spec in specs:
+        if planned is not None:
+            if spec.run_id in planned:
+                todo.append((spec, planned[spec.run_id]))
+            continue
         seen = run_stamp(root, scenario.experiment, spec.run_id)
         if seen is None or (retry_failed and seen[0] == "failed"):
             todo.append((spec, seen))

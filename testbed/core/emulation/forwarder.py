@@ -30,7 +30,11 @@ object per message, each answered at once:
     {"op": "set", "dir": "up", "params": {...LinkParams...}} -> {"ok": true, "t": <monotonic>}
     {"op": "blackhole", "dir": "up", "on": true}              -> {"ok": true, "t": ...}
     {"op": "stats"}                                          -> {"ok": true, "stats": {...}}
-    {"op": "stop"}                                           -> {"ok": true, "stats": {...}}, exit
+    {"op": "stop"}                                           -> {"ok": true, "stats": {...},
+                                                                 "exit_sched": "other"}, exit
+A stopping forwarder leaves real-time scheduling before it answers `stop`
+(exit_sched: the policy the kernel then reports) and exits without the
+interpreter's teardown: see leave_realtime().
 The first message the forwarder sends is {"ready": true, "pid": ...}.
 Changes apply to packets arriving from then on; packets already in the delay
 line keep their departure time (as with netem).
@@ -259,6 +263,8 @@ def leave_realtime() -> str:
     try:
         if os.sched_getscheduler(0) != os.SCHED_OTHER:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # the nice -10 fallback
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
         policy = os.sched_getscheduler(0)
     except (OSError, AttributeError):
         return "unknown"
