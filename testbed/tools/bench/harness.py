@@ -59,8 +59,8 @@ def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6
     scenario file, else per experiment), plus the full scenario's
     `params.seconds` (or, without it, the measured workload); runs divided
     over their lanes, grouped as `./tb paper` runs them (harness.parallel):
-    those alone first, then the one-at-a-time chain with the overlapping ones
-    beside it."""
+    in campaign order, or, when some may run beside the one-at-a-time chain,
+    those alone first, then the chain with the overlapping ones beside it."""
     from analysis import load
     from testbed.harness import campaign as cp
     from testbed.harness.parallel import lanes_for, overlap_lanes
@@ -82,7 +82,14 @@ def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6
              f"{'scenario':<28} {'runs':>5} {'s/run':>7} {'lanes':>5} {'total s':>8}  group"]
     missing = []
     campaign = cp.load(campaign_file or cp.PAPER)
-    for entry, scenario in campaign.entries(False):
+    entries = campaign.entries(False)
+    rooms = {id(s): overlap_lanes(s) if lanes > 1 else 0 for _, s in entries}
+    # As parallel_sweep: nothing runs beside unless there is both something to
+    # run beside and a one-lane chain to run beside.
+    if not any(rooms.values()) or not any(not rooms[id(s)] and lanes_for(s, lanes) == 1
+                                          for _, s in entries):
+        rooms = dict.fromkeys(rooms, 0)
+    for entry, scenario in entries:
         runs = len(expand(scenario))
         seen = per.get(entry.file) or per.get(scenario.experiment)
         if not seen:
@@ -90,14 +97,17 @@ def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6
             continue
         seconds = float(scenario.params.get("seconds", 0.0) or 0.0)
         each = statistics.fmean(o for o, _ in seen) + statistics.fmean(w for _, w in seen) + seconds
-        room, n = overlap_lanes(scenario), lanes_for(scenario, lanes)
-        group = "beside" if room else ("chain" if n == 1 else "alone")
+        room, n = rooms[id(scenario)], lanes_for(scenario, lanes)
+        group = "beside" if room else ("chain" if n == 1 and any(rooms.values()) else "alone")
         n = max(1, min(n, room, lanes - 1)) if room else n
         totals[group] += runs * each / n
         lines.append(f"{entry.file:<28} {runs:>5} {each:7.2f} {n:>5} {runs * each / n:8.0f}  {group}")
     wall = totals["alone"] + max(totals["chain"], totals["beside"])
-    lines.append(f"alone {totals['alone'] / 60:.1f} min, then one at a time {totals['chain'] / 60:.1f} min "
-                 f"with {totals['beside'] / 60:.1f} min beside: about {wall / 60:.1f} min plus the report")
+    if any(rooms.values()):
+        lines.append(f"alone {totals['alone'] / 60:.1f} min, then one at a time {totals['chain'] / 60:.1f} "
+                     f"min with {totals['beside'] / 60:.1f} min beside: about {wall / 60:.1f} min plus the report")
+    else:
+        lines.append(f"in campaign order, each at its lanes: about {wall / 60:.1f} min plus the report")
     if missing:
         lines.append("not in the store, not estimated: " + ", ".join(missing))
     return "\n".join(lines)
