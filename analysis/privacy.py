@@ -57,7 +57,8 @@ def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float, fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # min/max with p: at p = 0 or 1 rounding can leave the end a hair inside
+    return p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def _na(v: object) -> bool:
