@@ -66,6 +66,17 @@ class Params(ExperimentParams):
                             "MPTCP keys from a TLS exporter, or both")
 
     @model_validator(mode="after")
+    def _staggered_bulk_needs_a_goodput_window(self) -> "Params":
+        # The goodput window runs from the last start + 0.5 s to the first stop and
+        # must last 1 s (_goodput): shorter, every such run would be invalid.
+        if self.pattern == "bulk" and self.start == "staggered" and \
+                self.seconds < self.stagger_s + 1.5:
+            raise ValueError(f"seconds {self.seconds:g} is too short for staggered bulk: at least "
+                             f"stagger_s {self.stagger_s:g} + 1.5 s (a 1 s goodput window after "
+                             "the last start's 0.5 s)")
+        return self
+
+    @model_validator(mode="after")
     def _countermeasure_needs_the_user_stack(self) -> "Params":
         if self.countermeasure != "none" and self.stack != "user":
             raise ValueError(f"countermeasure {self.countermeasure!r} needs stack = 'user' "

@@ -3,6 +3,7 @@ attacks scored against the truth (analysis/privacy.py)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -109,6 +110,16 @@ def test_bad_privacy_params_refused_at_load():
         Params(observers=["wifi"])
     with pytest.raises(ValueError, match="needs stack = 'user'"):
         Params(countermeasure="dsn-offset")
+    # Staggered bulk connections must overlap for a goodput window of 1 s: the
+    # last starts up to stagger_s after the first, which stops after `seconds`.
+    with pytest.raises(ValueError, match=r"seconds 4 .*stagger_s 3 \+ 1.5"):
+        Params(pattern="bulk", start="staggered", seconds=4, stagger_s=3)
+    Params(pattern="bulk", start="staggered", seconds=4, stagger_s=2.5)
+    Params(pattern="reqresp", start="staggered", seconds=2, stagger_s=1.5)  # no goodput window needed
+    # Every grid point of the paper's privacy scenarios loads.
+    from testbed.harness import scenario as sc
+    for name in ("privacy.toml", "privacy-countermeasures.toml"):
+        sc.expand(sc.load(Path(__file__).resolve().parents[1] / "experiments" / name))
 
 
 @pytest.mark.root
