@@ -3,6 +3,7 @@ they must run, and a non-root CI run fails loudly instead of skipping."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child a test stops with SIGINT: SIGINT at its default there.
+    A test run started in the background (a CI job, `cmd &`) inherits SIGINT
+    ignored, and a Python child then never gets its KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_tb(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

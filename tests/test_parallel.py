@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, establishment_sweep, run_tb
+from conftest import ROOT, assert_one_line_error, default_sigint, establishment_sweep, run_tb
 from testbed.base.errors import TestbedError
 from testbed.core.state import STATE_DIR, alive, namespace_members
 from testbed.harness import parallel
@@ -88,7 +88,7 @@ def _parallel_run(scenario: Path, out: Path) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen([str(invoke), "run", str(scenario), "--parallel", "2", "--out", str(out),
                              "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_sigint)
     try:
         yield proc
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, default_sigint
 from testbed.core.events import EventSpec
 from testbed.core.model import HostSettings
 from testbed.mptcp import sockopt as so
@@ -122,9 +122,10 @@ def test_sim_joins_the_losing_path():
 
 
 def ended_or_dumped(tb, proc: subprocess.Popen, what: str, timeout: float) -> str:
-    """Wait for a robe process to end; its stderr. If it does not (seen rarely in
-    CI, not reproduced), fail with what it was blocked in: each thread's kernel
-    wait channel and stack, the client's MPTCP sockets and endpoints."""
+    """Wait for a robe process to end; its stderr. If it does not, fail with
+    what it was blocked in: each thread's kernel wait channel and stack, the
+    client's MPTCP sockets and endpoints (that is how a proxy that inherited
+    SIGINT ignored from a background test run showed itself)."""
     try:
         proc.wait(timeout)  # its output is small: the pipes do not fill
         return proc.stderr.read() if proc.stderr is not None else ""
@@ -155,6 +156,7 @@ def test_proxy_carries_curl_http_request():
         proxy = tb.popen(tb.client, [*ROBE, "proxy", "--listen", "127.0.0.1:8080", "--strategy",
                                      "sim", "--report", "text", tb.server_addr, "8000"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint,
                          cwd=str(Path(__file__).parent.parent))
         assert wait_until(lambda: "LISTEN" in tb.client.cmd("ss -ltn sport = :8080"), 10)
         assert wait_until(lambda: ":8000" in tb.server.cmd("ss -Mltn"), 10)
@@ -396,7 +398,7 @@ def start_proxy(tb: Testbed, *extra: str) -> subprocess.Popen:
     proxy = tb.popen(tb.client, [*ROBE, "proxy", "--listen", "127.0.0.1:8080", "--strategy", "sim",
                                  *extra, tb.server_addr, str(MODE_PORT)],
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                     cwd=str(Path(__file__).parent.parent))
+                     cwd=str(Path(__file__).parent.parent), preexec_fn=default_sigint)
     assert wait_until(lambda: "LISTEN" in tb.client.cmd("ss -ltn sport = :8080"), 10)
     return proxy
 
