@@ -240,19 +240,17 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
     # --retry-failed); a run an earlier scenario of the group plans is left to it,
     # as a serial sweep finds it stored.
     todo: list[dict[str, tuple | None]] = []
-    taken: set[tuple[str, str]] = set()
+    waiting: dict[tuple[str, str], tuple | None] = {}  # (experiment, run id): planned stamp
     for scenario, specs in zip(scenarios, plans):
         todo.append({})
         for spec in specs:
-            if (scenario.experiment, spec.run_id) in taken:
+            key = (scenario.experiment, spec.run_id)
+            if key in waiting:
                 continue
-            seen = run_stamp(root, scenario.experiment, spec.run_id)
+            seen = run_stamp(root, *key)
             if seen is None or (retry_failed and seen[0] == "failed"):
-                todo[-1][spec.run_id] = seen
-                taken.add((scenario.experiment, spec.run_id))
-    total = sum(len(t) for t in todo)
-    waiting = {(scenario.experiment, run_id): seen
-               for scenario, t in zip(scenarios, todo) for run_id, seen in t.items()}
+                todo[-1][spec.run_id] = waiting[key] = seen
+    total = len(waiting)
     bar = None
     if progress and total:
         from tqdm import tqdm
