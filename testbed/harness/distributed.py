@@ -41,7 +41,7 @@ from typing import Iterator
 
 from testbed.base.errors import TestbedError
 from testbed.harness.results import RunLock, RunWriter, remove_abandoned, run_stamp
-from testbed.harness.runner import SweepSummary
+from testbed.harness.runner import SweepSummary, wanted
 from testbed.harness.scenario import RunSpec, Scenario, expand
 
 RESOURCE = "runs"  # worker resource: how many runs a machine may do at once
@@ -124,7 +124,7 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
             remove_abandoned(root, scenario.experiment)
             for spec in specs:
                 seen = run_stamp(root, scenario.experiment, spec.run_id)
-                if seen is not None and not (retry_failed and seen[0] == "failed"):
+                if not wanted(seen, retry_failed):
                     summary.skipped += 1
                     continue
                 lock = RunLock(root, scenario.experiment, spec.run_id)

@@ -42,7 +42,7 @@ from typing import Iterator
 from testbed.base.errors import TestbedError
 from testbed.harness import experiment as experiments
 from testbed.harness.results import run_stamp
-from testbed.harness.runner import SweepSummary, sweep
+from testbed.harness.runner import SweepSummary, sweep, wanted
 from testbed.harness.scenario import Scenario, expand
 
 # The highest K that kept fidelity for any experiment here (establishment: at
@@ -248,7 +248,7 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
             if key in waiting:
                 continue
             seen = run_stamp(root, *key)
-            if seen is None or (retry_failed and seen[0] == "failed"):
+            if wanted(seen, retry_failed):
                 todo[-1][spec.run_id] = waiting[key] = seen
     total = len(waiting)
     bar = None

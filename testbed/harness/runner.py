@@ -172,6 +172,12 @@ class SweepSummary:
         return f"{self.planned} runs planned, {self.skipped} already stored{busy}, {parts}{again}"
 
 
+def wanted(seen: tuple | None, retry_failed: bool) -> bool:
+    """Whether a run with this stamp (results.run_stamp) is to be run: not stored,
+    or stored failed under --retry-failed."""
+    return seen is None or (retry_failed and seen[0] == "failed")
+
+
 def lane_walk(keys: list[str], lane: int = 0, lanes: int = 1) -> list[int]:
     """The order (indices into keys, already grouped by testbed identity) in
     which lane `lane` of `lanes` walks a sweep: the groups rotated so that each
@@ -207,14 +213,14 @@ def sweep(scenario: Scenario, root: Path, retry_failed: bool = False,
                 todo.append((spec, planned[spec.run_id]))
             continue
         seen = run_stamp(root, scenario.experiment, spec.run_id)
-        if seen is None or (retry_failed and seen[0] == "failed"):
+        if wanted(seen, retry_failed):
             todo.append((spec, seen))
     summary = SweepSummary(planned=len(specs), skipped=len(specs) - len(todo))
     pool = TestbedPool() if reuse else None
     if pool is not None:  # stable: the shuffled order holds within a group
-        todo.sort(key=lambda item: TestbedPool.identity(item[0].scenario) or "")
-        keys = [TestbedPool.identity(spec.scenario) or "" for spec, _ in todo]
-        todo = [todo[i] for i in lane_walk(keys, lane, lanes)]
+        keyed = sorted(((TestbedPool.identity(spec.scenario) or "", i) for i, (spec, _) in
+                        enumerate(todo)), key=lambda pair: pair[0])  # each identity built once
+        todo = [todo[keyed[i][1]] for i in lane_walk([k for k, _ in keyed], lane, lanes)]
     bar = _progress(len(todo), scenario.experiment, progress)
     try:
         for spec, seen in todo:
