@@ -40,8 +40,11 @@ fi
 if [ -d /run/systemd/system ]; then
   systemctl start virtlogd.socket libvirtd.socket libvirtd.service
 else
-  pgrep -x virtlogd >/dev/null || virtlogd -d
-  pgrep -x libvirtd >/dev/null || libvirtd -d
+  # A daemon stopped a moment ago waits as a zombie until init reaps it, which
+  # can take a while there: only a live one counts as running.
+  running() { ps -C "$1" -o stat= | grep -qv '^Z'; }
+  running virtlogd || virtlogd -d
+  running libvirtd || libvirtd -d
 fi
 
 # libvirtd needs a moment to open its socket after daemonising.
