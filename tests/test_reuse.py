@@ -124,6 +124,24 @@ def test_a_sweep_reuses_its_testbed_and_says_so(tmp_path):
     assert not list(STATE_DIR.glob(f"run-*-{os.getpid()}.json"))
 
 
+def test_runs_that_differ_only_in_congestion_control_share_a_testbed(tmp_path):
+    """Congestion control is set on each socket, not in the namespace: a kept
+    testbed carries the next run's choice, and its sockets use it."""
+    (tmp_path / "s.toml").write_text(FAST.replace("repetitions = 2", "repetitions = 1") + """
+[grid]
+"hosts.client.congestion_control" = ["cubic", "bbr"]
+""")
+    summary = sweep(scenario.load(tmp_path / "s.toml"), tmp_path / "store", progress=False)
+    assert summary.done == {"complete": 2}
+    runs = sorted(zip(summary.run_dirs, _manifests(summary)), key=lambda r: r[1]["testbed_reuse"]["reused"])
+    assert [m["testbed_reuse"]["reused"] for _, m in runs] == [False, True]
+    for run_dir, m in runs:
+        wanted = m["scenario"]["hosts"]["client"]["congestion_control"]
+        used = json.loads((run_dir / "raw/raw/app-client.json").read_text())["cc"]
+        assert (used, m["testbed"]["congestion_control"]["client"]) == (wanted, wanted)
+    assert {m["scenario"]["hosts"]["client"]["congestion_control"] for _, m in runs} == {"cubic", "bbr"}
+
+
 def test_a_reset_that_does_not_verify_gets_a_fresh_testbed(tmp_path, monkeypatch):
     monkeypatch.setattr(Testbed, "reset", lambda self: ["link wifi up: delay 40 ms (spec 0 ms)"])
     (tmp_path / "s.toml").write_text(FAST)

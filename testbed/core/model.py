@@ -6,7 +6,7 @@ in a TOML file is an error naming the key, never a silently ignored setting.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Sequence
 
 from pydantic import Field, model_validator
 
@@ -344,11 +344,17 @@ class HostSettings(FrozenStrict):
     congestion_control: Literal["cubic", "reno", "bbr"] = Field(
         "cubic", description="set per socket: a namespace cannot change the default"
     )
+    # Applied to each socket by the workload, not pinned in the namespace: a
+    # built testbed serves any value of these.
+    PER_SOCKET: ClassVar[frozenset[str]] = frozenset({"congestion_control"})
+
+    def namespace_settings(self) -> dict[str, object]:
+        """The settings pinned in the host's namespace (all but the per-socket ones)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.PER_SOCKET}
 
     def sysctls(self) -> dict[str, str | int]:
         """The net.mptcp.* sysctls these settings pin."""
-        skip = {"congestion_control"}
-        out = {f"net.mptcp.{k}": v for k, v in self.model_dump().items() if k not in skip}
+        out = {f"net.mptcp.{k}": v for k, v in self.model_dump().items() if k not in self.PER_SOCKET}
         if self.path_manager == "mptcpd":  # mptcpd drives the in-kernel PM
             out["net.mptcp.path_manager"] = "kernel"
         return out

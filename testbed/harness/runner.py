@@ -63,7 +63,7 @@ class PhaseClock:
 
 class TestbedPool:
     """Keeps the last run's testbed for the next run with the same identity
-    (topology, backend, host settings): it is reset and checked against the spec
+    (topology, backend, host settings but those set per socket): it is reset and checked against the spec
     instead of being torn down and built again, and its last valid full
     calibration is kept with it (calibrated runs in between get the drift check).
     Not for mptcpd, whose own state a reset cannot restore."""
@@ -81,8 +81,9 @@ class TestbedPool:
         """What makes two runs' testbeds interchangeable; None: this run gets its own."""
         if "mptcpd" in (sc.hosts.client.path_manager, sc.hosts.server.path_manager):
             return None
-        return json.dumps([sc.topology.resolve().model_dump(mode="json"), sc.backend,
-                           sc.hosts.model_dump(mode="json")], sort_keys=True, default=str)
+        hosts = {role: getattr(sc.hosts, role).namespace_settings() for role in ("client", "server")}
+        return json.dumps([sc.topology.resolve().model_dump(mode="json"), sc.backend, hosts],
+                          sort_keys=True, default=str)
 
     @contextlib.contextmanager
     def testbed(self, sc: Scenario, fresh: Callable[[], Testbed],
@@ -100,6 +101,7 @@ class TestbedPool:
                 tb.__exit__(None, None, None)
                 tb = None
             else:
+                tb.adopt_per_socket_settings(sc.hosts.client, sc.hosts.server)
                 note.update(reused=True, reason="reset verified against the spec")
         else:
             self.close()
