@@ -1,9 +1,13 @@
 """The one way to run a program in a network namespace (testbed.base.netns)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+
 import pytest
 
-from testbed.base.netns import ScratchNetns, run_command, start_command
+from testbed.base.netns import ScratchNetns, realtime_thread, run_command, start_command
 
 pytestmark = pytest.mark.root
 
@@ -39,3 +43,25 @@ def test_offloads_are_turned_off_and_read_back():
         disable_offloads(scratch.path, ["of0", "of1"])
         assert set(offload_state(scratch.path, "of0").values()) == {"off"}
         assert set(offload_state(scratch.path, "of1").values()) == {"off"}
+
+
+def test_a_real_time_thread_starts_its_children_at_normal_priority():
+    """A command the events thread starts (ip, nft, tc) must not inherit its
+    SCHED_FIFO: a child busy at real-time priority would hold off the runner
+    and every other process that is not real-time."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_SYS_NICE)")
+    seen: dict[str, object] = {}
+
+    def child_policy() -> None:
+        seen["realtime"] = realtime_thread()
+        # Field 41 of /proc/PID/stat is the scheduling policy (0 normal, 1 FIFO).
+        stat = subprocess.run(["cat", "/proc/self/stat"], capture_output=True, text=True).stdout
+        seen["child"] = int(stat.rsplit(")", 1)[1].split()[38])
+        seen["thread"] = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+
+    t = threading.Thread(target=child_policy)
+    t.start()
+    t.join()
+    assert seen["realtime"] and seen["thread"] == os.SCHED_FIFO, seen
+    assert seen["child"] == os.SCHED_OTHER, seen
