@@ -21,8 +21,12 @@ def test_commands_run_in_the_namespace_named_by_file_or_by_pid():
         res = run_command(scratch.path, ["ip", "-o", "link", "show"])
         assert res.returncode == 0, res.stderr
         assert _links(res.stdout) == ["lo"]  # a fresh namespace, not the host's
-        holder = start_command(scratch.path, ["sleep", "30"])
+        # Its PID names the namespace only once nsenter has entered it: wait for
+        # the line the shell prints there (read at once, the host's was seen).
+        holder = start_command(scratch.path, ["sh", "-c", "echo in; exec sleep 30"],
+                               stdout=subprocess.PIPE, text=True)
         try:
+            assert holder.stdout.readline() == "in\n"
             res = run_command(holder.pid, ["ip", "-o", "link", "show"])
             assert _links(res.stdout) == ["lo"], res.stdout
             made = run_command(holder.pid, ["ip", "link", "add", "tn0", "type", "veth", "peer", "name", "tn1"])
