@@ -167,6 +167,30 @@ def test_two_workers_one_killed_mid_run_every_run_stored_once(tmp_path):
         lock.release()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_campaign_on_the_cluster_summarises_each_scenario_on_its_own(tmp_path):
+    """Two scenarios of one experiment (as failover.toml and failover-mpprio.toml
+    in the paper): each gets its own summary of its own runs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from testbed.harness import scenario as sc
+    paths = []
+    for name, strategy in (("a", "tcp"), ("b", "mptcp")):
+        paths.append(tmp_path / f"{name}.toml")
+        paths[-1].write_text(establishment_sweep(calibrate=False, trial_timeout_s=4, strategies=[strategy]))
+    scenarios = [sc.load(p) for p in paths]
+    work = tmp_path / "cluster"
+    work.mkdir()
+    with dist.local_cluster(1, work) as cluster:
+        summaries = dist.cluster_sweep(scenarios, tmp_path / "store", cluster.address, progress=False)
+    assert [name for name, _ in summaries] == ["establishment", "establishment"]
+    for s, (_, summary) in zip(scenarios, summaries):
+        ids = {spec.run_id for spec in sc.expand(s)}
+        assert (summary.planned, summary.done) == (2, {"complete": 2}), summary.line()
+        assert {d.name for d in summary.run_dirs} == ids
+
+
 def test_report_flags_results_mixed_from_machines_with_different_kernels(tmp_path):
     from types import SimpleNamespace
 

@@ -113,13 +113,15 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
 
     plans: list[tuple[Scenario, list[RunSpec]]] = [(s, expand(s)) for s in scenarios]
     client = connect(address)
-    summaries = {s.experiment: SweepSummary() for s, _ in plans}
+    # One summary per scenario: two scenarios of one experiment (as the paper's
+    # failover.toml and failover-mpprio.toml) are summarised apart.
+    summaries = [SweepSummary() for _ in plans]
     locks: dict[str, RunLock] = {}
     futures = {}
     bar = None
     try:
-        for scenario, specs in plans:
-            summary = summaries[scenario.experiment]
+        for index, (scenario, specs) in enumerate(plans):
+            summary = summaries[index]
             summary.planned += len(specs)
             remove_abandoned(root, scenario.experiment)
             for spec in specs:
@@ -139,17 +141,19 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
                 key = f"mptb-{scenario.experiment}-{spec.run_id}-{uuid.uuid4().hex[:8]}"
                 fut = client.submit(execute_on_worker, pickle.dumps(spec), key=key, pure=False,
                                     resources={RESOURCE: 1})
-                futures[fut] = (scenario.experiment, spec.run_id)
+                futures[fut] = (index, scenario.experiment, spec.run_id)
         if progress and futures:
             from tqdm import tqdm
             bar = tqdm(total=len(futures), desc="cluster", unit="run", dynamic_ncols=True)
         for fut in as_completed(list(futures), loop=client.loop):
-            experiment, run_id = futures[fut]
-            summary = summaries[experiment]
+            index, experiment, run_id = futures[fut]
+            summary = summaries[index]
             try:
                 result: RunFiles = fut.result()
                 run_dir = store_run(root, result)
-                status = json.loads((run_dir / "manifest.json").read_text())["status"]
+                manifest = json.loads((run_dir / "manifest.json").read_text())
+                status = manifest["status"]
+                summary.voided += len(manifest.get("voided_attempts") or [])
                 summary.run_dirs.append(run_dir)
             except Exception as exc:  # noqa: BLE001 - the run is lost, not the sweep
                 status = "lost"
@@ -168,7 +172,7 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
         for lock in locks.values():
             lock.release()
         client.close()
-    return [(s.experiment, summaries[s.experiment]) for s, _ in plans]
+    return [(s.experiment, summary) for (s, _), summary in zip(plans, summaries)]
 
 
 def store_run(root: Path, result: RunFiles) -> Path:
