@@ -44,9 +44,11 @@ def test_mptcp_competes_with_tcp_flows(tmp_path, disjoint):
 @pytest.mark.slow
 def test_user_stack_lia_competes_at_the_shared_bottleneck(tmp_path):
     """The MPTCP connection is the user-space stack with LIA: both subflows cross the one
-    bottleneck, it stays busy, neither side starves. (Where the share lands is the report's
-    question; the coupling itself is tests/test_stack_coupling.py's. Measured here against
-    kernel CUBIC: LIA 0.48-0.63, the stack's uncoupled CUBIC 0.72-0.81.)"""
+    bottleneck, it stays busy, neither side starves (each keeps at least a fifth). Where the
+    share lands is the report's question; the coupling itself is tests/test_stack_coupling.py's,
+    against a Reno-like competitor. Measured here against kernel CUBIC, 12 s runs: LIA
+    0.48-0.72 in 11 runs and once 0.767 (a CI run), the stack's uncoupled CUBIC 0.72-0.81: one
+    run does not tell them apart."""
     scenario = {"experiment": "fairness", "calibrate": False,
                 "topology": {"name": "dumbbell", "params": {"m": 1, "bottleneck_mbit": 20, "delay_ms": 10}},
                 "params": {"seconds": 12, "warmup_s": 4, "stack": "user", "cc": "lia"}}
@@ -61,7 +63,7 @@ def test_user_stack_lia_competes_at_the_shared_bottleneck(tmp_path):
     assert r["stack"] == "user" and r["cc"] == "lia" and r["coupled"] is True
     assert r["mptcp_subflows"] == 2 and r["shared_bottleneck"] is True
     assert 0.8 < r["utilisation"] <= 1.02, r
-    assert 0.25 < r["mptcp_share"] < 0.75, r
+    assert 0.2 < r["mptcp_share"] < 0.8, {k: r[k] for k in ("mptcp_share", "utilisation", "goodput.mptcp", "goodput.t1")}
 
 
 @pytest.mark.parametrize("params, message", [
