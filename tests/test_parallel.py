@@ -208,6 +208,46 @@ def test_lanes_take_only_what_the_sweep_planned_and_count_each_run_once(tmp_path
         (len(ids), 0, 0), (len(ids), len(ids), 0)]
 
 
+def test_a_lane_that_fails_stops_the_sweep_at_once(tmp_path, monkeypatch):
+    """A lane's error ends the sweep within a poll, the other lanes stopped, and
+    does not wait for them to finish their scenarios first."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "small.toml"
+    path.write_text(establishment_sweep(calibrate=False, trial_timeout_s=3, strategies=["tcp"]))
+    stopped = threading.Event()
+
+    class Lanes:
+        k = 2
+
+        def __init__(self) -> None:
+            self.pool = ThreadPoolExecutor(2)
+            self.lanes = 0
+
+        def submit(self, *args):
+            lane = self.lanes
+            self.lanes += 1
+            if lane == 1:
+                return self.pool.submit(lambda: (_ for _ in ()).throw(RuntimeError("lane 1 broke")))
+            # Lane 0 would sweep for a long while; it ends early only when stopped.
+            return self.pool.submit(lambda: [SweepSummary()] if stopped.wait(30) else [SweepSummary()])
+
+    # These lanes are threads: stopping one is the event (lane processes get SIGINT).
+    stop_lanes = parallel._stop_lanes
+    monkeypatch.setattr(parallel, "_stop_lanes", lambda futures: (stopped.set(), stop_lanes(futures)))
+    lanes = Lanes()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="lane 1 broke"):
+        try:
+            parallel.sweep_many_in_lanes(lanes, [sc.load(path)], tmp_path / "out", 2, progress=False)
+        finally:
+            waited = time.monotonic() - started
+            stopped.set()
+            lanes.pool.shutdown()
+    assert waited < 5 * parallel.POLL_S + 1, waited
+
+
 # ---- namespaces ----------------------------------------------------------------
 
 @pytest.mark.root

@@ -269,7 +269,12 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
                 bar.update(total - len(waiting) - bar.n)
             if not running or any(f.exception() is not None for f in finished):
                 break
-        lanes = [f.result() for f in futures]  # a lane's error is the sweep's
+        # A lane's error is the sweep's, raised now: collecting results in lane
+        # order would first wait for the other lanes to finish the whole group.
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        lanes = [f.result() for f in futures]
     except BaseException:
         _stop_lanes(futures)
         raise
