@@ -142,6 +142,19 @@ def test_runs_that_differ_only_in_congestion_control_share_a_testbed(tmp_path):
     assert {m["scenario"]["hosts"]["client"]["congestion_control"] for _, m in runs} == {"cubic", "bbr"}
 
 
+def test_a_reset_cut_short_leaves_no_testbed(tmp_path, monkeypatch):
+    """Ctrl-C (or the run's timer) while the kept testbed is being reset between
+    two runs: the testbed is torn down, not lost between kept and in use."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Testbed, "reset", interrupted)
+    (tmp_path / "s.toml").write_text(FAST)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(scenario.load(tmp_path / "s.toml"), tmp_path / "store", progress=False)
+    assert not list(STATE_DIR.glob(f"run-*-{os.getpid()}.json"))
+
+
 def test_a_reset_that_does_not_verify_gets_a_fresh_testbed(tmp_path, monkeypatch):
     monkeypatch.setattr(Testbed, "reset", lambda self: ["link wifi up: delay 40 ms (spec 0 ms)"])
     (tmp_path / "s.toml").write_text(FAST)

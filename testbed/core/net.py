@@ -555,11 +555,12 @@ class Testbed:
     def adopt_per_socket_settings(self, client: HostSettings, server: HostSettings) -> None:
         """Carry the next run's per-socket settings (congestion control) on this
         testbed; ValueError if the settings its namespaces pin differ too."""
-        for role, wanted in (("client", client), ("server", server)):
-            if wanted.namespace_settings() != self.settings[role].namespace_settings():
+        wanted = {"client": client, "server": server}
+        for role, settings in wanted.items():
+            if settings.namespace_settings() != self.settings[role].namespace_settings():
                 raise ValueError(f"{role}: settings pinned in its namespace differ from the "
                                  "built testbed's: a testbed of its own is needed")
-            self.settings[role] = wanted
+        self.settings.update(wanted)
 
     def reset(self) -> list[str]:
         """Undo what a run changed (link parameters, carrier, blackholes, middleboxes,

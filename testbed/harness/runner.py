@@ -95,13 +95,18 @@ class TestbedPool:
         if key is not None and self._kept is not None and self._kept[0] == key:
             tb = self._kept[1]
             self._kept = None
-            problems = tb.reset()
+            try:
+                problems = tb.reset()
+                if not problems:
+                    tb.adopt_per_socket_settings(sc.hosts.client, sc.hosts.server)
+            except BaseException as exc:  # Ctrl-C or the run's timer mid-reset too
+                tb.__exit__(type(exc), exc, None)
+                raise
             if problems:
                 note.update(reused=False, reason=f"reset did not verify: {problems[0]}")
                 tb.__exit__(None, None, None)
                 tb = None
             else:
-                tb.adopt_per_socket_settings(sc.hosts.client, sc.hosts.server)
                 note.update(reused=True, reason="reset verified against the spec")
         else:
             self.close()
