@@ -45,7 +45,7 @@ def footprint() -> dict:
     sh = lambda cmd: subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout
     return {"netns": netns, "links": sh("ip -o link show | cut -d: -f2"),
             "qdiscs": sh("tc qdisc show"), "nft": sh("nft list tables"),
-            "state": sorted(p.name for p in STATE_DIR.glob("*.json")) if STATE_DIR.exists() else []}
+            "state": sorted(p.name for p in STATE_DIR.glob("*")) if STATE_DIR.exists() else []}
 
 
 def assert_no_leak(before: dict) -> None:
@@ -227,6 +227,24 @@ def test_kill9_then_invoke_clean_spares_foreign_processes():
         for p in (foreign, reused):
             p.kill()
             p.wait()
+
+
+def test_clean_removes_a_state_record_its_writer_left_half_written():
+    """A runner killed while writing its state record leaves the temporary file
+    (empty, as found here); with no record beside it, nothing else names it."""
+    clean_slate()
+    old, fresh = STATE_DIR / "run-halfwritten-old.tmp", STATE_DIR / "run-halfwritten-now.tmp"
+    try:
+        for f in (old, fresh):
+            f.write_text("")
+        past = time.time() - 3600
+        os.utime(old, (past, past))
+        state.clean_stale()
+        assert not old.exists()
+        assert fresh.exists(), "a record being written right now was removed"
+    finally:
+        for f in (old, fresh):
+            f.unlink(missing_ok=True)
 
 
 def test_clean_finds_a_namespace_whose_shell_died():

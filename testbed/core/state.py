@@ -330,14 +330,28 @@ def clean_run(run: dict) -> str | None:
     return "; ".join(problems) or None
 
 
+# A live writer replaces its temporary record within microseconds: one this old
+# belongs to a writer killed mid-write.
+HALF_WRITTEN_AFTER_S = 60.0
+
+
 def clean_stale() -> CleanReport:
-    """End what crashed runs left; a run's state file goes only when nothing of it survives."""
+    """End what crashed runs left; a run's state file goes only when nothing of it
+    survives. Temporary records their writers left half-written go too."""
     report = CleanReport()
     for run in stale_runs():
         problem = clean_run(run)
         if problem is None:
             Path(run["_path"]).unlink(missing_ok=True)
+            Path(run["_path"]).with_suffix(".tmp").unlink(missing_ok=True)
             report.removed.append(run["run_id"])
         else:
             report.kept[run["run_id"]] = problem
+    if STATE_DIR.exists():
+        for tmp in state_dir().glob("*.tmp"):
+            try:
+                if time.time() - tmp.stat().st_mtime > HALF_WRITTEN_AFTER_S:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass  # its writer renamed it meanwhile
     return report
