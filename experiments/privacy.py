@@ -48,6 +48,11 @@ PORT = 5500
 MIN_JOINED = 0.75
 
 
+# The goodput window a staggered bulk run needs: 1 s between its nearest
+# byte-count samples, which come every 0.1 s (later under load).
+GOODPUT_MARGIN_S = 1.2
+
+
 class Params(ExperimentParams):
     """Parameters of the privacy experiment."""
     connections: int = Field(8, ge=1, le=128, description="K concurrent MPTCP connections")
@@ -68,12 +73,15 @@ class Params(ExperimentParams):
     @model_validator(mode="after")
     def _staggered_bulk_needs_a_goodput_window(self) -> "Params":
         # The goodput window runs from the last start + 0.5 s to the first stop and
-        # must last 1 s (_goodput): shorter, every such run would be invalid.
-        if self.pattern == "bulk" and self.start == "staggered" and \
-                self.seconds < self.stagger_s + 1.5:
+        # its nearest byte-count samples (every 0.1 s) must lie 1 s apart
+        # (_goodput): GOODPUT_MARGIN_S leaves room for the samples' spacing.
+        # Starts spread over stagger_s only when there is more than one.
+        spread = self.stagger_s if self.connections > 1 else 0.0
+        need = spread + 0.5 + GOODPUT_MARGIN_S
+        if self.pattern == "bulk" and self.start == "staggered" and self.seconds < need:
             raise ValueError(f"seconds {self.seconds:g} is too short for staggered bulk: at least "
-                             f"stagger_s {self.stagger_s:g} + 1.5 s (a 1 s goodput window after "
-                             "the last start's 0.5 s)")
+                             f"{need:g} (stagger_s {spread:g} + 0.5 s after the last start + "
+                             f"{GOODPUT_MARGIN_S:g} s of goodput window)")
         return self
 
     @model_validator(mode="after")
