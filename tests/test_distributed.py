@@ -171,7 +171,8 @@ def test_two_workers_one_killed_mid_run_every_run_stored_once(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_campaign_on_the_cluster_summarises_each_scenario_on_its_own(tmp_path):
     """Two scenarios of one experiment (as failover.toml and failover-mpprio.toml
-    in the paper): each gets its own summary of its own runs."""
+    in the paper): each gets its own summary of its own runs; a third that repeats
+    the first (as the quick paper's eSIM entry shares a run) finds them taken."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     from testbed.harness import scenario as sc
@@ -183,8 +184,11 @@ def test_a_campaign_on_the_cluster_summarises_each_scenario_on_its_own(tmp_path)
     work = tmp_path / "cluster"
     work.mkdir()
     with dist.local_cluster(1, work) as cluster:
-        summaries = dist.cluster_sweep(scenarios, tmp_path / "store", cluster.address, progress=False)
-    assert [name for name, _ in summaries] == ["establishment", "establishment"]
+        summaries = dist.cluster_sweep([*scenarios, scenarios[0]], tmp_path / "store", cluster.address,
+                                       progress=False)
+    assert [name for name, _ in summaries] == ["establishment"] * 3
+    again = summaries[2][1]
+    assert (again.planned, again.skipped, again.elsewhere, again.done) == (2, 2, 0, {}), again.line()
     for s, (_, summary) in zip(scenarios, summaries):
         ids = {spec.run_id for spec in sc.expand(s)}
         assert (summary.planned, summary.done) == (2, {"complete": 2}), summary.line()

@@ -125,6 +125,9 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
             summary.planned += len(specs)
             remove_abandoned(root, scenario.experiment)
             for spec in specs:
+                if (scenario.experiment, spec.run_id) in locks:  # an earlier scenario of this sweep runs it
+                    summary.skipped += 1
+                    continue
                 seen = run_stamp(root, scenario.experiment, spec.run_id)
                 if not wanted(seen, retry_failed):
                     summary.skipped += 1
@@ -137,7 +140,7 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
                     lock.release()
                     summary.skipped += 1  # stored meanwhile
                     continue
-                locks[spec.run_id] = lock
+                locks[(scenario.experiment, spec.run_id)] = lock
                 key = f"mptb-{scenario.experiment}-{spec.run_id}-{uuid.uuid4().hex[:8]}"
                 fut = client.submit(execute_on_worker, pickle.dumps(spec), key=key, pure=False,
                                     resources={RESOURCE: 1})
@@ -159,7 +162,7 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
                 status = "lost"
                 print(f"warning: run {experiment}/{run_id}: {exc}".splitlines()[0], file=sys.stderr)
             finally:
-                locks.pop(run_id).release()
+                locks.pop((experiment, run_id)).release()
             summary.done[status] = summary.done.get(status, 0) + 1
             if bar is not None:
                 bar.set_postfix_str(f"last: {status}")
