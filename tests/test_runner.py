@@ -235,6 +235,8 @@ def _big_grid() -> str:
      ["probes.1", "unknown probe 'nope'"]),
     (BASE.replace('"bridge"', '"warp"'), [], ["backend", "'warp'"]),
     (BASE + '[hosts.client]\nscheduler = "fastest"\n', [], ["hosts.client.scheduler", "'fastest'"]),
+    (BASE + '[hosts.server]\ncongestion_control = "bbr"\n', [],
+     ["hosts.server.congestion_control", "hosts.client.congestion_control", "both ends"]),
     (BASE + '[[events]]\nat_s = 1\naction = "link_down"\npath = "dsl"\n', [],
      ["events.0.path", "'dsl'", "wifi, lte"]),
     (BASE + '[[events]]\nat_s = 1\naction = "blackhole"\npath = "bottleneck"\n', [],

@@ -803,7 +803,9 @@ class Testbed:
                              "not_applied": self.not_applied.get(role, {}),
                              "mptcpd": mptcp_config.mptcpd_info(self._mptcpd.get(node.name))}
                       for role, node in (("client", self.client), ("server", self.server))},
-            "congestion_control": {r: s.congestion_control for r, s in self.settings.items()},
+            # The workloads set the client's choice on both ends' sockets.
+            "congestion_control": {r: self.settings["client"].congestion_control
+                                   for r in ("client", "server")},
         }
 
 

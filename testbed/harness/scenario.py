@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from testbed.base.errors import TestbedError, format_validation_error
 from testbed.base.strict import Strict
@@ -63,6 +63,17 @@ class Hosts(Strict):
     """MPTCP settings of the client and the server."""
     client: HostSettings = Field(default_factory=HostSettings)
     server: HostSettings = Field(default_factory=HostSettings)
+
+    @model_validator(mode="after")
+    def _one_congestion_control(self) -> "Hosts":
+        # The workloads set the client's choice on the sockets of both ends (iperf3
+        # -C, the app's --cc): a server value of its own would be recorded, never used.
+        if "congestion_control" in self.server.model_fields_set and \
+                self.server.congestion_control != self.client.congestion_control:
+            raise ValueError(f"hosts.server.congestion_control {self.server.congestion_control!r} "
+                             "is not applied: a connection uses hosts.client.congestion_control "
+                             f"({self.client.congestion_control!r}) at both ends; set that")
+        return self
 
 
 MAX_TIMEOUT_S = 86_400.0  # a day per run
