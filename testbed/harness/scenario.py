@@ -67,9 +67,10 @@ class Hosts(Strict):
     @model_validator(mode="after")
     def _one_congestion_control(self) -> "Hosts":
         # The workloads set the client's choice on the sockets of both ends (iperf3
-        # -C, the app's --cc): a server value of its own would be recorded, never used.
-        if "congestion_control" in self.server.model_fields_set and \
-                self.server.congestion_control != self.client.congestion_control:
+        # -C, the app's --cc): a server value of its own would never be used. (The
+        # default stands for "not chosen": a grid point's dump carries it.)
+        default = HostSettings.model_fields["congestion_control"].default
+        if self.server.congestion_control not in (default, self.client.congestion_control):
             raise ValueError(f"hosts.server.congestion_control {self.server.congestion_control!r} "
                              "is not applied: a connection uses hosts.client.congestion_control "
                              f"({self.client.congestion_control!r}) at both ends; set that")
