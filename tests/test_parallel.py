@@ -379,6 +379,13 @@ def test_two_lanes_keep_a_testbed_each_across_two_identities(tmp_path):
     assert len(manifests) == 6
     reused = sum(bool(m["testbed_reuse"]["reused"]) for m in manifests)
     assert reused >= 3, [(m["testbed"]["run_id"], m["testbed_reuse"]) for m in manifests]
+    # Each lane (its PID ends the testbed's run id) began on an identity of its own.
+    first: dict[str, tuple[int, int]] = {}
+    for m in manifests:
+        lane = m["testbed"]["run_id"].rsplit("-", 1)[1]
+        began = (m["clock"]["t0_ns"], m["scenario"]["topology"]["params"]["lte_delay_ms"])
+        first[lane] = min(first.get(lane, began), began)
+    assert len({delay for _, delay in first.values()}) == 2, first
 
 
 @pytest.mark.root
