@@ -74,11 +74,16 @@ def run_in_netns(pid: int, fn: Callable[[], T]) -> T:
 
 def run_in_netns_file(ns_file: str, fn: Callable[[], T]) -> T:
     """Call fn() in the network namespace that ns_file names: /proc/PID/ns/net,
-    or /proc/PID/fd/N for a namespace that only a descriptor holds."""
+    or /proc/PID/fd/N for a namespace that only a descriptor holds. The helper
+    thread runs at the caller's scheduling policy (a real-time caller's new
+    threads would start at normal priority: realtime_thread)."""
     box: dict[str, object] = {}
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
 
     def target() -> None:
         try:
+            if policy & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
+                os.sched_setscheduler(0, policy, param)
             setns_current_thread(ns_file)
             box["value"] = fn()
         except BaseException as exc:  # re-raised in the caller's thread
@@ -179,7 +184,8 @@ def realtime_thread(priority: int = RT_PRIORITY) -> bool:
     """Make the calling thread SCHED_FIFO (Linux schedules threads, so only
     this one); False where not permitted. On a busy 2-core machine this is the
     difference between ~0.1 ms and up to ~40 ms of wake-up delay. Processes
-    the thread starts run at normal priority (SCHED_RESET_ON_FORK)."""
+    and threads it starts run at normal priority (SCHED_RESET_ON_FORK), except
+    run_in_netns's helper, which takes its caller's."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
         return True
