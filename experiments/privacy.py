@@ -71,16 +71,16 @@ class Params(ExperimentParams):
                             "MPTCP keys from a TLS exporter, or both")
 
     @model_validator(mode="after")
-    def _staggered_bulk_needs_a_goodput_window(self) -> "Params":
+    def _bulk_needs_a_goodput_window(self) -> "Params":
         # The goodput window runs from the last start + 0.5 s to the first stop and
         # its nearest byte-count samples (every 0.1 s) must lie 1 s apart
         # (_goodput): GOODPUT_MARGIN_S leaves room for the samples' spacing.
-        # Starts spread over stagger_s only when there is more than one.
-        spread = self.stagger_s if self.connections > 1 else 0.0
+        # Starts spread over stagger_s only when staggered and more than one.
+        spread = self.stagger_s if self.start == "staggered" and self.connections > 1 else 0.0
         need = spread + 0.5 + GOODPUT_MARGIN_S
-        if self.pattern == "bulk" and self.start == "staggered" and self.seconds < need:
-            raise ValueError(f"seconds {self.seconds:g} is too short for staggered bulk: at least "
-                             f"{need:g} (stagger_s {spread:g} + 0.5 s after the last start + "
+        if self.pattern == "bulk" and self.seconds < need:
+            raise ValueError(f"seconds {self.seconds:g} is too short for bulk: at least {need:g} "
+                             f"(start spread {spread:g} s + 0.5 s after the last start + "
                              f"{GOODPUT_MARGIN_S:g} s of goodput window)")
         return self
 

@@ -113,12 +113,14 @@ def test_bad_privacy_params_refused_at_load():
     # Staggered bulk connections must overlap for a goodput window of 1 s: the
     # last starts up to stagger_s after the first, which stops after `seconds`.
     # Its nearest samples (every 0.1 s) must lie 1 s apart: 1.2 s of window.
-    with pytest.raises(ValueError, match=r"seconds 4 .*at least 4.7 \(stagger_s 3 "):
+    with pytest.raises(ValueError, match=r"seconds 4 .*at least 4.7 \(start spread 3 s"):
         Params(pattern="bulk", start="staggered", seconds=4, stagger_s=3, connections=4)
     with pytest.raises(ValueError, match=r"seconds 4 .*at least 4.2"):
         Params(pattern="bulk", start="staggered", seconds=4, stagger_s=2.5, connections=4)
     Params(pattern="bulk", start="staggered", seconds=4.2, stagger_s=2.5, connections=4)
     Params(pattern="bulk", start="staggered", seconds=2, stagger_s=3, connections=1)  # one start: no spread
+    with pytest.raises(ValueError, match=r"seconds 1.2 .*at least 1.7 \(start spread 0 s"):
+        Params(pattern="bulk", start="together", seconds=1.2)
     Params(pattern="reqresp", start="staggered", seconds=2, stagger_s=1.5)  # no goodput window needed
     # Every grid point of the paper's privacy scenarios loads.
     from testbed.harness import scenario as sc
