@@ -247,6 +247,31 @@ def test_clean_removes_a_state_record_its_writer_left_half_written():
             f.unlink(missing_ok=True)
 
 
+def test_clean_reads_the_newer_record_a_killed_writer_left_unrenamed():
+    """Killed between writing its next record and renaming it, a runner leaves
+    the newer record (with the process it had just started) in the .tmp: clean
+    ends that process too."""
+    clean_slate()
+    started = subprocess.Popen(["sleep", "600"])
+    record = {"run_id": "run-unrenamed-1", "owner": [started.pid, 1],  # not that process: gone
+              "created": time.time(), "pids": [], "netns": []}
+    path = STATE_DIR / "run-unrenamed-1.json"
+    try:
+        state.state_dir()
+        path.write_text(json.dumps(record))
+        path.with_suffix(".tmp").write_text(json.dumps(
+            {**record, "pids": [[started.pid, start_time(started.pid)]]}))
+        report = state.clean_stale()
+        assert report.removed == ["run-unrenamed-1"], report
+        assert started.wait(timeout=10) == -signal.SIGKILL
+        assert not path.exists() and not path.with_suffix(".tmp").exists()
+    finally:
+        started.kill()
+        started.wait()
+        path.unlink(missing_ok=True)
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+
+
 def test_clean_finds_a_namespace_whose_shell_died():
     """The client's shell is gone but a command it started still runs in the
     client's namespace: no live recorded process leads there any more."""

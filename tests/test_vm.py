@@ -397,9 +397,11 @@ def test_timeout_mid_up_leaves_no_domain_qemu_or_dnsmasq(host, tmp_path):
             finally:
                 waiting.clear()
             # The watcher's kill can end the wait before its signal arrives: the
-            # wait then ended at the moment the timeout would have cut it.
+            # wait then ended at the moment the timeout would have cut it (once
+            # the watcher has also removed the id files).
             if not seen.get("qemu"):
                 pytest.fail(f"vm.up ended (exit {res.returncode}) before its VM ran:\n{res.stdout[-3000:]}")
+            watcher.join()
         except _SimulatedTimeout:
             pass
         finally:

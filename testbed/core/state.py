@@ -293,6 +293,14 @@ def stale_runs() -> list[dict]:
             data = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        # A writer killed between writing its next record and renaming it: that
+        # one is the newer (records only grow), when it is whole.
+        try:
+            newer = json.loads(f.with_suffix(".tmp").read_text())
+            if newer.get("run_id") == data.get("run_id") and newer.get("owner") == data.get("owner"):
+                data = newer
+        except (OSError, json.JSONDecodeError):
+            pass
         owner_pid, owner_start = data.get("owner", [0, None])
         if not alive(owner_pid, owner_start):
             data["_path"] = str(f)
