@@ -803,7 +803,8 @@ class Testbed:
                              "not_applied": self.not_applied.get(role, {}),
                              "mptcpd": mptcp_config.mptcpd_info(self._mptcpd.get(node.name))}
                       for role, node in (("client", self.client), ("server", self.server))},
-            # The workloads set the client's choice on both ends' sockets.
+            # The hosts' setting, which the workloads apply to both ends' sockets
+            # unless a run names its own cc (raw output records the sockets').
             "congestion_control": {r: self.settings["client"].congestion_control
                                    for r in ("client", "server")},
         }

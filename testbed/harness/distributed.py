@@ -116,7 +116,7 @@ def cluster_sweep(scenarios: list[Scenario], root: Path, address: str, retry_fai
     # One summary per scenario: two scenarios of one experiment (as the paper's
     # failover.toml and failover-mpprio.toml) are summarised apart.
     summaries = [SweepSummary() for _ in plans]
-    locks: dict[str, RunLock] = {}
+    locks: dict[tuple[str, str], RunLock] = {}  # (experiment, run id)
     futures = {}
     bar = None
     try:
