@@ -65,8 +65,8 @@ class TestbedPool:
     """Keeps the last run's testbed for the next run with the same identity
     (topology, backend, host settings but those set per socket): it is reset
     and checked against the spec instead of being torn down and built again,
-    and its last valid full
-    calibration is kept with it (calibrated runs in between get the drift check).
+    and its last valid full calibration is kept with it (calibrated runs in
+    between get the drift check).
     Not for mptcpd, whose own state a reset cannot restore."""
     __test__ = False  # not a pytest class despite the name
 
