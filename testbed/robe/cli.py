@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import select
 import signal
 import socket
 import sys
@@ -227,6 +228,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     try:
         while True:
+            _wait_readable(sock)
             data = sock.recv(65536)
             if not data:
                 break
@@ -259,8 +261,10 @@ class Proxy:
     def serve_forever(self) -> None:
         """Accept clients until the process is told to stop."""
         while True:
-            self.slots.acquire()  # at the cap: new clients wait in the backlog
+            while not self.slots.acquire(timeout=STOP_POLL_S):  # at the cap: new clients wait in the backlog
+                _raise_if_signalled()
             try:
+                _wait_readable(self.listener)
                 client, _ = self.listener.accept()
             except OSError as exc:  # EMFILE, ENOBUFS...: wait and accept again
                 self.slots.release()
@@ -361,8 +365,36 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+# Stop signals already handled. Python drops the exception a handler raises
+# while the main thread runs a weakref callback (garbage collection), so the
+# waits the main thread blocks in look here too, every STOP_POLL_S.
+_signalled: list[int] = []
+STOP_POLL_S = 0.5
+
+
 def _terminate(signum: int, frame: object) -> None:
+    _signalled.append(signum)
     raise Terminated(signum)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _raise_if_signalled() -> None:
+    """Raise for a stop signal already handled (its own exception may be lost)."""
+    if _signalled:
+        if _signalled[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(_signalled[0])
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    """Block until sock is readable (or at EOF); raise for a stop signal that
+    was handled meanwhile, even one whose exception got lost."""
+    while not select.select([sock], [], [], STOP_POLL_S)[0]:
+        _raise_if_signalled()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started ignoring it
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return cmd_connect(args) if args.cmd == "connect" else cmd_proxy(args)
     except UsageError as exc:
