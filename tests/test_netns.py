@@ -49,26 +49,39 @@ def test_offloads_are_turned_off_and_read_back():
         assert set(offload_state(scratch.path, "of1").values()) == {"off"}
 
 
-def test_a_real_time_thread_starts_its_children_at_normal_priority():
-    """A command the events thread starts (ip, nft, tc) must not inherit its
-    SCHED_FIFO: a child busy at real-time priority would hold off the runner
-    and every other process that is not real-time."""
+RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0)
+
+
+def _in_a_real_time_thread(fn) -> dict:
+    """fn(seen) in a new thread made SCHED_FIFO by realtime_thread(); skips the
+    test where that is not permitted (not root, or no CAP_SYS_NICE)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (CAP_SYS_NICE)")
     seen: dict[str, object] = {}
 
-    def child_policy() -> None:
+    def body() -> None:
         seen["realtime"] = realtime_thread()
-        # Field 41 of /proc/PID/stat is the scheduling policy (0 normal, 1 FIFO).
-        stat = subprocess.run(["cat", "/proc/self/stat"], capture_output=True, text=True).stdout
-        seen["child"] = int(stat.rsplit(")", 1)[1].split()[38])
-        seen["thread"] = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+        fn(seen)
 
-    t = threading.Thread(target=child_policy)
+    t = threading.Thread(target=body)
     t.start()
     t.join()
     if not seen["realtime"]:
         pytest.skip("SCHED_FIFO not permitted here (no CAP_SYS_NICE)")
+    return seen
+
+
+def test_a_real_time_thread_starts_its_children_at_normal_priority():
+    """A command the events thread starts (ip, nft, tc) must not inherit its
+    SCHED_FIFO: a child busy at real-time priority would hold off the runner
+    and every other process that is not real-time."""
+    def child_policy(seen: dict) -> None:
+        # Field 41 of /proc/PID/stat is the scheduling policy (0 normal, 1 FIFO).
+        stat = subprocess.run(["cat", "/proc/self/stat"], capture_output=True, text=True).stdout
+        seen["child"] = int(stat.rsplit(")", 1)[1].split()[38])
+        seen["thread"] = os.sched_getscheduler(0) & ~RESET_ON_FORK
+
+    seen = _in_a_real_time_thread(child_policy)
     assert seen["thread"] == os.SCHED_FIFO, seen
     assert seen["child"] == os.SCHED_OTHER, seen
 
@@ -77,18 +90,8 @@ def test_a_real_time_thread_does_its_namespace_work_at_its_own_priority():
     """The events thread's netlink work in a namespace (the backup flag, a second
     client's link) runs in a helper thread: it keeps the caller's SCHED_FIFO,
     though a new thread, like a child, would start at normal priority."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_SYS_NICE)")
-    reset = getattr(os, "SCHED_RESET_ON_FORK", 0)
-    seen: dict[str, object] = {}
+    def caller(seen: dict) -> None:
+        seen["helper"] = run_in_netns(os.getpid(), lambda: os.sched_getscheduler(0) & ~RESET_ON_FORK)
 
-    def caller() -> None:
-        seen["realtime"] = realtime_thread()
-        seen["helper"] = run_in_netns(os.getpid(), lambda: os.sched_getscheduler(0) & ~reset)
-
-    t = threading.Thread(target=caller)
-    t.start()
-    t.join()
-    if not seen["realtime"]:
-        pytest.skip("SCHED_FIFO not permitted here (no CAP_SYS_NICE)")
+    seen = _in_a_real_time_thread(caller)
     assert seen["helper"] == os.SCHED_FIFO, seen
