@@ -48,8 +48,8 @@ PORT = 5500
 MIN_JOINED = 0.75
 
 
-# The goodput window a staggered bulk run needs: 1 s between its nearest
-# byte-count samples, which come every 0.1 s (later under load).
+# The goodput window a bulk run needs: 1 s between its nearest byte-count
+# samples, which come every 0.1 s (later under load).
 GOODPUT_MARGIN_S = 1.2
 
 
