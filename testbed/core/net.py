@@ -44,6 +44,7 @@ from testbed.core import mptcp_config, nodestate
 from testbed.mptcp import pm
 from testbed.base.netns import run_command, run_in_netns, start_command, write_sysctl
 from testbed.base.rtnl import RawRtnl
+from testbed.base.signals import restore_handlers, unwind_on_exit_signals
 from testbed.core.emulation.offloads import disable_offloads
 from testbed.core.state import RunState, alive, end_recorded, namespace_members
 
@@ -271,15 +272,11 @@ class Testbed:
     def _install_exit_signals(self) -> None:
         # SIGTERM and SIGHUP become exceptions so that `with` blocks unwind and
         # clean up (SIGINT already raises KeyboardInterrupt).
-        if _in_main_thread():
-            def raise_exit(signum: int, frame: object) -> None:
-                raise SystemExit(128 + signum)
-            self._old_handlers = {sig: signal.signal(sig, raise_exit) for sig in EXIT_SIGNALS}
+        self._old_handlers = unwind_on_exit_signals()
 
     def _restore_exit_signals(self) -> None:
         if self._old_handlers and _in_main_thread():
-            for sig, handler in self._old_handlers.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            restore_handlers(self._old_handlers)
             self._old_handlers = {}
 
     # ---- build steps ---------------------------------------------------
@@ -817,7 +814,6 @@ def _in_main_thread() -> bool:
 
 # What ends a run (Ctrl-C, kill, a closed terminal, the runner's per-run timer).
 TEARDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
-EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
@@ -842,8 +838,7 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # held ones reach defer() now
-        for sig, handler in old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        restore_handlers(old)
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from testbed.base.errors import TestbedError
+from testbed.base.signals import exit_signals_unwind, restore_handlers, unwind_on_exit_signals
 from testbed.harness import experiment as experiments
 from testbed.harness.results import run_stamp
 from testbed.harness.runner import SweepSummary, sweep, wanted
@@ -172,16 +173,13 @@ def _name(scenario: Scenario) -> str:
 
 def _wait_chain(running: Future) -> list[SweepSummary]:
     """The chain lane's summaries once it ends; SIGTERM and SIGHUP unwind as Ctrl-C."""
-    old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return running.result()
-    except BaseException:
-        if not running.done():  # interrupted here: the chain's run unwinds, waited for
-            _stop_lanes([running])
-        raise
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    with exit_signals_unwind():
+        try:
+            return running.result()
+        except BaseException:
+            if not running.done():  # interrupted here: the chain's run unwinds, waited for
+                _stop_lanes([running])
+            raise
 
 
 class LanePool:
@@ -258,7 +256,7 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
         bar = tqdm(total=total, desc=f"{names} x{n}", unit="run", dynamic_ncols=True)
     futures: list[Future] = []
     # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C: lanes stopped, waited for.
-    old = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    old = unwind_on_exit_signals()
     try:
         futures = [pool.submit(scenarios, root, retry_failed, lane, n, todo) for lane in range(n)]
         while True:
@@ -279,8 +277,7 @@ def sweep_many_in_lanes(pool: LanePool, scenarios: list[Scenario], root: Path, n
         _stop_lanes(futures)
         raise
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        restore_handlers(old)
         if bar is not None:
             bar.close()
     summaries = []
@@ -313,10 +310,6 @@ def _stop_lanes(futures: list[Future], signal_lanes: bool = True) -> None:
             return
         except KeyboardInterrupt:  # a second Ctrl-C: the lanes are unwinding already
             continue
-
-
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 # ---- in a lane process -------------------------------------------------------
