@@ -96,11 +96,9 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
     scenarios go in order through one lane of their own while those that may
     overlap run beside them, each with up to its overlap_lanes."""
     check_parallel(k)
-    room = {id(s): overlap_lanes(s) if overlap and k > 1 else 0 for s in scenarios}
+    room = beside_rooms(scenarios, k) if overlap else dict.fromkeys(map(id, scenarios), 0)
     beside = [s for s in scenarios if room[id(s)] > 0]
-    chain = [s for s in scenarios if not room[id(s)] and lanes_for(s, k) == 1]
-    if not beside or not chain:
-        beside, chain = [], []
+    chain = [s for s in scenarios if not room[id(s)] and lanes_for(s, k) == 1] if beside else []
     alone = [s for s in scenarios if not any(s is t for t in beside + chain)]
     out: dict[int, tuple[str, SweepSummary]] = {}
     with lane_pool(k) as pool:  # one pool for the whole campaign: lanes start once
@@ -125,6 +123,16 @@ def parallel_sweep(scenarios: list[Scenario], root: Path, k: int, retry_failed: 
                                                    retry_failed, progress):
                 out[scenarios.index(scenario)] = (scenario.experiment, summary)
     return [out[i] for i in sorted(out)]
+
+
+def beside_rooms(scenarios: list[Scenario], k: int) -> dict[int, int]:
+    """id(scenario) -> the lanes it may use beside the one-at-a-time chain (0:
+    not beside). All 0 unless there is both something to run beside and a
+    one-lane scenario to run beside: then each runs in its own turn."""
+    room = {id(s): overlap_lanes(s) if k > 1 else 0 for s in scenarios}
+    if not any(room.values()) or not any(not room[id(s)] and lanes_for(s, k) == 1 for s in scenarios):
+        return dict.fromkeys(room, 0)
+    return room
 
 
 def _same_lanes(scenarios: list[Scenario], k: int) -> list[tuple[int, list[Scenario]]]:

@@ -63,7 +63,7 @@ def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6
     those alone first, then the chain with the overlapping ones beside it."""
     from analysis import load
     from testbed.harness import campaign as cp
-    from testbed.harness.parallel import lanes_for, overlap_lanes
+    from testbed.harness.parallel import beside_rooms, lanes_for
     from testbed.harness.scenario import expand
 
     per: dict[str, list[tuple[float, float]]] = {}  # file or experiment: (overhead, workload - seconds)
@@ -83,12 +83,7 @@ def estimate_full(store: Path, campaign_file: Path | None = None, lanes: int = 6
     missing = []
     campaign = cp.load(campaign_file or cp.PAPER)
     entries = campaign.entries(False)
-    rooms = {id(s): overlap_lanes(s) if lanes > 1 else 0 for _, s in entries}
-    # As parallel_sweep: nothing runs beside unless there is both something to
-    # run beside and a one-lane chain to run beside.
-    if not any(rooms.values()) or not any(not rooms[id(s)] and lanes_for(s, lanes) == 1
-                                          for _, s in entries):
-        rooms = dict.fromkeys(rooms, 0)
+    rooms = beside_rooms([s for _, s in entries], lanes)  # grouped as parallel_sweep groups
     for entry, scenario in entries:
         runs = len(expand(scenario))
         seen = per.get(entry.file) or per.get(scenario.experiment)
