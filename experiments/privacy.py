@@ -48,9 +48,13 @@ PORT = 5500
 MIN_JOINED = 0.75
 
 
-# The goodput window a bulk run needs: 1 s between its nearest byte-count
-# samples, which come every 0.1 s (later under load).
-GOODPUT_MARGIN_S = 1.2
+# Bulk goodput: the servers' byte count is sampled every SAMPLE_S; the window
+# runs from the last start + RAMP_S to the first stop, and its nearest samples
+# must lie WINDOW_S apart, so the window itself needs GOODPUT_MARGIN_S.
+SAMPLE_S = 0.1
+RAMP_S = 0.5
+WINDOW_S = 1.0
+GOODPUT_MARGIN_S = WINDOW_S + 2 * SAMPLE_S
 
 
 class Params(ExperimentParams):
@@ -72,15 +76,13 @@ class Params(ExperimentParams):
 
     @model_validator(mode="after")
     def _bulk_needs_a_goodput_window(self) -> "Params":
-        # The goodput window runs from the last start + 0.5 s to the first stop and
-        # its nearest byte-count samples (every 0.1 s) must lie 1 s apart
-        # (_goodput): GOODPUT_MARGIN_S leaves room for the samples' spacing.
+        # Shorter, the run has no goodput window (_goodput) and is invalid.
         # Starts spread over stagger_s only when staggered and more than one.
         spread = self.stagger_s if self.start == "staggered" and self.connections > 1 else 0.0
-        need = spread + 0.5 + GOODPUT_MARGIN_S
+        need = spread + RAMP_S + GOODPUT_MARGIN_S
         if self.pattern == "bulk" and self.seconds < need:
             raise ValueError(f"seconds {self.seconds:g} is too short for bulk: at least {need:g} "
-                             f"(start spread {spread:g} s + 0.5 s after the last start + "
+                             f"(start spread {spread:g} s + {RAMP_S:g} s after the last start + "
                              f"{GOODPUT_MARGIN_S:g} s of goodput window)")
         return self
 
@@ -201,12 +203,13 @@ def _serve(end, p: Params, errors: list[str], count: list[int]) -> None:
 
 
 def _goodput(samples: list[tuple[float, int]], a: float, b: float) -> float | None:
-    """Mbit/s the servers read between monotonic times a and b (None for a window under 1 s)."""
-    if b - a < 1 or not samples:
+    """Mbit/s the servers read between monotonic times a and b (None for a
+    window, or nearest samples, under WINDOW_S apart)."""
+    if b - a < WINDOW_S or not samples:
         return None
     at = lambda t: min(samples, key=lambda s: abs(s[0] - t))  # noqa: E731 - the nearest sample
     (ta, ra), (tb, rb) = at(a), at(b)
-    return (rb - ra) * 8 / (tb - ta) / 1e6 if tb - ta >= 1 else None
+    return (rb - ra) * 8 / (tb - ta) / 1e6 if tb - ta >= WINDOW_S else None
 
 
 def _bulk_problem(sent: int, read: int, goodput: float | None) -> str | None:
@@ -215,7 +218,8 @@ def _bulk_problem(sent: int, read: int, goodput: float | None) -> str | None:
     if read != sent:
         return f"bulk: the servers read {read} bytes, the clients sent {sent} (bound: all of them)"
     if goodput is None:
-        return "bulk: no goodput window (last start + 0.5 s to first stop under 1 s, bound: 1 s)"
+        return (f"bulk: no goodput window (last start + {RAMP_S:g} s to first stop under "
+                f"{WINDOW_S:g} s, bound: {WINDOW_S:g} s)")
     return None
 
 
@@ -376,7 +380,7 @@ class Privacy(Experiment):
             sampling = threading.Event()
 
             def sample() -> None:  # the servers' byte count over time (bulk goodput)
-                while not sampling.wait(0.1):
+                while not sampling.wait(SAMPLE_S):
                     samples.append((time.monotonic(), sum(c[0] for c in list(received))))
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -398,7 +402,7 @@ class Privacy(Experiment):
         obs["connection"] = [owner.get((r.client, r.cport, r.server, r.sport))
                              for r in obs.itertuples(index=False)]
         per_path = obs.groupby("path")["connection"].nunique() if not obs.empty else None
-        goodput = (_goodput(samples, t0 + max(starts) + 0.5, t0 + min(starts) + p.seconds)
+        goodput = (_goodput(samples, t0 + max(starts) + RAMP_S, t0 + min(starts) + p.seconds)
                    if p.pattern == "bulk" else None)
         setup_q = statistics.quantiles(setup_s, n=4) if p.connections > 1 else setup_s * 3
         m = {"connections": p.connections, "pattern": p.pattern, "start": p.start,
