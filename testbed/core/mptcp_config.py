@@ -173,7 +173,7 @@ def set_backup(pid: int, endpoint: pm.Endpoint, backup: bool) -> None:
 
 def snapshot(pid: int) -> dict:
     """Everything MPTCP-relevant about a host, for the run's manifest."""
-    names = [f"net.mptcp.{k}" for k in HostSettings.model_fields if k not in HostSettings.PER_SOCKET]
+    names = list(HostSettings().sysctls())  # every sysctl a host setting pins
     names += ["net.mptcp.pm_type", "net.mptcp.available_schedulers",
               "net.mptcp.available_path_managers"]
     values = {}
